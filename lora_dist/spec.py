@@ -1,0 +1,345 @@
+"""The job spec: YAML in, a validated, typed, frozen JobSpec out. No torch, no ray.
+
+Every problem in a spec is reported at once, each line naming its field (``lora.r: must be an
+integer >= 1, got 0``). Unknown keys are rejected. Command-line overrides (``--set
+train.max_steps=5``) are applied to the raw mapping before validation, so they are checked
+exactly like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+BUILTIN_MODELS = ("smollm2-135m",)
+LINEAR_TARGET_ALL = "all-linear"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class SpecError(ValueError):
+    """A job spec is invalid. ``problems`` lists one message per field."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        super().__init__(f"invalid job spec{where}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    base: str = "smollm2-135m"  # a built-in id or a local Hugging Face directory
+    quantization: str = "int8"  # int8 | none
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "v_proj")  # module names, or ("all-linear",)
+    init: str = "kaiming"  # kaiming | gaussian
+    use_rslora: bool = False
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "e2e"  # e2e | jsonl
+    path: str | None = None  # None: the official E2E release, downloaded and cached
+    max_length: int = 128
+    val_fraction: float = 0.1
+    max_val_examples: int = 256
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    schedule: str = "linear"  # linear | cosine decay after warmup
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate before and after training only
+    eval_batches: int = 8
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    workers: int = 1
+    zero_stage: int = 3
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    dir: str = "runs"
+    adapter_dtype: str = "float32"  # float32 | bfloat16 | float16: the saved adapter's tensors
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain mapping (lists for tuples) that ``spec_from_dict`` turns back into this spec."""
+        def plain(v: Any) -> Any:
+            return list(v) if isinstance(v, tuple) else v
+        return {f.name: ({k: plain(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+                         if dataclasses.is_dataclass(getattr(self, f.name)) else getattr(self, f.name))
+                for f in fields(self)}
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSpec, "lora": LoraSpec, "data": DataSpec, "train": TrainSpec,
+    "cluster": ClusterSpec, "output": OutputSpec,
+}
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+class _NoTagsLoader(yaml.SafeLoader):
+    """safe_load, but a message that names the file when a Python tag appears."""
+
+
+def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> JobSpec:
+    """Read a YAML job spec, apply ``key=value`` overrides, validate.
+
+    Args:
+        path: the YAML file.
+        overrides: strings like ``"train.max_steps=5"``; values are parsed as YAML scalars.
+
+    Returns:
+        The validated JobSpec.
+
+    Raises:
+        SpecError: the file is missing or unreadable, is not a mapping, or any field is invalid.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([f"spec file not found: {p}"], str(p))
+    try:
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_NoTagsLoader)
+    except yaml.constructor.ConstructorError as e:
+        raise SpecError([f"YAML tags are not allowed (safe YAML only): {e.problem} at line "
+                         f"{e.problem_mark.line + 1 if e.problem_mark else '?'}"], str(p)) from None
+    except yaml.YAMLError as e:
+        raise SpecError([f"not valid YAML: {e}"], str(p)) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], str(p))
+    raw = apply_overrides(raw, overrides or [], source=str(p))
+    return spec_from_dict(raw, source=str(p))
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: list[str], source: str | None = None) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``dotted.key=value`` applied (value parsed as YAML)."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=5")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            problems.append(f"--set {key}: value {value!r} is not valid YAML")
+            continue
+        parts = key.split(".")
+        if len(parts) == 1:
+            out[key] = parsed
+        elif len(parts) == 2:
+            section = out.get(parts[0])
+            if section is None:
+                section = out[parts[0]] = {}
+            if not isinstance(section, dict):
+                problems.append(f"--set {key}: '{parts[0]}' is not a section")
+                continue
+            section[parts[1]] = parsed
+        else:
+            problems.append(f"--set {key}: keys have the form section.field")
+    if problems:
+        raise SpecError(problems, source)
+    return out
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+def spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> JobSpec:
+    """Validate a plain mapping (from YAML or from the Ray worker boundary) into a JobSpec."""
+    problems: list[str] = []
+    allowed_top = {"name", *SECTIONS}
+    for key in raw:
+        if key not in allowed_top:
+            problems.append(f"{key}: unknown key (allowed: {', '.join(sorted(allowed_top))})")
+
+    name = raw.get("name")
+    if name is None:
+        problems.append("name: required (letters, digits, '.', '_', '-'; at most 64 characters)")
+    elif not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        problems.append(f"name: must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or "
+                        f"digit (it names the output directory), got {name!r}")
+
+    sections: dict[str, Any] = {}
+    for sec_name, cls in SECTIONS.items():
+        sec_raw = raw.get(sec_name, {}) or {}
+        if not isinstance(sec_raw, dict):
+            problems.append(f"{sec_name}: must be a mapping, got {type(sec_raw).__name__}")
+            sec_raw = {}
+        sections[sec_name] = _build_section(sec_name, cls, sec_raw, problems)
+
+    if not problems:
+        _check_semantics(sections, problems)
+    if problems:
+        raise SpecError(problems, source)
+    return JobSpec(name=name, **sections)
+
+
+def _build_section(sec_name: str, cls: type, sec_raw: Mapping[str, Any], problems: list[str]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in sec_raw.items():
+        if key not in known:
+            problems.append(f"{sec_name}.{key}: unknown key (allowed: {', '.join(known)})")
+            continue
+        default = known[key].default
+        ok, converted, expected = _coerce(value, default, known[key].type)
+        if not ok:
+            problems.append(f"{sec_name}.{key}: expected {expected}, got {value!r}")
+            continue
+        values[key] = converted
+    try:
+        return cls(**values)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        problems.append(f"{sec_name}: {e}")
+        return cls()
+
+
+def _coerce(value: Any, default: Any, annotation: Any) -> tuple[bool, Any, str]:
+    """Convert a YAML value to the field's type. Returns (ok, value, expected-description)."""
+    ann = str(annotation)
+    if "tuple" in ann:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return True, tuple(value), "a list of names"
+        return False, None, "a non-empty list of names"
+    if isinstance(default, bool):
+        return (isinstance(value, bool), value, "true or false")
+    if isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return ok, value, "an integer"
+    if isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 as a string; accept it as a number
+            try:
+                value = float(value)
+            except ValueError:
+                return False, None, "a number"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else None, "a number"
+    if "None" in ann:  # optional string
+        return (value is None or isinstance(value, str)), value, "a string or null"
+    return isinstance(value, str), value, "a string"
+
+
+def _check_semantics(s: dict[str, Any], problems: list[str]) -> None:
+    m, lo, d, t, c, o = (s[k] for k in ("model", "lora", "data", "train", "cluster", "output"))
+
+    if m.quantization not in ("int8", "none"):
+        problems.append(f"model.quantization: must be 'int8' or 'none', got {m.quantization!r}")
+    if not m.base:
+        problems.append("model.base: required: a built-in id "
+                        f"({', '.join(BUILTIN_MODELS)}) or a local Hugging Face directory")
+    elif m.base not in BUILTIN_MODELS:
+        bp = Path(m.base).expanduser()
+        if not bp.is_dir():
+            problems.append(f"model.base: {m.base!r} is neither a built-in id ({', '.join(BUILTIN_MODELS)}) "
+                            f"nor an existing directory")
+        elif not (bp / "config.json").is_file():
+            problems.append(f"model.base: {bp} has no config.json (expected a Hugging Face model directory)")
+        elif not any(bp.glob("*.safetensors")):
+            problems.append(f"model.base: {bp} has no *.safetensors weights")
+
+    if not 1 <= lo.r <= 4096:
+        problems.append(f"lora.r: must be an integer from 1 to 4096, got {lo.r}")
+    if not lo.alpha > 0:
+        problems.append(f"lora.alpha: must be > 0, got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        problems.append(f"lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if lo.init not in ("kaiming", "gaussian"):
+        problems.append(f"lora.init: must be 'kaiming' or 'gaussian', got {lo.init!r}")
+    if LINEAR_TARGET_ALL in lo.targets and len(lo.targets) > 1:
+        problems.append(f"lora.targets: '{LINEAR_TARGET_ALL}' stands alone, got {list(lo.targets)}")
+    for tname in lo.targets:
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_.-]*$", tname):
+            problems.append(f"lora.targets: {tname!r} is not a module name")
+
+    if d.source not in ("e2e", "jsonl"):
+        problems.append(f"data.source: must be 'e2e' or 'jsonl', got {d.source!r}")
+    if d.path is not None:
+        dp = Path(d.path).expanduser()
+        if not dp.is_file():
+            problems.append(f"data.path: file not found: {dp.resolve()} (relative paths resolve against "
+                            f"the current directory)")
+    elif d.source == "jsonl":
+        problems.append("data.path: required for source 'jsonl' (a file of {\"prompt\", \"completion\"} lines)")
+    if not 8 <= d.max_length <= 131072:
+        problems.append(f"data.max_length: must be from 8 to 131072 tokens, got {d.max_length}")
+    if not 0 < d.val_fraction < 1:
+        problems.append(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+    if d.max_val_examples < 1:
+        problems.append(f"data.max_val_examples: must be >= 1, got {d.max_val_examples}")
+
+    if not 1 <= t.max_steps <= 10_000_000:
+        problems.append(f"train.max_steps: must be from 1 to 10,000,000, got {t.max_steps}")
+    if not 1 <= t.micro_batch_size <= 65536:
+        problems.append(f"train.micro_batch_size: must be from 1 to 65536, got {t.micro_batch_size}")
+    if not 1 <= t.grad_accum <= 65536:
+        problems.append(f"train.grad_accum: must be from 1 to 65536, got {t.grad_accum}")
+    if not 0 < t.lr <= 1:
+        problems.append(f"train.lr: must be in (0, 1], got {t.lr}")
+    if not 0 <= t.warmup_steps <= t.max_steps:
+        problems.append(f"train.warmup_steps: must be from 0 to train.max_steps ({t.max_steps}), got {t.warmup_steps}")
+    if t.schedule not in ("linear", "cosine"):
+        problems.append(f"train.schedule: must be 'linear' or 'cosine', got {t.schedule!r}")
+    if t.weight_decay < 0:
+        problems.append(f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    if t.max_grad_norm < 0:
+        problems.append(f"train.max_grad_norm: must be >= 0 (0 disables clipping), got {t.max_grad_norm}")
+    if t.seed < 0:
+        problems.append(f"train.seed: must be >= 0, got {t.seed}")
+    if t.log_every < 1:
+        problems.append(f"train.log_every: must be >= 1, got {t.log_every}")
+    if t.eval_every < 0:
+        problems.append(f"train.eval_every: must be >= 0, got {t.eval_every}")
+    if t.eval_batches < 1:
+        problems.append(f"train.eval_batches: must be >= 1, got {t.eval_batches}")
+
+    if not 1 <= c.workers <= 4096:
+        problems.append(f"cluster.workers: must be from 1 to 4096, got {c.workers}")
+    if c.zero_stage not in (0, 1, 2, 3):
+        problems.append(f"cluster.zero_stage: must be 0, 1, 2 or 3, got {c.zero_stage}")
+
+    if o.adapter_dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"output.adapter_dtype: must be float32, bfloat16 or float16, got {o.adapter_dtype!r}")
+    if not o.dir:
+        problems.append("output.dir: must not be empty")
+    elif ".." in Path(o.dir).parts:
+        problems.append(f"output.dir: must not contain '..' (it would escape the output root), got {o.dir!r}")
