@@ -269,11 +269,12 @@ def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype:
     from safetensors import safe_open
 
     modules = dict(model.named_modules())
+    rename = _checkpoint_renamer(model)
     loaded: set[str] = set()
     for file in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                mod_path, _, pname = key.rpartition(".")
+                mod_path, _, pname = rename(key).rpartition(".")
                 module = modules.get(mod_path)
                 if isinstance(module, LoRALinear):
                     module = module.base
@@ -292,6 +293,32 @@ def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype:
     if still_meta:
         raise ModelError(f"{model_dir}: the checkpoint has no weights for {still_meta[:5]}"
                          f"{' ...' if len(still_meta) > 5 else ''}")
+
+
+def _checkpoint_renamer(model: nn.Module) -> Callable[[str], str]:
+    """Map checkpoint key names to the model's (GPT-NeoX saves ``lm_head`` as ``embed_out``).
+
+    transformers keeps these renames in its conversion mapping; only plain renames apply here
+    (tensor-merging conversions belong to architectures this loader does not take).
+    """
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        pairs = [(src, tgt) for t in get_model_conversion_mapping(model, add_legacy=False)
+                 if type(t) is WeightRenaming
+                 for src, tgt in zip(t.source_patterns, t.target_patterns)]
+    except (ImportError, AttributeError, TypeError):  # an older transformers: no renames known
+        pairs = []
+
+    def rename(key: str) -> str:
+        for src, tgt in pairs:
+            key = re.sub(src, tgt, key)
+        return key
+
+    return rename
 
 
 def materialize_lora(model: nn.Module, seed: int, device: torch.device | str = "cpu") -> None:

@@ -37,12 +37,13 @@ def seed_everything(seed: int) -> None:
 def lr_lambda(spec: JobSpec) -> Callable[[int], float]:
     """Linear warmup over ``warmup_steps``, then linear or cosine decay to zero at ``max_steps``."""
     t = spec.train
+    warmup = min(t.warmup_steps, t.max_steps)
 
     def f(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
-        span = max(1, t.max_steps - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        span = max(1, t.max_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
         if t.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0 - progress

@@ -1,0 +1,56 @@
+"""The real entry point end to end: `lora-dist train` on SmolLM2 (int8 base) with E2E data."""
+
+import json
+
+import torch
+
+from lora_dist import adapter
+
+from conftest import TRAIN_OVERRIDES, run_cli
+
+
+def test_short_run_lowers_validation_loss_and_writes_artifact(trained):
+    artifact, proc = trained
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == str(artifact) and artifact.is_dir()
+    assert any(line.startswith("step 1/12") and "tok/s" in line for line in lines)  # progress shown
+    manifest = adapter.verify_artifact(artifact)
+    # Stated margin: 12 steps of r=8 LoRA on E2E lower held-out loss by at least 0.3 nats/token
+    # (SmolLM2 starts near 2.4 on this prompt format; measured runs end near 1.5).
+    assert manifest["val_loss_after"] < manifest["val_loss_before"] - 0.3, manifest
+    assert manifest["trainable_params"] == 460_800
+    assert manifest["quantization"] == "int8" and manifest["world_size"] == 1 and manifest["zero_stage"] == 0
+    assert manifest["steps"] == 12 and manifest["lora"]["targets"] == ["q_proj", "v_proj"]
+    assert manifest["base_model"]["id"] == "smollm2-135m"
+    assert manifest["base_model"]["fingerprint"].startswith("sha256:")
+    assert set(manifest["files"]) == {adapter.ADAPTER_FILE, adapter.CONFIG_FILE, adapter.METRICS_FILE}
+    assert manifest["adapter_bytes"] == (artifact / adapter.ADAPTER_FILE).stat().st_size
+    assert manifest["adapter_bytes"] < 460_800 * 4 + 64_000  # fp32 A and B plus the header
+    assert {"torch", "transformers", "bitsandbytes"} <= set(manifest["versions"])
+    metrics = [json.loads(line) for line in (artifact / adapter.METRICS_FILE).read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 13))
+    assert not list(artifact.parent.glob(".*")), "no partial or work directories left behind"
+
+
+def test_generate_uses_the_adapter(trained, tmp_path):
+    artifact, _ = trained
+    proc = run_cli("generate", str(artifact), "--prompt", "name[The Eagle], eatType[coffee shop], area[riverside]",
+                   "--max-new-tokens", "30", cwd=tmp_path)
+    text = proc.stdout.strip().splitlines()[-1]
+    assert "Eagle" in text, text
+
+
+def test_bad_spec_exits_2_with_field_named(tmp_path):
+    job = tmp_path / "bad.yaml"
+    job.write_text("name: x\nlora: {r: 0}\n")
+    proc = run_cli("train", str(job), cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "lora.r: must be an integer from 1" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_file_is_reported_before_any_work(tmp_path):
+    from conftest import REPO
+    proc = run_cli("train", str(REPO / "jobs" / "smollm2-e2e.yaml"), "--set", "data.path=nope.csv",
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "data.path: file not found" in proc.stderr
