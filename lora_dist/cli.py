@@ -30,6 +30,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from lora_dist.launch import run_job
+    from lora_dist.spec import load_spec
+
+    spec = load_spec(args.job, args.set)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    out = run_job(spec, job_id=args.job_id, address=address)
+    print(out)
+    return EXIT_OK
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from lora_dist.generate import generate_from_artifact
 
@@ -58,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a spec field, e.g. --set train.max_steps=5 (repeatable)")
     t.set_defaults(func=cmd_train)
 
+    s = sub.add_parser("submit", help="run a job on Ray (embedded local Ray unless --address / RAY_ADDRESS)")
+    s.add_argument("job", help="job spec (YAML)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set cluster.workers=2 (repeatable)")
+    s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)")
+    s.add_argument("--job-id", default=None, help="reuse a job id to resume its checkpoints")
+    s.set_defaults(func=cmd_submit)
+
     g = sub.add_parser("generate", help="generate with a base model plus an adapter artifact")
     g.add_argument("artifact", help="artifact directory")
     g.add_argument("--prompt", required=True, help="input text (for E2E adapters: the meaning representation)")
@@ -79,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from lora_dist.adapter import ArtifactError
     from lora_dist.data import DataError
+    from lora_dist.launch import JobFailed
     from lora_dist.model import ModelError
     from lora_dist.spec import SpecError
 
@@ -87,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ModelError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ArtifactError as e:
+    except (ArtifactError, JobFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

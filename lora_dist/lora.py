@@ -76,15 +76,16 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
-        if self.lora_A.is_meta:
-            return
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        """B = 0; A Kaiming-uniform (or Gaussian), drawn from ``generator`` when given."""
+        if self.lora_A.is_meta or self.lora_A.numel() == 0:
+            return  # a skeleton or a ZeRO-3 partition placeholder: initialised once materialised
         for i in range(len(self.slices)):
             a = self.lora_A[i * self.r:(i + 1) * self.r]
             if self.init == "kaiming":
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             else:
-                nn.init.normal_(a, std=1.0 / self.r)
+                nn.init.normal_(a, std=1.0 / self.r, generator=generator)
         nn.init.zeros_(self.lora_B)
 
     @property

@@ -187,7 +187,8 @@ def _is_linear(mod: nn.Module) -> bool:
 def _linear_dims(mod: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, has_bias) of an nn.Linear or GPT-2 Conv1D."""
     if _is_conv1d(mod):
-        return mod.weight.shape[0], mod.nf, mod.bias is not None
+        shape = getattr(mod.weight, "ds_shape", mod.weight.shape)  # a ZeRO-3 partition is empty
+        return shape[0], mod.nf, mod.bias is not None
     return mod.in_features, mod.out_features, mod.bias is not None
 
 
@@ -199,8 +200,11 @@ class Injection:
     transposed: set[str]  # module paths whose checkpoint weight is (in, out) (GPT-2 Conv1D)
 
 
-def prepare(model: nn.Module, lora: LoraSpec, quantization: str) -> Injection:
+def prepare(model: nn.Module, lora: LoraSpec, quantization: str, device: str | None = "meta") -> Injection:
     """Quantize decoder-block linears (``int8``) and wrap the LoRA targets, on the skeleton.
+
+    New modules are created on ``device`` ("meta" for a skeleton; None inside
+    ``deepspeed.zero.Init``, which partitions them as they are built).
 
     Returns:
         An :class:`Injection` record.
@@ -230,10 +234,10 @@ def prepare(model: nn.Module, lora: LoraSpec, quantization: str) -> Injection:
         if _is_conv1d(mod):
             record.transposed.add(name)
         if quantization == "int8":
-            base: nn.Module = Int8Linear(in_f, out_f, bias=has_bias, device="meta")
+            base: nn.Module = Int8Linear(in_f, out_f, bias=has_bias, device=device)
             record.quantized.append(name)
         else:
-            with params_on_meta():
+            with params_on_meta() if device == "meta" else contextlib.nullcontext():
                 base = nn.Linear(in_f, out_f, bias=has_bias)
         if name in targets:
             slices = None
@@ -248,11 +252,13 @@ def prepare(model: nn.Module, lora: LoraSpec, quantization: str) -> Injection:
 
 # --- streaming the weights -----------------------------------------------------------------------
 
-Placer = Callable[[nn.Module, str, torch.Tensor], None]
+Placer = Callable[[nn.Module, str, Callable[[], torch.Tensor]], None]
 
 
-def default_place(module: nn.Module, pname: str, value: torch.Tensor) -> None:
-    """Put ``value`` into ``module.<pname>``: quantized for an Int8Linear weight, as is otherwise."""
+def default_place(module: nn.Module, pname: str, read: Callable[[], torch.Tensor]) -> None:
+    """Put the tensor ``read()`` returns into ``module.<pname>`` of a meta skeleton: quantized for an
+    Int8Linear weight, as is otherwise."""
+    value = read()
     if isinstance(module, Int8Linear) and pname == "weight":
         module.weight = nn.Parameter(torch.empty(0, dtype=torch.int8), requires_grad=False)
         module.weight_absmax = nn.Parameter(torch.empty(0), requires_grad=False)
@@ -265,7 +271,12 @@ def default_place(module: nn.Module, pname: str, value: torch.Tensor) -> None:
 
 def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype: torch.dtype,
                  place: Placer = default_place) -> None:
-    """Stream every tensor of ``model_dir/*.safetensors`` into the skeleton, one at a time."""
+    """Stream every tensor of ``model_dir/*.safetensors`` into the skeleton, one at a time.
+
+    ``place(module, name, read)`` puts each tensor in; ``read()`` loads it from the memory-mapped
+    file (transposed for GPT-2 Conv1D, cast to ``dtype``), so a placer that does not need the
+    values on this rank never reads them.
+    """
     from safetensors import safe_open
 
     modules = dict(model.named_modules())
@@ -280,19 +291,26 @@ def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype:
                     module = module.base
                 if module is None or pname not in module._parameters:
                     continue  # buffers saved by old checkpoints (GPT-2's attn.bias): rebuilt by the model
-                tensor = f.get_tensor(key)
-                if mod_path in injection.transposed and pname == "weight":
-                    tensor = tensor.t()
-                if tensor.is_floating_point():
-                    tensor = tensor.to(dtype)
-                place(module, pname, tensor.contiguous())
+                transpose = mod_path in injection.transposed and pname == "weight"
+
+                def read(f=f, key=key, transpose=transpose) -> torch.Tensor:
+                    tensor = f.get_tensor(key)
+                    tensor = tensor.t() if transpose else tensor
+                    return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+
+                place(module, pname, read)
                 loaded.add(key)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta and "lora_" not in n]
-    if still_meta:
-        raise ModelError(f"{model_dir}: the checkpoint has no weights for {still_meta[:5]}"
-                         f"{' ...' if len(still_meta) > 5 else ''}")
+    return loaded
+
+
+def check_complete(model: nn.Module, model_dir: Path, filled: Callable[[nn.Parameter], bool]) -> None:
+    """Raise if a non-LoRA parameter got no weights from the checkpoint."""
+    missing = [n for n, p in model.named_parameters() if "lora_" not in n and not filled(p)]
+    if missing:
+        raise ModelError(f"{model_dir}: the checkpoint has no weights for {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}")
 
 
 def _checkpoint_renamer(model: nn.Module) -> Callable[[str], str]:
@@ -321,18 +339,22 @@ def _checkpoint_renamer(model: nn.Module) -> Callable[[str], str]:
     return rename
 
 
+def init_lora(model: nn.Module, seed: int) -> None:
+    """Initialise every LoRA pair (B zero, A random) from one generator seeded with ``seed``, in
+    module order: the same values on every path (single process, any world size, parity reference)."""
+    generator = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, LoRALinear):
+            mod.reset_lora_parameters(generator)
+
+
 def materialize_lora(model: nn.Module, seed: int, device: torch.device | str = "cpu") -> None:
-    """Allocate and initialise every LoRA pair (B zero, A random from ``seed``), in module order."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        for mod in model.modules():
-            if isinstance(mod, LoRALinear):
-                mod.lora_A = nn.Parameter(torch.empty(mod.lora_A.shape, device=device))
-                mod.lora_B = nn.Parameter(torch.empty(mod.lora_B.shape, device=device))
-                mod.reset_lora_parameters()
-    finally:
-        torch.random.set_rng_state(gen_state)
+    """Allocate the skeleton's LoRA pairs on ``device`` and initialise them (see :func:`init_lora`)."""
+    for mod in model.modules():
+        if isinstance(mod, LoRALinear):
+            mod.lora_A = nn.Parameter(torch.empty(mod.lora_A.shape, device=device))
+            mod.lora_B = nn.Parameter(torch.empty(mod.lora_B.shape, device=device))
+    init_lora(model, seed)
 
 
 @dataclass
@@ -366,6 +388,7 @@ def load_model(base: str, lora: LoraSpec, quantization: str, seed: int = 0,
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     injection = prepare(model, lora, quantization)
     load_weights(model, model_dir, injection, dtype)
+    check_complete(model, model_dir, lambda p: not p.is_meta)
     materialize_lora(model, seed)
     trainable = freeze_non_lora(model)
     model.eval()

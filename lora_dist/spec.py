@@ -71,12 +71,20 @@ class TrainSpec:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate before and after training only
     eval_batches: int = 8
+    checkpoint_every: int = 0  # LoRA-only resumable checkpoint every N steps (0: none)
+    parity_check: bool = False  # run the first parity_steps against an unsharded int8 reference
+    parity_steps: int = 2
+    parity_tolerance: float = 1e-3  # largest allowed |loss difference| per step, nats/token
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
     workers: int = 1
     zero_stage: int = 3
+    gpus_per_worker: int = 0  # 0: CPU workers (gloo, fp32); 1: a GPU each (nccl, bf16)
+    cpus_per_worker: int = 1
+    placement: str = "pack"  # pack | spread: Ray placement strategy across nodes
+    max_failures: int = 0  # worker-group restarts, each resuming from the last complete checkpoint
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,15 @@ class JobSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     output: OutputSpec = field(default_factory=OutputSpec)
+
+    def with_absolute_paths(self) -> "JobSpec":
+        """The same spec with data.path and output.dir made absolute against the current directory:
+        what crosses to workers, whose working directory is not the user's."""
+        data = self.data
+        if data.path is not None:
+            data = dataclasses.replace(data, path=str(Path(data.path).expanduser().resolve()))
+        output = dataclasses.replace(self.output, dir=str(Path(self.output.dir).expanduser().resolve()))
+        return dataclasses.replace(self, data=data, output=output)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping (lists for tuples) that ``spec_from_dict`` turns back into this spec."""
@@ -334,8 +351,24 @@ def _check_semantics(s: dict[str, Any], problems: list[str]) -> None:
 
     if not 1 <= c.workers <= 4096:
         problems.append(f"cluster.workers: must be from 1 to 4096, got {c.workers}")
-    if c.zero_stage not in (0, 1, 2, 3):
-        problems.append(f"cluster.zero_stage: must be 0, 1, 2 or 3, got {c.zero_stage}")
+    if c.zero_stage not in (1, 2, 3):
+        problems.append(f"cluster.zero_stage: must be 1, 2 or 3, got {c.zero_stage}")
+    if not 0 <= c.gpus_per_worker <= 16:
+        problems.append(f"cluster.gpus_per_worker: must be from 0 to 16, got {c.gpus_per_worker}")
+    if not 1 <= c.cpus_per_worker <= 1024:
+        problems.append(f"cluster.cpus_per_worker: must be from 1 to 1024, got {c.cpus_per_worker}")
+    if c.placement not in ("pack", "spread"):
+        problems.append(f"cluster.placement: must be 'pack' or 'spread', got {c.placement!r}")
+    if not 0 <= c.max_failures <= 1000:
+        problems.append(f"cluster.max_failures: must be from 0 to 1000, got {c.max_failures}")
+    if t.checkpoint_every < 0:
+        problems.append(f"train.checkpoint_every: must be >= 0 (0: no checkpoints), got {t.checkpoint_every}")
+    if c.max_failures > 0 and t.checkpoint_every == 0:
+        problems.append("cluster.max_failures: restarts resume from checkpoints; set train.checkpoint_every > 0")
+    if not 1 <= t.parity_steps <= 1000:
+        problems.append(f"train.parity_steps: must be from 1 to 1000, got {t.parity_steps}")
+    if not t.parity_tolerance > 0:
+        problems.append(f"train.parity_tolerance: must be > 0, got {t.parity_tolerance}")
 
     if o.adapter_dtype not in ("float32", "bfloat16", "float16"):
         problems.append(f"output.adapter_dtype: must be float32, bfloat16 or float16, got {o.adapter_dtype!r}")

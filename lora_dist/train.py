@@ -130,6 +130,67 @@ class Progress:
                   file=self.stream, flush=True)
 
 
+def global_index(step: int, micro: int, rank: int, grad_accum: int, world_size: int) -> int:
+    """The BatchPlan index of (step, micro-step, rank): steps count from 1, every rank its own batch."""
+    return ((step - 1) * grad_accum + micro) * world_size + rank
+
+
+def train_steps(model: nn.Module, params: list[nn.Parameter], opt, sched, data: Dataset, plan: BatchPlan,
+                spec: JobSpec, world_size: int, steps: range,
+                on_step: Callable[[int, float, float, int, float], None] | None = None) -> list[float]:
+    """Optimizer steps in one process over the batches that ``world_size`` workers would see.
+
+    Each step averages the loss of every (micro-step, rank) batch, as data-parallel training does,
+    so world_size=N in one process is the unsharded reference for an N-worker run.
+
+    Returns:
+        The loss of each step (mean over its micro-batches).
+    """
+    model.train()
+    ga = spec.train.grad_accum
+    losses = []
+    for step in steps:
+        t0 = time.time()
+        tokens, loss_sum = 0, 0.0
+        for micro in range(ga):
+            for rank in range(world_size):
+                batch = micro_batch(data, plan, global_index(step, micro, rank, ga, world_size))
+                out = model(**batch)
+                (out.loss / (ga * world_size)).backward()
+                loss_sum += out.loss.detach().item()
+                tokens += int(batch["attention_mask"].sum())
+        if spec.train.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_sum / (ga * world_size)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr")
+        losses.append(loss)
+        if on_step:
+            on_step(step, loss, lr, tokens, time.time() - t0)
+    return losses
+
+
+def make_optimizer(params: list[nn.Parameter], spec: JobSpec):
+    opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
+
+
+def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
+    """The first ``steps`` losses of an unsharded single-process int8 run on the batches that a
+    ``world_size``-worker run sees: the parity guard's reference."""
+    seed_everything(spec.train.seed)
+    lm = load_model(spec.model.base, spec.lora, spec.model.quantization, seed=spec.train.seed)
+    data = prepare_data(spec, lm.tokenizer)
+    params = list(lora_parameters(lm.model).values())
+    opt, sched = make_optimizer(params, spec)
+    plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
+    return train_steps(lm.model, params, opt, sched, data, plan, spec, world_size, range(1, steps + 1))
+
+
 def artifact_dir(spec: JobSpec, job_id: str) -> Path:
     return Path(spec.output.dir).expanduser() / f"{spec.name}-{job_id}"
 
@@ -152,6 +213,21 @@ def base_manifest(spec: JobSpec, model_dir: Path, quantized: int, trainable: int
         "spec": spec.to_dict(),
         "versions": adapter_mod.versions(),
     }
+
+
+def write_job_artifact(spec: JobSpec, job_id: str, lora: dict, model_dir: Path, injection, trainable: int,
+                       world_size: int, zero_stage: int, architecture: str, results: dict[str, Any],
+                       metrics_file: Path, extra_manifest: dict[str, Any] | None = None) -> Path:
+    """Manifest + PEFT config + atomic write of the artifact for a finished job."""
+    manifest = base_manifest(spec, model_dir, len(injection.quantized), trainable, spec.data.path, job_id,
+                             world_size=world_size, zero_stage=zero_stage, architecture=architecture)
+    manifest.update(results)
+    manifest.update(extra_manifest or {})
+    config = adapter_mod.peft_config(lora, spec.lora.r, spec.lora.alpha, spec.lora.dropout, spec.lora.use_rslora,
+                                     spec.lora.init, spec.model.base,
+                                     fan_in_fan_out=any(n in injection.transposed for n in injection.lora))
+    return adapter_mod.write_artifact(artifact_dir(spec, job_id), lora, config, manifest, spec.output.adapter_dtype,
+                                      extra_files=[metrics_file])
 
 
 def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> Path:
@@ -179,8 +255,7 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
           f"{len(data.val)} validation ({data.n_val_prompts} prompts)", file=stream, flush=True)
 
     params = list(lora_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
+    opt, sched = make_optimizer(params, spec)
     plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
     vbatches = val_batches(data, spec)
 
@@ -190,44 +265,22 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     val_before = evaluate(model, vbatches)
     progress.record({"step": 0, "val_loss": val_before})
 
-    model.train()
-    loss_value = float("nan")
-    for step in range(1, spec.train.max_steps + 1):
-        t0 = time.time()
-        tokens, loss_sum = 0, 0.0
-        for micro in range(spec.train.grad_accum):
-            batch = micro_batch(data, plan, (step - 1) * spec.train.grad_accum + micro)
-            out = model(**batch)
-            (out.loss / spec.train.grad_accum).backward()
-            loss_sum += out.loss.detach().item()
-            tokens += int(batch["attention_mask"].sum())
-        if spec.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = loss_sum / spec.train.grad_accum
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}; lower train.lr")
-        rec = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens / (time.time() - t0)}
-        show = step % spec.train.log_every == 0 or step == spec.train.max_steps
-        progress.record(rec, show)
+    def on_step(step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
+        rec = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens / seconds}
+        progress.record(rec, step % spec.train.log_every == 0 or step == spec.train.max_steps)
         if spec.train.eval_every and step % spec.train.eval_every == 0 and step < spec.train.max_steps:
             progress.record({"step": step, "val_loss": evaluate(model, vbatches)})
+
+    losses = train_steps(model, params, opt, sched, data, plan, spec, world_size=1,
+                         steps=range(1, spec.train.max_steps + 1), on_step=on_step)
+    loss_value = losses[-1]
     val_after = evaluate(model, vbatches)
     progress.record({"step": spec.train.max_steps, "val_loss": val_after})
 
-    lora = adapter_mod.collect_lora(model)
-    manifest = base_manifest(spec, lm.model_dir, len(lm.injection.quantized), lm.trainable_params,
-                             spec.data.path, job_id, world_size=1, zero_stage=0,
-                             architecture=type(model).__name__)
-    manifest.update({"steps": spec.train.max_steps, "final_loss": loss_value,
-                     "val_loss_before": val_before, "val_loss_after": val_after})
-    config = adapter_mod.peft_config(lora, spec.lora.r, spec.lora.alpha, spec.lora.dropout, spec.lora.use_rslora,
-                                     spec.lora.init, spec.model.base, fan_in_fan_out=any(n in lm.injection.transposed
-                                                                        for n in lm.injection.lora))
-    out = adapter_mod.write_artifact(final, lora, config, manifest, spec.output.adapter_dtype,
-                                     extra_files=[work / adapter_mod.METRICS_FILE])
+    out = write_job_artifact(spec, job_id, adapter_mod.collect_lora(model), lm.model_dir, lm.injection,
+                             lm.trainable_params, world_size=1, zero_stage=0, architecture=type(model).__name__,
+                             results={"steps": spec.train.max_steps, "final_loss": loss_value,
+                                      "val_loss_before": val_before, "val_loss_after": val_after},
+                             metrics_file=work / adapter_mod.METRICS_FILE)
     shutil.rmtree(work, ignore_errors=True)
     return out

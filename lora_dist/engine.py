@@ -1,0 +1,187 @@
+"""The only module that talks to DeepSpeed: ZeRO config, sharded build, gather, checkpoints.
+
+The frozen int8 base is built inside ``deepspeed.zero.Init``: every parameter (int8 weights,
+fp32 row absmax, float embeddings and norms, LoRA) is partitioned as its module is constructed,
+so each rank holds 1/N of every tensor. Weights are then streamed from safetensors one tensor at
+a time: rank 0 reads and quantizes inside ``GatheredParameters(modifier_rank=0)``, and on exit
+DeepSpeed broadcasts the values and re-partitions them. Other ranks never read the files.
+Only the LoRA parameters are handed to the optimizer, so only they have gradients and AdamW state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lora_dist.adapter import LoraTensors
+from lora_dist.lora import LoRALinear, freeze_non_lora, lora_parameters
+from lora_dist.model import Injection, check_complete, init_lora, load_weights, prepare
+from lora_dist.quant import Int8Linear
+from lora_dist.spec import JobSpec
+
+COMPLETE_MARKER = "complete.json"
+
+
+def ds_config(spec: JobSpec, world_size: int, cuda: bool) -> dict[str, Any]:
+    """DeepSpeed config from the spec: ZeRO stage, AdamW over LoRA only, clipping, accumulation.
+
+    fp32 on CPU (no fp16/bf16 key: an explicit dtype in zero.Init is ignored on the CPU
+    accelerator, DESIGN.md), bf16 on CUDA.
+    """
+    t = spec.train
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": {"stage": spec.cluster.zero_stage},
+        # torch_adam: plain torch.optim.AdamW inside ZeRO (no fused op to compile; the same
+        # optimizer as the single-process reference).
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if cuda:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def init_distributed(cuda: bool) -> tuple[int, int]:
+    """Join the process group Ray Train set up (gloo on CPU, nccl on GPU)."""
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any]) -> tuple[nn.Module, Injection]:
+    """Build the architecture, quantized linears and LoRA inside zero.Init (all partitioned)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        # Skip HF's weight init: it would index partitioned (empty) tensors, and the weights are
+        # loaded next anyway. It also skips the embedding tie, redone below.
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config_hf)
+        injection = prepare(model, spec.lora, spec.model.quantization, device=None)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    freeze_non_lora(model)
+    return model, injection
+
+
+def stream_weights(model: nn.Module, model_dir: Path, injection: Injection, rank: int, dtype: torch.dtype) -> None:
+    """Fill the partitioned parameters from safetensors; only rank 0 reads the files."""
+    filled: set[int] = set()
+
+    def place(module: nn.Module, pname: str, read: Callable[[], torch.Tensor]) -> None:
+        if isinstance(module, Int8Linear) and pname == "weight":
+            params = [module.weight, module.weight_absmax]
+        else:
+            params = [getattr(module, pname)]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+            if rank == 0:
+                value = read()
+                if len(params) == 2:
+                    module.load_float_weight(value)  # same shapes and dtypes: re-partitioned on exit
+                else:
+                    if tuple(value.shape) != tuple(params[0].shape):
+                        raise ValueError(f"{model_dir}: tensor for {pname} has shape {tuple(value.shape)}, "
+                                         f"the model expects {tuple(params[0].shape)}")
+                    params[0].data.copy_(value.to(params[0].dtype))
+        filled.update(id(p) for p in params)
+
+    load_weights(model, model_dir, injection, dtype, place)
+    check_complete(model, model_dir, lambda p: id(p) in filled)
+
+
+def init_lora_sharded(model: nn.Module, seed: int, rank: int) -> None:
+    """The same LoRA initial values as the single-process path (one seeded generator, module order)."""
+    params = list(lora_parameters(model).values())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+        if rank == 0:
+            init_lora(model, seed)
+
+
+def initialize(model: nn.Module, config: dict[str, Any], lr_lambda: Callable[[int], float]):
+    """deepspeed.initialize with only the LoRA parameters given to the optimizer."""
+    params = list(lora_parameters(model).values())
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=params, config=config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+    return engine, optimizer, scheduler
+
+
+def partition_report(model: nn.Module) -> dict[str, int]:
+    """Bytes this rank holds of the int8 base and of every parameter, against the full sizes."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    out = {"int8_local_bytes": 0, "int8_full_bytes": 0, "local_param_bytes": 0, "full_param_bytes": 0}
+    for p in seen.values():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+        full = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        size = p.element_size()
+        out["local_param_bytes"] += local.numel() * size
+        out["full_param_bytes"] += full * size
+        if p.dtype == torch.int8:
+            out["int8_local_bytes"] += local.numel() * size
+            out["int8_full_bytes"] += full * size
+    return out
+
+
+def peak_memory_bytes(cuda: bool) -> int:
+    if cuda:
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def gather_lora(model: nn.Module, rank: int) -> dict[str, LoraTensors] | None:
+    """Collective: every rank enters; rank 0 gets full copies of every LoRA pair."""
+    params = list(lora_parameters(model).values())
+    out: dict[str, LoraTensors] = {}
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if rank == 0:
+            for name, mod in model.named_modules():
+                if isinstance(mod, LoRALinear):
+                    out[name] = LoraTensors(mod.lora_A.detach().float().cpu().clone(),
+                                            mod.lora_B.detach().float().cpu().clone(),
+                                            mod.r, list(mod.slices), mod.out_features)
+    return out if rank == 0 else None
+
+
+def save_checkpoint(engine, directory: Path, step: int, client_state: dict[str, Any], rank: int) -> None:
+    """LoRA-only resumable checkpoint; the marker is written last, so a partial one is never used."""
+    engine.save_checkpoint(str(directory), tag=f"step{step}", client_state=client_state,
+                           exclude_frozen_parameters=True)
+    dist.barrier()
+    if rank == 0:
+        marker = {"step": step, "tag": f"step{step}", "world_size": dist.get_world_size()}
+        tmp = directory / (COMPLETE_MARKER + ".tmp")
+        tmp.write_text(json.dumps(marker))
+        os.replace(tmp, directory / COMPLETE_MARKER)
+
+
+def load_checkpoint(engine, directory: Path) -> dict[str, Any]:
+    """Restore LoRA weights, optimizer, scheduler; return the client state (step, RNG).
+
+    Raises:
+        RuntimeError: the checkpoint is incomplete or was written by a different world size.
+    """
+    marker_path = directory / COMPLETE_MARKER
+    if not marker_path.is_file():
+        raise RuntimeError(f"{directory}: no {COMPLETE_MARKER}: the checkpoint is incomplete")
+    marker = json.loads(marker_path.read_text())
+    if marker["world_size"] != dist.get_world_size():
+        raise RuntimeError(f"{directory}: written by {marker['world_size']} workers, this run has "
+                           f"{dist.get_world_size()}; ZeRO optimizer partitions cannot be re-split")
+    _, client_state = engine.load_checkpoint(str(directory), tag=marker["tag"], load_module_strict=False,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client_state is None:
+        raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag {marker['tag']}")
+    return client_state
