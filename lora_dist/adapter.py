@@ -194,9 +194,50 @@ def write_artifact(final_dir: Path, lora: dict[str, LoraTensors], config: dict[s
         for f in extra_files:
             shutil.copyfile(f, partial / Path(f).name)
         files = sorted(p.name for p in partial.iterdir() if p.is_file())
-        full = {"format": FORMAT, **manifest,
+        full = {"format": FORMAT, "kind": "adapter", **manifest,
                 "adapter_dtype": dtype,
                 "adapter_bytes": (partial / ADAPTER_FILE).stat().st_size,
+                "files": {name: sha256_file(partial / name) for name in files}}
+        (partial / MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
+        os.rename(partial, final_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return final_dir
+
+
+FULL_MODEL_FILE = "model.safetensors"
+
+
+def write_full_artifact(final_dir: Path, state_dict: dict[str, torch.Tensor], base_dir: Path,
+                        manifest: dict[str, Any], tie_word_embeddings: bool,
+                        extra_files: Iterable[Path] = ()) -> Path:
+    """Write a fully fine-tuned model (the baseline ``train.method: full``) as a Hugging Face
+    directory plus the same manifest, atomically like :func:`write_artifact`."""
+    from safetensors.torch import save_file
+
+    if final_dir.exists():
+        raise ArtifactError(f"{final_dir} already exists; an artifact is never overwritten")
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = final_dir.parent / f".{final_dir.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        tensors, seen = {}, set()
+        for k, v in state_dict.items():
+            if v.data_ptr() in seen or (tie_word_embeddings and k == "lm_head.weight"):
+                continue  # tied to the input embedding: transformers re-ties on load
+            seen.add(v.data_ptr())
+            tensors[k] = v.detach().cpu().contiguous()
+        save_file(tensors, str(partial / FULL_MODEL_FILE), metadata={"format": "pt"})
+        for f in sorted(base_dir.iterdir()):
+            if f.is_file() and not f.name.endswith(".safetensors") and not f.name.startswith("."):
+                shutil.copyfile(f, partial / f.name)  # config, generation config, tokenizer
+        for f in extra_files:
+            shutil.copyfile(f, partial / Path(f).name)
+        files = sorted(p.name for p in partial.iterdir() if p.is_file())
+        full = {"format": FORMAT, "kind": "full", **manifest,
+                "model_bytes": (partial / FULL_MODEL_FILE).stat().st_size,
                 "files": {name: sha256_file(partial / name) for name in files}}
         (partial / MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
         os.rename(partial, final_dir)
@@ -229,7 +270,8 @@ def verify_artifact(artifact: Path) -> dict[str, Any]:
     """
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    for required in (ADAPTER_FILE, CONFIG_FILE):
+    required_files = (FULL_MODEL_FILE,) if manifest.get("kind") == "full" else (ADAPTER_FILE, CONFIG_FILE)
+    for required in required_files:
         if required not in manifest["files"]:
             raise ArtifactError(f"{artifact / MANIFEST_FILE}: does not list {required}")
     for name, digest in manifest["files"].items():
@@ -284,6 +326,8 @@ def load_adapted(artifact: Path, quantization: str | None = None, check_base: bo
 
     manifest = verify_artifact(artifact)
     spec = spec_from_dict(_spec_without_paths(manifest["spec"]))
+    if manifest.get("kind") == "full":  # a fully fine-tuned model is its own base
+        return load_model(str(artifact), None, quantization or "none"), manifest
     base_id = manifest["base_model"]["id"]
     if check_base:
         got = fingerprint(resolve_base(base_id))

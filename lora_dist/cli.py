@@ -1,14 +1,20 @@
-"""Thin commands: parse, call one function, print, exit non-zero on failure."""
+"""Thin commands: parse, call one function, print, exit non-zero on failure.
+
+Exit codes: 0 success; 1 the job or check failed (job FAILED/STOPPED, verification failed);
+2 bad input (spec, model, data, arguments); 3 the job or cluster cannot be found or reached.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def _quiet_libraries() -> None:
@@ -20,23 +26,154 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from lora_dist.spec import load_spec
-    from lora_dist.train import train_local
+def _address(args: argparse.Namespace) -> str | None:
+    return getattr(args, "address", None) or os.environ.get("RAY_ADDRESS") or None
+
+
+def _validated_spec(args: argparse.Namespace):
+    """Every check that can run before anything starts: the spec, the output root, the model."""
+    from lora_dist.model import check_model
+    from lora_dist.spec import check_output_root, load_spec
 
     spec = load_spec(args.job, args.set)
+    check_output_root(spec)
+    check_model(spec.model.base, None if spec.train.method == "full" else spec.lora, spec.model.quantization)
+    return spec
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lora_dist.train import train_local
+
+    spec = _validated_spec(args)
     out = train_local(spec)
     print(out)
     return EXIT_OK
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    from lora_dist.launch import run_job
-    from lora_dist.spec import load_spec
+class _Tee:
+    """Write to the terminal and to the job's log file (Ray's worker logs arrive via print)."""
 
-    spec = load_spec(args.job, args.set)
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
-    out = run_job(spec, job_id=args.job_id, address=address)
+    def __init__(self, stream, path: Path) -> None:
+        self.stream, self.file = stream, open(path, "a", buffering=1)
+
+    def write(self, s: str) -> int:
+        self.file.write(s)
+        return self.stream.write(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from lora_dist import jobs
+    from lora_dist.adapter import new_job_id
+
+    spec = _validated_spec(args).with_absolute_paths()
+    job_id = args.job_id or new_job_id()
+    address = _address(args)
+    if address:
+        sid = jobs.submit_remote(spec, job_id, address)
+        print(f"submitted {sid} to {address}", flush=True)
+        if not args.wait:
+            print(sid)
+            return EXIT_OK
+        st = jobs.wait_remote(address, sid, sys.stdout)
+        if st.state != "SUCCEEDED" or not st.artifact:
+            print(f"error: job {sid} ended {st.state}: {st.message or ''}", file=sys.stderr)
+            return EXIT_FAILED
+        print(st.artifact)
+        return EXIT_OK
+    return _submit_embedded(spec, job_id)
+
+
+def _submit_embedded(spec, job_id: str) -> int:
+    from lora_dist import jobs
+    from lora_dist.launch import run_job
+
+    sid = f"{spec.name}-{job_id}"
+    log_path = jobs.registry_dir() / f"{sid}.log"
+    jobs.record(sid, state="RUNNING", pid=os.getpid(), name=spec.name, max_steps=spec.train.max_steps,
+                log=str(log_path), started=time.time(), where="embedded")
+    print(f"job {sid} on an embedded local Ray (lora-dist status {sid})", flush=True)
+    # `lora-dist stop` sends SIGINT; SIGTERM (a scheduler's stop) ends the job the same way.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(out, log_path), _Tee(err, log_path)
+    try:
+        artifact = run_job(spec, job_id=job_id,
+                           work_dir_hook=lambda _id, wd: jobs.record(sid, work_dir=str(wd)))
+    except KeyboardInterrupt:
+        jobs.record(sid, state="STOPPED", message="stopped by the user")
+        sys.stdout, sys.stderr = out, err
+        print(f"job {sid} stopped; no artifact was published", file=sys.stderr)
+        return EXIT_FAILED
+    except BaseException as e:
+        jobs.record(sid, state="FAILED", message=str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__)
+        raise
+    finally:
+        sys.stdout, sys.stderr = out, err
+    from lora_dist.adapter import read_manifest
+
+    final_loss = None
+    if not jobs.is_uri(str(artifact)):
+        final_loss = read_manifest(Path(artifact)).get("final_loss")
+    jobs.record(sid, state="SUCCEEDED", artifact=str(artifact), final_loss=final_loss)
+    print(artifact)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from lora_dist import jobs
+
+    address = _address(args)
+    st = jobs.status_remote(address, args.job_id) if address else jobs.status_local(args.job_id)
+    print(st.line())
+    return EXIT_OK if st.state in ("SUCCEEDED", "RUNNING", "PENDING") else EXIT_FAILED
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from lora_dist import jobs
+
+    address = _address(args)
+    chunks = jobs.logs_remote(address, args.job_id, args.follow) if address else jobs.logs_local(args.job_id, args.follow)
+    for chunk in chunks:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from lora_dist import jobs
+
+    address = _address(args)
+    state = jobs.stop_remote(address, args.job_id) if address else jobs.stop_local(args.job_id)
+    print(f"{args.job_id}  {state}")
+    return EXIT_OK if state == "STOPPED" else EXIT_FAILED
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from lora_dist import jobs
+
+    address = _address(args)
+    for st in (jobs.list_remote(address) if address else jobs.list_local()):
+        print(st.line())
+    return EXIT_OK
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from lora_dist import jobs
+
+    address = _address(args)
+    st = jobs.status_remote(address, args.job_id) if address else jobs.status_local(args.job_id)
+    if st.state != "SUCCEEDED" or not st.artifact:
+        print(f"error: job {args.job_id} is {st.state}: it has no artifact to fetch", file=sys.stderr)
+        return EXIT_FAILED
+    out = Path(args.out) if args.out else Path.cwd() / Path(st.artifact.rstrip("/")).name
+    jobs.fetch(st.artifact, out)
     print(out)
     return EXIT_OK
 
@@ -60,22 +197,57 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-dist", description="LoRA fine-tuning over a frozen int8 base.")
+    p = argparse.ArgumentParser(prog="lora-dist", description="LoRA fine-tuning over a frozen int8 base, "
+                                "sharded by DeepSpeed ZeRO-3 across Ray workers.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train in this process and write the adapter artifact")
-    t.add_argument("job", help="job spec (YAML)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set train.max_steps=5 (repeatable)")
+    def job_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("job", help="job spec (YAML)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field, e.g. --set train.max_steps=5 (repeatable)")
+
+    def address_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--address", default=None,
+                        help="Ray Jobs API address, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS, "
+                             "else the embedded default)")
+
+    t = sub.add_parser("train", help="train in this process (no Ray) and write the artifact")
+    job_args(t)
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("submit", help="run a job on Ray (embedded local Ray unless --address / RAY_ADDRESS)")
-    s.add_argument("job", help="job spec (YAML)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set cluster.workers=2 (repeatable)")
-    s.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else embedded)")
-    s.add_argument("--job-id", default=None, help="reuse a job id to resume its checkpoints")
+    s = sub.add_parser("submit", help="run a job on Ray: embedded local Ray, or a cluster with --address")
+    job_args(s)
+    address_arg(s)
+    s.add_argument("--wait", action="store_true", help="with --address: follow the job to the end")
+    s.add_argument("--job-id", default=None, help="reuse a job id to resume that job's checkpoints")
     s.set_defaults(func=cmd_submit)
+
+    for name, func, helptext in (("status", cmd_status, "state, step / total, last loss, artifact when done"),
+                                 ("stop", cmd_stop, "stop a job; it publishes no artifact")):
+        sp = sub.add_parser(name, help=helptext)
+        sp.add_argument("job_id")
+        address_arg(sp)
+        sp.set_defaults(func=func)
+
+    lg = sub.add_parser("logs", help="a job's output")
+    lg.add_argument("job_id")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    address_arg(lg)
+    lg.set_defaults(func=cmd_logs)
+
+    ls = sub.add_parser("list", help="lora-dist jobs")
+    address_arg(ls)
+    ls.set_defaults(func=cmd_list)
+
+    f = sub.add_parser("fetch", help="copy a finished job's artifact here and verify every sha256")
+    f.add_argument("job_id")
+    f.add_argument("--out", default=None, help="destination directory (must not exist)")
+    address_arg(f)
+    f.set_defaults(func=cmd_fetch)
+
+    v = sub.add_parser("verify", help="check every file of an artifact directory against its manifest sha256")
+    v.add_argument("artifact")
+    v.set_defaults(func=cmd_verify)
 
     g = sub.add_parser("generate", help="generate with a base model plus an adapter artifact")
     g.add_argument("artifact", help="artifact directory")
@@ -86,18 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=1.0)
     g.add_argument("--no-repeat-ngram-size", type=int, default=0)
     g.set_defaults(func=cmd_generate)
-
-    v = sub.add_parser("verify", help="check every file of an artifact against its manifest sha256")
-    v.add_argument("artifact")
-    v.set_defaults(func=cmd_verify)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if _address(args):
+        # Before anything imports ray: it reads RAY_AUTH_MODE once, at import.
+        from lora_dist.jobs import _enable_token_auth
+
+        _enable_token_auth()
     _quiet_libraries()
     from lora_dist.adapter import ArtifactError
     from lora_dist.data import DataError
+    from lora_dist.jobs import JobError
     from lora_dist.launch import JobFailed
     from lora_dist.model import ModelError
     from lora_dist.spec import SpecError
@@ -110,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, JobFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
+    except JobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -70,10 +70,14 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any]) -> tuple[nn.
         # loaded next anyway. It also skips the embedding tie, redone below.
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config_hf)
-        injection = prepare(model, spec.lora, spec.model.quantization, device=None)
+        full = spec.train.method == "full"
+        injection = prepare(model, None if full else spec.lora, spec.model.quantization, device=None)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    freeze_non_lora(model)
+    if full:
+        model.requires_grad_(True)
+    else:
+        freeze_non_lora(model)
     return model, injection
 
 
@@ -111,8 +115,8 @@ def init_lora_sharded(model: nn.Module, seed: int, rank: int) -> None:
 
 
 def initialize(model: nn.Module, config: dict[str, Any], lr_lambda: Callable[[int], float]):
-    """deepspeed.initialize with only the LoRA parameters given to the optimizer."""
-    params = list(lora_parameters(model).values())
+    """deepspeed.initialize with only the trainable (LoRA) parameters given to the optimizer."""
+    params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=params, config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
@@ -155,8 +159,19 @@ def gather_lora(model: nn.Module, rank: int) -> dict[str, LoraTensors] | None:
     return out if rank == 0 else None
 
 
+def gather_full_state(engine) -> dict[str, torch.Tensor] | None:
+    """Collective: the whole model's state dict on rank 0 (full fine-tuning export)."""
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    return state if dist.get_rank() == 0 else None
+
+
 def save_checkpoint(engine, directory: Path, step: int, client_state: dict[str, Any], rank: int) -> None:
     """LoRA-only resumable checkpoint; the marker is written last, so a partial one is never used."""
+    # Frozen parameters (the int8 base) are excluded: a LoRA checkpoint holds LoRA weights, their
+    # AdamW state, the scheduler and the client state only.
     engine.save_checkpoint(str(directory), tag=f"step{step}", client_state=client_state,
                            exclude_frozen_parameters=True)
     dist.barrier()

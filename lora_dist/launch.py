@@ -6,9 +6,9 @@ joins that cluster (the Jobs API entrypoint runs this same driver on the cluster
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,7 @@ from typing import Any
 from lora_dist.adapter import new_job_id
 from lora_dist.spec import JobSpec
 
-# Environment every worker needs; the spec itself travels as data in train_loop_config.
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-              "PYTHONUNBUFFERED": "1"}
+from lora_dist.jobrun import WORKER_ENV
 
 
 class JobFailed(RuntimeError):
@@ -26,8 +24,8 @@ class JobFailed(RuntimeError):
 
 
 def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None,
-            stream=sys.stdout) -> Path:
-    """Run ``spec`` on Ray Train + DeepSpeed and return the artifact directory.
+            stream=sys.stdout, work_dir_hook=None) -> Path | str:
+    """Run ``spec`` on Ray Train + DeepSpeed and return the artifact (a directory, or a URI).
 
     Args:
         spec: the validated job spec.
@@ -44,10 +42,18 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     spec = spec.with_absolute_paths()
     job_id = job_id or new_job_id()
     run_name = f"{spec.name}-{job_id}"
-    output_root = Path(spec.output.dir).expanduser().resolve()
-    storage = output_root / ".ray-train"
-    work_dir = output_root / f".{run_name}.work"
+    from lora_dist.jobs import is_uri
+
+    if is_uri(spec.output.dir):
+        # Checkpoints go to the storage URI; progress files stay node-local.
+        storage_path = spec.output.dir.rstrip("/") + "/.ray-train"
+        work_dir = Path(tempfile.gettempdir()) / "lora-dist-work" / run_name
+    else:
+        storage_path = str(Path(spec.output.dir) / ".ray-train")
+        work_dir = Path(spec.output.dir) / f".{run_name}.work"
     work_dir.mkdir(parents=True, exist_ok=True)
+    if work_dir_hook:
+        work_dir_hook(job_id, work_dir)
 
     parity_reference = None
     if spec.train.parity_check:
@@ -63,8 +69,10 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     if not ray.is_initialized():
         env = dict(WORKER_ENV)
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
+            ray.init(log_to_driver=True, runtime_env={"env_vars": env})
             started_here = True
+        elif address == "auto":  # inside a Jobs API job: its runtime_env already carries WORKER_ENV
+            ray.init(address=address, log_to_driver=True)
         else:
             ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
     try:
@@ -79,22 +87,21 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
             scaling_config=ScalingConfig(num_workers=spec.cluster.workers, use_gpu=use_gpu,
                                          resources_per_worker=resources,
                                          placement_strategy="SPREAD" if spec.cluster.placement == "spread" else "PACK"),
-            run_config=RunConfig(name=run_name, storage_path=str(storage),
+            run_config=RunConfig(name=run_name, storage_path=storage_path,
                                  failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
         t0 = time.time()
         try:
-            trainer.fit()
+            result = trainer.fit()
         except Exception as e:  # Ray wraps the worker's exception; keep its message for the user
             raise JobFailed(f"job {run_name} failed: {_root_message(e)}") from e
-        marker = work_dir / "artifact"
-        if not marker.is_file():
-            raise JobFailed(f"job {run_name} finished without writing an artifact")
-        artifact = Path(marker.read_text().strip())
+        location = (result.metrics or {}).get("artifact")
+        if not location:
+            raise JobFailed(f"job {run_name} finished without publishing an artifact")
         print(f"job {run_name} finished in {time.time() - t0:.0f} s", file=stream, flush=True)
         shutil.rmtree(work_dir, ignore_errors=True)
-        return artifact
+        return location if is_uri(location) else Path(location)
     finally:
         if started_here:
             ray.shutdown()

@@ -200,11 +200,12 @@ class Injection:
     transposed: set[str]  # module paths whose checkpoint weight is (in, out) (GPT-2 Conv1D)
 
 
-def prepare(model: nn.Module, lora: LoraSpec, quantization: str, device: str | None = "meta") -> Injection:
+def prepare(model: nn.Module, lora: LoraSpec | None, quantization: str, device: str | None = "meta") -> Injection:
     """Quantize decoder-block linears (``int8``) and wrap the LoRA targets, on the skeleton.
 
     New modules are created on ``device`` ("meta" for a skeleton; None inside
-    ``deepspeed.zero.Init``, which partitions them as they are built).
+    ``deepspeed.zero.Init``, which partitions them as they are built). ``lora=None`` injects no
+    LoRA (full fine-tuning, or a plain quantized model).
 
     Returns:
         An :class:`Injection` record.
@@ -215,7 +216,9 @@ def prepare(model: nn.Module, lora: LoraSpec, quantization: str, device: str | N
     blocks_name, _ = decoder_blocks(model)
     in_blocks = {name: mod for name, mod in model.named_modules()
                  if name.startswith(blocks_name + ".") and _is_linear(mod)}
-    if LINEAR_TARGET_ALL in lora.targets:
+    if lora is None:
+        targets: set[str] = set()
+    elif LINEAR_TARGET_ALL in lora.targets:
         targets = set(in_blocks)
     else:
         targets = {name for name in in_blocks if name.rsplit(".", 1)[-1] in lora.targets}
@@ -227,7 +230,7 @@ def prepare(model: nn.Module, lora: LoraSpec, quantization: str, device: str | N
     record = Injection(quantized=[], lora=[], transposed=set())
     for name, mod in in_blocks.items():
         in_f, out_f, has_bias = _linear_dims(mod)
-        if name in targets and lora.r > min(in_f, out_f):
+        if lora is not None and name in targets and lora.r > min(in_f, out_f):
             raise ModelError(f"lora.r: {lora.r} exceeds the dimensions of {name} ({out_f} x {in_f})")
         if quantization == "none" and name not in targets:
             continue  # float and untouched: the original module stays
@@ -239,7 +242,7 @@ def prepare(model: nn.Module, lora: LoraSpec, quantization: str, device: str | N
         else:
             with params_on_meta() if device == "meta" else contextlib.nullcontext():
                 base = nn.Linear(in_f, out_f, bias=has_bias)
-        if name in targets:
+        if lora is not None and name in targets:
             slices = None
             if _is_conv1d(mod) and name.endswith("c_attn") and out_f == 3 * in_f:
                 slices = [(0, in_f), (2 * in_f, 3 * in_f)]  # q and v of the fused qkv, as the paper
@@ -357,6 +360,20 @@ def materialize_lora(model: nn.Module, seed: int, device: torch.device | str = "
     init_lora(model, seed)
 
 
+def check_model(base: str, lora: LoraSpec | None, quantization: str) -> Injection:
+    """Validate targets and rank against the real architecture, on a meta skeleton (no weights).
+
+    Raises:
+        ModelError: naming lora.targets or lora.r.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_base(base))
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config)
+    return prepare(model, lora, quantization)
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -366,19 +383,19 @@ class LoadedModel:
     trainable_params: int
 
 
-def load_model(base: str, lora: LoraSpec, quantization: str, seed: int = 0,
+def load_model(base: str, lora: LoraSpec | None, quantization: str, seed: int = 0,
                dtype: torch.dtype = torch.float32, with_tokenizer: bool = True) -> LoadedModel:
     """Resolve, build, stream and inject: the single-process path.
 
     Args:
         base: built-in id or local directory.
-        lora: LoRA settings (targets, r, alpha, ...).
+        lora: LoRA settings (targets, r, alpha, ...); None for full fine-tuning (every weight trains).
         quantization: ``int8`` or ``none``.
         seed: seeds the LoRA A initialisation.
         dtype: compute dtype of the float parts.
 
     Returns:
-        A :class:`LoadedModel` whose only trainable tensors are lora_A / lora_B.
+        A :class:`LoadedModel` whose only trainable tensors are lora_A / lora_B (with LoRA).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -390,7 +407,11 @@ def load_model(base: str, lora: LoraSpec, quantization: str, seed: int = 0,
     load_weights(model, model_dir, injection, dtype)
     check_complete(model, model_dir, lambda p: not p.is_meta)
     materialize_lora(model, seed)
-    trainable = freeze_non_lora(model)
+    if lora is None:
+        model.requires_grad_(True)
+        trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    else:
+        trainable = freeze_non_lora(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
     return LoadedModel(model, tokenizer, model_dir, injection, trainable)

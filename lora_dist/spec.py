@@ -19,6 +19,8 @@ import yaml
 
 BUILTIN_MODELS = ("smollm2-135m",)
 LINEAR_TARGET_ALL = "all-linear"
+URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+URI_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -59,6 +61,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
+    method: str = "lora"  # lora | full (full fine-tuning: every float weight trains; the baseline)
     max_steps: int = 100
     micro_batch_size: int = 8
     grad_accum: int = 1
@@ -105,11 +108,13 @@ class JobSpec:
 
     def with_absolute_paths(self) -> "JobSpec":
         """The same spec with data.path and output.dir made absolute against the current directory:
-        what crosses to workers, whose working directory is not the user's."""
+        what crosses to workers, whose working directory is not the user's. URIs stay as they are."""
         data = self.data
         if data.path is not None:
             data = dataclasses.replace(data, path=str(Path(data.path).expanduser().resolve()))
-        output = dataclasses.replace(self.output, dir=str(Path(self.output.dir).expanduser().resolve()))
+        output = self.output
+        if not URI_RE.match(output.dir):
+            output = dataclasses.replace(output, dir=str(Path(output.dir).expanduser().resolve()))
         return dataclasses.replace(self, data=data, output=output)
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,6 +203,26 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str], source: str | 
 
 
 # --- validation ----------------------------------------------------------------------------------
+
+def output_root() -> Path:
+    """Where local artifacts may go: $LORA_DIST_OUTPUT_ROOT, else the current directory."""
+    return Path(os.environ.get("LORA_DIST_OUTPUT_ROOT") or os.getcwd()).expanduser().resolve()
+
+
+def check_output_root(spec: JobSpec) -> None:
+    """Reject a local output.dir outside the output root (URIs are the storage's business).
+
+    Raises:
+        SpecError: naming output.dir and the root.
+    """
+    if URI_RE.match(spec.output.dir):
+        return
+    root = output_root()
+    target = Path(spec.output.dir).expanduser().resolve()
+    if target != root and root not in target.parents:
+        raise SpecError([f"output.dir: {target} is outside the output root {root} (run from a directory "
+                         f"above it, set LORA_DIST_OUTPUT_ROOT, or use a relative path)"])
+
 
 def spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> JobSpec:
     """Validate a plain mapping (from YAML or from the Ray worker boundary) into a JobSpec."""
@@ -324,6 +349,11 @@ def _check_semantics(s: dict[str, Any], problems: list[str]) -> None:
     if d.max_val_examples < 1:
         problems.append(f"data.max_val_examples: must be >= 1, got {d.max_val_examples}")
 
+    if t.method not in ("lora", "full"):
+        problems.append(f"train.method: must be 'lora' or 'full', got {t.method!r}")
+    elif t.method == "full" and m.quantization != "none":
+        problems.append("train.method: 'full' trains every weight, which an int8 base cannot; "
+                        "set model.quantization: none")
     if not 1 <= t.max_steps <= 10_000_000:
         problems.append(f"train.max_steps: must be from 1 to 10,000,000, got {t.max_steps}")
     if not 1 <= t.micro_batch_size <= 65536:
@@ -374,5 +404,11 @@ def _check_semantics(s: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"output.adapter_dtype: must be float32, bfloat16 or float16, got {o.adapter_dtype!r}")
     if not o.dir:
         problems.append("output.dir: must not be empty")
+    elif URI_RE.match(o.dir):
+        scheme = o.dir.split("://", 1)[0].lower()
+        if scheme not in URI_SCHEMES:
+            problems.append(f"output.dir: URI scheme {scheme!r} is not supported (use {', '.join(URI_SCHEMES)})")
+        elif ".." in o.dir.split("://", 1)[1].split("/"):
+            problems.append(f"output.dir: must not contain '..', got {o.dir!r}")
     elif ".." in Path(o.dir).parts:
         problems.append(f"output.dir: must not contain '..' (it would escape the output root), got {o.dir!r}")

@@ -22,11 +22,22 @@ from torch import nn
 
 from lora_dist import adapter as adapter_mod
 from lora_dist.data import BatchPlan, DataError, Tokenized, collate, load_examples, split_by_prompt, tokenize
-from lora_dist.lora import lora_parameters
 from lora_dist.model import cache_root, fingerprint, load_model
 from lora_dist.spec import JobSpec
 
 log = logging.getLogger(__name__)
+
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+def lora_or_none(spec: JobSpec):
+    """The LoRA settings to inject, or None for full fine-tuning."""
+    return None if spec.train.method == "full" else spec.lora
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Each trainable parameter once (tied weights are one parameter)."""
+    return [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
 
 
 def seed_everything(seed: int) -> None:
@@ -183,9 +194,9 @@ def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
     """The first ``steps`` losses of an unsharded single-process int8 run on the batches that a
     ``world_size``-worker run sees: the parity guard's reference."""
     seed_everything(spec.train.seed)
-    lm = load_model(spec.model.base, spec.lora, spec.model.quantization, seed=spec.train.seed)
+    lm = load_model(spec.model.base, lora_or_none(spec), spec.model.quantization, seed=spec.train.seed)
     data = prepare_data(spec, lm.tokenizer)
-    params = list(lora_parameters(lm.model).values())
+    params = trainable_parameters(lm.model)
     opt, sched = make_optimizer(params, spec)
     plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
     return train_steps(lm.model, params, opt, sched, data, plan, spec, world_size, range(1, steps + 1))
@@ -217,17 +228,31 @@ def base_manifest(spec: JobSpec, model_dir: Path, quantized: int, trainable: int
 
 def write_job_artifact(spec: JobSpec, job_id: str, lora: dict, model_dir: Path, injection, trainable: int,
                        world_size: int, zero_stage: int, architecture: str, results: dict[str, Any],
-                       metrics_file: Path, extra_manifest: dict[str, Any] | None = None) -> Path:
-    """Manifest + PEFT config + atomic write of the artifact for a finished job."""
+                       metrics_file: Path, extra_manifest: dict[str, Any] | None = None,
+                       full_state: dict[str, torch.Tensor] | None = None, tie_word_embeddings: bool = False,
+                       dest_root: Path | None = None) -> Path:
+    """Manifest + PEFT config + atomic write of the artifact for a finished job.
+
+    ``lora`` is the gathered LoRA pairs; for ``train.method: full`` pass ``full_state`` instead.
+    ``dest_root`` overrides output.dir (a local staging directory before an upload to a URI).
+    """
+    final = (dest_root / f"{spec.name}-{job_id}") if dest_root else artifact_dir(spec, job_id)
+    from lora_dist.plot import loss_curve_png
+
     manifest = base_manifest(spec, model_dir, len(injection.quantized), trainable, spec.data.path, job_id,
                              world_size=world_size, zero_stage=zero_stage, architecture=architecture)
     manifest.update(results)
     manifest.update(extra_manifest or {})
+    extra_files = [metrics_file, loss_curve_png(metrics_file, metrics_file.parent / LOSS_CURVE_FILE)]
+    if spec.train.method == "full":
+        manifest["method"] = "full"
+        return adapter_mod.write_full_artifact(final, full_state, model_dir, manifest,
+                                               tie_word_embeddings, extra_files=extra_files)
     config = adapter_mod.peft_config(lora, spec.lora.r, spec.lora.alpha, spec.lora.dropout, spec.lora.use_rslora,
                                      spec.lora.init, spec.model.base,
                                      fan_in_fan_out=any(n in injection.transposed for n in injection.lora))
-    return adapter_mod.write_artifact(artifact_dir(spec, job_id), lora, config, manifest, spec.output.adapter_dtype,
-                                      extra_files=[metrics_file])
+    return adapter_mod.write_artifact(final, lora, config, manifest, spec.output.adapter_dtype,
+                                      extra_files=extra_files)
 
 
 def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> Path:
@@ -245,7 +270,7 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
         raise adapter_mod.ArtifactError(f"{final} already exists")
     seed_everything(spec.train.seed)
     t_load = time.time()
-    lm = load_model(spec.model.base, spec.lora, spec.model.quantization, seed=spec.train.seed)
+    lm = load_model(spec.model.base, lora_or_none(spec), spec.model.quantization, seed=spec.train.seed)
     model = lm.model
     print(f"model {spec.model.base}: {len(lm.injection.quantized)} int8 linears, "
           f"{len(lm.injection.lora)} LoRA modules, {lm.trainable_params:,} trainable parameters "
@@ -254,7 +279,7 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     print(f"data: {len(data.train)} train examples ({data.n_train_prompts} prompts), "
           f"{len(data.val)} validation ({data.n_val_prompts} prompts)", file=stream, flush=True)
 
-    params = list(lora_parameters(model).values())
+    params = trainable_parameters(model)
     opt, sched = make_optimizer(params, spec)
     plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
     vbatches = val_batches(data, spec)
@@ -277,10 +302,14 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     val_after = evaluate(model, vbatches)
     progress.record({"step": spec.train.max_steps, "val_loss": val_after})
 
-    out = write_job_artifact(spec, job_id, adapter_mod.collect_lora(model), lm.model_dir, lm.injection,
-                             lm.trainable_params, world_size=1, zero_stage=0, architecture=type(model).__name__,
+    full = spec.train.method == "full"
+    out = write_job_artifact(spec, job_id, {} if full else adapter_mod.collect_lora(model), lm.model_dir,
+                             lm.injection, lm.trainable_params, world_size=1, zero_stage=0,
+                             architecture=type(model).__name__,
                              results={"steps": spec.train.max_steps, "final_loss": loss_value,
                                       "val_loss_before": val_before, "val_loss_after": val_after},
-                             metrics_file=work / adapter_mod.METRICS_FILE)
+                             metrics_file=work / adapter_mod.METRICS_FILE,
+                             full_state=model.state_dict() if full else None,
+                             tie_word_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)))
     shutil.rmtree(work, ignore_errors=True)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import random
 import shutil
 import tempfile
@@ -43,6 +44,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     from transformers import AutoConfig, AutoTokenizer
 
+    # DeepSpeed still calls torch.distributed's *_tensor collectives; torch warns on every call.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
     spec = spec_from_dict(config["spec"])
     job_id: str = config["job_id"]
     work_dir = Path(config["work_dir"])  # shared by the job's workers on this machine / filesystem
@@ -55,6 +58,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     seed_everything(spec.train.seed + rank)
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     (work_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, _node_id())
 
     t0 = time.time()
     model_dir = resolve_base(spec.model.base)
@@ -80,6 +85,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
+            final = Path(d) / FINAL_FILE
+            if final.is_file():  # this job already finished: a retry only reports its artifact again
+                _report_final(json.loads(final.read_text()), rank)
+                return
             state = eng.load_checkpoint(engine, Path(d))
         start = int(state["step"]) + 1
         resumed_from = int(state["step"])
@@ -87,6 +96,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log(f"resumed from the checkpoint of step {resumed_from}")
 
     metrics_path = work_dir / "metrics.jsonl"
+    if resumed_from is not None and rank == 0 and metrics_path.is_file():
+        # Steps after the checkpoint are trained again from its state: keep the history that the
+        # final weights actually went through.
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resumed_from]
+        kept.append(json.dumps({"step": resumed_from, "resumed_from": resumed_from}))
+        metrics_path.write_text("\n".join(kept) + "\n")
 
     def record(rec: dict[str, Any]) -> None:
         if rank == 0:
@@ -153,20 +169,55 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_after = _evaluate_sharded(engine, vbatches, device)
     record({"step": spec.train.max_steps, "val_loss": val_after})
     log(f"step {spec.train.max_steps}  val_loss {val_after:.4f}")
-    lora = eng.gather_lora(model, rank)
+    full = spec.train.method == "full"
+    lora = None if full else eng.gather_lora(model, rank)
+    full_state = eng.gather_full_state(engine) if full else None
+    location = None
     if rank == 0:
+        from lora_dist.jobs import is_uri, publish
         from lora_dist.train import write_job_artifact
 
-        extra = {"resumed_from_step": resumed_from, "parity_max_loss_diff": parity_max if reference else None}
+        extra = {"resumed_from_step": resumed_from, "parity_max_loss_diff": parity_max if reference else None,
+                 "nodes": nodes, "int8_partition_bytes": parts["int8_local_bytes"],
+                 "int8_full_bytes": parts["int8_full_bytes"]}
         results = {"steps": spec.train.max_steps, "final_loss": loss_value, "val_loss_before": val_before,
                    "val_loss_after": val_after}
         out = write_job_artifact(spec, job_id, lora, model_dir, injection, trainable, world_size=world,
                                  zero_stage=spec.cluster.zero_stage, architecture=type(model).__name__,
-                                 results=results, metrics_file=metrics_path, extra_manifest=extra)
-        (work_dir / "artifact").write_text(str(out))
-        log(f"artifact: {out}")
+                                 results=results, metrics_file=metrics_path, extra_manifest=extra,
+                                 full_state=full_state,
+                                 tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+                                 dest_root=work_dir / "staging" if is_uri(spec.output.dir) else None)
+        location = publish(out, spec.output.dir) if is_uri(spec.output.dir) else str(out)
+        log(f"artifact written: {location}")
     dist.barrier()
-    ray.train.report({"step": spec.train.max_steps, "loss": loss_value, "done": True})
+    _report_final({"step": spec.train.max_steps, "loss": loss_value, "artifact": location}, rank)
+
+
+FINAL_FILE = "final.json"
+
+
+def _report_final(final: dict[str, Any], rank: int) -> None:
+    """Report the finished job as a tiny checkpoint holding the artifact's location: Ray Train
+    keeps the metrics of checkpoints (the driver reads them from the Result), and a retried job
+    finds it and does not train again."""
+    import ray.train
+
+    tmp = Path(tempfile.mkdtemp(prefix="lora-dist-final-"))
+    try:
+        checkpoint = None
+        if rank == 0:
+            (tmp / FINAL_FILE).write_text(json.dumps(final))
+            checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
+        ray.train.report({**final, "done": True}, checkpoint=checkpoint)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _lr_used(spec, step: int) -> float:

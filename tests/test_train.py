@@ -23,7 +23,9 @@ def test_short_run_lowers_validation_loss_and_writes_artifact(trained):
     assert manifest["steps"] == 12 and manifest["lora"]["targets"] == ["q_proj", "v_proj"]
     assert manifest["base_model"]["id"] == "smollm2-135m"
     assert manifest["base_model"]["fingerprint"].startswith("sha256:")
-    assert set(manifest["files"]) == {adapter.ADAPTER_FILE, adapter.CONFIG_FILE, adapter.METRICS_FILE}
+    assert set(manifest["files"]) == {adapter.ADAPTER_FILE, adapter.CONFIG_FILE, adapter.METRICS_FILE,
+                                      "loss_curve.png"}
+    assert (artifact / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert manifest["adapter_bytes"] == (artifact / adapter.ADAPTER_FILE).stat().st_size
     assert manifest["adapter_bytes"] < 460_800 * 4 + 64_000  # fp32 A and B plus the header
     assert {"torch", "transformers", "bitsandbytes"} <= set(manifest["versions"])
@@ -54,3 +56,30 @@ def test_missing_data_file_is_reported_before_any_work(tmp_path):
     proc = run_cli("train", str(REPO / "jobs" / "smollm2-e2e.yaml"), "--set", "data.path=nope.csv",
                    cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "data.path: file not found" in proc.stderr
+
+
+def test_full_finetuning_baseline_writes_a_loadable_model(tmp_path, e2e_csv, smollm2_dir):
+    """train.method: full (the baseline benchmarks compare against) trains every weight."""
+    from conftest import REPO
+    from lora_dist.adapter import load_adapted
+    from lora_dist.generate import generate
+
+    proc = run_cli("train", str(REPO / "jobs" / "smollm2-e2e.yaml"), f"--set=data.path={e2e_csv}",
+                   f"--set=output.dir={tmp_path / 'runs'}", "--set=train.method=full", "--set=model.quantization=none",
+                   "--set=train.max_steps=1", "--set=train.micro_batch_size=2", "--set=data.max_length=32",
+                   "--set=train.eval_batches=1", "--set=train.lr=1e-4", cwd=tmp_path)
+    artifact = proc.stdout.strip().splitlines()[-1]
+    loaded, manifest = load_adapted(artifact)
+    assert manifest["kind"] == "full" and manifest["method"] == "full"
+    assert manifest["trainable_params"] == 134_515_008  # every weight, the tied embedding once
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    w_new = loaded.model.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(w_new, base.model.layers[0].self_attn.q_proj.weight)
+    assert generate(loaded.model, loaded.tokenizer, ["Hello"], max_new_tokens=3)[0] is not None
+
+
+def test_full_finetuning_needs_a_float_base(tmp_path):
+    from conftest import REPO
+    proc = run_cli("train", str(REPO / "jobs" / "smollm2-e2e.yaml"), "--set=train.method=full", cwd=REPO, check=False)
+    assert proc.returncode == 2 and "train.method: 'full' trains every weight" in proc.stderr

@@ -1,0 +1,139 @@
+"""The job service against a real `ray start --head` on this machine (token auth on)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lora_dist import adapter
+
+from conftest import REPO
+
+JOB = str(REPO / "jobs" / "smollm2-e2e.yaml")
+QUICK = ["train.max_steps=2", "train.micro_batch_size=2", "data.max_length=48", "train.eval_batches=1",
+         "train.log_every=1"]
+DASHBOARD_PORT = 8275
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lora_dist.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A real Ray head (`ray start --head`), stopped at teardown. Yields (address, env)."""
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # Ray's unix sockets need a short path
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    ray = str(Path(sys.executable).parent / "ray")
+    start = subprocess.run([ray, "start", "--head", "--num-cpus=2", "--port=6389",
+                            f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1",
+                            "--include-dashboard=true", f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    if start.returncode != 0:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        pytest.fail(f"ray start --head failed:\n{start.stdout[-3000:]}\n{start.stderr[-3000:]}")
+    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (401 without a token): up
+        except OSError:
+            time.sleep(1)
+    try:
+        yield address, env
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_request_without_token_is_refused(head):
+    address, _ = head
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert err.value.code == 401
+
+
+def test_submit_wait_fetch_verify_through_the_jobs_api(head, tmp_path, e2e_csv, smollm2_dir):
+    address, env = head
+    out = tmp_path / "runs"
+    t0 = time.time()
+    proc = _cli("submit", JOB, "--address", address, "--wait", f"--set=data.path={e2e_csv}",
+                f"--set=output.dir={out}", *[f"--set={o}" for o in QUICK], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    artifact = Path(lines[-1])
+    assert artifact.is_dir() and artifact.parent == out
+    assert any(line.startswith("step 2/2") for line in lines), proc.stdout[-3000:]
+    sid = lines[0].split()[1]
+    print(f"submit --address --wait to verified artifact: {time.time() - t0:.1f} s")
+
+    st = _cli("status", sid, "--address", address, cwd=tmp_path, env=env)
+    assert st.returncode == 0 and "SUCCEEDED" in st.stdout and "step 2/2" in st.stdout and str(artifact) in st.stdout
+    ls = _cli("list", "--address", address, cwd=tmp_path, env=env)
+    assert sid in ls.stdout
+
+    fetched = tmp_path / "fetched"
+    f = _cli("fetch", sid, "--address", address, "--out", str(fetched), cwd=tmp_path, env=env)
+    assert f.returncode == 0, f.stderr
+    assert adapter.verify_artifact(fetched)["files"] == adapter.verify_artifact(artifact)["files"]
+    again = _cli("fetch", sid, "--address", address, "--out", str(fetched), cwd=tmp_path, env=env)
+    assert again.returncode != 0 and "already exists" in again.stderr  # never overwrites silently
+    v = _cli("verify", str(fetched), cwd=tmp_path, env=env)
+    assert v.returncode == 0 and "ok:" in v.stdout
+
+
+def test_submit_without_wait_prints_the_job_id(head, tmp_path, e2e_csv):
+    address, env = head
+    proc = _cli("submit", JOB, "--address", address, f"--set=data.path={e2e_csv}", f"--set=output.dir={tmp_path}/r",
+                *[f"--set={o}" for o in QUICK], cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sid = proc.stdout.strip().splitlines()[-1]
+    assert sid.startswith("smollm2-e2e-")
+    st = _cli("status", sid, "--address", address, cwd=tmp_path, env=env)
+    assert st.returncode == 0 and sid in st.stdout
+    stop = _cli("stop", sid, "--address", address, cwd=tmp_path, env=env, timeout=300)
+    assert "STOPPED" in stop.stdout or "SUCCEEDED" in stop.stdout
+
+
+def test_stop_leaves_no_complete_looking_artifact(head, tmp_path, e2e_csv):
+    address, env = head
+    out = tmp_path / "runs"
+    proc = _cli("submit", JOB, "--address", address, f"--set=data.path={e2e_csv}", f"--set=output.dir={out}",
+                "--set=train.max_steps=500", *[f"--set={o}" for o in QUICK if "max_steps" not in o],
+                cwd=tmp_path, env=env, timeout=120)
+    sid = proc.stdout.strip().splitlines()[-1]
+    deadline = time.time() + 600
+    while time.time() < deadline:  # wait until it trains, so the stop interrupts real work
+        st = _cli("status", sid, "--address", address, cwd=tmp_path, env=env)
+        if "step " in st.stdout:
+            break
+        assert "FAILED" not in st.stdout, st.stdout
+        time.sleep(2)
+    stop = _cli("stop", sid, "--address", address, cwd=tmp_path, env=env, timeout=300)
+    assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    st = _cli("status", sid, "--address", address, cwd=tmp_path, env=env)
+    assert "STOPPED" in st.stdout and st.returncode == 1 and "artifact" not in st.stdout
+    complete = [p for p in out.glob("*") if (p / adapter.MANIFEST_FILE).exists()] if out.exists() else []
+    assert complete == []
+    f = _cli("fetch", sid, "--address", address, "--out", str(tmp_path / "x"), cwd=tmp_path, env=env)
+    assert f.returncode == 1 and "no artifact" in f.stderr
+
+
+def test_unknown_job_is_a_clear_error(head, tmp_path):
+    address, env = head
+    st = _cli("status", "no-such-job", "--address", address, cwd=tmp_path, env=env)
+    assert st.returncode == 3 and "no-such-job" in st.stderr
