@@ -99,20 +99,22 @@ def _submit_embedded(spec, job_id: str) -> int:
     jobs.record(sid, state="RUNNING", pid=os.getpid(), name=spec.name, max_steps=spec.train.max_steps,
                 log=str(log_path), started=time.time(), where="embedded")
     print(f"job {sid} on an embedded local Ray (lora-dist status {sid})", flush=True)
-    # `lora-dist stop` sends SIGINT; SIGTERM (a scheduler's stop) ends the job the same way.
+    # `lora-dist stop` records the request, then sends SIGINT. Ray installs signal handlers of its
+    # own and may turn the interrupt into SystemExit or an error, so the registry says what it was.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out, log_path), _Tee(err, log_path)
     try:
         artifact = run_job(spec, job_id=job_id,
                            work_dir_hook=lambda _id, wd: jobs.record(sid, work_dir=str(wd)))
-    except KeyboardInterrupt:
-        jobs.record(sid, state="STOPPED", message="stopped by the user")
-        sys.stdout, sys.stderr = out, err
-        print(f"job {sid} stopped; no artifact was published", file=sys.stderr)
-        return EXIT_FAILED
     except BaseException as e:
-        jobs.record(sid, state="FAILED", message=str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__)
+        if jobs.stop_requested(sid) or isinstance(e, KeyboardInterrupt):
+            jobs.record(sid, state="STOPPED", message="stopped by the user")
+            sys.stdout, sys.stderr = out, err
+            print(f"job {sid} stopped; no artifact was published", file=sys.stderr)
+            return EXIT_FAILED
+        text = str(e).strip()
+        jobs.record(sid, state="FAILED", message=text.splitlines()[-1][:300] if text else type(e).__name__)
         raise
     finally:
         sys.stdout, sys.stderr = out, err

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora_dist.jobrun import ARTIFACT_PREFIX, WORKER_ENV
+from lora_dist.spec import RUNTIME_ENV_KEYS as ALLOWED_RUNTIME_ENV_KEYS
 from lora_dist.spec import JobSpec
 
 ENTRYPOINT = "python -m lora_dist.jobrun job-spec.json"
 SPEC_FILE = "job-spec.json"
 METADATA_TAG = "lora-dist"
-ALLOWED_RUNTIME_ENV_KEYS = ("env_vars", "pip")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 RAY_PREFIX_RE = re.compile(r"^(\x1b\[[0-9;]*m)?\([A-Za-z]+ pid=\d+(, ip=[0-9.]+)?\)(\x1b\[[0-9;]*m)?\s*")
 STEP_RE = re.compile(r"step (\d+)/(\d+)\s+loss ([0-9.]+|nan)")
@@ -98,9 +98,9 @@ def client(address: str):
                        f"(ray start --head), and is its token in RAY_AUTH_TOKEN or ~/.ray/auth_token?") from None
 
 
-def submit_remote(spec: JobSpec, job_id: str, address: str, runtime_env: dict[str, Any] | None = None) -> str:
+def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
     """Submit ``spec`` through the Jobs API; return the submission id (``<name>-<job_id>``)."""
-    runtime_env = dict(runtime_env or {})
+    runtime_env = dict(spec.cluster.runtime_env)
     bad = sorted(set(runtime_env) - set(ALLOWED_RUNTIME_ENV_KEYS))
     if bad:
         raise JobError(f"cluster.runtime_env: keys {bad} are not allowed (allowed: {', '.join(ALLOWED_RUNTIME_ENV_KEYS)})")
@@ -292,6 +292,7 @@ def stop_local(job_id: str, timeout: float = 120) -> str:
     st = status_local(job_id)
     if st.state in TERMINAL:
         return st.state
+    record(job_id, stop_requested=True)
     os.kill(r["pid"], signal.SIGINT)  # the submitting process stops Ray and marks the job STOPPED
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -302,6 +303,13 @@ def stop_local(job_id: str, timeout: float = 120) -> str:
     os.kill(r["pid"], signal.SIGKILL)
     record(job_id, state="STOPPED", message="killed after not stopping in time")
     return "STOPPED"
+
+
+def stop_requested(job_id: str) -> bool:
+    try:
+        return bool(_read_record(job_id).get("stop_requested"))
+    except JobError:
+        return False
 
 
 def list_local() -> list[JobStatus]:

@@ -20,6 +20,7 @@ import yaml
 BUILTIN_MODELS = ("smollm2-135m",)
 LINEAR_TARGET_ALL = "all-linear"
 URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+RUNTIME_ENV_KEYS = ("env_vars", "pip")
 URI_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -88,6 +89,7 @@ class ClusterSpec:
     cpus_per_worker: int = 1
     placement: str = "pack"  # pack | spread: Ray placement strategy across nodes
     max_failures: int = 0  # worker-group restarts, each resuming from the last complete checkpoint
+    runtime_env: dict = field(default_factory=dict)  # Jobs API runtime_env: env_vars, pip only
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,8 @@ def _build_section(sec_name: str, cls: type, sec_raw: Mapping[str, Any], problem
 def _coerce(value: Any, default: Any, annotation: Any) -> tuple[bool, Any, str]:
     """Convert a YAML value to the field's type. Returns (ok, value, expected-description)."""
     ann = str(annotation)
+    if ann == "dict" or annotation is dict:
+        return isinstance(value, dict), value, "a mapping"
     if "tuple" in ann:
         if isinstance(value, str):
             value = [value]
@@ -389,6 +393,15 @@ def _check_semantics(s: dict[str, Any], problems: list[str]) -> None:
         problems.append(f"cluster.cpus_per_worker: must be from 1 to 1024, got {c.cpus_per_worker}")
     if c.placement not in ("pack", "spread"):
         problems.append(f"cluster.placement: must be 'pack' or 'spread', got {c.placement!r}")
+    bad_env = sorted(set(c.runtime_env) - set(RUNTIME_ENV_KEYS))
+    if bad_env:
+        problems.append(f"cluster.runtime_env: keys {bad_env} are not allowed (allowed: {', '.join(RUNTIME_ENV_KEYS)})")
+    env_vars = c.runtime_env.get("env_vars", {})
+    if not isinstance(env_vars, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()):
+        problems.append("cluster.runtime_env.env_vars: must map names to string values")
+    pip = c.runtime_env.get("pip", [])
+    if not isinstance(pip, list) or not all(isinstance(x, str) for x in pip):
+        problems.append("cluster.runtime_env.pip: must be a list of requirement strings")
     if not 0 <= c.max_failures <= 1000:
         problems.append(f"cluster.max_failures: must be from 0 to 1000, got {c.max_failures}")
     if t.checkpoint_every < 0:

@@ -137,3 +137,46 @@ def test_unknown_job_is_a_clear_error(head, tmp_path):
     address, env = head
     st = _cli("status", "no-such-job", "--address", address, cwd=tmp_path, env=env)
     assert st.returncode == 3 and "no-such-job" in st.stderr
+
+
+def test_bad_input_table_is_refused_before_submission():
+    """Sixteen bad inputs through `submit --address <unreachable>`: each exits 2 naming its field."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bad_inputs.py"), "--check"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "16 passed, 0 failed" in proc.stdout
+
+
+def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir):
+    """The embedded default: status, list and logs see a running job; stop ends it STOPPED."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["LORA_DIST_CACHE"] = str(tmp_path / "cache")  # a private registry; the model is linked in
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / "smollm2-135m").symlink_to(smollm2_dir)
+    out = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "lora_dist.cli", "submit", JOB, f"--set=data.path={e2e_csv}",
+                             f"--set=output.dir={out}", "--set=train.max_steps=500", "--job-id=life",
+                             *[f"--set={o}" for o in QUICK if "max_steps" not in o]],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sid = "smollm2-e2e-life"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            st = _cli("status", sid, cwd=tmp_path, env=env)
+            if "RUNNING" in st.stdout and "step " in st.stdout:
+                break
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            time.sleep(2)
+        assert "/500" in st.stdout and "loss" in st.stdout, st.stdout + st.stderr
+        assert sid in _cli("list", cwd=tmp_path, env=env).stdout
+        assert "step 1/500" in _cli("logs", sid, cwd=tmp_path, env=env).stdout
+        stop = _cli("stop", sid, cwd=tmp_path, env=env, timeout=300)
+        assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    st = _cli("status", sid, cwd=tmp_path, env=env)
+    assert "STOPPED" in st.stdout and st.returncode == 1
+    assert not [p for p in out.glob("*") if (p / adapter.MANIFEST_FILE).exists()]

@@ -114,3 +114,26 @@ def test_spec_module_imports_no_heavy_libraries():
             "import lora_dist.spec\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_runtime_env_keys_come_from_an_allow_list(tmp_path):
+    spec = load_spec(_write(tmp_path, "name: a\ncluster: {runtime_env: {env_vars: {HF_HOME: /data/hf}}}\n"))
+    assert spec.cluster.runtime_env == {"env_vars": {"HF_HOME": "/data/hf"}}
+    with pytest.raises(SpecError, match=r"cluster.runtime_env: keys \['working_dir'\] are not allowed"):
+        load_spec(_write(tmp_path, "name: a\ncluster: {runtime_env: {working_dir: /etc}}\n"))
+    with pytest.raises(SpecError, match="cluster.runtime_env.env_vars: must map names to string values"):
+        load_spec(_write(tmp_path, "name: a\ncluster: {runtime_env: {env_vars: {X: 1}}}\n"))
+
+
+def test_output_dir_outside_the_output_root_is_refused(tmp_path, monkeypatch):
+    from lora_dist.spec import check_output_root
+    monkeypatch.chdir(tmp_path)
+    check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: runs}\n")))
+    check_output_root(load_spec(_write(tmp_path, f"name: a\noutput: {{dir: {tmp_path}/deep/runs}}\n")))
+    check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: 's3://bucket/runs'}\n")))
+    with pytest.raises(SpecError, match="output.dir: /etc/runs is outside the output root"):
+        check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: /etc/runs}\n")))
+    monkeypatch.setenv("LORA_DIST_OUTPUT_ROOT", "/etc")
+    check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: /etc/runs}\n")))
+    with pytest.raises(SpecError, match="URI scheme 'ftp' is not supported"):
+        load_spec(_write(tmp_path, "name: a\noutput: {dir: 'ftp://host/runs'}\n"))
