@@ -41,6 +41,52 @@ def _validated_spec(args: argparse.Namespace):
     return spec
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from lora_dist.plan import METHODS, Setup, count_model, fmt_bytes, make_plan, parse_bytes
+    from lora_dist.spec import load_spec
+
+    spec = load_spec(args.job, args.set)
+    try:
+        memory = parse_bytes(args.gpu_memory)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    workers = args.gpus or spec.cluster.workers
+    device = args.device or ("cuda" if args.gpus or spec.cluster.gpus_per_worker else "cpu")
+    setup = Setup(workers=workers, micro_batch=spec.train.micro_batch_size, seq_len=spec.data.max_length,
+                  device=device,
+                  activation_checkpointing=args.activation_checkpointing or spec.train.activation_checkpointing,
+                  adapter_bytes_per_param=4 if spec.output.adapter_dtype == "float32" else 2)
+    counts = count_model(spec.model.base, spec.lora, spec.model.quantization)
+    plan = make_plan(counts, setup, memory)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return EXIT_OK
+    c = counts
+    print(f"{spec.model.base} ({c.architecture}): {c.total_params:,} parameters; {c.quantized_linear_params:,} in "
+          f"decoder-block linears (int8), {c.float_params:,} float; LoRA r={spec.lora.r} on "
+          f"{', '.join(spec.lora.targets)}: {c.lora_params:,} trainable")
+    print(f"base weights: fp16 {fmt_bytes(c.total_params * 2)}, ours (int8 linears + fp32 row scales + "
+          f"{'bf16' if device == 'cuda' else 'fp32'} rest) {fmt_bytes(plan.to_dict()['base_bytes'])}")
+    print(f"per worker on {workers} x {fmt_bytes(memory)} ({device}), micro-batch {setup.micro_batch} x "
+          f"{setup.seq_len} tokens, activation checkpointing {'on' if setup.activation_checkpointing else 'off'}:")
+    names = {"full": "full fine-tuning, ZeRO-3", "lora_fp16": "LoRA, replicated fp16 base (paper)",
+             "lora_int8_zero3": "LoRA, int8 base, ZeRO-3 (ours)"}
+    print(f"  {'method':<36} {'trainable':>16} {'per worker':>11} {'fits':>5} {'min GPUs':>9} {'checkpoint':>11}")
+    for m in METHODS:
+        r = plan.methods[m]
+        print(f"  {names[m]:<36} {r['trainable_params']:>16,} {fmt_bytes(r['per_worker_bytes']):>11} "
+              f"{'yes' if r['fits'] else 'no':>5} {str(r['min_gpus'] or 'never'):>9} "
+              f"{fmt_bytes(r['checkpoint_bytes']['deliverable']):>11}")
+    ours = plan.methods["lora_int8_zero3"]
+    print("  ours, term by term: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in ours["terms"].items()))
+    print(f"  adapter {c.lora_params * setup.adapter_bytes_per_param:,} bytes; resumable LoRA checkpoint "
+          f"{fmt_bytes(ours['checkpoint_bytes']['resumable'])}")
+    return EXIT_OK
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lora_dist.train import train_local
 
@@ -190,6 +236,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from lora_dist.adapter import load_adapted
+    from lora_dist.evaluate import evaluate_e2e
+
+    data = Path(args.data)
+    if not data.is_file():
+        print(f"error: --data: file not found: {data}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.out and Path(args.out).exists():
+        print(f"error: --out: {args.out} exists; choose a new file", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    loaded, manifest = load_adapted(Path(args.artifact))
+    t0 = time.time()
+
+    def progress(i: int, n: int) -> None:
+        if i == n or i % 10 == 0:
+            print(f"generated {i}/{n} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    preds, metrics = evaluate_e2e(loaded.model, loaded.tokenizer, data, limit=args.limit, num_beams=args.num_beams,
+                                  length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                  max_new_tokens=args.max_new_tokens, progress=progress)
+    if args.out:
+        Path(args.out).write_text("\n".join(preds) + "\n")
+    print(json.dumps({**metrics, "mrs": len(preds)}))
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from lora_dist.adapter import verify_artifact
 
@@ -216,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train in this process (no Ray) and write the artifact")
     job_args(t)
     t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plan", help="memory and checkpoint plan: exact counts, bytes per worker, minimum GPUs")
+    job_args(pl)
+    pl.add_argument("--gpus", type=int, default=None, help="workers (GPUs) to plan for (default: cluster.workers)")
+    pl.add_argument("--gpu-memory", default="80GiB", help="memory per GPU, e.g. 80GiB, 80GB (default 80GiB)")
+    pl.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                    help="worker kind (default: cuda with --gpus or cluster.gpus_per_worker, else cpu)")
+    pl.add_argument("--activation-checkpointing", action="store_true", help="plan with activation checkpointing")
+    pl.add_argument("--json", action="store_true", help="the same numbers as JSON with stable keys")
+    pl.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("submit", help="run a job on Ray: embedded local Ray, or a cluster with --address")
     job_args(s)
@@ -250,6 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every file of an artifact directory against its manifest sha256")
     v.add_argument("artifact")
     v.set_defaults(func=cmd_verify)
+
+    e = sub.add_parser("eval", help="E2E metrics: one output per distinct MR, scored against all its references")
+    e.add_argument("artifact", help="artifact directory")
+    e.add_argument("--data", required=True, help="E2E csv (mr, ref)")
+    e.add_argument("--out", default=None, help="write the predictions here, one per line, in MR order")
+    e.add_argument("--limit", type=int, default=None, help="only the first N distinct MRs")
+    e.add_argument("--num-beams", type=int, default=10)
+    e.add_argument("--length-penalty", type=float, default=0.9)
+    e.add_argument("--no-repeat-ngram-size", type=int, default=4)
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="generate with a base model plus an adapter artifact")
     g.add_argument("artifact", help="artifact directory")

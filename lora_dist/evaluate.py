@@ -26,3 +26,41 @@ def logit_agreement(a: nn.Module, b: nn.Module, batches: Sequence[dict[str, torc
     positions = int(sum(int(b["attention_mask"].sum()) for b in batches))
     return {"mean_abs_logit_diff": total_abs / max(count, 1), "max_abs_logit_diff": worst,
             "top1_agreement": agree / max(positions, 1), "positions": positions}
+
+
+def e2e_references(csv_path, limit: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """Distinct meaning representations in order of first appearance, with all their references."""
+    from lora_dist.data import read_e2e
+
+    order: list[str] = []
+    refs: dict[str, list[str]] = {}
+    mrs: dict[str, str] = {}
+    for ex in read_e2e(csv_path):
+        if ex.prompt not in refs:
+            order.append(ex.prompt)
+            refs[ex.prompt] = []
+        refs[ex.prompt].append(ex.completion.strip())
+    order = order[:limit] if limit else order
+    return order, [refs[p] for p in order]
+
+
+def evaluate_e2e(model: nn.Module, tokenizer, csv_path, limit: int | None = None, num_beams: int = 10,
+                 length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
+                 progress=None) -> tuple[list[str], dict[str, float | None]]:
+    """Generate one output per distinct MR (the paper's decoding by default) and score it.
+
+    Returns:
+        (predictions in MR order, metrics).
+    """
+    from lora_dist.generate import generate
+    from lora_dist.metrics import e2e_metrics
+
+    prompts, refs = e2e_references(csv_path, limit)
+    preds = []
+    for i, p in enumerate(prompts):
+        preds += generate(model, tokenizer, [p], max_new_tokens=max_new_tokens, num_beams=num_beams,
+                          length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+        if progress:
+            progress(i + 1, len(prompts))
+    preds = [p.splitlines()[0].strip() if p.strip() else "" for p in preds]
+    return preds, e2e_metrics(preds, refs)

@@ -3,7 +3,7 @@
 No worker ever holds the whole model in 16/32-bit (DESIGN.md decision 3): the Hugging Face
 architecture is built with every parameter on the meta device, decoder-block linears are
 replaced by :class:`Int8Linear` (or kept float), LoRA wraps the targets, and then tensors are
-streamed one at a time from the memory-mapped safetensors files, each linear weight quantized as
+streamed one at a time from the safetensors files (positioned reads), each linear weight quantized as
 it arrives. ``place`` is the one hook where a tensor lands in a parameter, so the distributed
 loader can keep only its rank's partition.
 """
@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ def resolve_base(base: str) -> Path:
     """
     if base == "smollm2-135m":
         return _smollm2_dir()
+    from lora_dist.spec import SHAPES
+
+    if base in SHAPES:
+        raise ModelError(f"model.base: {base!r} is an architecture without weights here: it serves "
+                         f"`lora-dist plan` only; to train, point model.base at a Hugging Face directory")
     path = Path(base).expanduser()
     if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
         raise ModelError(f"model.base: {path} is not a Hugging Face model directory "
@@ -276,17 +282,15 @@ def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype:
                  place: Placer = default_place) -> None:
     """Stream every tensor of ``model_dir/*.safetensors`` into the skeleton, one at a time.
 
-    ``place(module, name, read)`` puts each tensor in; ``read()`` loads it from the memory-mapped
+    ``place(module, name, read)`` puts each tensor in; ``read()`` loads it from the
     file (transposed for GPT-2 Conv1D, cast to ``dtype``), so a placer that does not need the
     values on this rank never reads them.
     """
-    from safetensors import safe_open
-
     modules = dict(model.named_modules())
     rename = _checkpoint_renamer(model)
     loaded: set[str] = set()
     for file in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
+        with SafetensorsReader(file) as f:
             for key in f.keys():
                 mod_path, _, pname = rename(key).rpartition(".")
                 module = modules.get(mod_path)
@@ -306,6 +310,63 @@ def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype:
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     return loaded
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """Read single tensors from a .safetensors file with plain positioned reads.
+
+    ``safe_open`` memory-maps the file, and every page it touches stays in the process's resident
+    set until the file is closed: streaming a whole model through one mapping would count the
+    whole model against the reading rank. Positioned reads keep only the tensor being read.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._f = open(self.path, "rb")
+        try:
+            (n,) = struct.unpack("<Q", self._f.read(8))
+            header = json.loads(self._f.read(n))
+        except (struct.error, ValueError) as e:
+            self._f.close()
+            raise ModelError(f"{self.path}: not a safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self._header = header
+        self._data_start = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ModelError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        buf = bytearray(end - start)
+        self._f.seek(self._data_start + start)
+        if self._f.readinto(buf) != len(buf):
+            raise ModelError(f"{self.path}: truncated while reading {key}")
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block in backward (non-reentrant: gradients reach LoRA inside
+    blocks whose inputs do not require grad, as with a frozen base)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def check_complete(model: nn.Module, model_dir: Path, filled: Callable[[nn.Parameter], bool]) -> None:
@@ -368,8 +429,14 @@ def check_model(base: str, lora: LoraSpec | None, quantization: str) -> Injectio
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(resolve_base(base))
-    with params_on_meta():
+    from lora_dist.spec import SHAPES
+
+    if base in SHAPES:
+        cfg = dict(SHAPES[base])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    else:
+        config = AutoConfig.from_pretrained(resolve_base(base))
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return prepare(model, lora, quantization)
 

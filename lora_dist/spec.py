@@ -18,6 +18,17 @@ from typing import Any, Mapping
 import yaml
 
 BUILTIN_MODELS = ("smollm2-135m",)
+# Public architectures without weights here: `lora-dist plan` only (exact counts on the meta device).
+SHAPES: dict[str, dict[str, Any]] = {
+    "gpt3-175b": {"model_type": "gpt2", "n_layer": 96, "n_embd": 12288, "n_head": 96, "n_positions": 2048,
+                  "vocab_size": 50257},
+    "llama2-7b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                  "tie_word_embeddings": False},
+    "llama2-70b": {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                   "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
+                   "tie_word_embeddings": False},
+}
 LINEAR_TARGET_ALL = "all-linear"
 URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 RUNTIME_ENV_KEYS = ("env_vars", "pip")
@@ -75,6 +86,7 @@ class TrainSpec:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate before and after training only
     eval_batches: int = 8
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     checkpoint_every: int = 0  # LoRA-only resumable checkpoint every N steps (0: none)
     parity_check: bool = False  # run the first parity_steps against an unsharded int8 reference
     parity_steps: int = 2
@@ -313,11 +325,11 @@ def _check_semantics(s: dict[str, Any], problems: list[str]) -> None:
     if not m.base:
         problems.append("model.base: required: a built-in id "
                         f"({', '.join(BUILTIN_MODELS)}) or a local Hugging Face directory")
-    elif m.base not in BUILTIN_MODELS:
+    elif m.base not in BUILTIN_MODELS and m.base not in SHAPES:
         bp = Path(m.base).expanduser()
         if not bp.is_dir():
-            problems.append(f"model.base: {m.base!r} is neither a built-in id ({', '.join(BUILTIN_MODELS)}) "
-                            f"nor an existing directory")
+            problems.append(f"model.base: {m.base!r} is neither a built-in id ({', '.join(BUILTIN_MODELS)}), "
+                            f"a planning shape ({', '.join(SHAPES)}) nor an existing directory")
         elif not (bp / "config.json").is_file():
             problems.append(f"model.base: {bp} has no config.json (expected a Hugging Face model directory)")
         elif not any(bp.glob("*.safetensors")):

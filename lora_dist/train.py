@@ -22,7 +22,7 @@ from torch import nn
 
 from lora_dist import adapter as adapter_mod
 from lora_dist.data import BatchPlan, DataError, Tokenized, collate, load_examples, split_by_prompt, tokenize
-from lora_dist.model import cache_root, fingerprint, load_model
+from lora_dist.model import cache_root, enable_activation_checkpointing, fingerprint, load_model
 from lora_dist.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,8 @@ def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
     ``world_size``-worker run sees: the parity guard's reference."""
     seed_everything(spec.train.seed)
     lm = load_model(spec.model.base, lora_or_none(spec), spec.model.quantization, seed=spec.train.seed)
+    if spec.train.activation_checkpointing:
+        enable_activation_checkpointing(lm.model)
     data = prepare_data(spec, lm.tokenizer)
     params = trainable_parameters(lm.model)
     opt, sched = make_optimizer(params, spec)
@@ -272,6 +274,8 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     t_load = time.time()
     lm = load_model(spec.model.base, lora_or_none(spec), spec.model.quantization, seed=spec.train.seed)
     model = lm.model
+    if spec.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     print(f"model {spec.model.base}: {len(lm.injection.quantized)} int8 linears, "
           f"{len(lm.injection.lora)} LoRA modules, {lm.trainable_params:,} trainable parameters "
           f"(loaded in {time.time() - t_load:.1f} s)", file=stream, flush=True)

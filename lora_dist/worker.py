@@ -68,6 +68,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, injection = eng.build_sharded(hf_config, spec, ds_cfg)
     eng.stream_weights(model, model_dir, injection, rank, dtype)
     eng.init_lora_sharded(model, spec.train.seed, rank)
+    if spec.train.activation_checkpointing:
+        from lora_dist.model import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     engine, _, _ = eng.initialize(model, ds_cfg, lr_lambda(spec))
     parts = eng.partition_report(model)

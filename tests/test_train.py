@@ -66,7 +66,7 @@ def test_full_finetuning_baseline_writes_a_loadable_model(tmp_path, e2e_csv, smo
 
     proc = run_cli("train", str(REPO / "jobs" / "smollm2-e2e.yaml"), f"--set=data.path={e2e_csv}",
                    f"--set=output.dir={tmp_path / 'runs'}", "--set=train.method=full", "--set=model.quantization=none",
-                   "--set=train.max_steps=1", "--set=train.micro_batch_size=2", "--set=data.max_length=32",
+                   "--set=train.max_steps=1", "--set=train.micro_batch_size=2", "--set=data.max_length=64",
                    "--set=train.eval_batches=1", "--set=train.lr=1e-4", cwd=tmp_path)
     artifact = proc.stdout.strip().splitlines()[-1]
     loaded, manifest = load_adapted(artifact)
@@ -83,3 +83,33 @@ def test_full_finetuning_needs_a_float_base(tmp_path):
     from conftest import REPO
     proc = run_cli("train", str(REPO / "jobs" / "smollm2-e2e.yaml"), "--set=train.method=full", cwd=REPO, check=False)
     assert proc.returncode == 2 and "train.method: 'full' trains every weight" in proc.stderr
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_lora_gradients():
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lora_dist.lora import LoRALinear
+    from lora_dist.model import enable_activation_checkpointing, load_model
+    from lora_dist.spec import LoraSpec
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                     num_attention_heads=4, vocab_size=128)).save_pretrained(d)
+        runs = []
+        for ckpt in (False, True):
+            m = load_model(d, LoraSpec(r=4, dropout=0.0), "int8", seed=1, with_tokenizer=False).model
+            for mod in m.modules():
+                if isinstance(mod, LoRALinear):
+                    torch.nn.init.normal_(mod.lora_B, generator=torch.Generator().manual_seed(2))
+            if ckpt:
+                enable_activation_checkpointing(m)
+            m.train()
+            ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            runs.append((loss.item(), [p.grad.clone() for n, p in m.named_parameters() if p.requires_grad]))
+    assert abs(runs[0][0] - runs[1][0]) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[0][1], runs[1][1]))

@@ -1,0 +1,46 @@
+"""E2E evaluation: the metrics behave as scores should, and `lora-dist eval` runs end to end."""
+
+import json
+
+import pytest
+
+from lora_dist.evaluate import e2e_references
+from lora_dist.metrics import e2e_metrics
+
+from conftest import run_cli
+
+REFS = [["The Eagle is a coffee shop by the river.", "Near the river is The Eagle, a coffee shop."],
+        ["Alimentum is not family-friendly."],
+        ["Zizzi is a cheap pub in the city centre.", "In the city centre, Zizzi is a cheap pub.",
+         "Zizzi, a pub in the centre, is cheap."]]
+
+
+def test_perfect_outputs_score_top_and_worse_outputs_score_lower():
+    perfect = e2e_metrics([r[0] for r in REFS], REFS)
+    assert perfect["BLEU"] == pytest.approx(100.0) and perfect["ROUGE_L"] == pytest.approx(100.0)
+    off = e2e_metrics(["a coffee shop", "Alimentum is nice.", "Zizzi."], REFS)
+    for k in ("BLEU", "NIST", "ROUGE_L", "CIDEr"):
+        assert off[k] < perfect[k], k
+    if perfect["METEOR"] is not None:  # needs java
+        assert off["METEOR"] < perfect["METEOR"]
+    swapped = e2e_metrics([REFS[1][0], REFS[0][0], REFS[2][0]], REFS)  # right sentences, wrong MRs
+    assert swapped["BLEU"] < 60 and swapped["CIDEr"] < perfect["CIDEr"] / 2
+
+
+def test_distinct_mrs_in_order_of_first_appearance(e2e_csv):
+    prompts, refs = e2e_references(e2e_csv)
+    assert len(prompts) == 547 and sum(len(r) for r in refs) == 4672
+    assert "name[Alimentum], area[city centre], familyFriendly[no]" in prompts[0]
+    assert e2e_references(e2e_csv, limit=5)[0] == prompts[:5]
+
+
+def test_eval_cli_writes_predictions_and_prints_metrics_last(trained, e2e_csv, tmp_path):
+    artifact, _ = trained
+    preds = tmp_path / "preds.txt"
+    proc = run_cli("eval", str(artifact), "--data", str(e2e_csv), "--out", str(preds), "--limit", "3",
+                   "--num-beams", "2", "--max-new-tokens", "40", cwd=tmp_path)
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"} <= set(metrics) and metrics["mrs"] == 3
+    lines = preds.read_text().splitlines()
+    assert len(lines) == 3 and all(lines)
+    assert metrics["BLEU"] > 5  # a trained adapter says something about the restaurant

@@ -1,0 +1,116 @@
+"""The planner: exact counts against hand-computed values, bytes arithmetic by a table of cases."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_dist.plan import GiB, ModelCounts, Setup, checkpoint_bytes, count_model, make_plan, memory_terms, \
+    min_workers, parse_bytes
+from lora_dist.spec import SHAPES, LoraSpec, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpt3_175b_counts_are_the_papers():
+    c = count_model(SHAPES["gpt3-175b"], LoraSpec(r=4, targets=("c_attn",)))
+    d, L, V = 12288, 96, 50257
+    per_layer = 12 * d * d + 13 * d  # qkv, proj, mlp weights and biases, two layer norms
+    assert c.total_params == L * per_layer + V * d + 2048 * d + 2 * d == 174_604_259_328
+    assert c.lora_params == 18_874_368  # r=4 on Wq and Wv: 96 x (2 x (4 x 12288 + 12288 x 4))
+    assert c.quantized_linear_params == L * 12 * d * d
+    plan = make_plan(c, Setup(workers=8, micro_batch=1, seq_len=2048), 80 * 10**9)
+    assert plan.to_dict()["adapter_bytes"] == 37_748_736  # fp16: the paper's "35MB"
+
+
+def test_llama_and_smollm2_counts_by_hand():
+    c = count_model(SHAPES["llama2-7b"], LoraSpec(r=8, targets=("q_proj", "v_proj")))
+    d, f, L, V = 4096, 11008, 32, 32000
+    assert c.total_params == L * (4 * d * d + 3 * d * f + 2 * d) + 2 * V * d + d == 6_738_415_616
+    assert c.lora_params == L * 2 * (8 * d + d * 8) == 4_194_304
+    s = count_model("smollm2-135m", LoraSpec(r=8, targets=("q_proj", "v_proj")))
+    assert s.total_params == 134_515_008 and s.lora_params == 460_800
+    assert s.quantized_linear_params == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
+
+
+def _counts(**kw) -> ModelCounts:
+    base = dict(architecture="X", layers=10, hidden=1000, heads=10, vocab=1000, total_params=1_000_000_000,
+                quantized_linear_params=900_000_000, quantized_rows=100_000, float_params=100_000_000,
+                lora_params=1_000_000, lora_tensors_persistent=False, largest_block_params=90_000_000,
+                largest_linear_params=30_000_000, small_float_params=0)
+    base.update(kw)
+    return ModelCounts(**base)
+
+
+# (method, workers, device, term, expected bytes)
+TERMS = [
+    ("lora_int8_zero3", 1, "cuda", "base_weights", 900_000_000 + 400_000),
+    ("lora_int8_zero3", 4, "cuda", "base_weights", (900_000_000 + 400_000) // 4),
+    ("lora_int8_zero3", 4, "cuda", "float_weights", 100_000_000 * 2 // 4),
+    ("lora_int8_zero3", 4, "cpu", "float_weights", 100_000_000 * 4 // 4),
+    ("lora_int8_zero3", 4, "cuda", "optimizer_and_gradients", 1_000_000 * (2 + 4 + 8) // 4),
+    ("lora_int8_zero3", 4, "cpu", "optimizer_and_gradients", 1_000_000 * (4 + 8) // 4),
+    ("lora_int8_zero3", 2, "cuda", "gathered_working_set", 2 * 90_000_000 + 30_000_000 * 2),
+    ("full", 8, "cuda", "base_weights", 1_000_000_000 * 2 // 8),
+    ("full", 8, "cuda", "optimizer_and_gradients", 1_000_000_000 * 14 // 8),
+    ("lora_fp16", 8, "cuda", "base_weights", 2_000_000_000),  # replicated: N does not help
+]
+
+
+@pytest.mark.parametrize("method,n,device,term,expected", TERMS)
+def test_bytes_arithmetic(method, n, device, term, expected):
+    terms = memory_terms(_counts(), method, Setup(workers=n, micro_batch=1, seq_len=128, device=device))
+    assert terms[term] == expected
+
+
+def test_min_gpus_is_the_smallest_that_fits():
+    c, s = _counts(), Setup(workers=1, micro_batch=1, seq_len=128)
+    mem = 3 * GiB
+    n = min_workers(c, "full", s, mem)
+    assert n is not None
+    assert sum(memory_terms(c, "full", Setup(workers=n, micro_batch=1, seq_len=128)).values()) <= mem
+    assert sum(memory_terms(c, "full", Setup(workers=n - 1, micro_batch=1, seq_len=128)).values()) > mem
+    assert min_workers(c, "lora_fp16", s, 1 * GiB) is None  # a replicated base never fits a smaller GPU
+
+
+def test_checkpoint_bytes():
+    c, s = _counts(), Setup(workers=8, micro_batch=1, seq_len=128)
+    assert checkpoint_bytes(c, "lora_int8_zero3", s) == {"deliverable": 2_000_000, "resumable": 12_000_000}
+    assert checkpoint_bytes(c, "full", s)["deliverable"] == 2_000_000_000
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * GiB and parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512MiB") == 512 << 20
+    with pytest.raises(ValueError, match="--gpu-memory"):
+        parse_bytes("lots")
+
+
+def test_planner_imports_without_ray_or_deepspeed():
+    code = ("import sys\nfor m in ('ray', 'deepspeed', 'torch'): sys.modules[m] = None\n"
+            "import lora_dist.plan, lora_dist.spec\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_every_job_plans(monkeypatch):
+    from lora_dist.cli import main
+
+    monkeypatch.chdir(REPO)
+    for job in sorted((REPO / "jobs").glob("*.yaml")):
+        assert main(["plan", str(job), "--json"]) == 0, job.name
+
+
+def test_plan_cli_json_has_stable_keys(capsys, monkeypatch):
+    import json
+
+    from lora_dist.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["plan", "jobs/gpt3-175b-lora.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("trainable_params", "adapter_bytes", "base_bytes", "per_worker_bytes", "min_gpus", "methods"):
+        assert key in out
+    assert out["trainable_params"] == 18_874_368 and out["adapter_bytes"] == 37_748_736
+    assert set(out["methods"]) == {"full", "lora_fp16", "lora_int8_zero3"}
+    assert out["methods"]["lora_fp16"]["min_gpus"] is None  # 349 GB fp16 base on each 80 GB GPU
