@@ -65,22 +65,29 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--save", default=None, help="write the measurements to this JSON file")
+    ap.add_argument("--measured", default=None, help="re-plan against measurements saved by --save (no runs)")
     args = ap.parse_args()
     models = {"smollm2-135m": "smollm2-135m", "llama-1b (random)": str(llama_1b_dir())}
     lora = LoraSpec(r=8, targets=("q_proj", "v_proj"))
-    ray.init(num_cpus=max(args.workers), runtime_env={"env_vars": {
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}})
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, base in models.items():
-            counts = count_model(base, lora)
-            for n in args.workers:
-                measured = measure(base, n, args.steps, Path(tmp) / f"{label[:6]}-{n}")
-                terms = memory_terms(counts, "lora_int8_zero3", Setup(workers=n, micro_batch=4, seq_len=64,
-                                                                      device="cpu"))
-                rows.append({"model": label, "params": counts.total_params, "workers": n, "terms": terms,
-                             "measured": measured})
-    ray.shutdown()
+    if args.measured:
+        runs = json.loads(Path(args.measured).read_text())
+    else:
+        runs = []
+        ray.init(num_cpus=max(args.workers), runtime_env={"env_vars": {
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}})
+        with tempfile.TemporaryDirectory() as tmp:
+            for label, base in models.items():
+                for n in args.workers:
+                    runs.append({"model": label, "workers": n,
+                                 "measured": measure(base, n, args.steps, Path(tmp) / f"{label[:6]}-{n}")})
+        ray.shutdown()
+        if args.save:
+            Path(args.save).write_text(json.dumps(runs))
+    counts = {label: count_model(base, lora) for label, base in models.items()}
+    rows = [{**r, "terms": memory_terms(counts[r["model"]], "lora_int8_zero3",
+                                        Setup(workers=r["workers"], micro_batch=4, seq_len=64, device="cpu"))}
+            for r in runs]
 
     # Calibrate the overhead once: SmolLM2 at the smallest N, rank 0.
     first = rows[0]

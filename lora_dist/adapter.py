@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -180,23 +180,34 @@ def write_artifact(final_dir: Path, lora: dict[str, LoraTensors], config: dict[s
     """
     from safetensors.torch import save_file
 
+    check_trained(lora, manifest.get("steps", 0))
+
+    def payload(d: Path) -> dict[str, Any]:
+        tensors = {k: v.to(DTYPES[dtype]) for k, v in to_peft_tensors(lora).items()}
+        save_file(tensors, str(d / ADAPTER_FILE), metadata={"format": "pt"})
+        (d / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        return {"kind": "adapter", "adapter_dtype": dtype, "adapter_bytes": (d / ADAPTER_FILE).stat().st_size}
+
+    return _publish(final_dir, manifest, extra_files, payload)
+
+
+def _publish(final_dir: Path, manifest: dict[str, Any], extra_files: Iterable[Path],
+             payload: Callable[[Path], dict[str, Any]]) -> Path:
+    """Write an artifact under a hidden ``.partial`` name and rename it into place when complete:
+    ``payload(dir)`` writes the model files, extra files are copied in, the manifest (sha256 of
+    every file) comes last. On any failure the partial directory is removed."""
     if final_dir.exists():
         raise ArtifactError(f"{final_dir} already exists; an artifact is never overwritten")
-    check_trained(lora, manifest.get("steps", 0))
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = final_dir.parent / f".{final_dir.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
-        tensors = {k: v.to(DTYPES[dtype]) for k, v in to_peft_tensors(lora).items()}
-        save_file(tensors, str(partial / ADAPTER_FILE), metadata={"format": "pt"})
-        (partial / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        fields = payload(partial)
         for f in extra_files:
             shutil.copyfile(f, partial / Path(f).name)
         files = sorted(p.name for p in partial.iterdir() if p.is_file())
-        full = {"format": FORMAT, "kind": "adapter", **manifest,
-                "adapter_dtype": dtype,
-                "adapter_bytes": (partial / ADAPTER_FILE).stat().st_size,
+        full = {"format": FORMAT, **manifest, **fields,
                 "files": {name: sha256_file(partial / name) for name in files}}
         (partial / MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
         os.rename(partial, final_dir)
@@ -216,35 +227,20 @@ def write_full_artifact(final_dir: Path, state_dict: dict[str, torch.Tensor], ba
     directory plus the same manifest, atomically like :func:`write_artifact`."""
     from safetensors.torch import save_file
 
-    if final_dir.exists():
-        raise ArtifactError(f"{final_dir} already exists; an artifact is never overwritten")
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = final_dir.parent / f".{final_dir.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    def payload(d: Path) -> dict[str, Any]:
         tensors, seen = {}, set()
         for k, v in state_dict.items():
             if v.data_ptr() in seen or (tie_word_embeddings and k == "lm_head.weight"):
                 continue  # tied to the input embedding: transformers re-ties on load
             seen.add(v.data_ptr())
             tensors[k] = v.detach().cpu().contiguous()
-        save_file(tensors, str(partial / FULL_MODEL_FILE), metadata={"format": "pt"})
+        save_file(tensors, str(d / FULL_MODEL_FILE), metadata={"format": "pt"})
         for f in sorted(base_dir.iterdir()):
             if f.is_file() and not f.name.endswith(".safetensors") and not f.name.startswith("."):
-                shutil.copyfile(f, partial / f.name)  # config, generation config, tokenizer
-        for f in extra_files:
-            shutil.copyfile(f, partial / Path(f).name)
-        files = sorted(p.name for p in partial.iterdir() if p.is_file())
-        full = {"format": FORMAT, "kind": "full", **manifest,
-                "model_bytes": (partial / FULL_MODEL_FILE).stat().st_size,
-                "files": {name: sha256_file(partial / name) for name in files}}
-        (partial / MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
-        os.rename(partial, final_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return final_dir
+                shutil.copyfile(f, d / f.name)  # config, generation config, tokenizer
+        return {"kind": "full", "model_bytes": (d / FULL_MODEL_FILE).stat().st_size}
+
+    return _publish(final_dir, manifest, extra_files, payload)
 
 
 def read_manifest(artifact: Path) -> dict[str, Any]:

@@ -61,19 +61,45 @@ def init_distributed(cuda: bool) -> tuple[int, int]:
 
 
 def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any]) -> tuple[nn.Module, Injection]:
-    """Build the architecture, quantized linears and LoRA inside zero.Init (all partitioned)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    """Build the model with every parameter partitioned, never holding more than one decoder
+    block's parameters whole.
 
-    with deepspeed.zero.Init(config_dict_or_path=config):
-        # Skip HF's weight init: it would index partitioned (empty) tensors, and the weights are
-        # loaded next anyway. It also skips the embedding tie, redone below.
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config_hf)
-        full = spec.train.method == "full"
-        injection = prepare(model, None if full else spec.lora, spec.model.quantization, device=None)
+    The architecture, its int8 linears and the LoRA pairs are first built as a skeleton whose
+    parameters are on the meta device (nothing allocated; a float linear that will be int8 never
+    exists). Then each decoder block, and afterwards every remaining module, gets real (empty)
+    storage and is handed to ``deepspeed.zero.Init(module=...)``, which partitions it at once.
+    Building the Hugging Face model inside ``zero.Init`` instead would first allocate every float
+    linear (1/N of the float model per rank, all at once) only to replace it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lora_dist.model import decoder_blocks, params_on_meta
+
+    full = spec.train.method == "full"
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config_hf)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    injection = prepare(model, None if full else spec.lora, spec.model.quantization, device="meta")
+    materialized: dict[int, nn.Parameter] = {}
+
+    def partition(unit: nn.Module) -> None:
+        for mod in unit.modules():
+            for name, p in list(mod.named_parameters(recurse=False)):
+                if p.is_meta:
+                    new = materialized.get(id(p))
+                    if new is None:
+                        new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                        materialized[id(p)] = new
+                    mod._parameters[name] = new
+        deepspeed.zero.Init(module=unit, config_dict_or_path=config, mem_efficient_linear=False)
+
+    _, blocks = decoder_blocks(model)
+    for block in blocks:
+        partition(block)
+    for mod in reversed(list(model.modules())):  # children before parents: one module at a time
+        if any(p.is_meta for p in mod.parameters(recurse=False)):
+            partition(mod)
     if full:
         model.requires_grad_(True)
     else:

@@ -31,7 +31,7 @@ MAX_LIVE_PARAMETERS = 1_000_000_000
 # the Python process with torch, transformers, deepspeed and ray imported, allocator slack, the
 # tokenizer and data. On CUDA the CUDA context and NCCL buffers take its place (assumed, not
 # measured here: no GPU on the calibration machine).
-OVERHEAD_BYTES = {"cpu": int(1.40 * GiB), "cuda": int(1.5 * GiB)}
+OVERHEAD_BYTES = {"cpu": int(1.064 * GiB), "cuda": int(1.5 * GiB)}
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def memory_terms(c: ModelCounts, method: str, s: Setup) -> dict[str, int]:
         terms["base_weights"] = math.ceil(c.total_params * cb / n)
         terms["optimizer_and_gradients"] = math.ceil(c.total_params * state / n)
         terms["persistent_small_params"] = int(c.small_float_params * cb * (1 - 1 / n))
-        terms["gathered_working_set"] = min(2 * c.largest_block_params, MAX_LIVE_PARAMETERS) * cb
+        terms["gathered_working_set"] = min(c.total_params, MAX_LIVE_PARAMETERS) * cb
     elif method == "lora_fp16":
         terms["base_weights"] = c.total_params * 2  # replicated: the whole fp16 base on every GPU
         terms["lora_weights"] = c.lora_params * cb
@@ -175,10 +175,15 @@ def memory_terms(c: ModelCounts, method: str, s: Setup) -> dict[str, int]:
         terms["lora_weights"] = c.lora_params * cb if lora_whole else math.ceil(c.lora_params * cb / n)
         terms["optimizer_and_gradients"] = math.ceil(c.lora_params * state / n)
         terms["persistent_small_params"] = int((c.small_float_params * cb + c.quantized_rows * 4) * (1 - 1 / n))
-        # int8 blocks in flight (current and prefetched) plus the dequantized copy of the largest
-        # weight that the int8 matmul makes in the compute dtype
-        terms["gathered_working_set"] = (min(2 * c.largest_block_params, MAX_LIVE_PARAMETERS)
-                                         + c.largest_linear_params * cb)
+        # Gathered parameters stay live until DeepSpeed's max_live_parameters (1e9 elements by
+        # default; max_reuse_distance is as large), so a model below that stays gathered after
+        # its first forward: its whole int8 base and float parameters, on every rank. Above the
+        # cap, the live share is cap / total (DeepSpeed gathers into buffers of its own even at
+        # N=1). Plus the dequantized copy of the largest weight that the int8 matmul makes in the
+        # compute dtype.
+        live = min(1.0, MAX_LIVE_PARAMETERS / c.total_params)
+        stored = c.quantized_linear_params + c.quantized_rows * 4 + c.float_params * cb
+        terms["gathered_working_set"] = int(live * stored) + c.largest_linear_params * cb
     else:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     terms["activations"] = activation_bytes(c, s)

@@ -1,0 +1,182 @@
+"""Throughput and memory on the same model and batches, side by side in one run (issue 6):
+
+  * this project: int8 LoRA with ZeRO-3 at N = 1 and 2 workers (Ray Train + DeepSpeed);
+  * PEFT LoRA over a bitsandbytes 8-bit base (load_in_8bit) in one process, the usual path;
+  * full fine-tuning with ZeRO-3 (float base, every weight trains) at N = 1.
+
+Then a profile of one int8 LoRA ZeRO-3 step (world size 1) by operator: where the time goes.
+
+    python bench/throughput.py [--steps 6]
+
+Tokens/s counts non-padding tokens of all workers; step 1 (warm-up) is left out. Peak memory is
+each worker's peak RSS (CPU). Every configuration runs in its own processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (REPO / ".." / "shared" / "data" / "e2e" / "devset.csv").resolve()
+COMMON = ["train.micro_batch_size=4", "data.max_length=64", "train.eval_batches=1", "train.log_every=1",
+          f"data.path={DATA}", "lora.dropout=0.0"]
+
+
+def spec_for(steps: int, out: Path, *extra: str):
+    from lora_dist.spec import load_spec
+
+    return load_spec(REPO / "jobs" / "smollm2-e2e.yaml", [f"train.max_steps={steps}", f"output.dir={out}",
+                                                          *COMMON, *extra])
+
+
+def ours(steps: int, workers: int, out: Path, *extra: str) -> dict:
+    from lora_dist.adapter import METRICS_FILE
+    from lora_dist.launch import run_job
+
+    artifact = run_job(spec_for(steps, out, f"cluster.workers={workers}", *extra))
+    recs = [json.loads(x) for x in (artifact / METRICS_FILE).read_text().splitlines() if '"loss"' in x][1:]
+    return {"tokens_per_s": statistics.mean(r["tokens_per_s"] for r in recs),
+            "s_per_step": statistics.mean(r["step_s"] for r in recs),
+            "peak_gib": max(recs[-1]["peak_memory_bytes"]) / 2**30}
+
+
+def peft_worker(steps: int) -> None:
+    """PEFT + bitsandbytes 8-bit base, one process, the same batches as one of our workers at N=1."""
+    import logging
+
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from lora_dist.data import BatchPlan
+    from lora_dist.model import resolve_base
+    from lora_dist.train import make_optimizer, micro_batch, prepare_data
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    torch.set_num_threads(1)  # as one of our workers (cpus_per_worker: 1)
+    spec = spec_for(steps, Path(tempfile.gettempdir()))
+    d = resolve_base("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                 dtype=torch.float32, device_map="cpu")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    data = prepare_data(spec, AutoTokenizer.from_pretrained(d))
+    plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, spec)
+    model.train()
+    rates, losses = [], []
+    for step in range(1, steps + 1):
+        batch = micro_batch(data, plan, step - 1)
+        t0 = time.time()
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+        if step > 1:
+            rates.append(int(batch["attention_mask"].sum()) / (time.time() - t0))
+    print(json.dumps({"tokens_per_s": statistics.mean(rates), "s_per_step": None,
+                      "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "losses": losses}))
+
+
+def profile_step() -> list[tuple[str, float]]:
+    """One int8 LoRA ZeRO-3 step at world size 1, by operator (self CPU time)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lora_dist import engine as eng
+    from lora_dist.data import BatchPlan
+    from lora_dist.model import resolve_base
+    from lora_dist.train import lr_lambda, micro_batch, prepare_data
+
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29533"})
+    torch.set_num_threads(1)
+    spec = spec_for(4, Path(tempfile.gettempdir()))
+    eng.init_distributed(cuda=False)
+    d = resolve_base(spec.model.base)
+    cfg = eng.ds_config(spec, 1, cuda=False)
+    model, injection = eng.build_sharded(AutoConfig.from_pretrained(d), spec, cfg)
+    eng.stream_weights(model, d, injection, 0, torch.float32)
+    eng.init_lora_sharded(model, 0, 0)
+    engine, _, _ = eng.initialize(model, cfg, lr_lambda(spec))
+    data = prepare_data(spec, AutoTokenizer.from_pretrained(d))
+    plan = BatchPlan(len(data.train), 4, 0)
+
+    def step(i: int) -> None:
+        out = engine(**micro_batch(data, plan, i))
+        engine.backward(out.loss)
+        engine.step()
+
+    step(0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(1, 3):
+            step(i)
+    rows = [(e.key, e.self_cpu_time_total / 1e6 / 2) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--peft-worker", action="store_true")
+    ap.add_argument("--profile-worker", action="store_true")
+    args = ap.parse_args()
+    if args.peft_worker:
+        return peft_worker(args.steps)
+    if args.profile_worker:
+        rows = profile_step()
+        print(json.dumps(rows[:40]))
+        return
+
+    import ray
+
+    ray.init(num_cpus=2, runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                                   "TOKENIZERS_PARALLELISM": "false"}})
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        res["ours N=1"] = ours(args.steps, 1, Path(tmp) / "o1")
+        res["ours N=2"] = ours(args.steps, 2, Path(tmp) / "o2")
+        res["full FT ZeRO-3 N=1"] = ours(args.steps, 1, Path(tmp) / "f1", "train.method=full",
+                                         "model.quantization=none", "train.lr=1e-5")
+    ray.shutdown()
+
+    def sub(flag: str):
+        out = subprocess.run([sys.executable, __file__, flag, "--steps", str(args.steps)], capture_output=True,
+                             text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    res["PEFT + bnb 8-bit, 1 process"] = sub("--peft-worker")
+    prof = sub("--profile-worker")
+
+    print("\nSmolLM2-135M, micro-batch 4 x <=64 tokens per worker, 1 CPU thread per worker, E2E batches")
+    print(f"  {'configuration':<30} {'tokens/s':>9} {'peak mem/worker':>16}")
+    for k, v in res.items():
+        print(f"  {k:<30} {v['tokens_per_s']:>9.0f} {v['peak_gib']:>13.2f} GiB")
+    o1, peft, full = res["ours N=1"], res["PEFT + bnb 8-bit, 1 process"], res["full FT ZeRO-3 N=1"]
+    print(f"\n  ours N=1 / PEFT 8-bit tokens/s: x{o1['tokens_per_s'] / peft['tokens_per_s']:.2f} (target >= 1)")
+    print(f"  ours N=1 / full FT tokens/s:    x{o1['tokens_per_s'] / full['tokens_per_s']:.2f} (target >= 1.5)")
+    print(f"  ours N=1 / full FT memory:      x{o1['peak_gib'] / full['peak_gib']:.2f} (target <= 0.5)")
+    total = sum(t for _, t in prof)
+    print(f"\nwhere one int8 LoRA ZeRO-3 step's CPU time goes ({total:.2f} s of operator self time):")
+    for name, t in prof[:15]:
+        print(f"  {name:<48} {t:7.3f} s  {100 * t / total:5.1f}%")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
