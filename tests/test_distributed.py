@@ -75,6 +75,7 @@ def test_two_worker_zero3_job_shards_the_int8_base(uninterrupted):
 def test_parity_guard_matches_unsharded_reference(uninterrupted):
     artifact, proc = uninterrupted
     manifest = adapter.read_manifest(artifact)
+    print(f"parity: largest |sharded - unsharded| loss difference {manifest['parity_max_loss_diff']:.3e}")
     # Stated tolerance: 1e-3 nats/token (train.parity_tolerance); measured differences are ~1e-6.
     assert manifest["parity_max_loss_diff"] is not None and manifest["parity_max_loss_diff"] < 1e-3
     assert "parity reference losses" in proc.stdout
