@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ray
 
-from lora_dist.adapter import METRICS_FILE, read_manifest
+from lora_dist.adapter import METRICS_FILE
 from lora_dist.launch import run_job
 from lora_dist.model import cache_root, resolve_base
 from lora_dist.plan import GiB, OVERHEAD_BYTES, Setup, count_model, memory_terms

@@ -34,7 +34,6 @@ def e2e_references(csv_path, limit: int | None = None) -> tuple[list[str], list[
 
     order: list[str] = []
     refs: dict[str, list[str]] = {}
-    mrs: dict[str, str] = {}
     for ex in read_e2e(csv_path):
         if ex.prompt not in refs:
             order.append(ex.prompt)

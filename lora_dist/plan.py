@@ -69,7 +69,6 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_dist.lora import LoRALinear
     from lora_dist.model import decoder_blocks, prepare, resolve_base
     from lora_dist.quant import Int8Linear
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lora_dist import adapter as adapter_mod
-from lora_dist.data import BatchPlan, DataError, Tokenized, collate, load_examples, split_by_prompt, tokenize
+from lora_dist.data import BatchPlan, Tokenized, collate, load_examples, split_by_prompt, tokenize
 from lora_dist.model import cache_root, enable_activation_checkpointing, fingerprint, load_model
 from lora_dist.spec import JobSpec
 

@@ -4,7 +4,6 @@ import pytest
 
 from lora_dist.data import (IGNORE_INDEX, BatchPlan, DataError, Example, collate, fetch_e2e, read_e2e, read_jsonl,
                             split_by_prompt, tokenize)
-from lora_dist.spec import DataSpec
 
 
 def test_e2e_devset_reads_all_references(e2e_csv):

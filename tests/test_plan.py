@@ -8,7 +8,7 @@ import pytest
 
 from lora_dist.plan import GiB, ModelCounts, Setup, checkpoint_bytes, count_model, make_plan, memory_terms, \
     min_workers, parse_bytes
-from lora_dist.spec import SHAPES, LoraSpec, load_spec
+from lora_dist.spec import SHAPES, LoraSpec
 
 REPO = Path(__file__).resolve().parents[1]
 

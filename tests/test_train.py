@@ -6,7 +6,7 @@ import torch
 
 from lora_dist import adapter
 
-from conftest import TRAIN_OVERRIDES, run_cli
+from conftest import run_cli
 
 
 def test_short_run_lowers_validation_loss_and_writes_artifact(trained):
