@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora_dist.adapter import LoraTensors
-from lora_dist.lora import LoRALinear, freeze_non_lora, lora_parameters
+from lora_dist.adapter import LoraTensors, collect_lora
+from lora_dist.lora import freeze_non_lora, lora_parameters
 from lora_dist.model import Injection, check_complete, init_lora, load_weights, prepare
 from lora_dist.quant import Int8Linear
 from lora_dist.spec import JobSpec
@@ -174,15 +174,8 @@ def peak_memory_bytes(cuda: bool) -> int:
 def gather_lora(model: nn.Module, rank: int) -> dict[str, LoraTensors] | None:
     """Collective: every rank enters; rank 0 gets full copies of every LoRA pair."""
     params = list(lora_parameters(model).values())
-    out: dict[str, LoraTensors] = {}
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if rank == 0:
-            for name, mod in model.named_modules():
-                if isinstance(mod, LoRALinear):
-                    out[name] = LoraTensors(mod.lora_A.detach().float().cpu().clone(),
-                                            mod.lora_B.detach().float().cpu().clone(),
-                                            mod.r, list(mod.slices), mod.out_features)
-    return out if rank == 0 else None
+        return collect_lora(model) if rank == 0 else None
 
 
 def gather_full_state(engine) -> dict[str, torch.Tensor] | None:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_dist.adapter import new_job_id
-from lora_dist.spec import JobSpec
-
 from lora_dist.jobrun import WORKER_ENV
+from lora_dist.jobs import is_uri
+from lora_dist.spec import JobSpec
 
 
 class JobFailed(RuntimeError):
@@ -42,8 +42,6 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     spec = spec.with_absolute_paths()
     job_id = job_id or new_job_id()
     run_name = f"{spec.name}-{job_id}"
-    from lora_dist.jobs import is_uri
-
     if is_uri(spec.output.dir):
         # Checkpoints go to the storage URI; progress files stay node-local.
         storage_path = spec.output.dir.rstrip("/") + "/.ray-train"
