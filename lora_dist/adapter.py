@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from lora_dist.errors import ArtifactError  # noqa: F401  (re-exported)
 from lora_dist.lora import LoRALinear
 from lora_dist.model import sha256_file
 
@@ -40,10 +41,6 @@ METRICS_FILE = "metrics.jsonl"
 PEFT_PREFIX = "base_model.model."
 FORMAT = "lora-dist-adapter/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ArtifactError(ValueError):
-    """An artifact is incomplete, tampered with, or does not match its base model."""
 
 
 # --- LoRA tensors <-> PEFT tensors ---------------------------------------------------------------

@@ -367,11 +367,9 @@ def main(argv: list[str] | None = None) -> int:
 
         _enable_token_auth()
     _quiet_libraries()
-    from lora_dist.adapter import ArtifactError
     from lora_dist.data import DataError
+    from lora_dist.errors import ArtifactError, JobFailed, ModelError
     from lora_dist.jobs import JobError
-    from lora_dist.launch import JobFailed
-    from lora_dist.model import ModelError
     from lora_dist.spec import SpecError
 
     try:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from lora_dist.jobrun import ARTIFACT_PREFIX, WORKER_ENV
 from lora_dist.spec import RUNTIME_ENV_KEYS as ALLOWED_RUNTIME_ENV_KEYS
-from lora_dist.spec import JobSpec
+from lora_dist.spec import JobSpec, cache_root
 
 ENTRYPOINT = "python -m lora_dist.jobrun job-spec.json"
 SPEC_FILE = "job-spec.json"
@@ -206,8 +206,6 @@ def wait_remote(address: str, job_id: str, stream) -> JobStatus:
 # --- the embedded default: a local registry ------------------------------------------------------
 
 def registry_dir() -> Path:
-    from lora_dist.model import cache_root
-
     d = cache_root() / "jobs"
     d.mkdir(parents=True, exist_ok=True)
     return d

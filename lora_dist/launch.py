@@ -13,14 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_dist.errors import JobFailed  # noqa: F401  (re-exported)
 from lora_dist.adapter import new_job_id
 from lora_dist.jobrun import WORKER_ENV
 from lora_dist.jobs import is_uri
 from lora_dist.spec import JobSpec
-
-
-class JobFailed(RuntimeError):
-    """The training job failed (after any retries); the message says why."""
 
 
 def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None,

@@ -28,24 +28,17 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from lora_dist.errors import ModelError  # noqa: F401  (re-exported)
 from lora_dist.lora import LoRALinear, freeze_non_lora
 from lora_dist.quant import Int8Linear
-from lora_dist.spec import LINEAR_TARGET_ALL, LoraSpec
+from lora_dist.spec import LINEAR_TARGET_ALL, LoraSpec, cache_root
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelError(ValueError):
-    """The base model cannot be resolved or does not fit the LoRA settings."""
-
-
 # --- resolving a base model ----------------------------------------------------------------------
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora-dist")).expanduser()
-
 
 def resolve_base(base: str) -> Path:
     """A directory with config.json + *.safetensors (+ tokenizer) for ``base``.

@@ -223,6 +223,11 @@ def output_root() -> Path:
     return Path(os.environ.get("LORA_DIST_OUTPUT_ROOT") or os.getcwd()).expanduser().resolve()
 
 
+def cache_root() -> Path:
+    """This machine's cache: the converted base model, fingerprints, the embedded-job registry."""
+    return Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora-dist")).expanduser()
+
+
 def check_output_root(spec: JobSpec) -> None:
     """Reject a local output.dir outside the output root (URIs are the storage's business).
 

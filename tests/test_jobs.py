@@ -179,3 +179,13 @@ def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir)
     st = _cli("status", sid, cwd=tmp_path, env=env)
     assert "STOPPED" in st.stdout and st.returncode == 1
     assert not [p for p in out.glob("*") if (p / adapter.MANIFEST_FILE).exists()]
+
+
+def test_job_queries_answer_without_importing_torch_or_ray(tmp_path):
+    """`list` and `status` on the embedded registry are instant: no torch, no ray at import."""
+    code = ("import sys; from lora_dist.cli import main; rc_list = main(['list']); "
+            "rc_status = main(['status', 'no-such-job']); "
+            "print(rc_list, rc_status, sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LORA_DIST_CACHE": str(tmp_path)}, cwd=REPO)
+    assert out.stdout.strip().splitlines()[-1] == "0 3 []", out.stdout + out.stderr

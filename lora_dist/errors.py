@@ -1,0 +1,19 @@
+"""The exception types the CLI maps to exit codes, in a module that imports nothing heavy.
+
+``lora-dist status``, ``list`` and ``logs`` must not import torch just to name the errors they
+catch; the modules that raise these re-export them under their old names.
+"""
+
+from __future__ import annotations
+
+
+class ModelError(ValueError):
+    """The base model cannot be resolved or does not fit the LoRA settings."""
+
+
+class ArtifactError(ValueError):
+    """An artifact is incomplete, tampered with, or does not match its base model."""
+
+
+class JobFailed(RuntimeError):
+    """The training job failed (after any retries); the message says why."""
