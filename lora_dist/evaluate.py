@@ -45,7 +45,7 @@ def e2e_references(csv_path, limit: int | None = None) -> tuple[list[str], list[
 
 def evaluate_e2e(model: nn.Module, tokenizer, csv_path, limit: int | None = None, num_beams: int = 10,
                  length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
-                 progress=None) -> tuple[list[str], dict[str, float | None]]:
+                 progress=None, batch_size: int = 8) -> tuple[list[str], dict[str, float | None]]:
     """Generate one output per distinct MR (the paper's decoding by default) and score it.
 
     Returns:
@@ -55,11 +55,12 @@ def evaluate_e2e(model: nn.Module, tokenizer, csv_path, limit: int | None = None
     from lora_dist.metrics import e2e_metrics
 
     prompts, refs = e2e_references(csv_path, limit)
-    preds = []
-    for i, p in enumerate(prompts):
-        preds += generate(model, tokenizer, [p], max_new_tokens=max_new_tokens, num_beams=num_beams,
-                          length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    preds: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        preds += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
+                          num_beams=num_beams, length_penalty=length_penalty,
+                          no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size)
         if progress:
-            progress(i + 1, len(prompts))
+            progress(len(preds), len(prompts))
     preds = [p.splitlines()[0].strip() if p.strip() else "" for p in preds]
     return preds, e2e_metrics(preds, refs)

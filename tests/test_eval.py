@@ -44,3 +44,17 @@ def test_eval_cli_writes_predictions_and_prints_metrics_last(trained, e2e_csv, t
     lines = preds.read_text().splitlines()
     assert len(lines) == 3 and all(lines)
     assert metrics["BLEU"] > 5  # a trained adapter says something about the restaurant
+
+
+def test_batched_decoding_gives_the_same_outputs_as_one_at_a_time(trained, e2e_csv):
+    """Left padding with a mask: an MR's output does not depend on what it was batched with."""
+    from lora_dist.adapter import load_adapted
+    from lora_dist.generate import generate
+
+    artifact, _ = trained
+    loaded, manifest = load_adapted(artifact)
+    prompts, _ = e2e_references(e2e_csv, limit=4)  # different lengths: the shorter ones get padded
+    one = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=24, batch_size=1)
+    batched = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=24, batch_size=4)
+    assert len({len(loaded.tokenizer(p)["input_ids"]) for p in prompts}) > 1
+    assert batched == one and all(one)
