@@ -6,7 +6,7 @@
 
 Then a profile of one int8 LoRA ZeRO-3 step (world size 1) by operator: where the time goes.
 
-    python bench/throughput.py [--steps 6]
+    python bench/throughput.py [--steps 10]
 
 Tokens/s counts non-padding tokens of all workers; step 1 (warm-up) is left out. Peak memory is
 each worker's peak RSS (CPU). Every configuration runs in its own processes.
@@ -59,6 +59,7 @@ def peft_worker(steps: int) -> None:
 
     from lora_dist.data import BatchPlan
     from lora_dist.model import resolve_base
+    from lora_dist.spec import LINEAR_TARGET_ALL
     from lora_dist.train import make_optimizer, micro_batch, prepare_data
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -68,8 +69,10 @@ def peft_worker(steps: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                                                  dtype=torch.float32, device_map="cpu")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                             target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    lo = spec.lora  # the main job's LoRA settings, as ours uses them
+    targets = "all-linear" if lo.targets == (LINEAR_TARGET_ALL,) else list(lo.targets)
+    model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
     data = prepare_data(spec, AutoTokenizer.from_pretrained(d))
     plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -132,7 +135,7 @@ def profile_step() -> list[tuple[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peft-worker", action="store_true")
     ap.add_argument("--profile-worker", action="store_true")
     args = ap.parse_args()
