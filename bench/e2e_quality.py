@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="default: the main job's train.max_steps")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out MRs only")
     ap.add_argument("--beams", type=int, default=10)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the main job's settings for every trained row (as lora-dist --set)")
     args = ap.parse_args()
 
     import ray
@@ -64,9 +66,9 @@ def main() -> None:
     from lora_dist.spec import load_spec
     from lora_dist.train import train_local
 
-    base_spec = load_spec(JOB, [f"data.path={DATA}"])
+    base_spec = load_spec(JOB, [f"data.path={DATA}", *args.set])
     steps = args.steps or base_spec.train.max_steps
-    common = [f"data.path={DATA}", f"train.max_steps={steps}"]
+    common = [f"data.path={DATA}", f"train.max_steps={steps}", *args.set]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
