@@ -24,7 +24,8 @@ from lora_dist import engine as eng
 from lora_dist.data import BatchPlan
 from lora_dist.model import resolve_base
 from lora_dist.spec import spec_from_dict
-from lora_dist.train import evaluate, global_index, lr_lambda, micro_batch, prepare_data, seed_everything, val_batches
+from lora_dist.train import (evaluate, global_index, lr_lambda, micro_batch, prepare_data, seed_batch, seed_everything,
+                             val_batches)
 
 
 class ParityError(RuntimeError):
@@ -129,8 +130,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tokens = 0
         loss_sum = torch.zeros((), dtype=torch.float64)
         for micro in range(ga):
-            batch = micro_batch(data, plan, global_index(step, micro, rank, ga, world))
-            batch = {k: v.to(device) for k, v in batch.items()}
+            index = global_index(step, micro, rank, ga, world)
+            batch = {k: v.to(device) for k, v in micro_batch(data, plan, index).items()}
+            seed_batch(spec.train.seed, index)
             out = engine(**batch)
             engine.backward(out.loss)
             engine.step()
