@@ -144,9 +144,34 @@ def init_lora_sharded(model: nn.Module, seed: int, rank: int) -> None:
             init_lora(model, seed)
 
 
+def blocks_as_zero3_leaves(model: nn.Module) -> None:
+    """One ZeRO-3 fetch and release per decoder block instead of one per submodule.
+
+    By default ZeRO-3 puts forward and backward hooks on every module (about 20 per Llama block
+    with LoRA: attention, each projection, its LoRA pair, dropout, MLP, norms); at one worker those
+    hooks cost more than the gathers they schedule. Marked as ZeRO-3 leaves, the blocks are
+    gathered whole (one block's parameters are live at a time, which the per-module hooks allowed
+    as well) and their LoRA gradients are reduced in the block's backward hook.
+
+    That backward hook is a full backward hook: it fires once the gradient with respect to the
+    block's inputs is computed, or, where no input requires grad, as soon as the gradient of its
+    output arrives, before the block's own LoRA gradients exist. The first block's input is the
+    frozen embedding's output, so it is made to require grad (as PEFT does for k-bit training).
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from lora_dist.model import decoder_blocks
+
+    _, blocks = decoder_blocks(model)
+    set_z3_leaf_modules(model, list({type(b) for b in blocks}))
+    model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+
+
 def initialize(model: nn.Module, config: dict[str, Any], lr_lambda: Callable[[int], float]):
     """deepspeed.initialize with only the trainable (LoRA) parameters given to the optimizer."""
     params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+    if config["zero_optimization"]["stage"] == 3:
+        blocks_as_zero3_leaves(model)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=params, config=config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))

@@ -39,7 +39,7 @@ def test_main_job_is_the_documented_setup():
     finally:
         os.chdir(cwd)
     assert spec.model.base == "smollm2-135m" and spec.model.quantization == "int8"
-    assert spec.lora.r == 8 and spec.lora.targets == ("q_proj", "v_proj")
+    assert spec.lora.r == 8 and spec.lora.targets == ("all-linear",)
 
 
 def test_overrides_apply_and_are_validated(tmp_path):

@@ -19,16 +19,16 @@ def test_short_run_lowers_validation_loss_and_writes_artifact(trained):
     # Stated margin: 12 steps of r=8 LoRA on E2E lower held-out loss by at least 0.3 nats/token
     # (SmolLM2 starts near 2.4 on this prompt format; measured runs end near 1.5).
     assert manifest["val_loss_after"] < manifest["val_loss_before"] - 0.3, manifest
-    assert manifest["trainable_params"] == 460_800
+    assert manifest["trainable_params"] == 2_442_240  # r=8 on the 7 linears of 30 blocks
     assert manifest["quantization"] == "int8" and manifest["world_size"] == 1 and manifest["zero_stage"] == 0
-    assert manifest["steps"] == 12 and manifest["lora"]["targets"] == ["q_proj", "v_proj"]
+    assert manifest["steps"] == 12 and manifest["lora"]["targets"] == ["all-linear"]
     assert manifest["base_model"]["id"] == "smollm2-135m"
     assert manifest["base_model"]["fingerprint"].startswith("sha256:")
     assert set(manifest["files"]) == {adapter.ADAPTER_FILE, adapter.CONFIG_FILE, adapter.METRICS_FILE,
                                       "loss_curve.png"}
     assert (artifact / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert manifest["adapter_bytes"] == (artifact / adapter.ADAPTER_FILE).stat().st_size
-    assert manifest["adapter_bytes"] < 460_800 * 4 + 64_000  # fp32 A and B plus the header
+    assert manifest["adapter_bytes"] < 2_442_240 * 4 + 64_000  # fp32 A and B plus the header
     assert {"torch", "transformers", "bitsandbytes"} <= set(manifest["versions"])
     metrics = [json.loads(line) for line in (artifact / adapter.METRICS_FILE).read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 13))
