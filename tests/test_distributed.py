@@ -58,7 +58,7 @@ def test_two_worker_zero3_job_shards_the_int8_base(uninterrupted):
     artifact, proc = uninterrupted
     manifest = adapter.verify_artifact(artifact)
     assert manifest["world_size"] == 2 and manifest["zero_stage"] == 3 and manifest["quantization"] == "int8"
-    assert manifest["trainable_params"] == 460_800
+    assert manifest["trainable_params"] == 2_442_240  # r=8 on the 7 linears of 30 blocks
     # each rank holds half of the int8 base (ZeRO pads a partition to an even split at most)
     assert manifest["int8_full_bytes"] == SMOLLM2_INT8_BYTES
     assert abs(manifest["int8_partition_bytes"] - SMOLLM2_INT8_BYTES / 2) <= 2 * 210
@@ -76,8 +76,10 @@ def test_parity_guard_matches_unsharded_reference(uninterrupted):
     artifact, proc = uninterrupted
     manifest = adapter.read_manifest(artifact)
     print(f"parity: largest |sharded - unsharded| loss difference {manifest['parity_max_loss_diff']:.3e}")
-    # Stated tolerance: 1e-3 nats/token (train.parity_tolerance); measured differences are ~1e-6.
-    assert manifest["parity_max_loss_diff"] is not None and manifest["parity_max_loss_diff"] < 1e-3
+    # The job's guard fails above 1e-3 nats/token (train.parity_tolerance). Measured differences
+    # are ~1e-6 (float summation order); LoRA dropout masks drawn from per-process RNG streams
+    # instead of per batch had made them 1.8e-3 at step 2, so this asserts well below the guard.
+    assert manifest["parity_max_loss_diff"] is not None and manifest["parity_max_loss_diff"] < 1e-4
     assert "parity reference losses" in proc.stdout
 
 
