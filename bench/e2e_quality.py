@@ -56,7 +56,15 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=10)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the main job's settings for every trained row (as lora-dist --set)")
+    ap.add_argument("--rows", default="base,float,ours,full",
+                    help="comma-separated rows to run (base: no adapter, float: LoRA on a float base in one "
+                         "process, ours: int8 ZeRO-3 x2, full: full fine-tuning); default all")
     args = ap.parse_args()
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(wanted) - {"base", "float", "ours", "full"})
+    if unknown or not wanted:
+        ap.error(f"--rows: unknown row(s) {unknown or wanted}; expected a comma-separated subset of "
+                 "base,float,ours,full")
 
     import ray
 
@@ -75,17 +83,20 @@ def main() -> None:
         os.environ["LORA_DIST_OUTPUT_ROOT"] = str(tmp)
         heldout = held_out_csv(tmp / "heldout.csv", base_spec.data.val_fraction)
 
-        lm = load_model("smollm2-135m", None, "none")
-        rows["SmolLM2-135M, no adapter"] = {"trainable": 0, "train_s": 0, **score(lm.model, lm.tokenizer, heldout, args)}
-        del lm
+        if "base" in wanted:
+            lm = load_model("smollm2-135m", None, "none")
+            rows["SmolLM2-135M, no adapter"] = {"trainable": 0, "train_s": 0,
+                                                **score(lm.model, lm.tokenizer, heldout, args)}
+            del lm
 
         ga = str(2 * base_spec.train.grad_accum)
         runs = {
-            "LoRA, float base, 1 process": ("local", ["model.quantization=none", f"train.grad_accum={ga}"]),
-            "LoRA, int8 base, ZeRO-3 x2 (ours)": ("ray", ["cluster.workers=2"]),
-            "full fine-tuning, 1 process": ("local", ["model.quantization=none", "train.method=full",
-                                                      f"train.grad_accum={ga}", "train.lr=2e-5"]),
+            "LoRA, float base, 1 process": ("float", "local", ["model.quantization=none", f"train.grad_accum={ga}"]),
+            "LoRA, int8 base, ZeRO-3 x2 (ours)": ("ours", "ray", ["cluster.workers=2"]),
+            "full fine-tuning, 1 process": ("full", "local", ["model.quantization=none", "train.method=full",
+                                                              f"train.grad_accum={ga}", "train.lr=2e-5"]),
         }
+        runs = {name: run[1:] for name, run in runs.items() if run[0] in wanted}
         ray.init(num_cpus=2, runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                                                        "TOKENIZERS_PARALLELISM": "false"}})
         for name, (where, extra) in runs.items():
