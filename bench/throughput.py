@@ -2,6 +2,7 @@
 
   * this project: int8 LoRA with ZeRO-3 at N = 1 and 2 workers (Ray Train + DeepSpeed);
   * PEFT LoRA over a bitsandbytes 8-bit base (load_in_8bit) in one process, the usual path;
+  * our model (int8 base, LoRA) in PEFT's single-process loop, without ZeRO-3 or Ray;
   * full fine-tuning with ZeRO-3 (float base, every weight trains) at N = 1.
 
 Then a profile of one int8 LoRA ZeRO-3 step (world size 1) by operator: where the time goes.
@@ -49,8 +50,13 @@ def ours(steps: int, workers: int, out: Path, *extra: str) -> dict:
             "peak_gib": max(recs[-1]["peak_memory_bytes"]) / 2**30}
 
 
-def peft_worker(steps: int) -> None:
-    """PEFT + bitsandbytes 8-bit base, one process, the same batches as one of our workers at N=1."""
+def single_process_worker(steps: int, kind: str) -> None:
+    """One process, no Ray, no DeepSpeed, the same batches as one of our workers at N=1:
+
+    * ``peft``: PEFT + bitsandbytes 8-bit base (what most users run today);
+    * ``ours``: this project's model (int8 base, LoRA modules) in the same loop, which separates
+      the model's own cost from what ZeRO-3 and the Ray worker add per step.
+    """
     import logging
 
     import torch
@@ -58,7 +64,7 @@ def peft_worker(steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from lora_dist.data import BatchPlan
-    from lora_dist.model import resolve_base
+    from lora_dist.model import load_model, resolve_base
     from lora_dist.spec import LINEAR_TARGET_ALL
     from lora_dist.train import make_optimizer, micro_batch, prepare_data
 
@@ -66,13 +72,16 @@ def peft_worker(steps: int) -> None:
     torch.set_num_threads(1)  # as one of our workers (cpus_per_worker: 1)
     spec = spec_for(steps, Path(tempfile.gettempdir()))
     d = resolve_base("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                                 dtype=torch.float32, device_map="cpu")
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lo = spec.lora  # the main job's LoRA settings, as ours uses them
-    targets = "all-linear" if lo.targets == (LINEAR_TARGET_ALL,) else list(lo.targets)
-    model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+    if kind == "ours":
+        model = load_model(spec.model.base, lo, spec.model.quantization, seed=spec.train.seed).model
+    else:
+        model = AutoModelForCausalLM.from_pretrained(d, quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                     dtype=torch.float32, device_map="cpu")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        targets = "all-linear" if lo.targets == (LINEAR_TARGET_ALL,) else list(lo.targets)
+        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
     data = prepare_data(spec, AutoTokenizer.from_pretrained(d))
     plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -136,11 +145,11 @@ def profile_step() -> list[tuple[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--peft-worker", action="store_true")
+    ap.add_argument("--single-process-worker", choices=["peft", "ours"])
     ap.add_argument("--profile-worker", action="store_true")
     args = ap.parse_args()
-    if args.peft_worker:
-        return peft_worker(args.steps)
+    if args.single_process_worker:
+        return single_process_worker(args.steps, args.single_process_worker)
     if args.profile_worker:
         rows = profile_step()
         print(json.dumps(rows[:40]))
@@ -158,12 +167,13 @@ def main() -> None:
                                          "model.quantization=none", "train.lr=1e-5")
     ray.shutdown()
 
-    def sub(flag: str):
-        out = subprocess.run([sys.executable, __file__, flag, "--steps", str(args.steps)], capture_output=True,
+    def sub(*flags: str):
+        out = subprocess.run([sys.executable, __file__, *flags, "--steps", str(args.steps)], capture_output=True,
                              text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    res["PEFT + bnb 8-bit, 1 process"] = sub("--peft-worker")
+    res["PEFT + bnb 8-bit, 1 process"] = sub("--single-process-worker", "peft")
+    res["ours, model only, 1 process"] = sub("--single-process-worker", "ours")
     prof = sub("--profile-worker")
 
     print("\nSmolLM2-135M, micro-batch 4 x <=64 tokens per worker, 1 CPU thread per worker, E2E batches")
@@ -174,6 +184,9 @@ def main() -> None:
     print(f"\n  ours N=1 / PEFT 8-bit tokens/s: x{o1['tokens_per_s'] / peft['tokens_per_s']:.2f} (target >= 1)")
     print(f"  ours N=1 / full FT tokens/s:    x{o1['tokens_per_s'] / full['tokens_per_s']:.2f} (target >= 1.5)")
     print(f"  ours N=1 / full FT memory:      x{o1['peak_gib'] / full['peak_gib']:.2f} (target <= 0.5)")
+    bare = res["ours, model only, 1 process"]
+    print(f"  ours model only / PEFT tokens/s: x{bare['tokens_per_s'] / peft['tokens_per_s']:.2f} (same loop: the model "
+          f"itself; ours N=1 / model only x{o1['tokens_per_s'] / bare['tokens_per_s']:.2f}: what ZeRO-3 and Ray add)")
     total = sum(t for _, t in prof)
     print(f"\nwhere one int8 LoRA ZeRO-3 step's CPU time goes ({total:.2f} s of operator self time):")
     for name, t in prof[:15]:
