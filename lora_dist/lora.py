@@ -105,12 +105,8 @@ class LoRALinear(nn.Module):
             row += width
         return self.scaling * delta
 
-    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """s · B A dropout(x), shaped like the base output (zeros outside the slices)."""
-        x = self.lora_dropout(x).to(self.lora_A.dtype)
-        if self.full_width:
-            return (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
-        ax = x @ self.lora_A.t()  # (..., r * n_slices)
+    def sliced_lora_forward(self, ax: torch.Tensor) -> torch.Tensor:
+        """s · B A x from ``ax`` = A dropout(x), shaped like the base output (zeros outside the slices)."""
         parts = []
         row, prev = 0, 0
         for i, (start, stop) in enumerate(self.slices):
@@ -128,11 +124,11 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
+        ax = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r * n_slices)
         if not self.full_width:
-            return out + self.lora_forward(x).to(out.dtype)
+            return out + self.sliced_lora_forward(ax).to(out.dtype)
         # h = W0 x + s · (A x) B^T as one addmm: no separate scale and add over the (tokens x out)
         # output, forward or backward (4% of an all-linear SmolLM2 step on CPU, same values).
-        ax = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()
         shape = out.shape
         return torch.addmm(out.reshape(-1, shape[-1]), ax.reshape(-1, ax.shape[-1]).to(out.dtype),
                            self.lora_B.t().to(out.dtype), alpha=self.scaling).view(shape)
