@@ -1,7 +1,8 @@
 """The exception types the CLI maps to exit codes, in a module that imports nothing heavy.
 
 ``lora-dist status``, ``list`` and ``logs`` must not import torch just to name the errors they
-catch; the modules that raise these re-export them under their old names.
+catch. Spec and data errors live with their modules (``spec.SpecError``, ``data.DataError``),
+which import nothing heavy either.
 """
 
 from __future__ import annotations
@@ -17,3 +18,7 @@ class ArtifactError(ValueError):
 
 class JobFailed(RuntimeError):
     """The training job failed (after any retries); the message says why."""
+
+
+class JobError(RuntimeError):
+    """A job or artifact location cannot be found, reached or acted on; the message says which and why."""

@@ -18,6 +18,7 @@ only, as the paper did for q and v: each slice gets its own rank-r pair, stacked
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -190,3 +191,29 @@ def freeze_non_lora(model: nn.Module) -> int:
         p.requires_grad_(trainable)
         count += p.numel() if trainable else 0
     return count
+
+
+@dataclass
+class LoraTensors:
+    """One module's LoRA pair as trained, with what is needed to export it."""
+    A: torch.Tensor
+    B: torch.Tensor
+    r: int
+    slices: list[tuple[int, int]]
+    out_features: int
+
+    @property
+    def full_width(self) -> bool:
+        return self.slices == [(0, self.out_features)]
+
+
+def collect_lora(model: nn.Module) -> dict[str, LoraTensors]:
+    """Copy every LoRA pair out of ``model`` as fp32 CPU tensors (the caller gathers them first
+    under ZeRO-3)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            out[name] = LoraTensors(mod.lora_A.detach().float().cpu().clone(),
+                                    mod.lora_B.detach().float().cpu().clone(),
+                                    mod.r, list(mod.slices), mod.out_features)
+    return out

@@ -28,10 +28,12 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from lora_dist.errors import ModelError  # noqa: F401  (re-exported)
+from lora_dist.errors import ModelError
 from lora_dist.lora import LoRALinear, freeze_non_lora
+from lora_dist.plan import PERSISTENCE_THRESHOLD, ModelCounts
 from lora_dist.quant import Int8Linear
-from lora_dist.spec import LINEAR_TARGET_ALL, LoraSpec, cache_root
+from lora_dist.spec import LINEAR_TARGET_ALL, SHAPES, LoraSpec, cache_root
+from lora_dist.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,6 @@ def resolve_base(base: str) -> Path:
     """
     if base == "smollm2-135m":
         return _smollm2_dir()
-    from lora_dist.spec import SHAPES
-
     if base in SHAPES:
         raise ModelError(f"model.base: {base!r} is an architecture without weights here: it serves "
                          f"`lora-dist plan` only; to train, point model.base at a Hugging Face directory")
@@ -129,14 +129,6 @@ def fingerprint(model_dir: Path) -> str:
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
     return digest
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- building the skeleton -----------------------------------------------------------------------
@@ -422,8 +414,6 @@ def check_model(base: str, lora: LoraSpec | None, quantization: str) -> Injectio
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_dist.spec import SHAPES
-
     if base in SHAPES:
         cfg = dict(SHAPES[base])
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -475,3 +465,58 @@ def load_model(base: str, lora: LoraSpec | None, quantization: str, seed: int = 
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
     return LoadedModel(model, tokenizer, model_dir, injection, trainable)
+
+
+# --- counting for the planner ---------------------------------------------------------------------
+
+def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
+    """Build ``base`` on the meta device, inject like a job, and count exactly.
+
+    Args:
+        base: a built-in id, a local Hugging Face directory, or an architecture mapping
+            (``{"model_type": "gpt2", "n_layer": 96, ...}``) for shapes with no weights anywhere.
+        lora: a LoraSpec (targets, r), or None for no LoRA.
+        quantization: which linears count as quantized (``int8``) or stay float (``none``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(base, str) and base in SHAPES:
+        base = SHAPES[base]
+    if isinstance(base, dict):
+        cfg = dict(base)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    else:
+        config = AutoConfig.from_pretrained(resolve_base(base))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        prepare(model, lora, "int8", device="meta")  # counting: every decoder linear as Int8Linear
+
+    params = {id(p): (n, p) for n, p in model.named_parameters()}
+    lora_n = sum(p.numel() for n, p in params.values() if ".lora_" in f".{n}")
+    q_params = q_rows = 0
+    for mod in model.modules():
+        if isinstance(mod, Int8Linear):
+            q_params += mod.weight.numel()
+            q_rows += mod.out_features
+    # the row scales are bookkeeping of quantization, not base parameters
+    total = sum(p.numel() for n, p in params.values() if ".lora_" not in f".{n}" and not n.endswith("weight_absmax"))
+    float_n = total - q_params
+    if quantization == "none":
+        float_n, q_params, q_rows = total, 0, 0
+    _, blocks = decoder_blocks(model)
+    block_sizes = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n and "absmax" not in n)
+                   for b in blocks]
+    linear_sizes = [m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear)] or [0]
+    small = sum(p.numel() for n, p in params.values()
+                if p.numel() < PERSISTENCE_THRESHOLD and ".lora_" not in f".{n}" and p.dtype != torch.int8)
+    lora_persistent = all(p.numel() < PERSISTENCE_THRESHOLD for n, p in params.values() if ".lora_" in f".{n}")
+    return ModelCounts(
+        architecture=type(model).__name__,
+        layers=len(blocks), hidden=config.hidden_size, heads=config.num_attention_heads,
+        vocab=config.vocab_size, total_params=total, quantized_linear_params=q_params, quantized_rows=q_rows,
+        float_params=float_n, lora_params=lora_n, lora_tensors_persistent=lora_persistent,
+        largest_block_params=max(block_sizes), largest_linear_params=max(linear_sizes),
+        small_float_params=small,
+    )

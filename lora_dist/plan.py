@@ -1,10 +1,11 @@
 """Memory and checkpoint planner: exact counts from the architecture, bytes per worker by method.
 
-Counts come from the model built on the meta device (no weights allocated), with the same
-quantization and LoRA injection the job would apply, so parameter numbers are exact. Bytes are
+Counts (:class:`ModelCounts`) come from ``model.count_model``, which builds the model on the
+meta device (no weights allocated) with the same quantization and LoRA injection the job would
+apply, so parameter numbers are exact; this module is the arithmetic on them. Bytes are
 arithmetic on those counts; the terms that must be modelled (the gathered working set,
 activations, a fixed per-process overhead) are stated here and checked against measured runs in
-``bench/plan_vs_measured.py``. This module imports no torch, ray or deepspeed at import time.
+``bench/plan_vs_measured.py``. This module imports no torch, ray or deepspeed, and nothing else of the package.
 
 Methods compared on the same model:
 
@@ -55,65 +56,6 @@ class ModelCounts:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
-    """Build ``base`` on the meta device, inject like a job, and count exactly.
-
-    Args:
-        base: a built-in id, a local Hugging Face directory, or an architecture mapping
-            (``{"model_type": "gpt2", "n_layer": 96, ...}``) for shapes with no weights anywhere.
-        lora: a LoraSpec (targets, r), or None for no LoRA.
-        quantization: which linears count as quantized (``int8``) or stay float (``none``).
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lora_dist.model import decoder_blocks, prepare, resolve_base
-    from lora_dist.quant import Int8Linear
-
-    from lora_dist.spec import SHAPES
-
-    if isinstance(base, str) and base in SHAPES:
-        base = SHAPES[base]
-    if isinstance(base, dict):
-        cfg = dict(base)
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    else:
-        config = AutoConfig.from_pretrained(resolve_base(base))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-        if getattr(config, "tie_word_embeddings", False):
-            model.tie_weights()
-        prepare(model, lora, "int8", device="meta")  # counting: every decoder linear as Int8Linear
-
-    params = {id(p): (n, p) for n, p in model.named_parameters()}
-    lora_n = sum(p.numel() for n, p in params.values() if ".lora_" in f".{n}")
-    q_params = q_rows = 0
-    for mod in model.modules():
-        if isinstance(mod, Int8Linear):
-            q_params += mod.weight.numel()
-            q_rows += mod.out_features
-    # the row scales are bookkeeping of quantization, not base parameters
-    total = sum(p.numel() for n, p in params.values() if ".lora_" not in f".{n}" and not n.endswith("weight_absmax"))
-    float_n = total - q_params
-    if quantization == "none":
-        float_n, q_params, q_rows = total, 0, 0
-    _, blocks = decoder_blocks(model)
-    block_sizes = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n and "absmax" not in n)
-                   for b in blocks]
-    linear_sizes = [m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear)] or [0]
-    small = sum(p.numel() for n, p in params.values()
-                if p.numel() < PERSISTENCE_THRESHOLD and ".lora_" not in f".{n}" and p.dtype != torch.int8)
-    lora_persistent = all(p.numel() < PERSISTENCE_THRESHOLD for n, p in params.values() if ".lora_" in f".{n}")
-    return ModelCounts(
-        architecture=type(model).__name__,
-        layers=len(blocks), hidden=config.hidden_size, heads=config.num_attention_heads,
-        vocab=config.vocab_size, total_params=total, quantized_linear_params=q_params, quantized_rows=q_rows,
-        float_params=float_n, lora_params=lora_n, lora_tensors_persistent=lora_persistent,
-        largest_block_params=max(block_sizes), largest_linear_params=max(linear_sizes),
-        small_float_params=small,
-    )
 
 
 # --- pure arithmetic ------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ def test_rank_above_layer_dimensions_is_rejected(tiny_dirs):
         load_model(str(tiny_dirs["llama"]), LoraSpec(r=100), "int8", with_tokenizer=False)
 
 
+@pytest.mark.slow
 def test_smollm2_int8_counts_and_answers(smollm2_dir):
     lm = load_model("smollm2-135m", LoraSpec(r=8, targets=("q_proj", "v_proj")), "int8")
     assert lm.trainable_params == 460_800
@@ -100,7 +101,8 @@ def test_smollm2_int8_counts_and_answers(smollm2_dir):
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
 
-def test_int8_base_agrees_with_float_base_on_held_out_e2e(e2e_csv):
+@pytest.mark.slow
+def test_int8_base_agrees_with_float_base_on_held_out_e2e(e2e_csv, smollm2_dir):
     from lora_dist.data import collate, read_e2e, split_by_prompt, tokenize
     from lora_dist.evaluate import logit_agreement
 

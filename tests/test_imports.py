@@ -1,0 +1,73 @@
+"""The package's import graph follows DESIGN's data flow, one way.
+
+Stages, in order; a module may import only modules of earlier stages (and its own stage's
+predecessors in this list). Imports inside functions count as much as those at the top.
+
+    errors -> store -> spec -> plan -> jobs            no torch: CLI queries, the planner, the job client
+    quant -> lora -> model -> data -> plot -> adapter  the model and the artifact format
+    engine (the only DeepSpeed importer)
+    train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
+    generate -> metrics -> evaluate -> cli
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
+ORDER = ["errors", "store", "spec", "plan", "jobs", "quant", "lora", "model", "data", "plot", "adapter", "engine",
+         "train", "worker", "launch", "jobrun", "generate", "metrics", "evaluate", "cli"]
+
+
+def _imports(path: Path) -> dict[str, set[str]]:
+    """(package modules, third-party top-level names) imported anywhere in ``path``."""
+    ours, theirs = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name.startswith("lora_dist."):
+                ours.add(name.split(".")[1])
+            elif name != "lora_dist":
+                theirs.add(name)
+    return {"ours": ours & set(ORDER), "theirs": theirs}
+
+
+def test_every_module_has_a_stage():
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert modules == set(ORDER), modules ^ set(ORDER)
+
+
+def test_no_module_imports_a_later_stage():
+    later = []
+    for name in ORDER:
+        for dep in _imports(PACKAGE / f"{name}.py")["ours"]:
+            if ORDER.index(dep) >= ORDER.index(name):
+                later.append(f"{name} imports {dep}")
+    assert not later, later
+
+
+def test_ray_train_and_deepspeed_each_have_one_importer():
+    ray_train = {n for n in ORDER if any(t.startswith("ray.train") for t in _imports(PACKAGE / f"{n}.py")["theirs"])}
+    deepspeed = {n for n in ORDER if any(t.split(".")[0] == "deepspeed" for t in _imports(PACKAGE / f"{n}.py")["theirs"])}
+    assert ray_train == {"launch"} and deepspeed == {"engine"}, (ray_train, deepspeed)
+
+
+def test_modules_import_with_ray_train_unimportable():
+    """Every module imports with ray.train unimportable (launch reaches it only when a job runs);
+    the stages before the model import with torch, ray, deepspeed and transformers unimportable."""
+    code = ("import importlib, sys\n"
+            "for m in ('ray.train', 'ray.train.torch'): sys.modules[m] = None\n"
+            f"for m in {ORDER!r}: importlib.import_module('lora_dist.' + m)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    light = ("import sys\nfor m in ('torch', 'ray', 'deepspeed', 'transformers'): sys.modules[m] = None\n"
+             "import lora_dist.errors, lora_dist.store, lora_dist.spec, lora_dist.plan, lora_dist.jobs\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-3000:]
