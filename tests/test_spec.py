@@ -53,8 +53,11 @@ def test_overrides_apply_and_are_validated(tmp_path):
 
 
 def test_spec_round_trips_through_a_plain_dict(tmp_path):
-    spec = load_spec(_write(tmp_path, "name: a\nlora: {r: 4, targets: all-linear}\n"))
+    spec = load_spec(_write(tmp_path, "name: a\nlora: {r: 4, targets: all-linear}\ntrain: {lr: 2e-4}\n"))
+    assert spec.lora.targets == ("all-linear",) and spec.train.lr == 2e-4  # YAML 1.1 reads 2e-4 as a string
     assert spec_from_dict(spec.to_dict()) == spec
+    with pytest.raises(Exception):
+        spec.train.lr = 1.0  # frozen: what crosses to the workers is what was validated
 
 
 BAD = [
@@ -62,7 +65,12 @@ BAD = [
     ("name: a\nlora: {rank: 4}\n", "lora.rank: unknown key"),
     ("lora: {r: 4}\n", "name: required"),
     ("name: ../etc\n", "name: must be"),
-    ("name: a\nlora: {r: 0}\n", "lora.r: must be an integer from 1"),
+    ("name: a\nlora: {r: 0}\n", "lora.r: must be from 1 to 4096, got 0"),
+    ("name: a\nlora: {r: true}\n", "lora.r: expected an integer, got True"),
+    ("name: a\nlora: {alpha: .inf}\n", "lora.alpha: must be a finite number"),
+    ("name: a\ntrain: {weight_decay: .nan}\n", "train.weight_decay: must be a finite number"),
+    ("name: a\ntrain: {parity_check: 'yes'}\n", "train.parity_check: expected true or false"),
+    ("name: a\ntrain: {lr: fast}\n", "train.lr: expected a number, got 'fast'"),
     ("name: a\nlora: {r: eight}\n", "lora.r: expected an integer"),
     ("name: a\nlora: {alpha: -1}\n", "lora.alpha: must be > 0"),
     ("name: a\nlora: {dropout: 1.5}\n", "lora.dropout: must be in [0, 1)"),
@@ -121,11 +129,12 @@ def test_runtime_env_keys_come_from_an_allow_list(tmp_path):
     assert spec.cluster.runtime_env == {"env_vars": {"HF_HOME": "/data/hf"}}
     with pytest.raises(SpecError, match=r"cluster.runtime_env: keys \['working_dir'\] are not allowed"):
         load_spec(_write(tmp_path, "name: a\ncluster: {runtime_env: {working_dir: /etc}}\n"))
-    with pytest.raises(SpecError, match="cluster.runtime_env.env_vars: must map names to string values"):
+    with pytest.raises(SpecError, match="cluster.runtime_env: env_vars must map names to string values"):
         load_spec(_write(tmp_path, "name: a\ncluster: {runtime_env: {env_vars: {X: 1}}}\n"))
 
 
-def test_output_dir_outside_the_output_root_is_refused(tmp_path, monkeypatch):
+def test_cluster_output_root_confines_local_output_dirs(tmp_path, monkeypatch):
+    """The check the cluster side (jobrun) applies; the embedded default does not (test_train)."""
     from lora_dist.spec import check_output_root
     monkeypatch.chdir(tmp_path)
     check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: runs}\n")))
