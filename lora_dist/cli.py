@@ -31,20 +31,22 @@ def _address(args: argparse.Namespace) -> str | None:
 
 
 def _validated_spec(args: argparse.Namespace):
-    """Every check that can run before anything starts: the spec, the output root, the model."""
-    from lora_dist.model import check_model
-    from lora_dist.spec import check_output_root, load_spec
+    """Every check that can run before anything starts: the spec and the model (targets and rank
+    on the architecture built without weights). A cluster checks its own output root (jobrun)."""
+    from lora_dist.spec import load_spec
 
-    spec = load_spec(args.job, args.set)
-    check_output_root(spec)
-    check_model(spec.model.base, None if spec.train.method == "full" else spec.lora, spec.model.quantization)
+    spec = load_spec(args.job, args.set)  # no torch yet: a bad spec is refused in a moment
+    from lora_dist.model import check_model
+
+    check_model(spec.model.base, spec.injected_lora, spec.model.quantization)
     return spec
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from lora_dist.plan import METHODS, Setup, count_model, fmt_bytes, make_plan, parse_bytes
+    from lora_dist.model import count_model
+    from lora_dist.plan import METHODS, Setup, fmt_bytes, make_plan, parse_bytes
     from lora_dist.spec import load_spec
 
     spec = load_spec(args.job, args.set)
@@ -88,11 +90,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    spec = _validated_spec(args)
     from lora_dist.train import train_local
 
-    spec = _validated_spec(args)
-    out = train_local(spec)
-    print(out)
+    print(train_local(spec))
     return EXIT_OK
 
 
@@ -116,10 +117,10 @@ class _Tee:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from lora_dist import jobs
-    from lora_dist.adapter import new_job_id
+    from lora_dist.store import check_job_id, new_job_id
 
     spec = _validated_spec(args).with_absolute_paths()
-    job_id = args.job_id or new_job_id()
+    job_id = check_job_id(args.job_id) if args.job_id else new_job_id()
     address = _address(args)
     if address:
         sid = jobs.submit_remote(spec, job_id, address)
@@ -139,11 +140,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _submit_embedded(spec, job_id: str) -> int:
     from lora_dist import jobs
     from lora_dist.launch import run_job
+    from lora_dist.store import run_name
 
-    sid = f"{spec.name}-{job_id}"
+    sid = run_name(spec.name, job_id)
     log_path = jobs.registry_dir() / f"{sid}.log"
-    jobs.record(sid, state="RUNNING", pid=os.getpid(), name=spec.name, max_steps=spec.train.max_steps,
-                log=str(log_path), started=time.time(), where="embedded")
+    jobs.record(sid, state="RUNNING", pid=os.getpid(), name=spec.name, job=job_id, output_dir=spec.output.dir,
+                max_steps=spec.train.max_steps, log=str(log_path), started=time.time(), where="embedded")
     print(f"job {sid} on an embedded local Ray (lora-dist status {sid})", flush=True)
     # `lora-dist stop` records the request, then sends SIGINT. Ray installs signal handlers of its
     # own and may turn the interrupt into SystemExit or an error, so the registry says what it was.
@@ -151,8 +153,7 @@ def _submit_embedded(spec, job_id: str) -> int:
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out, log_path), _Tee(err, log_path)
     try:
-        artifact = run_job(spec, job_id=job_id,
-                           work_dir_hook=lambda _id, wd: jobs.record(sid, work_dir=str(wd)))
+        artifact = run_job(spec, job_id=job_id)
     except BaseException as e:
         if jobs.stop_requested(sid) or isinstance(e, KeyboardInterrupt):
             jobs.record(sid, state="STOPPED", message="stopped by the user")
@@ -164,12 +165,7 @@ def _submit_embedded(spec, job_id: str) -> int:
         raise
     finally:
         sys.stdout, sys.stderr = out, err
-    from lora_dist.adapter import read_manifest
-
-    final_loss = None
-    if not jobs.is_uri(str(artifact)):
-        final_loss = read_manifest(Path(artifact)).get("final_loss")
-    jobs.record(sid, state="SUCCEEDED", artifact=str(artifact), final_loss=final_loss)
+    jobs.record(sid, state="SUCCEEDED", artifact=str(artifact))
     print(artifact)
     return EXIT_OK
 
@@ -214,6 +210,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from lora_dist import jobs
+    from lora_dist.store import fetch
 
     address = _address(args)
     st = jobs.status_remote(address, args.job_id) if address else jobs.status_local(args.job_id)
@@ -221,7 +218,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         print(f"error: job {args.job_id} is {st.state}: it has no artifact to fetch", file=sys.stderr)
         return EXIT_FAILED
     out = Path(args.out) if args.out else Path.cwd() / Path(st.artifact.rstrip("/")).name
-    jobs.fetch(st.artifact, out)
+    fetch(st.artifact, out)
     print(out)
     return EXIT_OK
 
@@ -241,6 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from lora_dist.adapter import load_adapted
     from lora_dist.evaluate import evaluate_e2e
+    from lora_dist.generate import prompt_template
 
     data = Path(args.data)
     if not data.is_file():
@@ -258,7 +256,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def progress(i: int, n: int) -> None:
         print(f"generated {i}/{n} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    preds, metrics = evaluate_e2e(loaded.model, loaded.tokenizer, data, limit=args.limit, num_beams=args.num_beams,
+    preds, metrics = evaluate_e2e(loaded.model, loaded.tokenizer, data, template=prompt_template(manifest),
+                                  limit=args.limit, num_beams=args.num_beams,
                                   length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                                   max_new_tokens=args.max_new_tokens, progress=progress,
                                   batch_size=args.batch_size)
@@ -269,7 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from lora_dist.adapter import verify_artifact
+    from lora_dist.store import verify_artifact
 
     manifest = verify_artifact(Path(args.artifact))
     print(f"ok: {len(manifest['files'])} files verified in {args.artifact}")
@@ -373,8 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         _enable_token_auth()
     _quiet_libraries()
     from lora_dist.data import DataError
-    from lora_dist.errors import ArtifactError, JobFailed, ModelError
-    from lora_dist.jobs import JobError
+    from lora_dist.errors import ArtifactError, JobError, JobFailed, ModelError
     from lora_dist.spec import SpecError
 
     try:

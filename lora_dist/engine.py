@@ -1,18 +1,21 @@
 """The only module that talks to DeepSpeed: ZeRO config, sharded build, gather, checkpoints.
 
-The frozen int8 base is built inside ``deepspeed.zero.Init``: every parameter (int8 weights,
-fp32 row absmax, float embeddings and norms, LoRA) is partitioned as its module is constructed,
-so each rank holds 1/N of every tensor. Weights are then streamed from safetensors one tensor at
-a time: rank 0 reads and quantizes inside ``GatheredParameters(modifier_rank=0)``, and on exit
-DeepSpeed broadcasts the values and re-partitions them. Other ranks never read the files.
-Only the LoRA parameters are handed to the optimizer, so only they have gradients and AdamW state.
+The model is not built inside ``deepspeed.zero.Init`` (that would first allocate every float
+linear, 1/N of the float model per rank at once, only to replace it). It is built as a skeleton
+on the meta device, int8 linears and LoRA pairs included; then each decoder block, and afterwards
+every remaining module, gets real (empty) storage and is handed to
+``deepspeed.zero.Init(module=...)``, which partitions it at once (:func:`build_sharded`). Weights
+are then streamed from safetensors one tensor at a time: rank 0 reads and quantizes inside
+``GatheredParameters(modifier_rank=0)``, and on exit DeepSpeed broadcasts the values and
+re-partitions them; the other ranks never read the files (:func:`stream_weights`). Only the LoRA
+parameters are handed to the optimizer, so only they have gradients and AdamW state.
+:class:`ZeroRunner` is the engine as the training loop (train.py) sees it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora_dist.adapter import LoraTensors, collect_lora
-from lora_dist.lora import freeze_non_lora, lora_parameters
-from lora_dist.model import Injection, check_complete, init_lora, load_weights, prepare
+from lora_dist.lora import LoraTensors, collect_lora, freeze_non_lora, lora_parameters
+from lora_dist.model import Injection, check_complete, decoder_blocks, init_lora, load_weights, params_on_meta, \
+    prepare
 from lora_dist.quant import Int8Linear
 from lora_dist.spec import JobSpec
 
@@ -76,8 +79,6 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any]) -> tuple[nn.
     linear (1/N of the float model per rank, all at once) only to replace it.
     """
     from transformers import AutoModelForCausalLM
-
-    from lora_dist.model import decoder_blocks, params_on_meta
 
     full = spec.train.method == "full"
     with params_on_meta():
@@ -160,22 +161,49 @@ def blocks_as_zero3_leaves(model: nn.Module) -> None:
     """
     from deepspeed.utils import set_z3_leaf_modules
 
-    from lora_dist.model import decoder_blocks
-
     _, blocks = decoder_blocks(model)
     set_z3_leaf_modules(model, list({type(b) for b in blocks}))
     model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
 
 
-def initialize(model: nn.Module, config: dict[str, Any], lr_lambda: Callable[[int], float]):
-    """deepspeed.initialize with only the trainable (LoRA) parameters given to the optimizer."""
+def initialize(model: nn.Module, config: dict[str, Any], scheduler: Callable[[torch.optim.Optimizer], Any]):
+    """deepspeed.initialize with only the trainable (LoRA) parameters given to the optimizer;
+    ``scheduler(optimizer)`` makes the learning-rate schedule."""
     params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
     if config["zero_optimization"]["stage"] == 3:
         blocks_as_zero3_leaves(model)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=params, config=config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
-    return engine, optimizer, scheduler
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config,
+                                           lr_scheduler=scheduler)
+    return engine
+
+
+class ZeroRunner:
+    """A DeepSpeed engine as the training loop drives it (see ``train.Runner``).
+
+    DeepSpeed scales each micro-batch's loss by 1/grad_accum, averages gradients across ranks,
+    clips, and applies AdamW and the schedule itself at the accumulation boundary; ``step`` after
+    every backward is how its API asks for that.
+    """
+
+    def __init__(self, engine, rank: int) -> None:
+        self.module = engine
+        self.rank = rank
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.module.backward(loss)
+        self.module.step()
+
+    def lr(self) -> float:
+        return self.module.get_lr()[0]
+
+    def step(self) -> None:
+        pass  # applied inside the last micro-batch's engine.step()
+
+    def gather_lora(self) -> dict[str, LoraTensors] | None:
+        return gather_lora(self.module.module, self.rank)
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        return gather_full_state(self.module)
 
 
 def partition_report(model: nn.Module) -> dict[str, int]:
@@ -192,12 +220,6 @@ def partition_report(model: nn.Module) -> dict[str, int]:
             out["int8_local_bytes"] += local.numel() * size
             out["int8_full_bytes"] += full * size
     return out
-
-
-def peak_memory_bytes(cuda: bool) -> int:
-    if cuda:
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def gather_lora(model: nn.Module, rank: int) -> dict[str, LoraTensors] | None:

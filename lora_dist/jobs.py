@@ -6,8 +6,12 @@ the constant :data:`ENTRYPOINT`; the spec travels as a JSON data file in the job
 ``working_dir``; only allow-listed ``runtime_env`` keys are passed through.
 
 Jobs on the embedded default run in the submitting process; they are recorded in a registry
-under ``<cache>/jobs/`` (state, pid, progress file, log file, artifact) so that ``status``,
+under ``<cache>/jobs/`` (state, pid, work directory, log file, artifact) so that ``status``,
 ``logs``, ``stop`` and ``list`` work for them too.
+
+Progress comes from the job's own records, never from its log text: ``metrics.jsonl`` in the
+job's work directory while it runs, the artifact's manifest once it has finished (both found
+from the job's output.dir, which a remote submission records in its metadata).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import tempfile
 import time
@@ -23,20 +26,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from lora_dist.jobrun import ARTIFACT_PREFIX, WORKER_ENV
-from lora_dist.spec import RUNTIME_ENV_KEYS as ALLOWED_RUNTIME_ENV_KEYS
-from lora_dist.spec import JobSpec, cache_root
+from lora_dist.errors import ArtifactError, JobError
+from lora_dist.spec import RUNTIME_ENV_KEYS, JobSpec, cache_root
+from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, check_job_id, join, parse_manifest, \
+    read_text, run_name, work_dir
 
 ENTRYPOINT = "python -m lora_dist.jobrun job-spec.json"
 SPEC_FILE = "job-spec.json"
 METADATA_TAG = "lora-dist"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Environment every Ray process of a job gets (the spec itself travels as data, never here).
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
+              # Ray Train V2 re-emits print() through logging, so every progress line showed twice.
+              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 RAY_PREFIX_RE = re.compile(r"^(\x1b\[[0-9;]*m)?\([A-Za-z]+ pid=\d+(, ip=[0-9.]+)?\)(\x1b\[[0-9;]*m)?\s*")
-STEP_RE = re.compile(r"step (\d+)/(\d+)\s+loss ([0-9.]+|nan)")
-
-
-class JobError(RuntimeError):
-    """A job cannot be found, reached or acted on; the message says which and why."""
+# Lines of a job's output that --wait echoes (the rest is Ray's own logging).
+ECHO_RE = re.compile(r"^(step \d+|error|artifact: |job |parity|resumed)")
 
 
 @dataclass
@@ -63,16 +68,30 @@ class JobStatus:
         return "  ".join(parts)
 
 
-def parse_progress(text: str) -> tuple[int | None, int | None, float | None, str | None]:
-    """(step, total, loss, artifact) from a job's log text: its last progress line and artifact line."""
-    step = total = loss = artifact = None
-    for m in STEP_RE.finditer(text):
-        step, total = int(m.group(1)), int(m.group(2))
-        loss = float(m.group(3))
+def progress(output_dir: str | None, name: str | None, job_id: str | None,
+             finished: bool) -> tuple[int | None, float | None]:
+    """(last step, its loss) from a job's own records: the finished artifact's manifest, or the
+    running job's metrics.jsonl; (None, None) where neither can be read from here."""
+    if not (output_dir and name and job_id):
+        return None, None
+    if finished:
+        text = read_text(join(artifact_location(output_dir, name, job_id), MANIFEST_FILE))
+        if text:
+            try:
+                manifest = parse_manifest(text, output_dir)
+                return manifest.get("steps"), manifest.get("final_loss")
+            except ArtifactError:
+                return None, None
+    step = loss = None
+    text = read_text(str(work_dir(output_dir, name, job_id) / METRICS_FILE)) or ""
     for line in text.splitlines():
-        if line.startswith(ARTIFACT_PREFIX):
-            artifact = line[len(ARTIFACT_PREFIX):].strip()
-    return step, total, loss, artifact
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line being written right now
+        if "loss" in rec:
+            step, loss = rec["step"], rec["loss"]
+    return step, loss
 
 
 # --- remote: the Ray Jobs API ------------------------------------------------------------------
@@ -101,11 +120,11 @@ def client(address: str):
 def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
     """Submit ``spec`` through the Jobs API; return the submission id (``<name>-<job_id>``)."""
     runtime_env = dict(spec.cluster.runtime_env)
-    bad = sorted(set(runtime_env) - set(ALLOWED_RUNTIME_ENV_KEYS))
-    if bad:
-        raise JobError(f"cluster.runtime_env: keys {bad} are not allowed (allowed: {', '.join(ALLOWED_RUNTIME_ENV_KEYS)})")
+    bad = sorted(set(runtime_env) - set(RUNTIME_ENV_KEYS))
+    if bad:  # the spec refuses these already; a JobSpec built in code is checked here too
+        raise JobError(f"cluster.runtime_env: keys {bad} are not allowed (allowed: {', '.join(RUNTIME_ENV_KEYS)})")
     c = client(address)
-    submission_id = f"{spec.name}-{job_id}"
+    submission_id = run_name(spec.name, job_id)
     with tempfile.TemporaryDirectory(prefix="lora-dist-submit-") as tmp:
         (Path(tmp) / SPEC_FILE).write_text(json.dumps({"spec": spec.to_dict(), "job_id": job_id}))
         env = {**runtime_env, "working_dir": tmp}
@@ -114,22 +133,26 @@ def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
         try:
             return c.submit_job(entrypoint=ENTRYPOINT, submission_id=submission_id, runtime_env=env,
                                 metadata={METADATA_TAG: "1", "name": spec.name, "job_id": job_id,
-                                          "max_steps": str(spec.train.max_steps)})
+                                          "max_steps": str(spec.train.max_steps),
+                                          "output_dir": spec.output.dir})
         except Exception as e:
             raise JobError(f"submitting {submission_id} to {address} failed: {_short(e)}") from None
 
 
 def status_remote(address: str, job_id: str) -> JobStatus:
+    """State from the Jobs API; step, loss and the artifact from the job's own records."""
     c = client(address)
     try:
         info = c.get_job_info(job_id)
-        logs = c.get_job_logs(job_id)
     except Exception as e:
         raise JobError(f"job {job_id} at {address}: {_short(e)}") from None
-    step, total, loss, artifact = parse_progress(logs)
     state = str(info.status.value if hasattr(info.status, "value") else info.status)
-    if state != "SUCCEEDED":
-        artifact = None  # only a finished job has published an artifact
+    meta = info.metadata or {}
+    out, name, jid = meta.get("output_dir"), meta.get("name"), meta.get("job_id")
+    step, loss = progress(out, name, jid, finished=state == "SUCCEEDED")
+    # only a finished job has published an artifact
+    artifact = artifact_location(out, name, jid) if state == "SUCCEEDED" and out and name and jid else None
+    total = int(meta["max_steps"]) if meta.get("max_steps") else None
     return JobStatus(job_id, state, step, total, loss, artifact, info.message, where=address)
 
 
@@ -192,8 +215,7 @@ def wait_remote(address: str, job_id: str, stream) -> JobStatus:
     for chunk in logs_remote(address, job_id, follow=True):
         for line in chunk.splitlines():
             line = RAY_PREFIX_RE.sub("", line)
-            if STEP_RE.search(line) or "val_loss" in line or line.startswith(("error", ARTIFACT_PREFIX, "job ",
-                                                                                 "parity")):
+            if ECHO_RE.match(line):
                 print(line, file=stream, flush=True)
     deadline = time.time() + 60
     st = status_remote(address, job_id)
@@ -212,9 +234,7 @@ def registry_dir() -> Path:
 
 
 def _record_path(job_id: str) -> Path:
-    if not re.match(r"^[A-Za-z0-9._-]+$", job_id):
-        raise JobError(f"job id {job_id!r} is not a job id")
-    return registry_dir() / f"{job_id}.json"
+    return registry_dir() / f"{check_job_id(job_id)}.json"
 
 
 def record(job_id: str, **fields: Any) -> None:
@@ -250,18 +270,7 @@ def status_local(job_id: str) -> JobStatus:
     if state in ("PENDING", "RUNNING") and not _alive(r.get("pid")):
         state = "FAILED"
         r["message"] = "the submitting process is gone"
-    step = loss = None
-    metrics = Path(r["work_dir"]) / "metrics.jsonl" if r.get("work_dir") else None
-    if metrics and metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line)
-            if "loss" in rec:
-                step, loss = rec["step"], rec["loss"]
-    elif r.get("log") and Path(r["log"]).is_file():
-        step, _, loss, _ = parse_progress(Path(r["log"]).read_text(errors="replace"))
-    if state == "SUCCEEDED":
-        step = r.get("max_steps", step)
-        loss = r.get("final_loss", loss)
+    step, loss = progress(r.get("output_dir"), r.get("name"), r.get("job"), finished=state == "SUCCEEDED")
     return JobStatus(job_id, state, step, r.get("max_steps"), loss,
                      r.get("artifact") if state == "SUCCEEDED" else None, r.get("message"))
 
@@ -318,65 +327,6 @@ def list_local() -> list[JobStatus]:
         except (JobError, ValueError, KeyError):
             continue
     return out
-
-
-# --- artifacts: fetch from local paths or URIs ---------------------------------------------------
-
-def is_uri(location: str) -> bool:
-    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", location))
-
-
-def fetch(location: str, out: Path) -> Path:
-    """Copy an artifact (local path or pyarrow URI) to ``out`` and verify every sha256.
-
-    Raises:
-        JobError: ``out`` exists, or the source is not a complete artifact.
-        ArtifactError: a file fails verification (the copy is removed).
-    """
-    from lora_dist.adapter import MANIFEST_FILE, verify_artifact
-
-    if out.exists():
-        raise JobError(f"{out} already exists; fetch never overwrites (choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        if is_uri(location):
-            import pyarrow.fs as pafs
-
-            fs, path = pafs.FileSystem.from_uri(location)
-            if fs.get_file_info(f"{path}/{MANIFEST_FILE}").type == pafs.FileType.NotFound:
-                raise JobError(f"{location}: no {MANIFEST_FILE}: not a complete artifact")
-            pafs.copy_files(location, str(partial), destination_filesystem=pafs.LocalFileSystem())
-        else:
-            src = Path(location)
-            if not (src / MANIFEST_FILE).is_file():
-                raise JobError(f"{src}: no {MANIFEST_FILE}: not a complete artifact (or not reachable from here)")
-            shutil.copytree(src, partial)
-        verify_artifact(partial)
-        os.rename(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return out
-
-
-def publish(local_artifact: Path, uri: str) -> str:
-    """Upload a finished local artifact to a URI, manifest last: without it nothing looks complete."""
-    import pyarrow.fs as pafs
-
-    from lora_dist.adapter import MANIFEST_FILE
-
-    fs, base = pafs.FileSystem.from_uri(uri.rstrip("/"))
-    dest = f"{base}/{local_artifact.name}"
-    if fs.get_file_info(f"{dest}/{MANIFEST_FILE}").type != pafs.FileType.NotFound:
-        raise JobError(f"{uri.rstrip('/')}/{local_artifact.name} already exists; an artifact is never overwritten")
-    fs.create_dir(dest, recursive=True)
-    files = sorted(p for p in local_artifact.iterdir() if p.is_file())
-    for f in sorted(files, key=lambda p: p.name == MANIFEST_FILE):
-        with fs.open_output_stream(f"{dest}/{f.name}") as o:
-            o.write(f.read_bytes())
-    return f"{uri.rstrip('/')}/{local_artifact.name}"
 
 
 def _short(e: BaseException) -> str:

@@ -1,111 +1,137 @@
-"""The only ray.train importer: a JobSpec -> TorchTrainer over N workers -> the artifact path.
+"""The only ray.train importer: a JobSpec -> TorchTrainer over N workers -> the artifact.
 
 With no address, an embedded local Ray is started (and stopped); with an address, the driver
-joins that cluster (the Jobs API entrypoint runs this same driver on the cluster).
+joins that cluster (the Jobs API entrypoint, jobrun.py, runs this same driver on the cluster).
+Workers run ``worker.run_worker`` and reach Ray Train only through :class:`RayTrainIO`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from lora_dist.errors import JobFailed  # noqa: F401  (re-exported)
-from lora_dist.adapter import new_job_id
-from lora_dist.jobrun import WORKER_ENV
-from lora_dist.jobs import is_uri
+from lora_dist.errors import JobFailed
+from lora_dist.jobs import WORKER_ENV
 from lora_dist.spec import JobSpec
+from lora_dist.store import is_uri, join, new_job_id, run_name, work_dir
 
 
 def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None,
-            stream=sys.stdout, work_dir_hook=None) -> Path | str:
+            stream=sys.stdout) -> Path | str:
     """Run ``spec`` on Ray Train + DeepSpeed and return the artifact (a directory, or a URI).
 
     Args:
         spec: the validated job spec.
         job_id: reuse an id to resume that job's checkpoints (Ray Train resumes by run name).
-        address: a Ray cluster address; None starts an embedded local Ray.
+        address: a Ray cluster address; None starts an embedded local Ray; "auto" joins the
+            cluster this driver runs on (a Jobs API job).
 
     Raises:
         JobFailed: the job failed; no artifact directory was published.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     spec = spec.with_absolute_paths()
     job_id = job_id or new_job_id()
-    run_name = f"{spec.name}-{job_id}"
-    if is_uri(spec.output.dir):
-        # Checkpoints go to the storage URI; progress files stay node-local.
-        storage_path = spec.output.dir.rstrip("/") + "/.ray-train"
-        work_dir = Path(tempfile.gettempdir()) / "lora-dist-work" / run_name
-    else:
-        storage_path = str(Path(spec.output.dir) / ".ray-train")
-        work_dir = Path(spec.output.dir) / f".{run_name}.work"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    if work_dir_hook:
-        work_dir_hook(job_id, work_dir)
-
-    parity_reference = None
-    if spec.train.parity_check:
-        from lora_dist.train import reference_losses
-
-        steps = min(spec.train.parity_steps, spec.train.max_steps)
-        print(f"parity check: unsharded int8 reference for {steps} steps on the batches of "
-              f"{spec.cluster.workers} workers", file=stream, flush=True)
-        parity_reference = reference_losses(spec, spec.cluster.workers, steps)
-        print("parity reference losses: " + " ".join(f"{v:.6f}" for v in parity_reference), file=stream, flush=True)
+    run = run_name(spec.name, job_id)
+    work = work_dir(spec.output.dir, spec.name, job_id)
+    work.mkdir(parents=True, exist_ok=True)
+    parity_reference = _parity_reference(spec, stream) if spec.train.parity_check else None
 
     started_here = False
     if not ray.is_initialized():
-        env = dict(WORKER_ENV)
         if address is None:
-            ray.init(log_to_driver=True, runtime_env={"env_vars": env})
+            ray.init(log_to_driver=True, runtime_env={"env_vars": dict(WORKER_ENV)})
             started_here = True
         elif address == "auto":  # inside a Jobs API job: its runtime_env already carries WORKER_ENV
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": dict(WORKER_ENV)})
     try:
-        use_gpu = spec.cluster.gpus_per_worker > 0
-        resources: dict[str, float] = {"CPU": spec.cluster.cpus_per_worker}
-        if use_gpu:
-            resources["GPU"] = spec.cluster.gpus_per_worker
-        trainer = TorchTrainer(
-            _worker_entry,
-            train_loop_config={"spec": spec.to_dict(), "job_id": job_id, "work_dir": str(work_dir),
-                               "parity_reference": parity_reference},
-            scaling_config=ScalingConfig(num_workers=spec.cluster.workers, use_gpu=use_gpu,
-                                         resources_per_worker=resources,
-                                         placement_strategy="SPREAD" if spec.cluster.placement == "spread" else "PACK"),
-            run_config=RunConfig(name=run_name, storage_path=storage_path,
-                                 failure_config=FailureConfig(max_failures=spec.cluster.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        )
+        config = {"spec": spec.to_dict(), "job_id": job_id, "work_dir": str(work),
+                  "parity_reference": parity_reference}
         t0 = time.time()
         try:
-            result = trainer.fit()
+            result = _trainer(spec, run, config).fit()
         except Exception as e:  # Ray wraps the worker's exception; keep its message for the user
-            raise JobFailed(f"job {run_name} failed: {_root_message(e)}") from e
+            raise JobFailed(f"job {run} failed: {_root_message(e)}") from e
         location = (result.metrics or {}).get("artifact")
         if not location:
-            raise JobFailed(f"job {run_name} finished without publishing an artifact")
-        print(f"job {run_name} finished in {time.time() - t0:.0f} s", file=stream, flush=True)
-        shutil.rmtree(work_dir, ignore_errors=True)
+            raise JobFailed(f"job {run} finished without publishing an artifact")
+        print(f"job {run} finished in {time.time() - t0:.0f} s", file=stream, flush=True)
+        shutil.rmtree(work, ignore_errors=True)
         return location if is_uri(location) else Path(location)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _worker_entry(config: dict[str, Any]) -> None:
-    from lora_dist.worker import train_loop_per_worker
+def _parity_reference(spec: JobSpec, stream) -> list[float]:
+    from lora_dist.train import reference_losses
 
-    train_loop_per_worker(config)
+    steps = min(spec.train.parity_steps, spec.train.max_steps)
+    print(f"parity check: unsharded int8 reference for {steps} steps on the batches of "
+          f"{spec.cluster.workers} workers", file=stream, flush=True)
+    reference = reference_losses(spec, spec.cluster.workers, steps)
+    print("parity reference losses: " + " ".join(f"{v:.6f}" for v in reference), file=stream, flush=True)
+    return reference
+
+
+def _trainer(spec: JobSpec, run: str, config: dict[str, Any]):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    c = spec.cluster
+    resources: dict[str, float] = {"CPU": c.cpus_per_worker}
+    if c.gpus_per_worker:
+        resources["GPU"] = c.gpus_per_worker
+    return TorchTrainer(
+        _worker_entry, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
+                                     resources_per_worker=resources,
+                                     placement_strategy="SPREAD" if c.placement == "spread" else "PACK"),
+        # Checkpoints live beside the artifacts (a URI, or <output.dir>/.ray-train); Ray Train
+        # resumes a run by (storage_path, name), and the name derives from the job id.
+        run_config=RunConfig(name=run, storage_path=join(spec.output.dir, ".ray-train"),
+                             failure_config=FailureConfig(max_failures=c.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+
+
+class RayTrainIO:
+    """What a worker needs of Ray Train (see ``worker.RayIO``)."""
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as d:
+            yield Path(d)
+
+    def report(self, metrics: dict[str, Any], directory: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def _worker_entry(config: dict[str, Any]) -> None:
+    from lora_dist.worker import run_worker
+
+    run_worker(config, RayTrainIO())
 
 
 def _root_message(e: BaseException) -> str:

@@ -1,66 +1,47 @@
-"""Training pieces shared by every path, and the single-process trainer (``lora-dist train``).
+"""The one training loop: every path (``lora-dist train``, a Ray worker, the parity reference)
+steps through :func:`train_step` and :func:`run_steps`.
 
-The distributed worker reuses :func:`lr_lambda`, :func:`evaluate`, :func:`micro_batch` and the
-artifact writer; what differs there is only who owns the optimizer step (DeepSpeed).
+What differs between paths is only who owns the optimizer step, which a *runner* hides:
+
+    LocalRunner   one process, plain PyTorch AdamW       lora-dist train, the parity reference
+    ZeroRunner    a DeepSpeed engine (engine.py)         a Ray worker at any world size
+
+and which ranks' batches a process trains: a worker trains its own rank's; the single process
+trains every rank's batches of an N-worker run, averaging them as data-parallel training does,
+which makes it the unsharded reference for that run. Batches are a pure function of
+(step, micro-step, rank), so a resumed or re-sharded run sees the same data.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import random
+import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
-from lora_dist import adapter as adapter_mod
+from lora_dist.adapter import write_job_artifact
 from lora_dist.data import BatchPlan, Tokenized, collate, load_examples, split_by_prompt, tokenize
-from lora_dist.model import cache_root, enable_activation_checkpointing, fingerprint, load_model
-from lora_dist.spec import JobSpec
-
-log = logging.getLogger(__name__)
-
-LOSS_CURVE_FILE = "loss_curve.png"
-
-
-def lora_or_none(spec: JobSpec):
-    """The LoRA settings to inject, or None for full fine-tuning."""
-    return None if spec.train.method == "full" else spec.lora
+from lora_dist.errors import ArtifactError
+from lora_dist.lora import LoraTensors, collect_lora
+from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
+from lora_dist.spec import JobSpec, cache_root
+from lora_dist.store import METRICS_FILE, artifact_location, is_uri, new_job_id, publish, work_dir
 
 
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Each trainable parameter once (tied weights are one parameter)."""
-    return [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+class ParityError(RuntimeError):
+    """The sharded run's loss left the unsharded reference's by more than the tolerance."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def lr_lambda(spec: JobSpec) -> Callable[[int], float]:
-    """Linear warmup over ``warmup_steps``, then linear or cosine decay to zero at ``max_steps``."""
-    t = spec.train
-    warmup = min(t.warmup_steps, t.max_steps)
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        span = max(1, t.max_steps - warmup)
-        progress = min(1.0, (step - warmup) / span)
-        if t.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-    return f
-
+# --- data for the loop ----------------------------------------------------------------------------
 
 @dataclass
 class Dataset:
@@ -81,6 +62,26 @@ def prepare_data(spec: JobSpec, tokenizer) -> Dataset:
                    len({e.prompt for e in train_ex}), len({e.prompt for e in val_ex}))
 
 
+def global_index(step: int, micro: int, rank: int, grad_accum: int, world_size: int) -> int:
+    """The BatchPlan index of (step, micro-step, rank): steps count from 1, every rank its own batch."""
+    return ((step - 1) * grad_accum + micro) * world_size + rank
+
+
+def micro_batch(data: Dataset, plan: BatchPlan, index: int) -> dict[str, torch.Tensor]:
+    return collate([data.train[j] for j in plan.indices(index)], data.pad_id)
+
+
+def val_batches(data: Dataset, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
+    size = spec.train.micro_batch_size
+    items = data.val[: size * spec.train.eval_batches]
+    return [collate(items[i:i + size], data.pad_id) for i in range(0, len(items), size)]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def seed_batch(seed: int, index: int) -> None:
     """Seed the RNG that draws LoRA dropout masks from the run seed and the batch's BatchPlan index.
 
@@ -93,14 +94,25 @@ def seed_batch(seed: int, index: int) -> None:
     torch.manual_seed(((seed & 0xFFFFFFFF) << 32) | (index & 0xFFFFFFFF))
 
 
-def micro_batch(data: Dataset, plan: BatchPlan, index: int) -> dict[str, torch.Tensor]:
-    return collate([data.train[j] for j in plan.indices(index)], data.pad_id)
+# --- optimizer, schedule, loss --------------------------------------------------------------------
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Each trainable parameter once (tied weights are one parameter)."""
+    return [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
 
 
-def val_batches(data: Dataset, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
-    size = spec.train.micro_batch_size
-    items = data.val[: size * spec.train.eval_batches]
-    return [collate(items[i:i + size], data.pad_id) for i in range(0, len(items), size)]
+def make_schedule(optimizer: torch.optim.Optimizer, spec: JobSpec) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedule: linear warmup from 0 over ``warmup_steps``, then linear or cosine
+    decay to zero at ``max_steps``.
+
+    As in transformers, the first warmup step's learning rate is 0. Warmup is capped at
+    max_steps - 1, so that a short run (``--set train.max_steps=1``) still takes a step.
+    """
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    t = spec.train
+    make = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_linear_schedule_with_warmup
+    return make(optimizer, num_warmup_steps=min(t.warmup_steps, t.max_steps - 1), num_training_steps=t.max_steps)
 
 
 def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -115,7 +127,8 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], device: torch.device | str = "cpu") -> float:
-    """Mean cross-entropy per completion token over ``batches``."""
+    """Mean cross-entropy per completion token over ``batches`` (under ZeRO-3 a collective: every
+    rank runs the same batches)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -127,207 +140,278 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], devic
     return total / max(count, 1)
 
 
-class Progress:
-    """One line per logged step to a stream, and every record to ``metrics.jsonl``."""
-
-    def __init__(self, total_steps: int, metrics_path: Path, stream=sys.stdout) -> None:
-        self.total = total_steps
-        self.metrics_path = metrics_path
-        self.stream = stream
-        self.t0 = time.time()
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def record(self, rec: dict[str, Any], show: bool = True) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if not show:
-            return
-        if "step" in rec and "loss" in rec:
-            elapsed = time.time() - self.t0
-            eta = elapsed / rec["step"] * (self.total - rec["step"]) if rec["step"] else 0.0
-            print(f"step {rec['step']}/{self.total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
-                  f"tok/s {rec['tokens_per_s']:.0f}  elapsed {elapsed:.0f}s  eta {eta:.0f}s",
-                  file=self.stream, flush=True)
-        else:
-            print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
-                  file=self.stream, flush=True)
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak: allocated device memory on CUDA, peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def global_index(step: int, micro: int, rank: int, grad_accum: int, world_size: int) -> int:
-    """The BatchPlan index of (step, micro-step, rank): steps count from 1, every rank its own batch."""
-    return ((step - 1) * grad_accum + micro) * world_size + rank
+# --- runners: who owns the optimizer step ---------------------------------------------------------
+
+class Runner(Protocol):
+    module: nn.Module  # what to call for a forward (the model, or the DeepSpeed engine)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradients of one micro-batch's loss."""
+
+    def lr(self) -> float:
+        """The learning rate the next optimizer step applies."""
+
+    def step(self) -> None:
+        """Apply the optimizer step once every micro-batch of a step has been through backward."""
+
+    def gather_lora(self) -> dict[str, LoraTensors] | None:
+        """Full copies of every LoRA pair on the main process (a collective under ZeRO-3)."""
+
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's state dict on the main process (full fine-tuning export)."""
 
 
-def train_steps(model: nn.Module, params: list[nn.Parameter], opt, sched, data: Dataset, plan: BatchPlan,
-                spec: JobSpec, world_size: int, steps: range,
-                on_step: Callable[[int, float, float, int, float], None] | None = None) -> list[float]:
-    """Optimizer steps in one process over the batches that ``world_size`` workers would see.
+class LocalRunner:
+    """One process, plain PyTorch: AdamW over the trainable parameters, clipping, the schedule.
 
-    Each step averages the loss of every (micro-step, rank) batch, as data-parallel training does,
-    so world_size=N in one process is the unsharded reference for an N-worker run.
+    ``micro_batches`` is how many micro-batch losses make one step (grad_accum x the ranks this
+    process stands in for); each is scaled by its inverse, so a step's gradient is their mean.
+    """
+
+    def __init__(self, model: nn.Module, spec: JobSpec, micro_batches: int) -> None:
+        self.module = model
+        self.params = trainable_parameters(model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+        self.scheduler = make_schedule(self.optimizer, spec)
+        self.max_grad_norm = spec.train.max_grad_norm
+        self.scale = 1.0 / micro_batches
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss * self.scale).backward()
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def step(self) -> None:
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def gather_lora(self) -> dict[str, LoraTensors]:
+        return collect_lora(self.module)
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+class Metrics:
+    """``metrics.jsonl`` (one JSON record per line) and the progress lines, on the main process."""
+
+    def __init__(self, path: Path, spec: JobSpec, main: bool, stream=sys.stdout) -> None:
+        self.path, self.spec, self.main, self.stream = path, spec, main, stream
+        self.t0, self.first_step = time.time(), 1
+
+    def record(self, rec: dict[str, Any]) -> None:
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def say(self, text: str) -> None:
+        if self.main:
+            print(text, file=self.stream, flush=True)
+
+    def step(self, rec: dict[str, Any]) -> None:
+        self.record(rec)
+        total, step = self.spec.train.max_steps, rec["step"]
+        if step % self.spec.train.log_every == 0 or step == total:
+            eta = (time.time() - self.t0) / (step - self.first_step + 1) * (total - step)
+            self.say(f"step {step}/{total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                     f"tok/s {rec['tokens_per_s']:.0f}  mem/rank {max(rec['peak_memory_bytes']) / 2**30:.2f} GiB  "
+                     f"eta {eta:.0f}s")
+
+    def resumed(self, step: int) -> None:
+        """Keep the history up to ``step`` (what the restored weights went through) and mark it."""
+        self.first_step = step + 1
+        if self.main and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept.append(json.dumps({"step": step, "resumed_from": step}))
+            self.path.write_text("\n".join(kept) + "\n")
+
+
+@dataclass
+class Loop:
+    """Everything :func:`run_steps` needs; the caller decides what each piece is."""
+    spec: JobSpec
+    runner: Runner
+    data: Dataset
+    device: torch.device
+    ranks: Sequence[int]  # whose batches this process trains: [rank], or range(N) in one process
+    world_size: int
+    metrics: Metrics
+    int8_bytes: int = 0  # of the frozen base held by this process
+    gather: Callable[[torch.Tensor], list[torch.Tensor]] = lambda stats: [stats]  # per-rank step stats
+    checkpoint: Callable[[int, float], None] | None = None
+    reference: Sequence[float] | None = None  # the parity guard's unsharded losses, step 1 onwards
+    plan: BatchPlan = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.plan = BatchPlan(len(self.data.train), self.spec.train.micro_batch_size, self.spec.train.seed)
+
+
+def train_step(loop: Loop, step: int) -> tuple[float, int, float]:
+    """One optimizer step over every (micro-step, rank) batch this process trains.
 
     Returns:
-        The loss of each step (mean over its micro-batches).
+        (mean loss of its micro-batches, tokens trained, the learning rate applied).
     """
-    model.train()
-    ga = spec.train.grad_accum
-    losses = []
-    for step in steps:
+    ga, seed = loop.spec.train.grad_accum, loop.spec.train.seed
+    lr = loop.runner.lr()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=loop.device)
+    tokens = 0
+    for micro in range(ga):
+        for rank in loop.ranks:
+            index = global_index(step, micro, rank, ga, loop.world_size)
+            batch = micro_batch(loop.data, loop.plan, index)
+            tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+            seed_batch(seed, index)
+            loss = loop.runner.module(**{k: v.to(loop.device) for k, v in batch.items()}).loss
+            loop.runner.backward(loss)
+            loss_sum += loss.detach().double()
+    loop.runner.step()
+    return float(loss_sum) / (ga * len(loop.ranks)), tokens, lr
+
+
+def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
+    """Steps ``start``..max_steps: train, record, check, validate and checkpoint on schedule.
+
+    Returns:
+        (the last step's loss over all ranks, the largest parity difference or None).
+
+    Raises:
+        ParityError: a step's loss left the reference by more than train.parity_tolerance.
+        FloatingPointError: the loss became NaN or infinite.
+    """
+    t = loop.spec.train
+    loss, parity_max = float("nan"), None
+    loop.runner.module.train()
+    for step in range(start, t.max_steps + 1):
         t0 = time.time()
-        tokens, loss_sum = 0, 0.0
-        for micro in range(ga):
-            for rank in range(world_size):
-                index = global_index(step, micro, rank, ga, world_size)
-                batch = micro_batch(data, plan, index)
-                seed_batch(spec.train.seed, index)
-                out = model(**batch)
-                (out.loss / (ga * world_size)).backward()
-                loss_sum += out.loss.detach().item()
-                tokens += int(batch["attention_mask"].sum())
-        if spec.train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.train.max_grad_norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_sum / (ga * world_size)
+        mean_loss, tokens, lr = train_step(loop, step)
+        stats = torch.tensor([mean_loss, tokens, peak_memory_bytes(loop.device), loop.int8_bytes],
+                             dtype=torch.float64, device=loop.device)
+        ranks = [s.tolist() for s in loop.gather(stats)]
+        loss, seconds = sum(r[0] for r in ranks) / len(ranks), time.time() - t0
+        rec = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": sum(r[1] for r in ranks) / seconds,
+               "step_s": seconds, "peak_memory_bytes": [int(r[2]) for r in ranks],
+               "int8_partition_bytes": [int(r[3]) for r in ranks]}
+        if loop.reference is not None and step <= len(loop.reference):
+            rec["parity_diff"] = diff = abs(loss - loop.reference[step - 1])
+            parity_max = max(parity_max or 0.0, diff)
+            if diff > t.parity_tolerance:
+                raise ParityError(f"parity check failed at step {step}: sharded loss {loss:.6f}, unsharded "
+                                  f"reference {loop.reference[step - 1]:.6f}, difference {diff:.2e} > "
+                                  f"train.parity_tolerance {t.parity_tolerance:g}")
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr")
-        losses.append(loss)
-        if on_step:
-            on_step(step, loss, lr, tokens, time.time() - t0)
-    return losses
+        loop.metrics.step(rec)
+        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+            validate(loop, step)
+        if loop.checkpoint and t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+            loop.checkpoint(step, loss)
+    return loss, parity_max
 
 
-def make_optimizer(params: list[nn.Parameter], spec: JobSpec):
-    opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(spec))
+def validate(loop: Loop, step: int) -> float:
+    """Validation loss now, recorded at ``step`` (0: before training)."""
+    value = evaluate(loop.runner.module, val_batches(loop.data, loop.spec), loop.device)
+    loop.metrics.record({"step": step, "val_loss": value})
+    loop.metrics.say(f"step {step}  val_loss {value:.4f}")
+    return value
 
 
-def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
-    """The first ``steps`` losses of an unsharded single-process int8 run on the batches that a
-    ``world_size``-worker run sees: the parity guard's reference."""
-    seed_everything(spec.train.seed)
-    lm = load_model(spec.model.base, lora_or_none(spec), spec.model.quantization, seed=spec.train.seed)
-    if spec.train.activation_checkpointing:
-        enable_activation_checkpointing(lm.model)
-    data = prepare_data(spec, lm.tokenizer)
-    params = trainable_parameters(lm.model)
-    opt, sched = make_optimizer(params, spec)
-    plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
-    return train_steps(lm.model, params, opt, sched, data, plan, spec, world_size, range(1, steps + 1))
+def export(loop: Loop, built: LoadedModel, job_id: str, fields: dict[str, Any], staging: Path) -> str | None:
+    """Gather the trained weights (a collective: every rank enters) and, on the main process,
+    write the artifact (to ``staging`` first when output.dir is a URI, then upload it).
 
-
-def artifact_dir(spec: JobSpec, job_id: str) -> Path:
-    return Path(spec.output.dir).expanduser() / f"{spec.name}-{job_id}"
-
-
-def base_manifest(spec: JobSpec, model_dir: Path, quantized: int, trainable: int, data_path: str | None,
-                  job_id: str, world_size: int, zero_stage: int, architecture: str) -> dict[str, Any]:
-    return {
-        "name": spec.name,
-        "job_id": job_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base_model": {"id": spec.model.base, "fingerprint": fingerprint(model_dir), "architecture": architecture},
-        "quantization": spec.model.quantization,
-        "quantized_modules": quantized,
-        "lora": {"r": spec.lora.r, "alpha": spec.lora.alpha, "dropout": spec.lora.dropout,
-                 "targets": list(spec.lora.targets), "use_rslora": spec.lora.use_rslora, "init": spec.lora.init},
-        "trainable_params": trainable,
-        "world_size": world_size,
-        "zero_stage": zero_stage,
-        "data": {"source": spec.data.source, "path": data_path, "max_length": spec.data.max_length},
-        "spec": spec.to_dict(),
-        "versions": adapter_mod.versions(),
-    }
-
-
-def write_job_artifact(spec: JobSpec, job_id: str, lora: dict, model_dir: Path, injection, trainable: int,
-                       world_size: int, zero_stage: int, architecture: str, results: dict[str, Any],
-                       metrics_file: Path, extra_manifest: dict[str, Any] | None = None,
-                       full_state: dict[str, torch.Tensor] | None = None, tie_word_embeddings: bool = False,
-                       dest_root: Path | None = None) -> Path:
-    """Manifest + PEFT config + atomic write of the artifact for a finished job.
-
-    ``lora`` is the gathered LoRA pairs; for ``train.method: full`` pass ``full_state`` instead.
-    ``dest_root`` overrides output.dir (a local staging directory before an upload to a URI).
+    Returns:
+        The artifact's location on the main process, None elsewhere.
     """
-    final = (dest_root / f"{spec.name}-{job_id}") if dest_root else artifact_dir(spec, job_id)
-    from lora_dist.plot import loss_curve_png
-
-    manifest = base_manifest(spec, model_dir, len(injection.quantized), trainable, spec.data.path, job_id,
-                             world_size=world_size, zero_stage=zero_stage, architecture=architecture)
-    manifest.update(results)
-    manifest.update(extra_manifest or {})
-    extra_files = [metrics_file, loss_curve_png(metrics_file, metrics_file.parent / LOSS_CURVE_FILE)]
-    if spec.train.method == "full":
-        manifest["method"] = "full"
-        return adapter_mod.write_full_artifact(final, full_state, model_dir, manifest,
-                                               tie_word_embeddings, extra_files=extra_files)
-    config = adapter_mod.peft_config(lora, spec.lora.r, spec.lora.alpha, spec.lora.dropout, spec.lora.use_rslora,
-                                     spec.lora.init, spec.model.base,
-                                     fan_in_fan_out=any(n in injection.transposed for n in injection.lora))
-    return adapter_mod.write_artifact(final, lora, config, manifest, spec.output.adapter_dtype,
-                                      extra_files=extra_files)
+    spec = loop.spec
+    full = spec.train.method == "full"
+    lora = None if full else loop.runner.gather_lora()
+    full_state = loop.runner.full_state() if full else None
+    if not loop.metrics.main:
+        return None
+    out = spec.output.dir
+    dest = Path(artifact_location(str(staging) if is_uri(out) else out, spec.name, job_id))
+    artifact = write_job_artifact(dest, spec, job_id, built, lora, full_state, fields, loop.metrics.path)
+    return publish(artifact, out) if is_uri(out) else str(artifact)
 
 
-def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> Path:
+# --- the single-process entry points --------------------------------------------------------------
+
+def build_local(spec: JobSpec) -> LoadedModel:
+    """The model of ``spec`` in this process: int8 or float base, LoRA injected and initialised."""
+    seed_everything(spec.train.seed)
+    built = load_model(spec.model.base, spec.injected_lora, spec.model.quantization, seed=spec.train.seed)
+    if spec.train.activation_checkpointing:
+        enable_activation_checkpointing(built.model)
+    return built
+
+
+def int8_bytes(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.dtype == torch.int8)
+
+
+def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> Path | str:
     """Train in this process (no Ray, no DeepSpeed) and write the artifact.
 
     Returns:
-        The artifact directory.
+        The artifact: a directory, or a URI when output.dir is one.
 
     Raises:
         SpecError, ModelError, DataError, ArtifactError: bad input, with the field named.
     """
-    job_id = job_id or adapter_mod.new_job_id()
-    final = artifact_dir(spec, job_id)
-    if final.exists():
-        raise adapter_mod.ArtifactError(f"{final} already exists")
-    seed_everything(spec.train.seed)
-    t_load = time.time()
-    lm = load_model(spec.model.base, lora_or_none(spec), spec.model.quantization, seed=spec.train.seed)
-    model = lm.model
-    if spec.train.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    print(f"model {spec.model.base}: {len(lm.injection.quantized)} int8 linears, "
-          f"{len(lm.injection.lora)} LoRA modules, {lm.trainable_params:,} trainable parameters "
-          f"(loaded in {time.time() - t_load:.1f} s)", file=stream, flush=True)
-    data = prepare_data(spec, lm.tokenizer)
-    print(f"data: {len(data.train)} train examples ({data.n_train_prompts} prompts), "
-          f"{len(data.val)} validation ({data.n_val_prompts} prompts)", file=stream, flush=True)
-
-    params = trainable_parameters(model)
-    opt, sched = make_optimizer(params, spec)
-    plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
-    vbatches = val_batches(data, spec)
-
-    work = final.parent / f".{final.name}.work"
-    work.mkdir(parents=True, exist_ok=True)
-    progress = Progress(spec.train.max_steps, work / adapter_mod.METRICS_FILE, stream)
-    val_before = evaluate(model, vbatches)
-    progress.record({"step": 0, "val_loss": val_before})
-
-    def on_step(step: int, loss: float, lr: float, tokens: int, seconds: float) -> None:
-        rec = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens / seconds}
-        progress.record(rec, step % spec.train.log_every == 0 or step == spec.train.max_steps)
-        if spec.train.eval_every and step % spec.train.eval_every == 0 and step < spec.train.max_steps:
-            progress.record({"step": step, "val_loss": evaluate(model, vbatches)})
-
-    losses = train_steps(model, params, opt, sched, data, plan, spec, world_size=1,
-                         steps=range(1, spec.train.max_steps + 1), on_step=on_step)
-    loss_value = losses[-1]
-    val_after = evaluate(model, vbatches)
-    progress.record({"step": spec.train.max_steps, "val_loss": val_after})
-
-    full = spec.train.method == "full"
-    out = write_job_artifact(spec, job_id, {} if full else adapter_mod.collect_lora(model), lm.model_dir,
-                             lm.injection, lm.trainable_params, world_size=1, zero_stage=0,
-                             architecture=type(model).__name__,
-                             results={"steps": spec.train.max_steps, "final_loss": loss_value,
-                                      "val_loss_before": val_before, "val_loss_after": val_after},
-                             metrics_file=work / adapter_mod.METRICS_FILE,
-                             full_state=model.state_dict() if full else None,
-                             tie_word_embeddings=bool(getattr(model.config, "tie_word_embeddings", False)))
+    spec = spec.with_absolute_paths()
+    job_id = job_id or new_job_id()
+    final = artifact_location(spec.output.dir, spec.name, job_id)
+    if not is_uri(final) and Path(final).exists():
+        raise ArtifactError(f"{final} already exists; an artifact is never overwritten")
+    t0 = time.time()
+    built = build_local(spec)
+    print(f"model {spec.model.base}: {len(built.injection.quantized)} int8 linears, {len(built.injection.lora)} "
+          f"LoRA modules, {built.trainable_params:,} trainable parameters (loaded in {time.time() - t0:.1f} s)",
+          file=stream, flush=True)
+    data = prepare_data(spec, built.tokenizer)
+    print(f"data: {len(data.train)} train examples ({data.n_train_prompts} prompts), {len(data.val)} validation "
+          f"({data.n_val_prompts} prompts)", file=stream, flush=True)
+    work = work_dir(spec.output.dir, spec.name, job_id)
     shutil.rmtree(work, ignore_errors=True)
-    return out
+    work.mkdir(parents=True)
+    loop = Loop(spec, LocalRunner(built.model, spec, spec.train.grad_accum), data, torch.device("cpu"), ranks=[0],
+                world_size=1, metrics=Metrics(work / METRICS_FILE, spec, main=True, stream=stream),
+                int8_bytes=int8_bytes(built.model))
+    try:
+        val_before = validate(loop, 0)
+        loss, _ = run_steps(loop)
+        val_after = validate(loop, spec.train.max_steps)
+        fields = {"world_size": 1, "zero_stage": 0, "steps": spec.train.max_steps, "final_loss": loss,
+                  "val_loss_before": val_before, "val_loss_after": val_after}
+        location = export(loop, built, job_id, fields, staging=work / "staging")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return location if is_uri(location) else Path(location)
+
+
+def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
+    """The first ``steps`` losses of an unsharded single-process run on the batches that a
+    ``world_size``-worker run sees: the parity guard's reference."""
+    built = build_local(spec)
+    data = prepare_data(spec, built.tokenizer)
+    runner = LocalRunner(built.model, spec, spec.train.grad_accum * world_size)
+    loop = Loop(spec, runner, data, torch.device("cpu"), ranks=range(world_size), world_size=world_size,
+                metrics=Metrics(Path("/dev/null"), spec, main=False))
+    built.model.train()
+    return [train_step(loop, step)[0] for step in range(1, steps + 1)]

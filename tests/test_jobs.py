@@ -1,7 +1,9 @@
-"""The job service against a real `ray start --head` on this machine (token auth on)."""
+"""The job service: the embedded registry and the cluster-side entrypoint (fast), and the Jobs API
+against a real `ray start --head` on this machine with token auth on (slow)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_dist import adapter
+from lora_dist import store
 
 from conftest import REPO
 
@@ -30,10 +32,13 @@ def _cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 900) -
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A real Ray head (`ray start --head`), stopped at teardown. Yields (address, env)."""
+    """A real Ray head (`ray start --head`), stopped at teardown. Yields (address, env).
+
+    The cluster's output root is pytest's temporary directory: the jobs' output.dirs are under it."""
     import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # Ray's unix sockets need a short path
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["LORA_DIST_OUTPUT_ROOT"] = str(tmp_path_factory.getbasetemp())
     ray = str(Path(sys.executable).parent / "ray")
     start = subprocess.run([ray, "start", "--head", "--num-cpus=2", "--port=6389",
                             f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1",
@@ -59,6 +64,7 @@ def head(tmp_path_factory):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_request_without_token_is_refused(head):
     address, _ = head
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -66,6 +72,7 @@ def test_request_without_token_is_refused(head):
     assert err.value.code == 401
 
 
+@pytest.mark.slow
 def test_submit_wait_fetch_verify_through_the_jobs_api(head, tmp_path, e2e_csv, smollm2_dir):
     address, env = head
     out = tmp_path / "runs"
@@ -88,13 +95,14 @@ def test_submit_wait_fetch_verify_through_the_jobs_api(head, tmp_path, e2e_csv, 
     fetched = tmp_path / "fetched"
     f = _cli("fetch", sid, "--address", address, "--out", str(fetched), cwd=tmp_path, env=env)
     assert f.returncode == 0, f.stderr
-    assert adapter.verify_artifact(fetched)["files"] == adapter.verify_artifact(artifact)["files"]
+    assert store.verify_artifact(fetched)["files"] == store.verify_artifact(artifact)["files"]
     again = _cli("fetch", sid, "--address", address, "--out", str(fetched), cwd=tmp_path, env=env)
     assert again.returncode != 0 and "already exists" in again.stderr  # never overwrites silently
     v = _cli("verify", str(fetched), cwd=tmp_path, env=env)
     assert v.returncode == 0 and "ok:" in v.stdout
 
 
+@pytest.mark.slow
 def test_submit_without_wait_prints_the_job_id(head, tmp_path, e2e_csv):
     address, env = head
     proc = _cli("submit", JOB, "--address", address, f"--set=data.path={e2e_csv}", f"--set=output.dir={tmp_path}/r",
@@ -108,6 +116,7 @@ def test_submit_without_wait_prints_the_job_id(head, tmp_path, e2e_csv):
     assert "STOPPED" in stop.stdout or "SUCCEEDED" in stop.stdout
 
 
+@pytest.mark.slow
 def test_stop_leaves_no_complete_looking_artifact(head, tmp_path, e2e_csv):
     address, env = head
     out = tmp_path / "runs"
@@ -126,19 +135,21 @@ def test_stop_leaves_no_complete_looking_artifact(head, tmp_path, e2e_csv):
     assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr
     st = _cli("status", sid, "--address", address, cwd=tmp_path, env=env)
     assert "STOPPED" in st.stdout and st.returncode == 1 and "artifact" not in st.stdout
-    complete = [p for p in out.glob("*") if (p / adapter.MANIFEST_FILE).exists()] if out.exists() else []
+    complete = [p for p in out.glob("*") if (p / store.MANIFEST_FILE).exists()] if out.exists() else []
     assert complete == []
     f = _cli("fetch", sid, "--address", address, "--out", str(tmp_path / "x"), cwd=tmp_path, env=env)
     assert f.returncode == 1 and "no artifact" in f.stderr
 
 
+@pytest.mark.slow
 def test_unknown_job_is_a_clear_error(head, tmp_path):
     address, env = head
     st = _cli("status", "no-such-job", "--address", address, cwd=tmp_path, env=env)
     assert st.returncode == 3 and "no-such-job" in st.stderr
 
 
-def test_bad_input_table_is_refused_before_submission():
+@pytest.mark.slow
+def test_bad_input_table_is_refused_before_submission(smollm2_dir):
     """Sixteen bad inputs through `submit --address <unreachable>`: each exits 2 naming its field."""
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bad_inputs.py"), "--check"], capture_output=True,
                           text=True, timeout=300)
@@ -146,6 +157,7 @@ def test_bad_input_table_is_refused_before_submission():
     assert "16 passed, 0 failed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir):
     """The embedded default: status, list and logs see a running job; stop ends it STOPPED."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -178,7 +190,7 @@ def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir)
     assert proc.returncode == 1
     st = _cli("status", sid, cwd=tmp_path, env=env)
     assert "STOPPED" in st.stdout and st.returncode == 1
-    assert not [p for p in out.glob("*") if (p / adapter.MANIFEST_FILE).exists()]
+    assert not [p for p in out.glob("*") if (p / store.MANIFEST_FILE).exists()]
 
 
 def test_job_queries_answer_without_importing_torch_or_ray(tmp_path):
@@ -189,3 +201,49 @@ def test_job_queries_answer_without_importing_torch_or_ray(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "LORA_DIST_CACHE": str(tmp_path)}, cwd=REPO)
     assert out.stdout.strip().splitlines()[-1] == "0 3 []", out.stdout + out.stderr
+
+
+def test_status_comes_from_the_jobs_own_records_not_its_log(tmp_path, monkeypatch):
+    """A running job's step and loss come from metrics.jsonl in its work directory; a finished
+    one's from its artifact's manifest. The log says something else and is not read."""
+    from lora_dist import jobs
+    from lora_dist.store import FORMAT, MANIFEST_FILE, artifact_location, work_dir
+
+    monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path / "cache"))
+    out, sid = str(tmp_path / "runs"), "demo-j1"
+    log = tmp_path / "demo.log"
+    log.write_text("step 99/100  loss 0.1000\nartifact: /elsewhere\n")
+    jobs.record(sid, state="RUNNING", pid=os.getpid(), name="demo", job="j1", output_dir=out, max_steps=100,
+                log=str(log))
+    work = work_dir(out, "demo", "j1")
+    work.mkdir(parents=True)
+    (work / "metrics.jsonl").write_text('{"step": 0, "val_loss": 2.5}\n{"step": 1, "loss": 2.25, "lr": 0.1}\n'
+                                        '{"step": 2, "loss": 2.0, "lr": 0.1}\n{"step": 2, "val')  # mid-write
+    st = jobs.status_local(sid)
+    assert (st.state, st.step, st.total_steps, st.loss, st.artifact) == ("RUNNING", 2, 100, 2.0, None)
+    assert st.line() == "demo-j1  RUNNING  step 2/100  loss 2.0000"
+    art = Path(artifact_location(out, "demo", "j1"))
+    art.mkdir(parents=True)
+    (art / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "files": {}, "steps": 100, "final_loss": 1.25}))
+    jobs.record(sid, state="SUCCEEDED", artifact=str(art))
+    st = jobs.status_local(sid)
+    assert (st.state, st.step, st.loss, st.artifact) == ("SUCCEEDED", 100, 1.25, str(art))
+    jobs.record(sid, state="RUNNING", pid=2**22 + 7)  # the submitting process is gone
+    assert jobs.status_local(sid).state == "FAILED"
+
+
+def test_the_cluster_side_confines_output_to_its_root_before_running(tmp_path, monkeypatch, capsys):
+    """jobrun (the Jobs API entrypoint) refuses a local output.dir outside $LORA_DIST_OUTPUT_ROOT
+    with exit 2, before any training starts; a bad job id is refused too."""
+    from lora_dist import jobrun
+
+    monkeypatch.setenv("LORA_DIST_OUTPUT_ROOT", str(tmp_path / "root"))
+    payload = tmp_path / "job-spec.json"
+    spec = {"name": "x", "output": {"dir": str(tmp_path / "elsewhere")}}
+    payload.write_text(json.dumps({"spec": spec, "job_id": "j1"}))
+    monkeypatch.setattr(jobrun, "run_job", lambda *a, **k: pytest.fail("a refused job must not run"))
+    assert jobrun.main([str(payload)]) == 2
+    assert "is outside the output root" in capsys.readouterr().err
+    payload.write_text(json.dumps({"spec": {"name": "x"}, "job_id": "../../x"}))
+    assert jobrun.main([str(payload)]) == 2
+    assert "is not a job id" in capsys.readouterr().err
