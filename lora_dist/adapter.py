@@ -23,52 +23,26 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-from lora_dist.errors import ArtifactError  # noqa: F401  (re-exported)
-from lora_dist.lora import LoRALinear
-from lora_dist.model import sha256_file
+from lora_dist.data import template_for
+from lora_dist.errors import ArtifactError
+from lora_dist.lora import LoRALinear, LoraTensors
+from lora_dist.model import LoadedModel, fingerprint, load_model, resolve_base
+from lora_dist.plot import loss_curve_png
+from lora_dist.spec import JobSpec, LoraSpec
+from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,
+                             sha256_file, verify_artifact)
 
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
-MANIFEST_FILE = "manifest.json"
-METRICS_FILE = "metrics.jsonl"
 PEFT_PREFIX = "base_model.model."
-FORMAT = "lora-dist-adapter/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --- LoRA tensors <-> PEFT tensors ---------------------------------------------------------------
-
-@dataclass
-class LoraTensors:
-    """One module's LoRA pair as trained, with what is needed to export it."""
-    A: torch.Tensor
-    B: torch.Tensor
-    r: int
-    slices: list[tuple[int, int]]
-    out_features: int
-
-    @property
-    def full_width(self) -> bool:
-        return self.slices == [(0, self.out_features)]
-
-
-def collect_lora(model: nn.Module) -> dict[str, LoraTensors]:
-    """Copy every LoRA pair out of ``model`` (the caller gathers them first under ZeRO-3)."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
-            out[name] = LoraTensors(mod.lora_A.detach().float().cpu().clone(),
-                                    mod.lora_B.detach().float().cpu().clone(),
-                                    mod.r, list(mod.slices), mod.out_features)
-    return out
-
 
 def to_peft_tensors(lora: dict[str, LoraTensors]) -> dict[str, torch.Tensor]:
     out = {}
@@ -214,9 +188,6 @@ def _publish(final_dir: Path, manifest: dict[str, Any], extra_files: Iterable[Pa
     return final_dir
 
 
-FULL_MODEL_FILE = "model.safetensors"
-
-
 def write_full_artifact(final_dir: Path, state_dict: dict[str, torch.Tensor], base_dir: Path,
                         manifest: dict[str, Any], tie_word_embeddings: bool,
                         extra_files: Iterable[Path] = ()) -> Path:
@@ -240,42 +211,45 @@ def write_full_artifact(final_dir: Path, state_dict: dict[str, torch.Tensor], ba
     return _publish(final_dir, manifest, extra_files, payload)
 
 
-def read_manifest(artifact: Path) -> dict[str, Any]:
-    path = Path(artifact) / MANIFEST_FILE
-    if not Path(artifact).is_dir():
-        raise ArtifactError(f"{artifact}: not a directory")
-    if not path.is_file():
-        raise ArtifactError(f"{path}: missing: not a complete lora-dist artifact")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise ArtifactError(f"{path}: not a {FORMAT} manifest")
-    return manifest
+def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedModel,
+                       lora: dict[str, LoraTensors] | None, full_state: dict[str, torch.Tensor] | None,
+                       fields: dict[str, Any], metrics_file: Path) -> Path:
+    """Write a finished job's artifact atomically to ``dest``: the adapter (or, for
+    ``train.method: full``, the whole model), its metrics and loss curve, and the manifest.
 
-
-def verify_artifact(artifact: Path) -> dict[str, Any]:
-    """Check every file listed in the manifest against its sha256; return the manifest.
-
-    Raises:
-        ArtifactError: naming the first missing, truncated or modified file.
+    Args:
+        dest: the artifact directory to create (must not exist).
+        built: the model as built for training (base directory, injection, trainable count).
+        lora: the gathered LoRA pairs (None for full fine-tuning).
+        full_state: the gathered state dict (full fine-tuning only).
+        fields: run results for the manifest (steps, losses, world_size, zero_stage, ...).
+        metrics_file: the run's metrics.jsonl.
     """
-    artifact = Path(artifact)
-    manifest = read_manifest(artifact)
-    required_files = (FULL_MODEL_FILE,) if manifest.get("kind") == "full" else (ADAPTER_FILE, CONFIG_FILE)
-    for required in required_files:
-        if required not in manifest["files"]:
-            raise ArtifactError(f"{artifact / MANIFEST_FILE}: does not list {required}")
-    for name, digest in manifest["files"].items():
-        if Path(name).name != name:
-            raise ArtifactError(f"{artifact / MANIFEST_FILE}: file name {name!r} is not a plain name")
-        f = artifact / name
-        if not f.is_file():
-            raise ArtifactError(f"{f}: missing")
-        if sha256_file(f) != digest:
-            raise ArtifactError(f"{f}: sha256 mismatch (modified or truncated)")
-    return manifest
+    manifest = {
+        "name": spec.name,
+        "job_id": job_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base_model": {"id": spec.model.base, "fingerprint": fingerprint(built.model_dir),
+                       "architecture": type(built.model).__name__},
+        "quantization": spec.model.quantization,
+        "quantized_modules": len(built.injection.quantized),
+        "lora": spec.lora.model_dump(mode="json"),
+        "trainable_params": built.trainable_params,
+        "data": {"source": spec.data.source, "path": spec.data.path, "max_length": spec.data.max_length,
+                 "prompt_template": template_for(spec.data.source)},
+        "spec": spec.to_dict(),
+        "versions": versions(),
+        **fields,
+    }
+    extra_files = [metrics_file, loss_curve_png(metrics_file, metrics_file.parent / LOSS_CURVE_FILE)]
+    if spec.train.method == "full":
+        manifest["method"] = "full"
+        tied = bool(getattr(built.model.config, "tie_word_embeddings", False))
+        return write_full_artifact(dest, full_state, built.model_dir, manifest, tied, extra_files=extra_files)
+    config = peft_config(lora, spec.lora.r, spec.lora.alpha, spec.lora.dropout, spec.lora.use_rslora,
+                         spec.lora.init, spec.model.base,
+                         fan_in_fan_out=any(n in built.injection.transposed for n in built.injection.lora))
+    return write_artifact(dest, lora, config, manifest, spec.output.adapter_dtype, extra_files=extra_files)
 
 
 def read_lora_tensors(artifact: Path) -> dict[str, torch.Tensor]:
@@ -296,12 +270,12 @@ def versions() -> dict[str, str]:
     return out
 
 
-def new_job_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + os.urandom(3).hex()
-
-
-def load_adapted(artifact: Path, quantization: str | None = None, check_base: bool = True):
+def load_adapted(artifact: Path, quantization: str | None = None,
+                 check_base: bool = True) -> tuple[LoadedModel, dict[str, Any]]:
     """Verify an artifact, rebuild its base with LoRA, and load the adapter into it.
+
+    Only the manifest's LoRA settings are needed to rebuild the model: the training run's data
+    file, output directory and cluster need not exist where the adapter is used.
 
     Args:
         artifact: the artifact directory.
@@ -314,11 +288,7 @@ def load_adapted(artifact: Path, quantization: str | None = None, check_base: bo
     Raises:
         ArtifactError: a file fails its sha256, or the base model is not the one trained on.
     """
-    from lora_dist.model import fingerprint, load_model, resolve_base
-    from lora_dist.spec import spec_from_dict
-
     manifest = verify_artifact(artifact)
-    spec = spec_from_dict(_spec_without_paths(manifest["spec"]))
     if manifest.get("kind") == "full":  # a fully fine-tuned model is its own base
         return load_model(str(artifact), None, quantization or "none"), manifest
     base_id = manifest["base_model"]["id"]
@@ -328,13 +298,7 @@ def load_adapted(artifact: Path, quantization: str | None = None, check_base: bo
         if got != want:
             raise ArtifactError(f"{artifact}: trained on base {base_id!r} with fingerprint {want}, but that base "
                                 f"now has fingerprint {got}: the adapter does not belong to these weights")
-    loaded = load_model(base_id, spec.lora, quantization or manifest["quantization"])
+    lora = LoraSpec.model_validate(manifest["spec"]["lora"])
+    loaded = load_model(base_id, lora, quantization or manifest["quantization"])
     load_into(loaded.model, read_lora_tensors(artifact))
     return loaded, manifest
-
-
-def _spec_without_paths(raw: dict[str, Any]) -> dict[str, Any]:
-    # The data file of the training run need not exist where the adapter is used.
-    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    out.get("data", {})["path"] = None
-    return out

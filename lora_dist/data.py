@@ -25,7 +25,11 @@ from lora_dist.spec import DataSpec
 
 E2E_URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
 E2E_TRAIN_MEMBER = "e2e-dataset/trainset.csv"
-E2E_PROMPT = "Describe the restaurant in one sentence.\nAttributes: {mr}\nDescription:"
+# Prompt templates: "{input}" is replaced by the meaning representation (E2E) or the prompt
+# (JSONL). The artifact's manifest records the template it was trained with, and generation and
+# evaluation use that record, so changing a template here never re-prompts an old adapter.
+E2E_TEMPLATE = "Describe the restaurant in one sentence.\nAttributes: {input}\nDescription:"
+PLAIN_TEMPLATE = "{input}"
 IGNORE_INDEX = -100
 
 
@@ -39,12 +43,23 @@ class Example:
     completion: str
 
 
-def e2e_prompt(mr: str) -> str:
-    return E2E_PROMPT.format(mr=mr.strip())
+def template_for(source: str) -> str:
+    """The prompt template a run on ``data.source`` trains with."""
+    return E2E_TEMPLATE if source == "e2e" else PLAIN_TEMPLATE
 
 
-def read_e2e(path: Path) -> list[Example]:
-    """Read an E2E csv with columns ``mr`` and ``ref`` (one row per reference)."""
+def render(template: str, text: str) -> str:
+    """``template`` with ``{input}`` replaced by ``text`` (no other braces are interpreted)."""
+    return template.replace("{input}", text)
+
+
+def e2e_prompt(mr: str, template: str = E2E_TEMPLATE) -> str:
+    return render(template, mr.strip())
+
+
+def read_e2e(path: Path, template: str = E2E_TEMPLATE) -> list[Example]:
+    """Read an E2E csv with columns ``mr`` and ``ref`` (one row per reference), each MR prompted
+    through ``template``."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -54,7 +69,7 @@ def read_e2e(path: Path) -> list[Example]:
             rows = [(r["mr"], r["ref"]) for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"data.path: cannot read {path}: {e}") from None
-    out = [Example(e2e_prompt(mr), " " + ref.strip()) for mr, ref in rows if mr and ref and ref.strip()]
+    out = [Example(e2e_prompt(mr, template), " " + ref.strip()) for mr, ref in rows if mr and ref and ref.strip()]
     if not out:
         raise DataError(f"data.path: {path} has no rows with both 'mr' and 'ref'")
     return out
@@ -99,7 +114,7 @@ def fetch_e2e(cache_dir: Path, url: str | None = None, timeout: float = 60.0) ->
     except (urllib.error.URLError, OSError, zipfile.BadZipFile, KeyError) as e:
         raise DataError(f"data.path is not set, so the E2E training set is downloaded from {url}, and that "
                         f"failed ({e}). Offline? Point data.path at a local copy of the E2E csv, e.g. "
-                        f"--set data.path=../shared/data/e2e/devset.csv") from None
+                        f"--set data.path=jobs/data/e2e/devset.csv") from None
     tmp = target.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, target)

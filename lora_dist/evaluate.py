@@ -7,6 +7,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lora_dist.data import E2E_TEMPLATE, read_e2e
+from lora_dist.generate import generate
+from lora_dist.metrics import e2e_metrics
+
 
 @torch.no_grad()
 def logit_agreement(a: nn.Module, b: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -28,13 +32,13 @@ def logit_agreement(a: nn.Module, b: nn.Module, batches: Sequence[dict[str, torc
             "top1_agreement": agree / max(positions, 1), "positions": positions}
 
 
-def e2e_references(csv_path, limit: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """Distinct meaning representations in order of first appearance, with all their references."""
-    from lora_dist.data import read_e2e
-
+def e2e_references(csv_path, limit: int | None = None,
+                   template: str = E2E_TEMPLATE) -> tuple[list[str], list[list[str]]]:
+    """Distinct meaning representations (as prompts through ``template``) in order of first
+    appearance, with all their references."""
     order: list[str] = []
     refs: dict[str, list[str]] = {}
-    for ex in read_e2e(csv_path):
+    for ex in read_e2e(csv_path, template):
         if ex.prompt not in refs:
             order.append(ex.prompt)
             refs[ex.prompt] = []
@@ -43,18 +47,19 @@ def e2e_references(csv_path, limit: int | None = None) -> tuple[list[str], list[
     return order, [refs[p] for p in order]
 
 
-def evaluate_e2e(model: nn.Module, tokenizer, csv_path, limit: int | None = None, num_beams: int = 10,
+def evaluate_e2e(model: nn.Module, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit: int | None = None,
+                 num_beams: int = 10,
                  length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
                  progress=None, batch_size: int = 8) -> tuple[list[str], dict[str, float | None]]:
     """Generate one output per distinct MR (the paper's decoding by default) and score it.
 
+    ``template`` is the prompt template the adapter was trained with (``generate.prompt_template``
+    of its manifest).
+
     Returns:
         (predictions in MR order, metrics).
     """
-    from lora_dist.generate import generate
-    from lora_dist.metrics import e2e_metrics
-
-    prompts, refs = e2e_references(csv_path, limit)
+    prompts, refs = e2e_references(csv_path, limit, template)
     preds: list[str] = []
     for i in range(0, len(prompts), batch_size):
         preds += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,

@@ -6,14 +6,24 @@ from pathlib import Path
 
 import torch
 
-from lora_dist.data import e2e_prompt
+from lora_dist.adapter import load_adapted
+from lora_dist.data import render, template_for
+
+
+def prompt_template(manifest: dict) -> str:
+    """The prompt template the artifact was trained with, as its manifest records it (artifacts
+    from before the record trained with the template their data source had then, which is
+    :func:`template_for`'s)."""
+    data = manifest.get("data", {})
+    return data.get("prompt_template") or template_for(data.get("source", "e2e"))
 
 
 def format_prompt(manifest: dict, text: str, raw: bool = False) -> str:
     """Apply the training run's prompt template (E2E: the meaning representation goes in a template)."""
-    if raw or manifest.get("data", {}).get("source") != "e2e":
+    if raw:
         return text
-    return e2e_prompt(text)
+    source = manifest.get("data", {}).get("source")
+    return render(prompt_template(manifest), text.strip() if source == "e2e" else text)
 
 
 @torch.no_grad()
@@ -49,7 +59,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, num
 
 
 def generate_from_artifact(artifact: Path, prompt: str, raw: bool = False, **kwargs) -> str:
-    from lora_dist.adapter import load_adapted
-
+    """Base + the artifact's adapter, the prompt put through the artifact's own template."""
     loaded, manifest = load_adapted(artifact)
     return generate(loaded.model, loaded.tokenizer, [format_prompt(manifest, prompt, raw)], **kwargs)[0]

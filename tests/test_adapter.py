@@ -7,11 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from lora_dist import adapter
-from lora_dist.adapter import ArtifactError, collect_lora, load_adapted, verify_artifact, write_artifact
-from lora_dist.lora import LoRALinear
+from lora_dist import adapter, store
+from lora_dist.adapter import load_adapted, write_artifact
+from lora_dist.errors import ArtifactError
+from lora_dist.lora import LoRALinear, collect_lora
 from lora_dist.model import load_model
 from lora_dist.spec import LoraSpec
+from lora_dist.store import verify_artifact
 
 from conftest import run_cli
 
@@ -25,12 +27,22 @@ def _peft_logits(base_dir, artifact, ids):
         return peft_model(input_ids=ids).logits
 
 
+def test_peft_loads_our_adapter_with_the_same_logits(tiny_trained, tiny_llama_dir):
+    artifact, _ = tiny_trained
+    ours, _ = load_adapted(artifact, quantization="none")
+    ids = torch.randint(2, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours.model(input_ids=ids).logits
+    assert (a - _peft_logits(tiny_llama_dir, artifact, ids)).abs().max() < 1e-4
+
+
+@pytest.mark.slow
 def test_peft_loads_trained_artifact_with_same_logits(trained, smollm2_dir):
     artifact, _ = trained
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    keys = set(load_file(str(artifact / adapter.ADAPTER_FILE)))
+    keys = set(load_file(str(artifact / store.ADAPTER_FILE)))
     base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(artifact))
     peft_lora = {n for n, _ in peft_model.named_parameters() if "lora_" in n}
@@ -68,8 +80,8 @@ def test_gpt2_fused_qv_export_is_exact_in_peft(tmp_path):
     assert (ours - theirs).abs().max() < 1e-4
 
 
-def test_export_refuses_untrained_or_misshapen_adapter(tmp_path):
-    lm = load_model("smollm2-135m", LoraSpec(r=2, targets=("v_proj",)), "int8", with_tokenizer=False)
+def test_export_refuses_untrained_or_misshapen_adapter(tmp_path, tiny_llama_dir):
+    lm = load_model(str(tiny_llama_dir), LoraSpec(r=2, targets=("v_proj",)), "int8", with_tokenizer=False)
     lora = collect_lora(lm.model)
     with pytest.raises(ArtifactError, match="all zero after training"):
         write_artifact(tmp_path / "a", lora, {}, {"steps": 10})
@@ -81,28 +93,42 @@ def test_export_refuses_untrained_or_misshapen_adapter(tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_tampered_or_truncated_file_fails_verification(trained, tmp_path):
-    artifact, _ = trained
+def test_tampered_or_truncated_file_fails_verification(tiny_trained, tmp_path):
+    artifact, _ = tiny_trained
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
     verify_artifact(copy)
-    cfg = copy / adapter.CONFIG_FILE
-    cfg.write_text(cfg.read_text().replace('"r": 8', '"r": 9'))
+    cfg = copy / store.CONFIG_FILE
+    cfg.write_text(cfg.read_text().replace('"r": 4', '"r": 9'))
     with pytest.raises(ArtifactError, match="adapter_config.json: sha256 mismatch"):
         verify_artifact(copy)
-    shutil.copy(artifact / adapter.CONFIG_FILE, cfg)
-    weights = copy / adapter.ADAPTER_FILE
+    shutil.copy(artifact / store.CONFIG_FILE, cfg)
+    weights = copy / store.ADAPTER_FILE
     weights.write_bytes(weights.read_bytes()[:-100])
     proc = run_cli("verify", str(copy), cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "adapter_model.safetensors: sha256 mismatch" in proc.stderr
 
 
-def test_wrong_base_model_is_refused(trained, tmp_path):
-    artifact, _ = trained
+def test_wrong_base_model_is_refused(tiny_trained, tmp_path):
+    artifact, _ = tiny_trained
     copy = tmp_path / "copy"
     shutil.copytree(artifact, copy)
-    manifest = json.loads((copy / adapter.MANIFEST_FILE).read_text())
+    manifest = json.loads((copy / store.MANIFEST_FILE).read_text())
     manifest["base_model"]["fingerprint"] = "sha256:" + "0" * 64
-    (copy / adapter.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (copy / store.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="does not belong to these weights"):
         load_adapted(copy)
+
+
+def test_loading_needs_only_the_lora_settings_not_the_training_data(tiny_trained, tmp_path):
+    """An adapter moves to where its training data is not: load_adapted rebuilds from the
+    manifest's LoRA settings (this was broken for JSONL-trained artifacts)."""
+    artifact, _ = tiny_trained
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    manifest = json.loads((copy / store.MANIFEST_FILE).read_text())
+    manifest["spec"]["data"] = {"source": "jsonl", "path": "/gone/train.jsonl"}
+    manifest["files"] = {k: v for k, v in manifest["files"].items()}
+    (copy / store.MANIFEST_FILE).write_text(json.dumps(manifest))
+    loaded, _ = load_adapted(copy)
+    assert sum(isinstance(m, LoRALinear) for m in loaded.model.modules()) == 14

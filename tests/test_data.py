@@ -2,8 +2,21 @@ import json
 
 import pytest
 
-from lora_dist.data import (IGNORE_INDEX, BatchPlan, DataError, Example, collate, fetch_e2e, read_e2e, read_jsonl,
-                            split_by_prompt, tokenize)
+from lora_dist.data import (E2E_TEMPLATE, IGNORE_INDEX, BatchPlan, DataError, Example, collate, fetch_e2e,
+                            read_e2e, read_jsonl, render, split_by_prompt, tokenize)
+from lora_dist.store import sha256_file
+
+from conftest import E2E_CSV
+
+
+def test_the_repository_carries_the_reference_e2e_devset():
+    # the same bytes as the reference copy (jobs/data/e2e/README.md): a fresh clone needs nothing beside it
+    assert sha256_file(E2E_CSV) == "fc26b78cdb849c80545f513b223d1e051138b43882eeb79e3eb153e689c864f9"
+
+
+def test_prompt_template_puts_the_input_in_place_and_nothing_else():
+    assert render(E2E_TEMPLATE, "name[X]") == "Describe the restaurant in one sentence.\nAttributes: name[X]\nDescription:"
+    assert render("{input} {other}", "a {b}") == "a {b} {other}"  # no other braces are interpreted
 
 
 def test_e2e_devset_reads_all_references(e2e_csv):
@@ -24,9 +37,9 @@ def test_split_is_by_meaning_representation_and_stable(e2e_csv):
     assert {e.prompt for e in val2} == {e.prompt for e in val}
 
 
-def test_labels_cover_completion_tokens_only(smollm2_dir):
+def test_labels_cover_completion_tokens_only(tiny_llama_dir):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     e = Example("Attributes: name[X]\nDescription:", " X is a pub.")
     [t] = tokenize([e], tok, max_length=64)
     n_prompt = len(tok(e.prompt, add_special_tokens=False)["input_ids"])

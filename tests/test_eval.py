@@ -15,13 +15,26 @@ REFS = [["The Eagle is a coffee shop by the river.", "Near the river is The Eagl
          "Zizzi, a pub in the centre, is cheap."]]
 
 
-def test_perfect_outputs_score_top_and_worse_outputs_score_lower():
+@pytest.fixture(params=[pytest.param(False, id="no-java"), pytest.param(True, id="meteor", marks=pytest.mark.slow)])
+def meteor(request, monkeypatch):
+    """METEOR runs Java (9 s a call): the fast tier scores the other four, as on a machine without Java."""
+    import shutil
+
+    if request.param and not shutil.which("java"):
+        pytest.fail("METEOR needs java on PATH")
+    if not request.param:
+        monkeypatch.setattr("lora_dist.metrics.shutil.which", lambda name: None)
+    return request.param
+
+
+def test_perfect_outputs_score_top_and_worse_outputs_score_lower(meteor):
     perfect = e2e_metrics([r[0] for r in REFS], REFS)
+    assert (perfect["METEOR"] is not None) == meteor
     assert perfect["BLEU"] == pytest.approx(100.0) and perfect["ROUGE_L"] == pytest.approx(100.0)
     off = e2e_metrics(["a coffee shop", "Alimentum is nice.", "Zizzi."], REFS)
     for k in ("BLEU", "NIST", "ROUGE_L", "CIDEr"):
         assert off[k] < perfect[k], k
-    if perfect["METEOR"] is not None:  # needs java
+    if meteor:
         assert off["METEOR"] < perfect["METEOR"]
     swapped = e2e_metrics([REFS[1][0], REFS[0][0], REFS[2][0]], REFS)  # right sentences, wrong MRs
     assert swapped["BLEU"] < 60 and swapped["CIDEr"] < perfect["CIDEr"] / 2
@@ -34,6 +47,7 @@ def test_distinct_mrs_in_order_of_first_appearance(e2e_csv):
     assert e2e_references(e2e_csv, limit=5)[0] == prompts[:5]
 
 
+@pytest.mark.slow
 def test_eval_cli_writes_predictions_and_prints_metrics_last(trained, e2e_csv, tmp_path):
     artifact, _ = trained
     preds = tmp_path / "preds.txt"
@@ -46,15 +60,29 @@ def test_eval_cli_writes_predictions_and_prints_metrics_last(trained, e2e_csv, t
     assert metrics["BLEU"] > 5  # a trained adapter says something about the restaurant
 
 
-def test_batched_decoding_gives_the_same_outputs_as_one_at_a_time(trained, e2e_csv):
+def test_batched_decoding_gives_the_same_outputs_as_one_at_a_time(tiny_trained, e2e_csv):
     """Left padding with a mask: an MR's output does not depend on what it was batched with."""
     from lora_dist.adapter import load_adapted
     from lora_dist.generate import generate
 
-    artifact, _ = trained
+    artifact, _ = tiny_trained
     loaded, manifest = load_adapted(artifact)
     prompts, _ = e2e_references(e2e_csv, limit=4)  # different lengths: the shorter ones get padded
     one = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=24, batch_size=1)
     batched = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=24, batch_size=4)
     assert len({len(loaded.tokenizer(p)["input_ids"]) for p in prompts}) > 1
     assert batched == one and all(one)
+
+
+def test_evaluation_prompts_with_the_template_the_adapter_was_trained_with(tiny_trained, e2e_csv):
+    from lora_dist.generate import format_prompt, prompt_template
+    from lora_dist.store import read_manifest
+
+    artifact, _ = tiny_trained
+    manifest = read_manifest(artifact)
+    manifest["data"]["prompt_template"] = "MR: {input} =>"  # as if trained with another template
+    assert prompt_template(manifest) == "MR: {input} =>"
+    assert format_prompt(manifest, " name[X] ") == "MR: name[X] =>"
+    assert e2e_references(e2e_csv, limit=1, template="MR: {input} =>")[0][0].startswith("MR: name[Alimentum]")
+    del manifest["data"]["prompt_template"]  # an artifact from before the template was recorded
+    assert format_prompt(manifest, "name[X]").startswith("Describe the restaurant")
