@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ray
 
-from lora_dist.adapter import METRICS_FILE, read_manifest
+from lora_dist.store import METRICS_FILE, read_manifest
 from lora_dist.launch import run_job
 from lora_dist.spec import load_spec
 
@@ -31,8 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 def one(job: Path, out: Path, workers: int, steps: int, extra: list[str]) -> dict:
     spec = load_spec(job, [f"cluster.workers={workers}", f"train.max_steps={steps}", f"output.dir={out}",
                            "train.micro_batch_size=4", "data.max_length=64", "train.eval_batches=1",
-                           "train.log_every=1", "data.path=" + str((REPO / ".." / "shared" / "data" / "e2e" /
-                                                                     "devset.csv").resolve()), *extra])
+                           "train.log_every=1", f"data.path={REPO / 'jobs' / 'data' / 'e2e' / 'devset.csv'}", *extra])
     artifact = run_job(spec)
     manifest = read_manifest(artifact)
     recs = [json.loads(x) for x in (artifact / METRICS_FILE).read_text().splitlines()]

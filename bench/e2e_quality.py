@@ -1,5 +1,5 @@
 """E2E quality like the paper's Table 3 (issue 6): train on a meaning-representation split of
-../shared/data/e2e/devset.csv, evaluate on the held-out MRs with the paper's decoding.
+jobs/data/e2e/devset.csv, evaluate on the held-out MRs with the paper's decoding.
 
 Rows (same examples in the same order for every trained row):
   * SmolLM2-135M base, no adapter (prompted with the same template);
@@ -23,15 +23,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / ".." / "shared" / "data" / "e2e" / "devset.csv").resolve()
+DATA = REPO / "jobs" / "data" / "e2e" / "devset.csv"
 JOB = REPO / "jobs" / "smollm2-e2e.yaml"
 
 
 def held_out_csv(out: Path, val_fraction: float) -> Path:
-    from lora_dist.data import E2E_PROMPT, read_e2e, split_by_prompt
+    from lora_dist.data import E2E_TEMPLATE, read_e2e, split_by_prompt
 
     _, val = split_by_prompt(read_e2e(DATA), val_fraction)
-    prefix, suffix = E2E_PROMPT.split("{mr}")
+    prefix, suffix = E2E_TEMPLATE.split("{input}")
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["mr", "ref"])

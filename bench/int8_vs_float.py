@@ -1,6 +1,6 @@
 """int8 against float base on held-out E2E batches: mean |logit difference| and top-1 agreement.
 
-    python bench/int8_vs_float.py [--data ../shared/data/e2e/devset.csv] [--batches 8]
+    python bench/int8_vs_float.py [--data jobs/data/e2e/devset.csv] [--batches 8]
 
 Both models are SmolLM2-135M with the same fresh LoRA (B = 0), so the difference is the int8
 row-wise quantization of every decoder-block linear alone. Validation MRs only (split by MR).
@@ -20,7 +20,7 @@ from lora_dist.spec import LoraSpec
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="../shared/data/e2e/devset.csv")
+    ap.add_argument("--data", default="jobs/data/e2e/devset.csv")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=96)

@@ -18,14 +18,14 @@ from pathlib import Path
 
 import ray
 
-from lora_dist.adapter import METRICS_FILE
 from lora_dist.launch import run_job
-from lora_dist.model import cache_root, resolve_base
-from lora_dist.plan import GiB, OVERHEAD_BYTES, Setup, count_model, memory_terms
-from lora_dist.spec import LoraSpec, load_spec
+from lora_dist.model import count_model, resolve_base
+from lora_dist.plan import GiB, OVERHEAD_BYTES, Setup, memory_terms
+from lora_dist.spec import LoraSpec, cache_root, load_spec
+from lora_dist.store import METRICS_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / ".." / "shared" / "data" / "e2e" / "devset.csv").resolve()
+DATA = REPO / "jobs" / "data" / "e2e" / "devset.csv"
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                 num_key_value_heads=16, vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=2048)
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / ".." / "shared" / "data" / "e2e" / "devset.csv").resolve()
+DATA = REPO / "jobs" / "data" / "e2e" / "devset.csv"
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -36,7 +36,7 @@ def timed_submit(args: list[str], cwd: Path) -> tuple[float | None, float, list[
 
 
 def verified(artifact: Path, t0: float) -> float:
-    from lora_dist.adapter import verify_artifact
+    from lora_dist.store import verify_artifact
 
     verify_artifact(artifact)
     return time.time() - t0
@@ -74,7 +74,7 @@ def main() -> None:
             subprocess.run([RAY, "stop", "--force"], capture_output=True)
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
-        from lora_dist.adapter import read_manifest
+        from lora_dist.store import read_manifest
         from lora_dist.model import resolve_base
 
         m = read_manifest(artifact)

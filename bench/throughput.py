@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = (REPO / ".." / "shared" / "data" / "e2e" / "devset.csv").resolve()
+DATA = REPO / "jobs" / "data" / "e2e" / "devset.csv"
 COMMON = ["train.micro_batch_size=4", "data.max_length=64", "train.eval_batches=1", "train.log_every=1",
           f"data.path={DATA}", "lora.dropout=0.0"]
 
@@ -40,7 +40,7 @@ def spec_for(steps: int, out: Path, *extra: str):
 
 
 def ours(steps: int, workers: int, out: Path, *extra: str) -> dict:
-    from lora_dist.adapter import METRICS_FILE
+    from lora_dist.store import METRICS_FILE
     from lora_dist.launch import run_job
 
     artifact = run_job(spec_for(steps, out, f"cluster.workers={workers}", *extra))
@@ -66,7 +66,7 @@ def single_process_worker(steps: int, kind: str) -> None:
     from lora_dist.data import BatchPlan
     from lora_dist.model import load_model, resolve_base
     from lora_dist.spec import LINEAR_TARGET_ALL
-    from lora_dist.train import make_optimizer, micro_batch, prepare_data
+    from lora_dist.train import make_schedule, micro_batch, prepare_data
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     torch.set_num_threads(1)  # as one of our workers (cpus_per_worker: 1)
@@ -85,7 +85,8 @@ def single_process_worker(steps: int, kind: str) -> None:
     data = prepare_data(spec, AutoTokenizer.from_pretrained(d))
     plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = make_optimizer(params, spec)
+    opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+    sched = make_schedule(opt, spec)
     model.train()
     rates, losses = [], []
     for step in range(1, steps + 1):
@@ -113,7 +114,7 @@ def profile_step() -> list[tuple[str, float]]:
     from lora_dist import engine as eng
     from lora_dist.data import BatchPlan
     from lora_dist.model import resolve_base
-    from lora_dist.train import lr_lambda, micro_batch, prepare_data
+    from lora_dist.train import make_schedule, micro_batch, prepare_data
 
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29533"})
@@ -125,7 +126,7 @@ def profile_step() -> list[tuple[str, float]]:
     model, injection = eng.build_sharded(AutoConfig.from_pretrained(d), spec, cfg)
     eng.stream_weights(model, d, injection, 0, torch.float32)
     eng.init_lora_sharded(model, 0, 0)
-    engine, _, _ = eng.initialize(model, cfg, lr_lambda(spec))
+    engine = eng.initialize(model, cfg, lambda opt: make_schedule(opt, spec))
     data = prepare_data(spec, AutoTokenizer.from_pretrained(d))
     plan = BatchPlan(len(data.train), 4, 0)
 
