@@ -194,13 +194,14 @@ def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir)
 
 
 def test_job_queries_answer_without_importing_torch_or_ray(tmp_path):
-    """`list` and `status` on the embedded registry are instant: no torch, no ray at import."""
+    """`list`, `status` and `verify` are instant: no torch, no ray at import."""
     code = ("import sys; from lora_dist.cli import main; rc_list = main(['list']); "
-            "rc_status = main(['status', 'no-such-job']); "
-            "print(rc_list, rc_status, sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))")
+            "rc_status = main(['status', 'no-such-job']); rc_verify = main(['verify', 'no-such-dir']); "
+            "print(rc_list, rc_status, rc_verify, "
+            "sorted(m for m in ('torch', 'ray', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "LORA_DIST_CACHE": str(tmp_path)}, cwd=REPO)
-    assert out.stdout.strip().splitlines()[-1] == "0 3 []", out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0 3 1 []", out.stdout + out.stderr
 
 
 def test_status_comes_from_the_jobs_own_records_not_its_log(tmp_path, monkeypatch):
