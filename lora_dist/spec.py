@@ -416,5 +416,8 @@ def check_output_root(spec: JobSpec) -> None:
     root = output_root()
     target = Path(spec.output.dir).expanduser().resolve()
     if target != root and root not in target.parents:
-        raise SpecError([f"output.dir: {target} is outside the output root {root} (set output.dir under it, "
-                         f"or have the cluster's LORA_DIST_OUTPUT_ROOT include it)"])
+        why = ("" if os.environ.get("LORA_DIST_OUTPUT_ROOT") else
+               "; LORA_DIST_OUTPUT_ROOT is not set here, so the root is the working directory: start Ray with "
+               "it set, e.g. LORA_DIST_OUTPUT_ROOT=/mnt/shared ray start ...")
+        raise SpecError([f"output.dir: {target} is outside the output root {root} (use a directory under it, "
+                         f"or a storage URI{why})"])
