@@ -1,7 +1,7 @@
 """The package's import graph follows DESIGN's data flow, one way.
 
-Stages, in order; a module may import only modules of earlier stages (and its own stage's
-predecessors in this list). Imports inside functions count as much as those at the top.
+Stages, in order; a module may import only modules earlier in this list. Imports inside
+functions count as much as those at the top.
 
     errors -> store -> spec -> plan -> jobs            no torch: CLI queries, the planner, the job client
     quant -> lora -> model -> data -> plot -> adapter  the model and the artifact format
