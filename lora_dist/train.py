@@ -255,9 +255,11 @@ class Loop:
     checkpoint: Callable[[int, float], None] | None = None
     reference: Sequence[float] | None = None  # the parity guard's unsharded losses, step 1 onwards
     plan: BatchPlan = field(init=False)
+    val: list[dict[str, torch.Tensor]] = field(init=False)  # collated once, reused at every validation
 
     def __post_init__(self) -> None:
         self.plan = BatchPlan(len(self.data.train), self.spec.train.micro_batch_size, self.spec.train.seed)
+        self.val = val_batches(self.data, self.spec)
 
 
 def train_step(loop: Loop, step: int) -> tuple[float, int, float]:
@@ -325,7 +327,7 @@ def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
 
 def validate(loop: Loop, step: int) -> float:
     """Validation loss now, recorded at ``step`` (0: before training)."""
-    value = evaluate(loop.runner.module, val_batches(loop.data, loop.spec), loop.device)
+    value = evaluate(loop.runner.module, loop.val, loop.device)
     loop.metrics.record({"step": step, "val_loss": value})
     loop.metrics.say(f"step {step}  val_loss {value:.4f}")
     return value
