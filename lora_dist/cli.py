@@ -45,7 +45,7 @@ def _validated_spec(args: argparse.Namespace):
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from lora_dist.model import count_model
+    from lora_dist.model import count_activations, count_model
     from lora_dist.plan import METHODS, Setup, fmt_bytes, make_plan, parse_bytes
     from lora_dist.spec import load_spec
 
@@ -58,11 +58,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     workers = args.gpus or spec.cluster.workers
     device = args.device or ("cuda" if args.gpus or spec.cluster.gpus_per_worker else "cpu")
     setup = Setup(workers=workers, micro_batch=spec.train.micro_batch_size, seq_len=spec.data.max_length,
-                  device=device,
+                  device=device, dtype=spec.train.dtype,
                   activation_checkpointing=args.activation_checkpointing or spec.train.activation_checkpointing,
                   adapter_bytes_per_param=4 if spec.output.adapter_dtype == "float32" else 2)
     counts = count_model(spec.model.base, spec.lora, spec.model.quantization)
-    plan = make_plan(counts, setup, memory)
+    acts = {method: count_activations(spec.model.base, spec.injected_lora, spec.model.quantization, setup.micro_batch,
+                                      setup.seq_len, setup.dtype_name, method=method, device=device)
+            for method in ("lora", "full")}
+    plan = make_plan(counts, setup, memory, acts)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return EXIT_OK
@@ -71,9 +74,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"decoder-block linears (int8), {c.float_params:,} float; LoRA r={spec.lora.r} on "
           f"{', '.join(spec.lora.targets)}: {c.lora_params:,} trainable")
     print(f"base weights: fp16 {fmt_bytes(c.total_params * 2)}, ours (int8 linears + fp32 row scales + "
-          f"{'bf16' if device == 'cuda' else 'fp32'} rest) {fmt_bytes(plan.to_dict()['base_bytes'])}")
-    print(f"per worker on {workers} x {fmt_bytes(memory)} ({device}), micro-batch {setup.micro_batch} x "
-          f"{setup.seq_len} tokens, activation checkpointing {'on' if setup.activation_checkpointing else 'off'}:")
+          f"{setup.dtype_name} rest) {fmt_bytes(plan.to_dict()['base_bytes'])}")
+    print(f"per worker on {workers} x {fmt_bytes(memory)} ({device}, {setup.dtype_name} compute), micro-batch "
+          f"{setup.micro_batch} x {setup.seq_len} tokens, activation checkpointing "
+          f"{'on' if setup.activation_checkpointing else 'off'}:")
     names = {"full": "full fine-tuning, ZeRO-3", "lora_fp16": "LoRA, replicated fp16 base (paper)",
              "lora_int8_zero3": "LoRA, int8 base, ZeRO-3 (ours)"}
     print(f"  {'method':<36} {'trainable':>16} {'per worker':>11} {'fits':>5} {'min GPUs':>9} {'checkpoint':>11}")
@@ -84,6 +88,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
               f"{fmt_bytes(r['checkpoint_bytes']['deliverable']):>11}")
     ours = plan.methods["lora_int8_zero3"]
     print("  ours, term by term: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in ours["terms"].items()))
+    a = acts["lora"]
+    print(f"  activations counted on meta: {fmt_bytes(a.per_block)} per block ({fmt_bytes(a.per_block_checkpointed)} "
+          f"checkpointed), {fmt_bytes(a.head)} outside the blocks, logits gradient {fmt_bytes(a.logits)}")
+    print("  ZeRO-3 settings: " + ", ".join(f"{k} {v:,}" for k, v in plan.to_dict()["zero_settings"].items()))
     print(f"  adapter {c.lora_params * setup.adapter_bytes_per_param:,} bytes; resumable LoRA checkpoint "
           f"{fmt_bytes(ours['checkpoint_bytes']['resumable'])}")
     return EXIT_OK

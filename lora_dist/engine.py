@@ -28,16 +28,21 @@ from lora_dist.lora import LoraTensors, collect_lora, freeze_non_lora, lora_para
 from lora_dist.model import Injection, check_complete, decoder_blocks, init_lora, load_weights, params_on_meta, \
     prepare
 from lora_dist.quant import Int8Linear
+from lora_dist.device import Placement
 from lora_dist.spec import JobSpec
 
 COMPLETE_MARKER = "complete.json"
 
 
-def ds_config(spec: JobSpec, world_size: int, cuda: bool) -> dict[str, Any]:
-    """DeepSpeed config from the spec: ZeRO stage, AdamW over LoRA only, clipping, accumulation.
+def ds_config(spec: JobSpec, world_size: int, placement: Placement, zero: dict[str, int]) -> dict[str, Any]:
+    """DeepSpeed config from the spec: ZeRO stage and its settings from the plan
+    (``plan.zero_settings``), AdamW over LoRA only, clipping, accumulation, precision.
 
-    fp32 on CPU (no fp16/bf16 key: an explicit dtype in zero.Init is ignored on the CPU
-    accelerator, DESIGN.md), bf16 on CUDA.
+    Precision follows ``train.dtype`` (``placement``): fp32 has no fp16/bf16 key (an explicit
+    dtype in zero.Init is ignored on the CPU accelerator, DESIGN.md); bf16 is DeepSpeed's bf16
+    mode and fp16 its fp16 mode with dynamic loss scaling. In both 16-bit modes the model's LoRA
+    copy is in the compute dtype and the optimizer holds fp32 master weights and fp32 AdamW
+    moments.
     """
     t = spec.train
     cfg: dict[str, Any] = {
@@ -49,15 +54,18 @@ def ds_config(spec: JobSpec, world_size: int, cuda: bool) -> dict[str, Any]:
         # process-wide with a Python autograd function; zero.Init reads it from this config and
         # ignores its own argument. The int8 base needs no weight gradients, so the built-in
         # linear is both correct and faster.
-        "zero_optimization": {"stage": spec.cluster.zero_stage, "memory_efficient_linear": False},
+        "zero_optimization": {"stage": spec.cluster.zero_stage, "memory_efficient_linear": False, **zero},
         # torch_adam: plain torch.optim.AdamW inside ZeRO (no fused op to compile; the same
         # optimizer as the single-process reference).
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if cuda:
+    if placement.dtype_name == "bf16":
         cfg["bf16"] = {"enabled": True}
+    elif placement.dtype_name == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                       "hysteresis": 2, "min_loss_scale": 1}
     return cfg
 
 
@@ -67,7 +75,8 @@ def init_distributed(cuda: bool) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any]) -> tuple[nn.Module, Injection]:
+def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
+                  placement: Placement) -> tuple[nn.Module, Injection]:
     """Build the model with every parameter partitioned, never holding more than one decoder
     block's parameters whole.
 
@@ -81,8 +90,8 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any]) -> tuple[nn.
     from transformers import AutoModelForCausalLM
 
     full = spec.train.method == "full"
-    with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config_hf)
+    with params_on_meta():  # float parameters in the compute dtype, whatever config.json says
+        model = AutoModelForCausalLM.from_config(config_hf, dtype=placement.dtype)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     injection = prepare(model, None if full else spec.lora, spec.model.quantization, device="meta")
@@ -94,7 +103,11 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any]) -> tuple[nn.
                 if p.is_meta:
                     new = materialized.get(id(p))
                     if new is None:
-                        new = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=p.requires_grad)
+                        # trainable (LoRA) parameters take the compute dtype: in 16-bit DeepSpeed
+                        # keeps their fp32 master copy in the optimizer
+                        dtype = placement.dtype if p.requires_grad and p.is_floating_point() else p.dtype
+                        new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=placement.device),
+                                           requires_grad=p.requires_grad)
                         materialized[id(p)] = new
                     mod._parameters[name] = new
         deepspeed.zero.Init(module=unit, config_dict_or_path=config, mem_efficient_linear=False)

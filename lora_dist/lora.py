@@ -81,12 +81,15 @@ class LoRALinear(nn.Module):
         """B = 0; A Kaiming-uniform (or Gaussian), drawn from ``generator`` when given."""
         if self.lora_A.is_meta or self.lora_A.numel() == 0:
             return  # a skeleton or a ZeRO-3 partition placeholder: initialised once materialised
+        # Drawn on the CPU in fp32 whatever the parameter's device and dtype, then copied in: the
+        # same initial values on every device (a CPU generator cannot fill a CUDA tensor).
         for i in range(len(self.slices)):
-            a = self.lora_A[i * self.r:(i + 1) * self.r]
+            a = torch.empty(self.r, self.in_features)
             if self.init == "kaiming":
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             else:
                 nn.init.normal_(a, std=1.0 / self.r, generator=generator)
+            self.lora_A[i * self.r:(i + 1) * self.r].copy_(a)
         nn.init.zeros_(self.lora_B)
 
     @property
@@ -114,7 +117,7 @@ class LoRALinear(nn.Module):
             width = stop - start
             if start > prev:
                 parts.append(ax.new_zeros(*ax.shape[:-1], start - prev))
-            parts.append(ax[..., i * self.r:(i + 1) * self.r] @ self.lora_B[row:row + width].t())
+            parts.append(ax[..., i * self.r:(i + 1) * self.r] @ self.lora_B[row:row + width].t().to(ax.dtype))
             row += width
             prev = stop
         if prev < self.out_features:
@@ -125,9 +128,11 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.merged:
             return out
-        ax = self.lora_dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r * n_slices)
+        # In x's dtype (the compute dtype): A and B are cast (they are small), x never is, so the
+        # branch keeps x once for A's gradient and nothing larger.
+        ax = self.lora_dropout(x) @ self.lora_A.t().to(x.dtype)  # (..., r * n_slices)
         if not self.full_width:
-            return out + self.sliced_lora_forward(ax).to(out.dtype)
+            return out + self.sliced_lora_forward(ax.to(out.dtype))
         # h = W0 x + s · (A x) B^T as one addmm: no separate scale and add over the (tokens x out)
         # output, forward or backward (4% of an all-linear SmolLM2 step on CPU, same values).
         shape = out.shape

@@ -30,7 +30,7 @@ from torch import nn
 
 from lora_dist.errors import ModelError
 from lora_dist.lora import LoRALinear, freeze_non_lora
-from lora_dist.plan import PERSISTENCE_THRESHOLD, ModelCounts
+from lora_dist.plan import PERSISTENCE_THRESHOLD, Activations, ModelCounts
 from lora_dist.quant import Int8Linear
 from lora_dist.spec import LINEAR_TARGET_ALL, SHAPES, LoraSpec, cache_root
 from lora_dist.store import sha256_file
@@ -268,8 +268,9 @@ def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype:
     """Stream every tensor of ``model_dir/*.safetensors`` into the skeleton, one at a time.
 
     ``place(module, name, read)`` puts each tensor in; ``read()`` loads it from the
-    file (transposed for GPT-2 Conv1D, cast to ``dtype``), so a placer that does not need the
-    values on this rank never reads them.
+    file (transposed for GPT-2 Conv1D; cast to the compute ``dtype``, except an int8 linear's
+    weight, which is quantized from the dtype it is stored in), so a placer that does not need
+    the values on this rank never reads them.
     """
     modules = dict(model.named_modules())
     rename = _checkpoint_renamer(model)
@@ -284,11 +285,15 @@ def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype:
                 if module is None or pname not in module._parameters:
                     continue  # buffers saved by old checkpoints (GPT-2's attn.bias): rebuilt by the model
                 transpose = mod_path in injection.transposed and pname == "weight"
+                cast = not (isinstance(module, Int8Linear) and pname == "weight")
 
-                def read(f=f, key=key, transpose=transpose) -> torch.Tensor:
+                def read(f=f, key=key, transpose=transpose, cast=cast) -> torch.Tensor:
                     tensor = f.get_tensor(key)
                     tensor = tensor.t() if transpose else tensor
-                    return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()
+                    if cast and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    # a transposed int8 weight stays a view: quantize_rowwise copies it block by block
+                    return tensor if not cast else tensor.contiguous()
 
                 place(module, pname, read)
                 loaded.add(key)
@@ -469,6 +474,18 @@ def load_model(base: str, lora: LoraSpec | None, quantization: str, seed: int = 
 
 # --- counting for the planner ---------------------------------------------------------------------
 
+def _config_for(base):
+    """The Hugging Face config of a built-in id, a local directory, or an architecture mapping."""
+    from transformers import AutoConfig
+
+    if isinstance(base, str) and base in SHAPES:
+        base = SHAPES[base]
+    if isinstance(base, dict):
+        cfg = dict(base)
+        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return AutoConfig.from_pretrained(resolve_base(base))
+
+
 def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
     """Build ``base`` on the meta device, inject like a job, and count exactly.
 
@@ -478,15 +495,9 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         lora: a LoraSpec (targets, r), or None for no LoRA.
         quantization: which linears count as quantized (``int8``) or stay float (``none``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if isinstance(base, str) and base in SHAPES:
-        base = SHAPES[base]
-    if isinstance(base, dict):
-        cfg = dict(base)
-        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    else:
-        config = AutoConfig.from_pretrained(resolve_base(base))
+    config = _config_for(base)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
         if getattr(config, "tie_word_embeddings", False):
@@ -503,9 +514,20 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
     # the row scales are bookkeeping of quantization, not base parameters
     total = sum(p.numel() for n, p in params.values() if ".lora_" not in f".{n}" and not n.endswith("weight_absmax"))
     float_n = total - q_params
+    blocks_name, blocks = decoder_blocks(model)
+
+    def block_parts(block: nn.Module) -> tuple[int, int, int]:
+        q = sum(m.weight.numel() for m in block.modules() if isinstance(m, Int8Linear))
+        rows = sum(m.out_features for m in block.modules() if isinstance(m, Int8Linear))
+        fl = sum(p.numel() for n, p in block.named_parameters()
+                 if "lora_" not in n and p.dtype != torch.int8 and not n.endswith("weight_absmax"))
+        return q, rows, fl
+
+    parts = max((block_parts(b) for b in blocks), key=lambda t: t[0] + t[2])
+    outside = [p.numel() for n, p in params.values() if not n.startswith(blocks_name + ".")] or [0]
     if quantization == "none":
         float_n, q_params, q_rows = total, 0, 0
-    _, blocks = decoder_blocks(model)
+        parts = (0, 0, parts[0] + parts[2])
     block_sizes = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n and "absmax" not in n)
                    for b in blocks]
     linear_sizes = [m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear)] or [0]
@@ -518,5 +540,121 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         vocab=config.vocab_size, total_params=total, quantized_linear_params=q_params, quantized_rows=q_rows,
         float_params=float_n, lora_params=lora_n, lora_tensors_persistent=lora_persistent,
         largest_block_params=max(block_sizes), largest_linear_params=max(linear_sizes),
-        small_float_params=small,
+        small_float_params=small, block_quantized_params=parts[0], block_rows=parts[1],
+        block_float_params=parts[2], largest_outside_params=max(outside),
     )
+
+
+class _SavedBytes:
+    """Sum the bytes autograd saves for backward (each storage once; parameters are weights, not
+    activations, and are left out)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = {id(p) for p in model.parameters()}
+        self.sizes: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self.params:
+            key = t.untyped_storage()._cdata
+            self.sizes[key] = max(self.sizes.get(key, 0), t.numel() * t.element_size())
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Stands in for ``scaled_dot_product_attention`` on the meta device, saving what the fused
+    kernels that run on real devices save (CPU flash attention, CUDA flash / memory-efficient):
+    q, k, v, the output and a float32 log-sum-exp per query. The meta device would otherwise take
+    the math path, which keeps the (seq x seq) attention matrix no real run keeps."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: counting only
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _meta_forward(device: str) -> Iterator[None]:
+    """Let a Hugging Face forward run on meta tensors as it runs on real ones of ``device``: fused
+    attention (above) where that device runs it (CPU flash attention has no dropout: with
+    attention dropout the CPU takes the math path, and so does the count), and no check for
+    packed sequences, which reads tensor values (a job's batches are padded, never packed)."""
+    from transformers import masking_utils
+
+    original, packed = nn.functional.scaled_dot_product_attention, masking_utils.find_packed_sequence_indices
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, *args, **kwargs):
+        if query.is_meta and (device == "cuda" or dropout_p == 0.0):
+            return _FlashAttention.apply(query, key, value)
+        return original(query, key, value, attn_mask, dropout_p, *args, **kwargs)
+
+    nn.functional.scaled_dot_product_attention = sdpa
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        nn.functional.scaled_dot_product_attention = original
+        masking_utils.find_packed_sequence_indices = packed
+
+
+def _saved_bytes(config, layers: int, lora, quantization: str, method: str, micro_batch: int, seq_len: int,
+                 dtype: torch.dtype, device: str, checkpointing: bool) -> int:
+    """Bytes autograd saves in one forward of a ``layers``-block model of ``config``, on meta."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = layers
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        if getattr(cfg, "tie_word_embeddings", False):
+            model.tie_weights()
+        prepare(model, None if method == "full" else lora, quantization, device="meta")
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        freeze_non_lora(model)
+        # as the ZeRO-3 worker does (engine.blocks_as_zero3_leaves): the first block's input requires grad
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()
+    ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device="meta")
+    counter = _SavedBytes(model)
+    with _meta_forward(device), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False)
+    return counter.total
+
+
+def count_activations(base, lora, quantization: str, micro_batch: int, seq_len: int, dtype: str,
+                      method: str = "lora", device: str = "cuda") -> Activations:
+    """Count what autograd saves for backward for one micro-batch (DESIGN.md decision 10).
+
+    A 1-block and a 2-block model of ``base``'s architecture, with the job's quantization and LoRA,
+    run forward on the meta device in the compute ``dtype`` (``bf16``, ``fp16``, ``fp32``) under
+    ``saved_tensors_hooks``, with and without activation checkpointing; the difference is one
+    block, the rest is the head (embeddings, final norm, logits, loss). Nothing is allocated.
+
+    Args:
+        method: ``lora`` (frozen base, LoRA trains) or ``full`` (every weight trains).
+        device: the device kind the job runs on (``cuda`` or ``cpu``): which attention kernel runs.
+    """
+    from lora_dist.device import TORCH_DTYPES
+
+    config = _config_for(base)
+    torch_dtype = TORCH_DTYPES[dtype]
+    args = (lora, quantization if method != "full" else "none", method, micro_batch, seq_len, torch_dtype, device)
+    one, two = (_saved_bytes(config, k, *args, checkpointing=False) for k in (1, 2))
+    one_c, two_c = (_saved_bytes(config, k, *args, checkpointing=True) for k in (1, 2))
+    return Activations(per_block=two - one, per_block_checkpointed=two_c - one_c, head=one - (two - one),
+                       logits=micro_batch * seq_len * config.vocab_size * 4)

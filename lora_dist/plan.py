@@ -2,10 +2,12 @@
 
 Counts (:class:`ModelCounts`) come from ``model.count_model``, which builds the model on the
 meta device (no weights allocated) with the same quantization and LoRA injection the job would
-apply, so parameter numbers are exact; this module is the arithmetic on them. Bytes are
-arithmetic on those counts; the terms that must be modelled (the gathered working set,
-activations, a fixed per-process overhead) are stated here and checked against measured runs in
-``bench/plan_vs_measured.py``. This module imports no torch, ray or deepspeed, and nothing else of the package.
+apply, so parameter numbers are exact. Activation bytes (:class:`Activations`) come from
+``model.count_activations``: what autograd saves when a 1- and a 2-block model of the job's
+shape run forward on the meta device (DESIGN.md decision 10). This module is the arithmetic on
+them, with the ZeRO-3 settings a job runs with (:func:`zero_settings`); only the per-process
+overhead is calibrated, and ``bench/plan_vs_measured.py`` checks the sum against measured peaks.
+It imports no torch, ray or deepspeed (of the package, only ``spec``).
 
 Methods compared on the same model:
 
@@ -22,16 +24,20 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lora_dist.spec import DTYPE_BYTES, resolve_dtype
+
 GiB = 1 << 30
 METHODS = ("full", "lora_fp16", "lora_int8_zero3")
-# DeepSpeed ZeRO-3 defaults (deepspeed/runtime/zero/config.py): parameters smaller than this
-# stay whole on every rank after their first gather; at most this many elements are live.
+# DeepSpeed ZeRO-3: parameters smaller than this stay whole on every rank after their first gather
+# (its default, kept).
 PERSISTENCE_THRESHOLD = 100_000
-MAX_LIVE_PARAMETERS = 1_000_000_000
-# Fixed per-worker overhead, calibrated once (bench/plan_vs_measured.py, SmolLM2 at N=1 on CPU):
-# the Python process with torch, transformers, deepspeed and ray imported, allocator slack, the
-# tokenizer and data. On CUDA the CUDA context and NCCL buffers take its place (assumed, not
-# measured here: no GPU on the calibration machine).
+# Elements dequantized at once by the int8 matmul (quant.DEQUANT_BLOCK_ELEMENTS, repeated here so
+# that the planner imports no torch; tests/test_plan.py checks the two agree).
+DEQUANT_BLOCK_ELEMENTS = 1 << 26
+# Fixed per-worker overhead, calibrated once per device kind by bench/plan_vs_measured.py (the main
+# job at N=1 on CPU): the Python process with torch, transformers, deepspeed and ray imported,
+# allocator slack, the tokenizer and the data. On CUDA the CUDA context and NCCL buffers take its
+# place (not calibrated: no GPU on the calibration machine; bench/gpu_check.sh prints the figure).
 OVERHEAD_BYTES = {"cpu": int(1.064 * GiB), "cuda": int(1.5 * GiB)}
 
 
@@ -50,9 +56,28 @@ class ModelCounts:
     float_params: int  # everything else: embeddings, norms, head, biases
     lora_params: int
     lora_tensors_persistent: bool  # every LoRA tensor below the persistence threshold
-    largest_block_params: int  # one decoder block
+    largest_block_params: int  # one decoder block (base parameters)
     largest_linear_params: int
     small_float_params: int  # float tensors below the persistence threshold (kept whole)
+    block_quantized_params: int = 0  # of the largest block: int8 linear weights,
+    block_rows: int = 0  # their rows (fp32 scales),
+    block_float_params: int = 0  # and float parameters (norms, biases, float linears)
+    largest_outside_params: int = 0  # the largest parameter outside the blocks (the embedding)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes autograd saves for backward for one micro-batch, counted (not modelled) by
+    ``model.count_activations``: a 1- and a 2-block model of the job's shape run forward on the
+    meta device under ``torch.autograd.graph.saved_tensors_hooks``."""
+
+    per_block: int  # one decoder block, no activation checkpointing
+    per_block_checkpointed: int  # one decoder block under activation checkpointing (its input)
+    head: int  # outside the blocks: embeddings, final norm, logits, loss
+    logits: int  # one fp32 (batch, seq, vocab) tensor: the logits' gradient when backward starts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,89 +87,127 @@ class ModelCounts:
 
 @dataclass(frozen=True)
 class Setup:
-    """What the job runs with: workers, batch, sequence, device."""
+    """What the job runs with: workers, batch, sequence, device, compute dtype."""
 
     workers: int
     micro_batch: int
     seq_len: int
-    device: str = "cuda"  # cuda: bf16 compute; cpu: fp32 compute
+    device: str = "cuda"
+    dtype: str = "auto"  # train.dtype: auto is bf16 on cuda, fp32 on cpu
     activation_checkpointing: bool = False
     adapter_bytes_per_param: int = 2  # fp16/bf16 adapter (the paper's 35 MB); 4 for float32
 
     @property
+    def dtype_name(self) -> str:
+        return resolve_dtype(self.dtype, self.device)
+
+    @property
     def compute_bytes(self) -> int:
-        return 2 if self.device == "cuda" else 4
+        return DTYPE_BYTES[self.dtype_name]
 
 
-def activation_bytes(c: ModelCounts, s: Setup) -> int:
-    """Activations kept for backward, for one micro-batch.
+def block_bytes(c: ModelCounts, cb: int, quantized: bool = True) -> int:
+    """One decoder block as stored: int8 weights and fp32 scales (or float), float rest."""
+    if quantized:
+        return c.block_quantized_params + c.block_rows * 4 + c.block_float_params * cb
+    return (c.block_quantized_params + c.block_float_params) * cb
 
-    Per layer, s·b·h·(34 + 5·a·s/h) bytes in 16-bit (Korthikanti et al., 2022), scaled to the
-    compute dtype; with activation checkpointing only each layer's input is kept, plus one
-    layer's full set during its recomputation. Logits in fp32 and their gradient: 2·b·s·V·4.
+
+def zero_settings(c: ModelCounts, method: str = "lora_int8_zero3") -> dict[str, int]:
+    """DeepSpeed ZeRO-3 settings derived from the model (defaults do not fit it).
+
+    * ``stage3_prefetch_bucket_size``: one whole decoder block (elements), so that the next
+      block's all-gather overlaps this block's compute (DeepSpeed's 5e7 is less than one
+      GPT-3 block of 1.8e9).
+    * ``stage3_max_live_parameters``: two blocks, the one computing and the one prefetched; and
+      ``stage3_max_reuse_distance``: one block, so a block is released after its forward and
+      gathered again for its backward. With the defaults (1e9 each) a model below a billion
+      parameters stays gathered whole on every rank, and memory does not fall with N.
+    * ``reduce_bucket_size``: the trainable parameters (LoRA: a few million) up to 5e8, instead
+      of DeepSpeed's 5e8 elements whatever is trained.
+    * ``stage3_param_persistence_threshold``: DeepSpeed's default (1e5): norms and LoRA pairs
+      below it stay whole on every rank.
     """
-    per_layer_16bit = s.seq_len * s.micro_batch * c.hidden * (34 + 5 * c.heads * s.seq_len / c.hidden)
-    per_layer = per_layer_16bit * s.compute_bytes / 2
+    block = max(1, c.largest_block_params + c.block_rows)
+    trainable = c.total_params if method == "full" else c.lora_params
+    return {"stage3_prefetch_bucket_size": block, "stage3_max_live_parameters": 2 * block,
+            "stage3_max_reuse_distance": block, "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD,
+            "reduce_bucket_size": int(min(max(trainable, 1), 500_000_000))}
+
+
+def activation_bytes(c: ModelCounts, a: Activations, s: Setup) -> int:
+    """Activations for one micro-batch: what autograd saves (counted per block and for the head),
+    plus the logits' gradient when backward starts. With activation checkpointing each block
+    keeps its checkpointed input, and one block's full set lives again while it is recomputed."""
     if s.activation_checkpointing:
-        layers = c.layers * s.seq_len * s.micro_batch * c.hidden * s.compute_bytes + per_layer
+        blocks = c.layers * a.per_block_checkpointed + a.per_block
     else:
-        layers = c.layers * per_layer
-    logits = 2 * s.micro_batch * s.seq_len * c.vocab * 4
-    return int(layers + logits)
+        blocks = c.layers * a.per_block
+    return a.head + blocks + a.logits
 
 
-def memory_terms(c: ModelCounts, method: str, s: Setup) -> dict[str, int]:
-    """Bytes per worker, term by term, for ``method`` on ``s.workers`` workers."""
+def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activations]) -> dict[str, int]:
+    """Bytes per worker, term by term, for ``method`` on ``s.workers`` workers.
+
+    ``acts`` holds the counted activations: ``"lora"`` (a frozen base with LoRA) and ``"full"``
+    (every weight trains).
+    """
     n, cb = s.workers, s.compute_bytes
     # AdamW state per trainable parameter besides the compute-dtype weight: gradient (cb), fp32
     # master copy when computing in 16-bit (4), two fp32 moments (8).
     state = cb + (4 if cb == 2 else 0) + 8
+    zs = zero_settings(c, method)
+    dequant = min(c.largest_linear_params, DEQUANT_BLOCK_ELEMENTS) * cb
     terms: dict[str, int] = {}
     if method == "full":
         terms["base_weights"] = math.ceil(c.total_params * cb / n)
         terms["optimizer_and_gradients"] = math.ceil(c.total_params * state / n)
         terms["persistent_small_params"] = int(c.small_float_params * cb * (1 - 1 / n))
-        terms["gathered_working_set"] = min(c.total_params, MAX_LIVE_PARAMETERS) * cb
+        terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
+        live = min(c.total_params * cb, 2 * block_bytes(c, cb, quantized=False))
+        terms["gathered_working_set"] = live + c.largest_outside_params * cb
+        activations = acts["full"]
     elif method == "lora_fp16":
         terms["base_weights"] = c.total_params * 2  # replicated: the whole fp16 base on every GPU
         terms["lora_weights"] = c.lora_params * cb
         terms["optimizer_and_gradients"] = c.lora_params * state
+        activations = acts["lora"]
     elif method == "lora_int8_zero3":
+        stored = c.quantized_linear_params + c.quantized_rows * 4 + c.float_params * cb
         terms["base_weights"] = math.ceil((c.quantized_linear_params + c.quantized_rows * 4) / n)
         terms["float_weights"] = math.ceil(c.float_params * cb / n)
         lora_whole = c.lora_tensors_persistent  # small LoRA tensors stay whole on every rank
         terms["lora_weights"] = c.lora_params * cb if lora_whole else math.ceil(c.lora_params * cb / n)
         terms["optimizer_and_gradients"] = math.ceil(c.lora_params * state / n)
         terms["persistent_small_params"] = int((c.small_float_params * cb + c.quantized_rows * 4) * (1 - 1 / n))
-        # Gathered parameters stay live until DeepSpeed's max_live_parameters (1e9 elements by
-        # default; max_reuse_distance is as large), so a model below that stays gathered after
-        # its first forward: its whole int8 base and float parameters, on every rank. Above the
-        # cap, the live share is cap / total (DeepSpeed gathers into buffers of its own even at
-        # N=1). Plus the dequantized copy of the largest weight that the int8 matmul makes in the
-        # compute dtype.
-        live = min(1.0, MAX_LIVE_PARAMETERS / c.total_params)
-        stored = c.quantized_linear_params + c.quantized_rows * 4 + c.float_params * cb
-        terms["gathered_working_set"] = int(live * stored) + c.largest_linear_params * cb
+        terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
+        # What ZeRO-3 holds gathered at once (zero_settings): the block computing and the one
+        # prefetched, or the embedding while it is used; DeepSpeed gathers into buffers of its own
+        # even at N=1. Plus one block of a weight dequantized into the compute dtype.
+        live = min(stored, max(2 * block_bytes(c, cb), c.largest_outside_params * cb))
+        terms["gathered_working_set"] = live + dequant
+        activations = acts["lora"]
     else:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
-    terms["activations"] = activation_bytes(c, s)
+    terms["activations"] = activation_bytes(c, activations, s)
     terms["overhead"] = OVERHEAD_BYTES[s.device]
     return terms
 
 
-def per_worker_bytes(c: ModelCounts, method: str, s: Setup) -> int:
-    return sum(memory_terms(c, method, s).values())
+def per_worker_bytes(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activations]) -> int:
+    return sum(memory_terms(c, method, s, acts).values())
 
 
-def min_workers(c: ModelCounts, method: str, s: Setup, memory: int, limit: int = 65536) -> int | None:
+def min_workers(c: ModelCounts, method: str, s: Setup, memory: int, acts: dict[str, Activations],
+                limit: int = 65536) -> int | None:
     """The fewest workers of ``memory`` bytes each that fit ``method``; None if none do."""
     lo = 1
-    if per_worker_bytes(c, method, _with(s, workers=limit)) > memory:
+    if per_worker_bytes(c, method, _with(s, workers=limit), acts) > memory:
         return None
     hi = limit
     while lo < hi:  # per-worker bytes only fall as workers are added
         mid = (lo + hi) // 2
-        if per_worker_bytes(c, method, _with(s, workers=mid)) <= memory:
+        if per_worker_bytes(c, method, _with(s, workers=mid), acts) <= memory:
             hi = mid
         else:
             lo = mid + 1
@@ -168,13 +231,16 @@ class Plan:
     counts: ModelCounts
     setup: Setup
     gpu_memory: int
+    activations: dict[str, Activations]
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         ours = self.methods["lora_int8_zero3"]
         return {
             "model": self.counts.to_dict(),
-            "setup": asdict(self.setup),
+            "setup": {**asdict(self.setup), "dtype": self.setup.dtype_name},
+            "activations": {k: v.to_dict() for k, v in self.activations.items()},
+            "zero_settings": zero_settings(self.counts),
             "gpu_memory_bytes": self.gpu_memory,
             "trainable_params": self.counts.lora_params,
             "adapter_bytes": ours["checkpoint_bytes"]["deliverable"],
@@ -187,15 +253,15 @@ class Plan:
         }
 
 
-def make_plan(c: ModelCounts, s: Setup, gpu_memory: int) -> Plan:
-    plan = Plan(c, s, gpu_memory)
+def make_plan(c: ModelCounts, s: Setup, gpu_memory: int, acts: dict[str, Activations]) -> Plan:
+    plan = Plan(c, s, gpu_memory, acts)
     for method in METHODS:
-        terms = memory_terms(c, method, s)
+        terms = memory_terms(c, method, s, acts)
         plan.methods[method] = {
             "terms": terms,
             "per_worker_bytes": sum(terms.values()),
             "fits": sum(terms.values()) <= gpu_memory,
-            "min_gpus": min_workers(c, method, s, gpu_memory),
+            "min_gpus": min_workers(c, method, s, gpu_memory, acts),
             "trainable_params": c.total_params if method == "full" else c.lora_params,
             "checkpoint_bytes": checkpoint_bytes(c, method, s),
         }

@@ -150,6 +150,9 @@ class TrainSpec(_Section):
     parity_check: StrictBool = False
     parity_steps: Annotated[Int, Ge(1), Le(1000)] = 2
     parity_tolerance: Annotated[Number, Gt(0)] = 1e-3  # largest allowed |loss difference|, nats/token
+    # compute dtype of the forward and backward, whatever the checkpoint's config.json says; LoRA
+    # master weights and AdamW state stay fp32. auto: bf16 on GPU workers, fp32 on CPU.
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
 
 class ClusterSpec(_Section):
@@ -322,6 +325,9 @@ def _cross_field_problems(s: JobSpec) -> list[str]:
     if s.train.method == "full" and s.model.quantization != "none":
         problems.append("train.method: 'full' trains every weight, which an int8 base cannot; "
                         "set model.quantization: none")
+    if s.train.dtype == "fp16" and s.cluster.gpus_per_worker == 0:
+        problems.append("train.dtype: fp16 needs GPU workers (cluster.gpus_per_worker >= 1) for DeepSpeed's "
+                        "loss scaling; on CPU use fp32 or bf16")
     if s.cluster.max_failures > 0 and s.train.checkpoint_every == 0:
         problems.append("cluster.max_failures: restarts resume from checkpoints; set train.checkpoint_every > 0")
     return problems
@@ -390,6 +396,18 @@ def _range(loc: list[str]) -> str:
 
 
 # --- where things go -----------------------------------------------------------------------------
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """``train.dtype`` made concrete for a device kind: auto is bf16 on ``cuda``, fp32 elsewhere."""
+    if dtype == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"train.dtype: must be one of auto, bf16, fp16, fp32, got {dtype!r}")
+    return dtype
+
 
 def output_root() -> Path:
     """Where a cluster's local artifacts may go: $LORA_DIST_OUTPUT_ROOT, else the current directory."""

@@ -30,10 +30,11 @@ from torch import nn
 
 from lora_dist.adapter import write_job_artifact
 from lora_dist.data import BatchPlan, Tokenized, collate, load_examples, split_by_prompt, tokenize
+from lora_dist.device import Placement, local_placement
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoraTensors, collect_lora
 from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
-from lora_dist.spec import JobSpec, cache_root
+from lora_dist.spec import JobSpec, SpecError, cache_root
 from lora_dist.store import METRICS_FILE, artifact_location, is_uri, new_job_id, publish, work_dir
 
 
@@ -354,10 +355,12 @@ def export(loop: Loop, built: LoadedModel, job_id: str, fields: dict[str, Any], 
 
 # --- the single-process entry points --------------------------------------------------------------
 
-def build_local(spec: JobSpec) -> LoadedModel:
-    """The model of ``spec`` in this process: int8 or float base, LoRA injected and initialised."""
+def build_local(spec: JobSpec, placement: Placement) -> LoadedModel:
+    """The model of ``spec`` in this process: int8 or float base in the compute dtype, LoRA
+    injected and initialised in fp32."""
     seed_everything(spec.train.seed)
-    built = load_model(spec.model.base, spec.injected_lora, spec.model.quantization, seed=spec.train.seed)
+    built = load_model(spec.model.base, spec.injected_lora, spec.model.quantization, seed=spec.train.seed,
+                       dtype=placement.dtype)
     if spec.train.activation_checkpointing:
         enable_activation_checkpointing(built.model)
     return built
@@ -381,8 +384,12 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     final = artifact_location(spec.output.dir, spec.name, job_id)
     if not is_uri(final) and Path(final).exists():
         raise ArtifactError(f"{final} already exists; an artifact is never overwritten")
+    try:
+        placement = local_placement(spec)
+    except ValueError as e:
+        raise SpecError([str(e)]) from None
     t0 = time.time()
-    built = build_local(spec)
+    built = build_local(spec, placement)
     print(f"model {spec.model.base}: {len(built.injection.quantized)} int8 linears, {len(built.injection.lora)} "
           f"LoRA modules, {built.trainable_params:,} trainable parameters (loaded in {time.time() - t0:.1f} s)",
           file=stream, flush=True)
@@ -392,7 +399,7 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     work = work_dir(spec.output.dir, spec.name, job_id)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    loop = Loop(spec, LocalRunner(built.model, spec, spec.train.grad_accum), data, torch.device("cpu"), ranks=[0],
+    loop = Loop(spec, LocalRunner(built.model, spec, spec.train.grad_accum), data, placement.device, ranks=[0],
                 world_size=1, metrics=Metrics(work / METRICS_FILE, spec, main=True, stream=stream),
                 int8_bytes=int8_bytes(built.model))
     try:
@@ -400,7 +407,7 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
         loss, _ = run_steps(loop)
         val_after = validate(loop, spec.train.max_steps)
         fields = {"world_size": 1, "zero_stage": 0, "steps": spec.train.max_steps, "final_loss": loss,
-                  "val_loss_before": val_before, "val_loss_after": val_after}
+                  "val_loss_before": val_before, "val_loss_after": val_after, "precision": placement.record()}
         location = export(loop, built, job_id, fields, staging=work / "staging")
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -410,10 +417,11 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
 def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
     """The first ``steps`` losses of an unsharded single-process run on the batches that a
     ``world_size``-worker run sees: the parity guard's reference."""
-    built = build_local(spec)
+    placement = local_placement(spec)
+    built = build_local(spec, placement)
     data = prepare_data(spec, built.tokenizer)
     runner = LocalRunner(built.model, spec, spec.train.grad_accum * world_size)
-    loop = Loop(spec, runner, data, torch.device("cpu"), ranks=range(world_size), world_size=world_size,
+    loop = Loop(spec, runner, data, placement.device, ranks=range(world_size), world_size=world_size,
                 metrics=Metrics(Path("/dev/null"), spec, main=False))
     built.model.train()
     return [train_step(loop, step)[0] for step in range(1, steps + 1)]

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 
 from lora_dist import engine as eng
-from lora_dist.model import LoadedModel, enable_activation_checkpointing, resolve_base
+from lora_dist.device import Placement, worker_placement
+from lora_dist.model import LoadedModel, count_model, enable_activation_checkpointing, resolve_base
+from lora_dist.plan import zero_settings
 from lora_dist.spec import JobSpec, spec_from_dict
 from lora_dist.store import METRICS_FILE
 from lora_dist.train import Loop, Metrics, export, make_schedule, prepare_data, run_steps, seed_everything, validate
@@ -53,8 +55,13 @@ class Worker:
     work_dir: Path  # shared by the job's workers on one machine or filesystem
     rank: int
     world: int
-    device: torch.device
+    placement: Placement
     ray_io: RayIO
+    zero: dict[str, int] = field(default_factory=dict)  # the ZeRO settings the job runs with
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
 
 
 def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
@@ -79,7 +86,8 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
     fields = {"world_size": w.world, "zero_stage": w.spec.cluster.zero_stage, "steps": w.spec.train.max_steps,
               "final_loss": loss, "val_loss_before": val_before, "val_loss_after": val_after,
               "resumed_from_step": resumed_from, "parity_max_loss_diff": parity_max, "nodes": nodes,
-              "int8_partition_bytes": parts["int8_local_bytes"], "int8_full_bytes": parts["int8_full_bytes"]}
+              "int8_partition_bytes": parts["int8_local_bytes"], "int8_full_bytes": parts["int8_full_bytes"],
+              "precision": w.placement.record(), "zero_settings": w.zero}
     location = export(loop, built, w.job_id, fields, staging=w.work_dir / "staging")
     loop.metrics.say(f"artifact written: {location}")
     dist.barrier()
@@ -92,13 +100,12 @@ def _setup(config: dict[str, Any], ray_io: RayIO) -> Worker:
     # DeepSpeed still calls torch.distributed's *_tensor collectives; torch warns on every call.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
     spec = spec_from_dict(config["spec"])
-    cuda = spec.cluster.gpus_per_worker > 0
-    rank, world = eng.init_distributed(cuda)
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if not cuda:
+    rank, world = eng.init_distributed(spec.cluster.gpus_per_worker > 0)
+    placement = worker_placement(spec)  # the device and compute dtype of everything below
+    if not placement.cuda:
         torch.set_num_threads(max(1, spec.cluster.cpus_per_worker))
     seed_everything(spec.train.seed + rank)
-    w = Worker(spec, config["job_id"], Path(config["work_dir"]), rank, world, device, ray_io)
+    w = Worker(spec, config["job_id"], Path(config["work_dir"]), rank, world, placement, ray_io)
     (w.work_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
     return w
 
@@ -110,9 +117,12 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     spec, t0 = w.spec, time.time()
     model_dir = resolve_base(spec.model.base)
     hf_config = AutoConfig.from_pretrained(model_dir)
-    ds_cfg = eng.ds_config(spec, w.world, w.device.type == "cuda")
-    model, injection = eng.build_sharded(hf_config, spec, ds_cfg)
-    eng.stream_weights(model, model_dir, injection, w.rank, torch.bfloat16 if w.device.type == "cuda" else torch.float32)
+    full = spec.train.method == "full"
+    counts = count_model(spec.model.base, spec.injected_lora, spec.model.quantization)
+    w.zero = zero_settings(counts, "full" if full else "lora_int8_zero3")
+    ds_cfg = eng.ds_config(spec, w.world, w.placement, w.zero)
+    model, injection = eng.build_sharded(hf_config, spec, ds_cfg, w.placement)
+    eng.stream_weights(model, model_dir, injection, w.rank, w.placement.dtype)
     eng.init_lora_sharded(model, spec.train.seed, w.rank)
     if spec.train.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -135,8 +145,11 @@ def _resume(w: Worker, engine, loop: Loop, checkpoint: Path) -> int:
     """
     state = eng.load_checkpoint(engine, checkpoint)
     step = int(state["step"])
-    torch.random.set_rng_state(state["rng"][w.rank]["torch"])
-    random.setstate(state["rng"][w.rank]["python"])
+    mine = state["rng"][w.rank]
+    torch.random.set_rng_state(mine["torch"])
+    random.setstate(mine["python"])
+    if w.placement.cuda and "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], w.device)
     loop.metrics.resumed(step)
     loop.metrics.say(f"resumed from the checkpoint of step {step}")
     return step
@@ -145,7 +158,10 @@ def _resume(w: Worker, engine, loop: Loop, checkpoint: Path) -> int:
 def _checkpoint(w: Worker, engine, step: int, loss: float) -> None:
     """A LoRA-only checkpoint with every rank's RNG state, reported to Ray Train."""
     rng: list[Any] = [None] * w.world
-    dist.all_gather_object(rng, {"torch": torch.random.get_rng_state(), "python": random.getstate()})
+    state = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
+    if w.placement.cuda:
+        state["cuda"] = torch.cuda.get_rng_state(w.device)  # dropout masks on the GPU draw from this one
+    dist.all_gather_object(rng, state)
     tmp = Path(tempfile.mkdtemp(prefix=f"lora-dist-ckpt{step}-r{w.rank}-"))
     try:
         eng.save_checkpoint(engine, tmp, step, {"step": step, "rng": rng}, w.rank)

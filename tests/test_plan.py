@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_dist.model import count_model
-from lora_dist.plan import GiB, ModelCounts, Setup, checkpoint_bytes, make_plan, memory_terms, min_workers, \
-    parse_bytes
+from lora_dist.model import count_activations, count_model
+from lora_dist.plan import GiB, Activations, ModelCounts, Setup, checkpoint_bytes, make_plan, memory_terms, \
+    min_workers, parse_bytes
 from lora_dist.spec import SHAPES, LoraSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ def test_gpt3_175b_counts_are_the_papers():
     assert c.total_params == L * per_layer + V * d + 2048 * d + 2 * d == 174_604_259_328
     assert c.lora_params == 18_874_368  # r=4 on Wq and Wv: 96 x (2 x (4 x 12288 + 12288 x 4))
     assert c.quantized_linear_params == L * 12 * d * d
-    plan = make_plan(c, Setup(workers=8, micro_batch=1, seq_len=2048), 80 * 10**9)
+    plan = make_plan(c, Setup(workers=8, micro_batch=1, seq_len=2048), 80 * 10**9, {"lora": ACTS, "full": ACTS})
     assert plan.to_dict()["adapter_bytes"] == 37_748_736  # fp16: the paper's "35MB"
 
 
@@ -41,10 +41,14 @@ def _counts(**kw) -> ModelCounts:
     base = dict(architecture="X", layers=10, hidden=1000, heads=10, vocab=1000, total_params=1_000_000_000,
                 quantized_linear_params=900_000_000, quantized_rows=100_000, float_params=100_000_000,
                 lora_params=1_000_000, lora_tensors_persistent=False, largest_block_params=90_000_000,
-                largest_linear_params=30_000_000, small_float_params=0)
+                largest_linear_params=30_000_000, small_float_params=0, block_quantized_params=89_000_000,
+                block_rows=10_000, block_float_params=1_000_000, largest_outside_params=50_000_000)
     base.update(kw)
     return ModelCounts(**base)
 
+
+ACTS = Activations(per_block=1_000_000, per_block_checkpointed=10_000, head=5_000_000, logits=2_000_000)
+BLOCK_BF16 = 89_000_000 + 10_000 * 4 + 1_000_000 * 2  # int8 weights, fp32 scales, bf16 norms
 
 # (method, workers, device, term, expected bytes)
 TERMS = [
@@ -54,9 +58,11 @@ TERMS = [
     ("lora_int8_zero3", 4, "cpu", "float_weights", 100_000_000 * 4 // 4),
     ("lora_int8_zero3", 4, "cuda", "optimizer_and_gradients", 1_000_000 * (2 + 4 + 8) // 4),
     ("lora_int8_zero3", 4, "cpu", "optimizer_and_gradients", 1_000_000 * (4 + 8) // 4),
-    # below DeepSpeed's 1e9 live elements the whole stored model stays gathered, plus one dequantized weight
-    ("lora_int8_zero3", 2, "cuda", "gathered_working_set", 900_000_000 + 100_000 * 4 + 100_000_000 * 2 + 30_000_000 * 2),
-    ("full", 2, "cuda", "gathered_working_set", 1_000_000_000 * 2),
+    ("lora_int8_zero3", 4, "cuda", "reduce_bucket", 1_000_000 * 2),  # sized to the LoRA gradients
+    # two blocks live (computing, prefetched), plus one dequantized weight block in bf16
+    ("lora_int8_zero3", 2, "cuda", "gathered_working_set", 2 * BLOCK_BF16 + 30_000_000 * 2),
+    ("lora_int8_zero3", 2, "cuda", "activations", 5_000_000 + 10 * 1_000_000 + 2_000_000),
+    ("full", 2, "cuda", "gathered_working_set", 2 * 90_000_000 * 2 + 50_000_000 * 2),
     ("full", 8, "cuda", "base_weights", 1_000_000_000 * 2 // 8),
     ("full", 8, "cuda", "optimizer_and_gradients", 1_000_000_000 * 14 // 8),
     ("lora_fp16", 8, "cuda", "base_weights", 2_000_000_000),  # replicated: N does not help
@@ -65,18 +71,70 @@ TERMS = [
 
 @pytest.mark.parametrize("method,n,device,term,expected", TERMS)
 def test_bytes_arithmetic(method, n, device, term, expected):
-    terms = memory_terms(_counts(), method, Setup(workers=n, micro_batch=1, seq_len=128, device=device))
+    terms = memory_terms(_counts(), method, Setup(workers=n, micro_batch=1, seq_len=128, device=device),
+                         {"lora": ACTS, "full": ACTS})
     assert terms[term] == expected
 
 
+def test_activation_checkpointing_keeps_one_input_per_block_and_one_block_recomputed():
+    s = Setup(workers=1, micro_batch=1, seq_len=128, activation_checkpointing=True)
+    terms = memory_terms(_counts(), "lora_int8_zero3", s, {"lora": ACTS, "full": ACTS})
+    assert terms["activations"] == 5_000_000 + 10 * 10_000 + 1_000_000 + 2_000_000
+
+
 def test_min_gpus_is_the_smallest_that_fits():
-    c, s = _counts(), Setup(workers=1, micro_batch=1, seq_len=128)
+    c, s, acts = _counts(), Setup(workers=1, micro_batch=1, seq_len=128), {"lora": ACTS, "full": ACTS}
     mem = 6 * GiB
-    n = min_workers(c, "full", s, mem)
+    n = min_workers(c, "full", s, mem, acts)
     assert n is not None
-    assert sum(memory_terms(c, "full", Setup(workers=n, micro_batch=1, seq_len=128)).values()) <= mem
-    assert sum(memory_terms(c, "full", Setup(workers=n - 1, micro_batch=1, seq_len=128)).values()) > mem
-    assert min_workers(c, "lora_fp16", s, 1 * GiB) is None  # a replicated base never fits a smaller GPU
+    assert sum(memory_terms(c, "full", Setup(workers=n, micro_batch=1, seq_len=128), acts).values()) <= mem
+    assert sum(memory_terms(c, "full", Setup(workers=n - 1, micro_batch=1, seq_len=128), acts).values()) > mem
+    assert min_workers(c, "lora_fp16", s, 1 * GiB, acts) is None  # a replicated base never fits a smaller GPU
+
+
+def test_dequant_block_constant_matches_the_int8_matmul():
+    from lora_dist import plan, quant
+
+    assert plan.DEQUANT_BLOCK_ELEMENTS == quant.DEQUANT_BLOCK_ELEMENTS
+
+
+SHAPE_CASES = {
+    "llama": {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "tie_word_embeddings": True},
+    "gpt2": {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 128, "n_positions": 64},
+}
+
+
+@pytest.mark.parametrize("family", sorted(SHAPE_CASES))
+def test_activations_counted_on_meta_equal_what_a_real_forward_saves(family):
+    """The planner's count (meta device, nothing allocated) against the same forward on real CPU
+    tensors, both under saved_tensors_hooks: one block and the head, byte for byte."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_dist.lora import freeze_non_lora
+    from lora_dist.model import _SavedBytes, prepare
+
+    lora = LoraSpec(r=4, alpha=8, dropout=0.1, targets=("all-linear",))
+    counted = count_activations(SHAPE_CASES[family], lora, "int8", 3, 24, "fp32", device="cpu")
+    real = {}
+    for layers in (1, 2):
+        cfg = dict(SHAPE_CASES[family])
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        config.num_hidden_layers = layers
+        model = AutoModelForCausalLM.from_config(config)
+        prepare(model, lora, "int8", device="cpu")
+        freeze_non_lora(model)
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        model.train()
+        ids = torch.randint(0, 128, (3, 24))
+        counter = _SavedBytes(model)
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            model(input_ids=ids, labels=ids, use_cache=False)
+        real[layers] = counter.total
+    assert counted.per_block == real[2] - real[1]
+    assert counted.head == real[1] - (real[2] - real[1])
+    assert counted.per_block_checkpointed < counted.per_block / 4  # a checkpointed block keeps its input only
 
 
 def test_checkpoint_bytes():

@@ -46,3 +46,70 @@ def test_wrong_weight_shape_is_rejected():
     layer = Int8Linear(8, 4)
     with pytest.raises(ValueError, match="does not match"):
         layer.load_float_weight(torch.randn(8, 4))
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes autograd saves for backward while ``fn()`` runs (each tensor once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_int8_linear_saves_nothing_for_backward_and_lora_saves_its_input_once():
+    from lora_dist.lora import LoRALinear
+
+    torch.manual_seed(2)
+    base = Int8Linear.from_float(torch.randn(48, 96))
+    x = torch.randn(4, 16, 96, requires_grad=True)
+    assert _saved_bytes(lambda: base(x)) == 0  # a frozen weight needs nothing of x for grad_x
+    lora = LoRALinear(Int8Linear.from_float(torch.randn(48, 96)), r=4, alpha=8)
+    saved = _saved_bytes(lambda: lora(x))
+    # x once for A's gradient, A x for B's, and the small A and B themselves
+    expected = x.numel() * 4 + 4 * 16 * 4 * 4 + (4 * 96 + 48 * 4) * 4
+    assert saved <= expected, (saved, expected)
+    assert saved >= x.numel() * 4
+
+
+def test_blocked_matmul_and_quantization_equal_the_whole_matrix(monkeypatch):
+    import lora_dist.quant as quant
+
+    torch.manual_seed(3)
+    w = torch.randn(40, 24)
+    x = torch.randn(3, 24, requires_grad=True)
+    whole = Int8Linear.from_float(w)
+    y_whole = whole(x)
+    (g_whole,) = torch.autograd.grad(y_whole.square().sum(), x)
+    monkeypatch.setattr(quant, "DEQUANT_BLOCK_ELEMENTS", 24 * 7)  # 7 rows per block, 6 blocks
+    blocked = Int8Linear.from_float(w)
+    assert torch.equal(blocked.weight, whole.weight) and torch.equal(blocked.weight_absmax, whole.weight_absmax)
+    y = blocked(x)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    assert torch.allclose(y, y_whole, atol=1e-6) and torch.allclose(g, g_whole, atol=1e-5)
+
+
+def test_weights_are_quantized_from_their_stored_dtype():
+    torch.manual_seed(4)
+    w16 = (torch.randn(8, 32) * 0.02).to(torch.float16)
+    q16, a16 = quantize_rowwise(w16)
+    q32, a32 = quantize_rowwise(w16.float())  # the same values, held in fp32
+    assert torch.equal(q16, q32) and torch.equal(a16, a32)
+    big = torch.randn(4, 16, dtype=torch.bfloat16) * 1e6  # beyond fp16's range
+    q, a = quantize_rowwise(big)
+    assert torch.isfinite(a).all()
+    assert torch.allclose(a, big.float().abs().amax(dim=1), rtol=1e-2)
+    assert ((dequantize_rowwise(q, a) - big.float()).abs() <= a.unsqueeze(1) / 127).all()
+
+
+def test_int8_linear_computes_in_the_input_dtype():
+    torch.manual_seed(5)
+    layer = Int8Linear.from_float(torch.randn(16, 32))
+    x = torch.randn(2, 32, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16

@@ -72,12 +72,13 @@ def test_loss_curve_is_a_matplotlib_png_with_both_losses(tiny_trained, tmp_path)
 def test_the_reference_at_world_size_n_averages_every_ranks_batches(tiny_llama_dir):
     """The parity reference: one process over the batches of N workers. Its first loss is the
     mean of each rank's first batch under the fresh (B = 0) adapter, computed here directly."""
+    from lora_dist.device import local_placement
     from lora_dist.train import Loop, Metrics, build_local, global_index, micro_batch, prepare_data, \
         reference_losses, seed_batch, LocalRunner
 
     spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}", *TINY_OVERRIDES])
     losses = reference_losses(spec, world_size=2, steps=2)
-    built = build_local(spec)
+    built = build_local(spec, local_placement(spec))
     data = prepare_data(spec, built.tokenizer)
     loop = Loop(spec, LocalRunner(built.model, spec, 2), data, torch.device("cpu"), [0, 1], 2,
                 Metrics(Path("/dev/null"), spec, main=False))

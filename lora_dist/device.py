@@ -1,0 +1,58 @@
+"""Where a process computes and in which dtype: the one place every tensor's device and every
+float dtype come from (DESIGN.md decision 8: the same code on CPU and CUDA).
+
+A Ray worker with ``cluster.gpus_per_worker >= 1`` computes on its CUDA device, any other process
+on the CPU; ``train.dtype`` picks the compute dtype (auto: bf16 on CUDA, fp32 on CPU), whatever
+the checkpoint's ``config.json`` says. LoRA master weights and AdamW state are fp32 always.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lora_dist.spec import JobSpec, resolve_dtype
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MASTER_DTYPE = torch.float32  # LoRA weights as the optimizer holds them, and AdamW's moments
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype_name: str  # bf16 | fp16 | fp32
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: activations, frozen float weights, the dequantized int8 blocks."""
+        return TORCH_DTYPES[self.dtype_name]
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def record(self) -> dict[str, str]:
+        """What the manifest records about precision."""
+        return {"compute_dtype": self.dtype_name, "lora_master_dtype": "fp32", "optimizer_state_dtype": "fp32",
+                "base_weight_dtype": "int8", "base_scale_dtype": "fp32", "device": self.device.type}
+
+
+def worker_placement(spec: JobSpec) -> Placement:
+    """A Ray worker: its CUDA device (Ray Train sets the current one) when the job asks for GPUs."""
+    if spec.cluster.gpus_per_worker > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError("cluster.gpus_per_worker >= 1 but this worker sees no CUDA device")
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return Placement(device, resolve_dtype(spec.train.dtype, device.type))
+
+
+def local_placement(spec: JobSpec) -> Placement:
+    """The single process of ``lora-dist train`` and of the parity reference: the CPU."""
+    name = resolve_dtype(spec.train.dtype, "cpu")
+    if name == "fp16":
+        raise ValueError("train.dtype: fp16 needs DeepSpeed's loss scaling on GPU workers (`lora-dist submit` "
+                         "with cluster.gpus_per_worker >= 1); a single CPU process trains in fp32 or bf16")
+    return Placement(torch.device("cpu"), name)
