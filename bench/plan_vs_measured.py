@@ -1,11 +1,20 @@
-"""Planner against measurement: real jobs at N = 1, 2, 4 workers on SmolLM2-135M and on a
-Llama-shaped ~1B model with random weights (written once to safetensors), each worker's measured
-peak memory against the plan's prediction (issue 5).
+"""Planner against measurement (issue 12): real jobs through `lora-dist submit`, each worker's
+measured peak memory against `lora-dist plan` of the same job and N.
 
-    python bench/plan_vs_measured.py [--steps 2] [--workers 1 2 4]
+    python bench/plan_vs_measured.py [--steps 3] [--only main llama-1b gpt3-slice] [--save runs.json]
+    python bench/plan_vs_measured.py --measured runs.json      # re-plan saved measurements, no runs
 
-The per-process overhead is calibrated once, on SmolLM2 at N=1, and then held fixed for every
-other case. Measured memory is each rank's peak RSS (CPU workers, fp32 compute, one thread each).
+Rows (target: every row within 10%):
+
+* the main job (SmolLM2-135M, int8, LoRA r=8 on every linear, micro-batch 8 x 96) at N = 1, 2, 4;
+* a Llama-shaped ~1B model with random weights (written once to safetensors), the main job's
+  LoRA settings, micro-batch 2 x 96, at N = 1, 2, 4;
+* the 1-block GPT-3-width slice (bench/gpt3_slice.py), LoRA r=4 on Wq, Wv, micro-batch 1 x 64,
+  at N = 1, 2.
+
+CPU workers, fp32 compute, peak RSS per rank. The plan's per-process overhead
+(plan.OVERHEAD_BYTES["cpu"]) was calibrated once on the first row; this script prints what the
+first row calibrates to now, and every row's error against the plan as it is.
 """
 
 from __future__ import annotations
@@ -13,21 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-import ray
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_dist.launch import run_job
-from lora_dist.model import count_model, resolve_base
-from lora_dist.plan import GiB, OVERHEAD_BYTES, Setup, memory_terms
-from lora_dist.spec import LoraSpec, cache_root, load_spec
-from lora_dist.store import METRICS_FILE
+from gpt3_slice import DATA, REPO, cli, write_slice  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "jobs" / "data" / "e2e" / "devset.csv"
+from lora_dist.model import resolve_base  # noqa: E402
+from lora_dist.spec import cache_root  # noqa: E402
+
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                 num_key_value_heads=16, vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=2048)
+CASES = {"main": [1, 2, 4], "llama-1b": [1, 2, 4], "gpt3-slice": [1, 2]}
 
 
 def llama_1b_dir() -> Path:
@@ -35,8 +44,6 @@ def llama_1b_dir() -> Path:
     d = cache_root() / "bench" / "llama-1b-random"
     if (d / "config.json").is_file():
         return d
-    import shutil
-
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -51,62 +58,78 @@ def llama_1b_dir() -> Path:
     return d
 
 
-def measure(base: str, workers: int, steps: int, out: Path) -> list[int]:
-    spec = load_spec(REPO / "jobs" / "smollm2-e2e.yaml", [
-        f"model.base={base}", f"cluster.workers={workers}", f"train.max_steps={steps}", f"output.dir={out}",
-        "train.micro_batch_size=4", "data.max_length=64", "train.eval_batches=1", "train.log_every=1",
-        f"data.path={DATA}"])
-    artifact = run_job(spec)
-    recs = [json.loads(x) for x in (artifact / METRICS_FILE).read_text().splitlines() if '"loss"' in x]
-    return recs[-1]["peak_memory_bytes"]
+def overrides(case: str, workers: int, steps: int, out: Path) -> list[str]:
+    common = [f"cluster.workers={workers}", f"cluster.cpus_per_worker={max(1, 2 // workers)}",
+              f"train.max_steps={steps}", "train.eval_batches=1", "train.log_every=1", f"output.dir={out}",
+              f"data.path={DATA}"]
+    if case == "main":
+        return common
+    if case == "llama-1b":
+        return common + [f"model.base={llama_1b_dir()}", "train.micro_batch_size=2"]
+    base = write_slice(1)
+    return common + [f"model.base={base}", "lora.r=4", "lora.alpha=4", "lora.dropout=0.0", "lora.targets=[c_attn]",
+                     "data.max_length=64", "train.micro_batch_size=1", "train.lr=1e-4", "train.warmup_steps=0",
+                     "output.adapter_dtype=float16"]
+
+
+def measure(case: str, workers: int, steps: int, work: Path) -> dict:
+    out = work / f"{case}-{workers}"
+    out.mkdir(parents=True)
+    sets = [a for o in overrides(case, workers, steps, out) for a in ("--set", o)]
+    env = {**os.environ, "LORA_DIST_OUTPUT_ROOT": str(work), "TOKENIZERS_PARALLELISM": "false"}
+    job = str(REPO / "jobs" / "smollm2-e2e.yaml")
+    artifact = Path(cli("submit", job, *sets, env=env).strip().splitlines()[-1])
+    recs = [json.loads(x) for x in (artifact / "metrics.jsonl").read_text().splitlines() if '"peak_memory_bytes"' in x]
+    shutil.rmtree(artifact, ignore_errors=True)
+    return {"case": case, "workers": workers, "measured": recs[-1]["peak_memory_bytes"], "sets": sets}
+
+
+def planned(run: dict, work: Path) -> dict:
+    env = {**os.environ, "LORA_DIST_OUTPUT_ROOT": str(work)}
+    plan = json.loads(cli("plan", str(REPO / "jobs" / "smollm2-e2e.yaml"), *run["sets"], "--gpus",
+                          str(run["workers"]), "--device", "cpu", "--json", env=env))
+    return {"bytes": plan["per_worker_bytes"], "terms": plan["methods"]["lora_int8_zero3"]["terms"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--only", nargs="+", choices=sorted(CASES), default=list(CASES))
     ap.add_argument("--save", default=None, help="write the measurements to this JSON file")
-    ap.add_argument("--measured", default=None, help="re-plan against measurements saved by --save (no runs)")
+    ap.add_argument("--measured", default=None, help="re-plan measurements saved by --save (no runs)")
     args = ap.parse_args()
-    models = {"smollm2-135m": "smollm2-135m", "llama-1b (random)": str(llama_1b_dir())}
-    lora = LoraSpec(r=8, targets=("q_proj", "v_proj"))
-    if args.measured:
-        runs = json.loads(Path(args.measured).read_text())
-    else:
-        runs = []
-        ray.init(num_cpus=max(args.workers), runtime_env={"env_vars": {
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}})
-        with tempfile.TemporaryDirectory() as tmp:
-            for label, base in models.items():
-                for n in args.workers:
-                    runs.append({"model": label, "workers": n,
-                                 "measured": measure(base, n, args.steps, Path(tmp) / f"{label[:6]}-{n}")})
-        ray.shutdown()
-        if args.save:
-            Path(args.save).write_text(json.dumps(runs))
-    counts = {label: count_model(base, lora) for label, base in models.items()}
-    rows = [{**r, "terms": memory_terms(counts[r["model"]], "lora_int8_zero3",
-                                        Setup(workers=r["workers"], micro_batch=4, seq_len=64, device="cpu"))}
-            for r in runs]
+    with tempfile.TemporaryDirectory(prefix="plan-vs-measured-") as tmp:
+        work = Path(tmp)
+        if args.measured:
+            runs = json.loads(Path(args.measured).read_text())
+        else:
+            runs = []
+            for case in args.only:
+                for n in CASES[case]:
+                    print(f"measuring {case} at N={n} ...", flush=True)
+                    runs.append(measure(case, n, args.steps, work))
+                    if args.save:
+                        Path(args.save).write_text(json.dumps(runs, indent=1))
+        for r in runs:
+            r["plan"] = planned(r, work)
 
-    # Calibrate the overhead once: SmolLM2 at the smallest N, rank 0.
-    first = rows[0]
-    calibrated = first["measured"][0] - (sum(first["terms"].values()) - first["terms"]["overhead"])
-    print(f"overhead calibrated once on {first['model']} N={first['workers']}: {calibrated / GiB:.3f} GiB "
-          f"(plan.py constant: {OVERHEAD_BYTES['cpu'] / GiB:.3f} GiB)")
-    print(f"\n{'model':<18} {'N':>2} {'base shard/worker':>18} {'predicted GiB':>14} {'measured GiB (per rank)':>32} "
-          f"{'worst error':>12}")
+    GiB = 1 << 30
+    first = runs[0]
+    calibrated = first["measured"][0] - (first["plan"]["bytes"] - first["plan"]["terms"]["overhead"])
+    print(f"\nper-process overhead calibrated on {first['case']} N={first['workers']}: {calibrated / GiB:.3f} GiB "
+          f"(the plan uses {first['plan']['terms']['overhead'] / GiB:.3f} GiB)")
+    print(f"\n{'job':<12} {'N':>2} {'predicted GiB':>14} {'measured GiB per rank':>30} {'worst error':>12}")
     worst_all = 0.0
-    for r in rows:
-        predicted = sum(r["terms"].values()) - r["terms"]["overhead"] + calibrated
-        errs = [abs(predicted - m) / m for m in r["measured"]]
-        worst = max(errs)
-        if r is not first:
-            worst_all = max(worst_all, worst)
-        print(f"{r['model']:<18} {r['workers']:>2} {r['terms']['base_weights'] / 2**20:>15.1f} MiB "
-              f"{predicted / GiB:>14.3f} {str([round(m / GiB, 3) for m in r['measured']]):>32} {100 * worst:>11.1f}%")
-    print(f"\nlargest error (calibration case excluded): {100 * worst_all:.1f}% (target: 15%)")
-    print("terms of the largest case (bytes):", json.dumps(rows[-1]["terms"]))
+    for r in runs:
+        predicted = r["plan"]["bytes"]
+        worst = max(abs(predicted - m) / m for m in r["measured"])
+        worst_all = max(worst_all, worst)
+        print(f"{r['case']:<12} {r['workers']:>2} {predicted / GiB:>14.3f} "
+              f"{str([round(m / GiB, 3) for m in r['measured']]):>30} {100 * worst:>11.1f}%")
+    print(f"\nlargest error: {100 * worst_all:.1f}% (target: every row within 10%)")
+    for r in runs:
+        print(f"terms {r['case']} N={r['workers']} (MiB):",
+              json.dumps({k: round(v / 2**20, 1) for k, v in r["plan"]["terms"].items()}))
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def profile_step() -> list[tuple[str, float]]:
 
     from lora_dist import engine as eng
     from lora_dist.data import BatchPlan
-    from lora_dist.model import resolve_base
+    from lora_dist.device import worker_placement
+    from lora_dist.model import count_model, resolve_base
+    from lora_dist.plan import zero_settings
     from lora_dist.train import make_schedule, micro_batch, prepare_data
 
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -122,9 +124,11 @@ def profile_step() -> list[tuple[str, float]]:
     spec = spec_for(4, Path(tempfile.gettempdir()))
     eng.init_distributed(cuda=False)
     d = resolve_base(spec.model.base)
-    cfg = eng.ds_config(spec, 1, cuda=False)
-    model, injection = eng.build_sharded(AutoConfig.from_pretrained(d), spec, cfg)
-    eng.stream_weights(model, d, injection, 0, torch.float32)
+    placement = worker_placement(spec)
+    zero = zero_settings(count_model(spec.model.base, spec.injected_lora, spec.model.quantization))
+    cfg = eng.ds_config(spec, 1, placement, zero)
+    model, injection = eng.build_sharded(AutoConfig.from_pretrained(d), spec, cfg, placement)
+    eng.stream_weights(model, d, injection, 0)
     eng.init_lora_sharded(model, 0, 0)
     engine = eng.initialize(model, cfg, lambda opt: make_schedule(opt, spec))
     data = prepare_data(spec, AutoTokenizer.from_pretrained(d))

@@ -125,8 +125,10 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
     return model, injection
 
 
-def stream_weights(model: nn.Module, model_dir: Path, injection: Injection, rank: int, dtype: torch.dtype) -> None:
-    """Fill the partitioned parameters from safetensors; only rank 0 reads the files."""
+def stream_weights(model: nn.Module, model_dir: Path, injection: Injection, rank: int) -> None:
+    """Fill the partitioned parameters from safetensors; only rank 0 reads the files. A float
+    tensor is cast to its parameter's dtype as it is copied in; an int8 linear's weight is
+    quantized from its stored dtype."""
     filled: set[int] = set()
 
     def place(module: nn.Module, pname: str, read: Callable[[], torch.Tensor]) -> None:
@@ -143,10 +145,10 @@ def stream_weights(model: nn.Module, model_dir: Path, injection: Injection, rank
                     if tuple(value.shape) != tuple(params[0].shape):
                         raise ValueError(f"{model_dir}: tensor for {pname} has shape {tuple(value.shape)}, "
                                          f"the model expects {tuple(params[0].shape)}")
-                    params[0].data.copy_(value.to(params[0].dtype))
+                    params[0].data.copy_(value)  # cast and moved to the device in one pass
         filled.update(id(p) for p in params)
 
-    load_weights(model, model_dir, injection, dtype, place)
+    load_weights(model, model_dir, injection, place)
     check_complete(model, model_dir, lambda p: id(p) in filled)
 
 

@@ -259,18 +259,19 @@ def default_place(module: nn.Module, pname: str, read: Callable[[], torch.Tensor
         module.load_float_weight(value)
         return
     old = getattr(module, pname)
-    setattr(module, pname, nn.Parameter(value.to(old.dtype if old.is_floating_point() else value.dtype),
-                                        requires_grad=False))
+    dtype = old.dtype if old.is_floating_point() and value.is_floating_point() else value.dtype
+    setattr(module, pname, nn.Parameter(value.to(dtype).contiguous(), requires_grad=False))
 
 
-def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype: torch.dtype,
-                 place: Placer = default_place) -> None:
+def load_weights(model: nn.Module, model_dir: Path, injection: Injection,
+                 place: Placer = default_place) -> set[str]:
     """Stream every tensor of ``model_dir/*.safetensors`` into the skeleton, one at a time.
 
-    ``place(module, name, read)`` puts each tensor in; ``read()`` loads it from the
-    file (transposed for GPT-2 Conv1D; cast to the compute ``dtype``, except an int8 linear's
-    weight, which is quantized from the dtype it is stored in), so a placer that does not need
-    the values on this rank never reads them.
+    ``place(module, name, read)`` puts each tensor in; ``read()`` loads it from the file in the
+    dtype it is stored in (transposed for GPT-2 Conv1D, as a view), so a placer that does not need
+    the values on this rank never reads them. The placer casts float tensors to the parameter's
+    dtype as it copies them (never a second whole copy in between), and an int8 linear's weight
+    is quantized from its stored dtype.
     """
     modules = dict(model.named_modules())
     rename = _checkpoint_renamer(model)
@@ -285,15 +286,10 @@ def load_weights(model: nn.Module, model_dir: Path, injection: Injection, dtype:
                 if module is None or pname not in module._parameters:
                     continue  # buffers saved by old checkpoints (GPT-2's attn.bias): rebuilt by the model
                 transpose = mod_path in injection.transposed and pname == "weight"
-                cast = not (isinstance(module, Int8Linear) and pname == "weight")
 
-                def read(f=f, key=key, transpose=transpose, cast=cast) -> torch.Tensor:
+                def read(f=f, key=key, transpose=transpose) -> torch.Tensor:
                     tensor = f.get_tensor(key)
-                    tensor = tensor.t() if transpose else tensor
-                    if cast and tensor.is_floating_point():
-                        tensor = tensor.to(dtype)
-                    # a transposed int8 weight stays a view: quantize_rowwise copies it block by block
-                    return tensor if not cast else tensor.contiguous()
+                    return tensor.t() if transpose else tensor
 
                 place(module, pname, read)
                 loaded.add(key)
@@ -459,7 +455,7 @@ def load_model(base: str, lora: LoraSpec | None, quantization: str, seed: int = 
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     injection = prepare(model, lora, quantization)
-    load_weights(model, model_dir, injection, dtype)
+    load_weights(model, model_dir, injection)
     check_complete(model, model_dir, lambda p: not p.is_meta)
     materialize_lora(model, seed)
     if lora is None:
@@ -550,12 +546,13 @@ class _SavedBytes:
     activations, and are left out)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.params = {id(p) for p in model.parameters()}
+        # by storage: autograd may hand the hook a view of a parameter (a linear's weight)
+        self.params = {p.untyped_storage()._cdata for p in model.parameters()}
         self.sizes: dict[int, int] = {}
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
-        if id(t) not in self.params:
-            key = t.untyped_storage()._cdata
+        key = t.untyped_storage()._cdata
+        if key not in self.params:
             self.sizes[key] = max(self.sizes.get(key, 0), t.numel() * t.element_size())
         return t
 

@@ -122,7 +122,7 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     w.zero = zero_settings(counts, "full" if full else "lora_int8_zero3")
     ds_cfg = eng.ds_config(spec, w.world, w.placement, w.zero)
     model, injection = eng.build_sharded(hf_config, spec, ds_cfg, w.placement)
-    eng.stream_weights(model, model_dir, injection, w.rank, w.placement.dtype)
+    eng.stream_weights(model, model_dir, injection, w.rank)
     eng.init_lora_sharded(model, spec.train.seed, w.rank)
     if spec.train.activation_checkpointing:
         enable_activation_checkpointing(model)
