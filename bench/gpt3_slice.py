@@ -12,7 +12,10 @@ with ZeRO-3 on N = 1 and 2 CPU workers, and prints per run:
 * int8 base bytes per rank (the manifest's int8_partition_bytes),
 * measured peak per rank (metrics.jsonl) against ``lora-dist plan`` of the same slice,
 * adapter parameters and bytes against the exact count: 196,608 parameters per block
-  (x 96 = 18,874,368; 37,748,736 bytes in fp16).
+  (x 96 = 18,874,368; 37,748,736 bytes in fp16). The trained parameters (the manifest's
+  trainable_params) are exactly that. The PEFT-format file holds twice as many: PEFT has no LoRA
+  on output slices of a fused projection, so the q and v pairs are exported as one rank-2r pair
+  whose B is full width with zero rows for k (adapter.py), 393,216 parameters per block.
 
 Compute is fp32 on CPU (train.dtype auto), micro-batch 1, sequences of at most --max-length
 tokens (E2E references are short; a 2048-token step at this width takes minutes on two cores).
@@ -152,6 +155,7 @@ def run_slice(base: Path, workers: int, steps: int, max_length: int, work: Path)
             "measured_peak": recs[-1]["peak_memory_bytes"], "planned_peak": plan["per_worker_bytes"],
             "plan_terms": plan["methods"]["lora_int8_zero3"]["terms"],
             "losses": [r["loss"] for r in recs], "tokens_per_s": recs[-1]["tokens_per_s"],
+            "trainable_params": manifest["trainable_params"],
             "adapter_params": adapter_params, "adapter_dtypes": sorted(dtypes),
             "adapter_tensor_bytes": 2 * adapter_params,
             "adapter_file_bytes": (artifact / "adapter_model.safetensors").stat().st_size,
@@ -186,11 +190,13 @@ def main() -> None:
               f"{100 * worst:>11.1f}% {r['tokens_per_s']:>7.1f} {str([round(x, 3) for x in r['losses']]):>24}")
     r = runs[-1]
     exact = LORA_PER_BLOCK * k
-    print(f"\nadapter: {r['adapter_params']:,} parameters (exact: {LORA_PER_BLOCK:,} per block x {k} = {exact:,}; "
-          f"{'equal' if r['adapter_params'] == exact else 'DIFFERENT'}), {r['adapter_tensor_bytes']:,} bytes of "
-          f"{'/'.join(r['adapter_dtypes'])} tensors ({r['adapter_file_bytes']:,} bytes with the safetensors header)")
-    print(f"at 96 blocks: {LORA_PER_BLOCK * 96:,} parameters, {2 * LORA_PER_BLOCK * 96:,} bytes in fp16 "
-          f"(the paper's 35 MB)")
+    print(f"\ntrained LoRA parameters: {r['trainable_params']:,} (exact: {LORA_PER_BLOCK:,} per block x {k} = "
+          f"{exact:,}: {'equal' if r['trainable_params'] == exact else 'DIFFERENT'}); at 96 blocks "
+          f"{LORA_PER_BLOCK * 96:,} parameters, {2 * LORA_PER_BLOCK * 96:,} bytes in fp16 (the paper's 35 MB)")
+    print(f"PEFT-format adapter file: {r['adapter_params']:,} parameters ({r['adapter_params'] / exact:.1f}x: B full "
+          f"width with zero rows for k), {r['adapter_tensor_bytes']:,} bytes of {'/'.join(r['adapter_dtypes'])} "
+          f"tensors, {r['adapter_file_bytes']:,} bytes with the header; at 96 blocks "
+          f"{r['adapter_tensor_bytes'] // k * 96:,} bytes")
 
 
 if __name__ == "__main__":

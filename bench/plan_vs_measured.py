@@ -97,15 +97,19 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=sorted(CASES), default=list(CASES))
     ap.add_argument("--save", default=None, help="write the measurements to this JSON file")
     ap.add_argument("--measured", default=None, help="re-plan measurements saved by --save (no runs)")
+    ap.add_argument("--resume", default=None, help="keep the runs saved in this file and measure the rest")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="plan-vs-measured-") as tmp:
         work = Path(tmp)
         if args.measured:
             runs = json.loads(Path(args.measured).read_text())
         else:
-            runs = []
+            runs = json.loads(Path(args.resume).read_text()) if args.resume else []
+            done = {(r["case"], r["workers"]) for r in runs}
             for case in args.only:
                 for n in CASES[case]:
+                    if (case, n) in done:
+                        continue
                     print(f"measuring {case} at N={n} ...", flush=True)
                     runs.append(measure(case, n, args.steps, work))
                     if args.save:

@@ -8,6 +8,7 @@ Workers run ``worker.run_worker`` and reach Ray Train only through :class:`RayTr
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import time
@@ -45,7 +46,8 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     started_here = False
     if not ray.is_initialized():
         if address is None:
-            ray.init(log_to_driver=True, runtime_env={"env_vars": dict(WORKER_ENV)})
+            ray.init(num_cpus=_embedded_cpus(spec, stream), log_to_driver=True,
+                     runtime_env={"env_vars": dict(WORKER_ENV)})
             started_here = True
         elif address == "auto":  # inside a Jobs API job: its runtime_env already carries WORKER_ENV
             ray.init(address=address, log_to_driver=True)
@@ -79,6 +81,18 @@ def _parity_reference(spec: JobSpec, stream) -> list[float]:
     reference = reference_losses(spec, spec.cluster.workers, steps)
     print("parity reference losses: " + " ".join(f"{v:.6f}" for v in reference), file=stream, flush=True)
     return reference
+
+
+def _embedded_cpus(spec: JobSpec, stream) -> int:
+    """CPUs the embedded Ray offers: this machine's, or what the job's workers ask for if that is
+    more (they then share the cores; without this the job would wait forever for CPUs that a
+    single machine does not have)."""
+    cores = os.cpu_count() or 1
+    wanted = spec.cluster.workers * spec.cluster.cpus_per_worker
+    if wanted > cores:
+        print(f"note: {spec.cluster.workers} workers x {spec.cluster.cpus_per_worker} CPU asked for {wanted} CPUs; "
+              f"this machine has {cores}, so on the embedded Ray they share them", file=stream, flush=True)
+    return max(cores, wanted)
 
 
 def _trainer(spec: JobSpec, run: str, config: dict[str, Any]):

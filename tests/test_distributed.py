@@ -73,6 +73,13 @@ def test_two_worker_zero3_job_shards_the_int8_base(uninterrupted):
         assert all(abs(b - SMOLLM2_INT8_BYTES / 2) <= 2 * 210 for b in m["int8_partition_bytes"])
     assert manifest["val_loss_after"] < manifest["val_loss_before"]
     assert "step 6/6" in proc.stdout  # progress reached the driver's console
+    # what the job ran with: the compute dtype policy and ZeRO settings sized from the model
+    assert manifest["precision"] == {"compute_dtype": "fp32", "lora_master_dtype": "fp32",
+                                     "optimizer_state_dtype": "fp32", "base_weight_dtype": "int8",
+                                     "base_scale_dtype": "fp32", "device": "cpu"}
+    zero = manifest["zero_settings"]
+    block = SMOLLM2_INT8_BYTES // 30 + 2 * 576  # one decoder block: its int8 weights and two norms
+    assert zero["stage3_prefetch_bucket_size"] >= block and zero["reduce_bucket_size"] == 2_442_240
 
 
 def test_parity_guard_matches_unsharded_reference(uninterrupted):

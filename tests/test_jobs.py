@@ -248,3 +248,20 @@ def test_the_cluster_side_confines_output_to_its_root_before_running(tmp_path, m
     payload.write_text(json.dumps({"spec": {"name": "x"}, "job_id": "../../x"}))
     assert jobrun.main([str(payload)]) == 2
     assert "is not a job id" in capsys.readouterr().err
+
+
+def test_embedded_ray_offers_the_cpus_the_workers_ask_for(capsys):
+    """Four 1-CPU workers on a smaller machine share its cores instead of waiting forever."""
+    import io
+    import os
+
+    from lora_dist.launch import _embedded_cpus
+    from lora_dist.spec import load_spec
+
+    from conftest import MAIN_JOB
+
+    cores = os.cpu_count() or 1
+    out = io.StringIO()
+    spec = load_spec(MAIN_JOB, ["data.path=null", f"cluster.workers={cores + 2}"])
+    assert _embedded_cpus(spec, out) == cores + 2 and "share them" in out.getvalue()
+    assert _embedded_cpus(load_spec(MAIN_JOB, ["data.path=null"]), io.StringIO()) == cores

@@ -146,6 +146,28 @@ def test_full_finetuning_baseline_writes_a_loadable_model(tmp_path, tiny_llama_d
     assert loaded.model(input_ids=ids).logits.shape == (1, 3, base.config.vocab_size)
 
 
+def test_bf16_compute_keeps_lora_in_fp32_and_records_the_dtypes(tmp_path, tiny_llama_dir):
+    """train.dtype: bf16 in one process: the frozen float weights and activations in bf16,
+    whatever config.json says; LoRA weights (and so AdamW state) in fp32; the manifest says so;
+    the loss stays near the fp32 run's."""
+    from lora_dist.device import local_placement
+    from lora_dist.train import build_local, train_local
+
+    common = [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}", *TINY_OVERRIDES, "train.max_steps=2"]
+    spec = load_spec(MAIN_JOB, common + [f"output.dir={tmp_path}", "train.dtype=bf16"])
+    built = build_local(spec, local_placement(spec))
+    dtypes = {n: p.dtype for n, p in built.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert built.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert {d for n, d in dtypes.items() if n.endswith("weight_absmax")} == {torch.float32}
+    manifest = store.verify_artifact(train_local(spec, stream=io.StringIO()))
+    assert manifest["precision"]["compute_dtype"] == "bf16" and manifest["precision"]["lora_master_dtype"] == "fp32"
+    fp32 = store.verify_artifact(train_local(load_spec(MAIN_JOB, common + [f"output.dir={tmp_path / 'fp32'}"]),
+                                             stream=io.StringIO()))
+    assert fp32["precision"]["compute_dtype"] == "fp32"
+    assert abs(manifest["final_loss"] - fp32["final_loss"]) < 0.05 * fp32["final_loss"]
+
+
 def test_activation_checkpointing_gives_the_same_loss_and_lora_gradients(tiny_llama_dir):
     from lora_dist.lora import LoRALinear
     from lora_dist.model import enable_activation_checkpointing, load_model
