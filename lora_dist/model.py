@@ -530,6 +530,8 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
     small = sum(p.numel() for n, p in params.values()
                 if p.numel() < PERSISTENCE_THRESHOLD and ".lora_" not in f".{n}" and p.dtype != torch.int8)
     lora_persistent = all(p.numel() < PERSISTENCE_THRESHOLD for n, p in params.values() if ".lora_" in f".{n}")
+    exported = sum(m.lora_A.numel() + (m.lora_B.numel() if m.full_width else m.out_features * m.lora_A.shape[0])
+                   for m in model.modules() if isinstance(m, LoRALinear))
     return ModelCounts(
         architecture=type(model).__name__,
         layers=len(blocks), hidden=config.hidden_size, heads=config.num_attention_heads,
@@ -537,7 +539,7 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         float_params=float_n, lora_params=lora_n, lora_tensors_persistent=lora_persistent,
         largest_block_params=max(block_sizes), largest_linear_params=max(linear_sizes),
         small_float_params=small, block_quantized_params=parts[0], block_rows=parts[1],
-        block_float_params=parts[2], largest_outside_params=max(outside),
+        block_float_params=parts[2], largest_outside_params=max(outside), lora_export_params=exported,
     )
 
 

@@ -63,6 +63,10 @@ class ModelCounts:
     block_rows: int = 0  # their rows (fp32 scales),
     block_float_params: int = 0  # and float parameters (norms, biases, float linears)
     largest_outside_params: int = 0  # the largest parameter outside the blocks (the embedding)
+    # LoRA parameters in the PEFT-format adapter file: more than lora_params where LoRA covers
+    # output slices of a fused projection (GPT-2's c_attn: q and v), whose B PEFT stores full
+    # width with zero rows (adapter.py)
+    lora_export_params: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,8 +222,9 @@ def checkpoint_bytes(c: ModelCounts, method: str, s: Setup) -> dict[str, int]:
     """What a run writes: the deliverable and a resumable checkpoint."""
     if method == "full":
         return {"deliverable": c.total_params * 2, "resumable": c.total_params * (2 + 12)}
-    # LoRA: the adapter, and LoRA fp32 weights plus their two AdamW moments
-    return {"deliverable": c.lora_params * s.adapter_bytes_per_param, "resumable": c.lora_params * 12}
+    # LoRA: the adapter file (PEFT format), and LoRA fp32 weights plus their two AdamW moments
+    exported = max(c.lora_export_params, c.lora_params)
+    return {"deliverable": exported * s.adapter_bytes_per_param, "resumable": c.lora_params * 12}
 
 
 def _with(s: Setup, **kw: Any) -> Setup:
@@ -243,7 +248,8 @@ class Plan:
             "zero_settings": zero_settings(self.counts),
             "gpu_memory_bytes": self.gpu_memory,
             "trainable_params": self.counts.lora_params,
-            "adapter_bytes": ours["checkpoint_bytes"]["deliverable"],
+            "adapter_bytes": self.counts.lora_params * self.setup.adapter_bytes_per_param,  # trained tensors
+            "adapter_file_bytes": ours["checkpoint_bytes"]["deliverable"],  # as the PEFT-format file holds them
             "base_bytes": self.counts.quantized_linear_params + self.counts.quantized_rows * 4
             + self.counts.float_params * self.setup.compute_bytes,
             "base_bytes_fp16": self.counts.total_params * 2,

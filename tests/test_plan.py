@@ -21,6 +21,9 @@ def test_gpt3_175b_counts_are_the_papers():
     assert c.quantized_linear_params == L * 12 * d * d
     plan = make_plan(c, Setup(workers=8, micro_batch=1, seq_len=2048), 80 * 10**9, {"lora": ACTS, "full": ACTS})
     assert plan.to_dict()["adapter_bytes"] == 37_748_736  # fp16: the paper's "35MB"
+    # PEFT has no LoRA on slices of the fused c_attn: B is exported full width (3d x 2r), zero rows for k
+    assert c.lora_export_params == L * (2 * 4 * d + 3 * d * 2 * 4)
+    assert plan.to_dict()["adapter_file_bytes"] == 2 * c.lora_export_params == 75_497_472
 
 
 def test_llama_counts_by_hand():
