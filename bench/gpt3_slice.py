@@ -136,7 +136,8 @@ def run_slice(base: Path, workers: int, steps: int, max_length: int, work: Path)
     out = work / f"n{workers}"
     out.mkdir(parents=True, exist_ok=True)
     job = work / f"gpt3-slice-n{workers}.yaml"
-    job.write_text(yaml.safe_dump(slice_spec(base, workers, steps, max_length, out)))
+    spec = slice_spec(base, workers, steps, max_length, out)
+    job.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "LORA_DIST_OUTPUT_ROOT": str(work), "TOKENIZERS_PARALLELISM": "false"}
     plan = json.loads(cli("plan", str(job), "--gpus", str(workers), "--device", "cpu", "--json", env=env))
     t0 = time.time()
@@ -150,7 +151,7 @@ def run_slice(base: Path, workers: int, steps: int, max_length: int, work: Path)
         shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
         dtypes = {f.get_slice(key).get_dtype() for key in f.keys()}
     adapter_params = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    return {"workers": workers, "seconds": time.time() - t0, "artifact": str(artifact),
+    return {"workers": workers, "spec": spec, "seconds": time.time() - t0, "artifact": str(artifact),
             "int8_partition_bytes": manifest["int8_partition_bytes"], "int8_full_bytes": manifest["int8_full_bytes"],
             "measured_peak": recs[-1]["peak_memory_bytes"], "planned_peak": plan["per_worker_bytes"],
             "plan_terms": plan["methods"]["lora_int8_zero3"]["terms"],

@@ -10,7 +10,7 @@ Rows (target: every row within 10%):
 * a Llama-shaped ~1B model with random weights (written once to safetensors), the main job's
   LoRA settings, micro-batch 2 x 96, at N = 1, 2, 4;
 * the 1-block GPT-3-width slice (bench/gpt3_slice.py), LoRA r=4 on Wq, Wv, micro-batch 1 x 64,
-  at N = 1, 2.
+  at N = 1, 2 (or, with --slice-runs, the rows that `bench/gpt3_slice.py --save` measured).
 
 CPU workers, fp32 compute, peak RSS per rank. The plan's per-process overhead
 (plan.OVERHEAD_BYTES["cpu"]) was calibrated once on the first row; this script prints what the
@@ -85,9 +85,18 @@ def measure(case: str, workers: int, steps: int, work: Path) -> dict:
 
 
 def planned(run: dict, work: Path) -> dict:
+    """`lora-dist plan` of the run's job: the main job's file with the run's --set overrides, or
+    the spec a gpt3_slice.py run trained."""
+    import yaml
+
     env = {**os.environ, "LORA_DIST_OUTPUT_ROOT": str(work)}
-    plan = json.loads(cli("plan", str(REPO / "jobs" / "smollm2-e2e.yaml"), *run["sets"], "--gpus",
-                          str(run["workers"]), "--device", "cpu", "--json", env=env))
+    if "spec" in run:
+        job, sets = work / f"planned-{run['case']}-{run['workers']}.yaml", []
+        job.write_text(yaml.safe_dump(run["spec"]))
+    else:
+        job, sets = REPO / "jobs" / "smollm2-e2e.yaml", run["sets"]
+    plan = json.loads(cli("plan", str(job), *sets, "--gpus", str(run["workers"]), "--device", "cpu", "--json",
+                          env=env))
     return {"bytes": plan["per_worker_bytes"], "terms": plan["methods"]["lora_int8_zero3"]["terms"]}
 
 
@@ -98,6 +107,8 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="write the measurements to this JSON file")
     ap.add_argument("--measured", default=None, help="re-plan measurements saved by --save (no runs)")
     ap.add_argument("--resume", default=None, help="keep the runs saved in this file and measure the rest")
+    ap.add_argument("--slice-runs", default=None,
+                    help="take the gpt3-slice rows from `bench/gpt3_slice.py --save FILE` instead of running them")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="plan-vs-measured-") as tmp:
         work = Path(tmp)
@@ -105,6 +116,9 @@ def main() -> None:
             runs = json.loads(Path(args.measured).read_text())
         else:
             runs = json.loads(Path(args.resume).read_text()) if args.resume else []
+            if args.slice_runs:  # the same jobs and the same `lora-dist plan`, run by gpt3_slice.py
+                runs += [{"case": "gpt3-slice", "workers": r["workers"], "measured": r["measured_peak"],
+                          "spec": r["spec"]} for r in json.loads(Path(args.slice_runs).read_text())]
             done = {(r["case"], r["workers"]) for r in runs}
             for case in args.only:
                 for n in CASES[case]:

@@ -38,7 +38,12 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Environment every Ray process of a job gets (the spec itself travels as data, never here).
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1",
               # Ray Train V2 re-emits print() through logging, so every progress line showed twice.
-              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+              # glibc raises its mmap threshold after large frees (up to 32 MiB), after which freed
+              # activation tensors stay in the heap: a CPU worker's RSS then exceeded what it holds
+              # by ~0.6 GiB on the main job. A fixed threshold returns every tensor above 128 KiB to
+              # the OS when freed, so the peak RSS is what the planner counts (RESULTS.md, issue 12).
+              "MALLOC_MMAP_THRESHOLD_": "131072"}
 RAY_PREFIX_RE = re.compile(r"^(\x1b\[[0-9;]*m)?\([A-Za-z]+ pid=\d+(, ip=[0-9.]+)?\)(\x1b\[[0-9;]*m)?\s*")
 # Lines of a job's output that --wait echoes (the rest is Ray's own logging).
 ECHO_RE = re.compile(r"^(step \d+|error|artifact: |job |parity|resumed)")

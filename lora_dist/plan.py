@@ -81,7 +81,7 @@ class Activations:
     per_block: int  # one decoder block, no activation checkpointing
     per_block_checkpointed: int  # one decoder block under activation checkpointing (its input)
     head: int  # outside the blocks: embeddings, final norm, logits, loss
-    logits: int  # one fp32 (batch, seq, vocab) tensor: the logits' gradient when backward starts
+    logits: int  # one fp32 (batch, seq, vocab) tensor: the loss's backward holds two (see activation_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,13 +141,15 @@ def zero_settings(c: ModelCounts, method: str = "lora_int8_zero3") -> dict[str, 
 
 def activation_bytes(c: ModelCounts, a: Activations, s: Setup) -> int:
     """Activations for one micro-batch: what autograd saves (counted per block and for the head),
-    plus the logits' gradient when backward starts. With activation checkpointing each block
-    keeps its checkpointed input, and one block's full set lives again while it is recomputed."""
+    plus what the loss's backward allocates while everything saved is still alive: the gradient
+    of the log-softmax and the gradient of the logits, two fp32 (batch, seq, vocab) tensors. With
+    activation checkpointing each block keeps its checkpointed input, and one block's full set
+    lives again while it is recomputed."""
     if s.activation_checkpointing:
         blocks = c.layers * a.per_block_checkpointed + a.per_block
     else:
         blocks = c.layers * a.per_block
-    return a.head + blocks + a.logits
+    return a.head + blocks + 2 * a.logits
 
 
 def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activations]) -> dict[str, int]:
