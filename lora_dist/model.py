@@ -521,6 +521,8 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
 
     parts = max((block_parts(b) for b in blocks), key=lambda t: t[0] + t[2])
     outside = [p.numel() for n, p in params.values() if not n.startswith(blocks_name + ".")] or [0]
+    outside_total = sum(p.numel() for n, p in params.values()
+                        if not n.startswith(blocks_name + ".") and ".lora_" not in f".{n}")
     if quantization == "none":
         float_n, q_params, q_rows = total, 0, 0
         parts = (0, 0, parts[0] + parts[2])
@@ -540,6 +542,7 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         largest_block_params=max(block_sizes), largest_linear_params=max(linear_sizes),
         small_float_params=small, block_quantized_params=parts[0], block_rows=parts[1],
         block_float_params=parts[2], largest_outside_params=max(outside), lora_export_params=exported,
+        outside_params=outside_total,
     )
 
 

@@ -35,10 +35,11 @@ PERSISTENCE_THRESHOLD = 100_000
 # that the planner imports no torch; tests/test_plan.py checks the two agree).
 DEQUANT_BLOCK_ELEMENTS = 1 << 26
 # Fixed per-worker overhead, calibrated once per device kind by bench/plan_vs_measured.py (the main
-# job at N=1 on CPU): the Python process with torch, transformers, deepspeed and ray imported,
-# allocator slack, the tokenizer and the data. On CUDA the CUDA context and NCCL buffers take its
-# place (not calibrated: no GPU on the calibration machine; bench/gpu_check.sh prints the figure).
-OVERHEAD_BYTES = {"cpu": int(1.064 * GiB), "cuda": int(1.5 * GiB)}
+# job at N=1 on CPU, 2026-11-29: measured peak RSS 3,112,312,832 bytes less every other term):
+# the Python process with torch, transformers, deepspeed and ray imported, the tokenizer and the
+# data. On CUDA the CUDA context and NCCL buffers take its place (not calibrated: no GPU on the
+# calibration machine; bench/gpu_check.sh prints the figure).
+OVERHEAD_BYTES = {"cpu": 665_862_652, "cuda": int(1.5 * GiB)}
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ModelCounts:
     # output slices of a fused projection (GPT-2's c_attn: q and v), whose B PEFT stores full
     # width with zero rows (adapter.py)
     lora_export_params: int = 0
+    outside_params: int = 0  # every base parameter outside the blocks (embeddings, untied head, final norm)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,8 +172,8 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
         terms["optimizer_and_gradients"] = math.ceil(c.total_params * state / n)
         terms["persistent_small_params"] = int(c.small_float_params * cb * (1 - 1 / n))
         terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
-        live = min(c.total_params * cb, 2 * block_bytes(c, cb, quantized=False))
-        terms["gathered_working_set"] = live + c.largest_outside_params * cb
+        terms["gathered_working_set"] = (min(2, c.layers) * block_bytes(c, cb, quantized=False)
+                                         + c.outside_params * cb)
         activations = acts["full"]
     elif method == "lora_fp16":
         terms["base_weights"] = c.total_params * 2  # replicated: the whole fp16 base on every GPU
@@ -187,11 +189,13 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
         terms["optimizer_and_gradients"] = math.ceil(c.lora_params * state / n)
         terms["persistent_small_params"] = int((c.small_float_params * cb + c.quantized_rows * 4) * (1 - 1 / n))
         terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
-        # What ZeRO-3 holds gathered at once (zero_settings): the block computing and the one
-        # prefetched, or the embedding while it is used; DeepSpeed gathers into buffers of its own
-        # even at N=1. Plus one block of a weight dequantized into the compute dtype.
-        live = min(stored, max(2 * block_bytes(c, cb), c.largest_outside_params * cb))
-        terms["gathered_working_set"] = live + dequant
+        # What ZeRO-3 holds gathered when memory peaks (zero_settings), in buffers of its own
+        # beside the partitions even at N=1: the block computing and the one prefetched, and every
+        # parameter outside the blocks (the embedding and the head: both were live at the peak in
+        # the 1B Llama's N=2 and N=4 runs, bench/RESULTS.md). Plus one block of a weight
+        # dequantized into the compute dtype.
+        terms["gathered_working_set"] = (min(2, c.layers) * block_bytes(c, cb) + c.outside_params * cb
+                                         + dequant)
         activations = acts["lora"]
     else:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
@@ -224,8 +228,10 @@ def checkpoint_bytes(c: ModelCounts, method: str, s: Setup) -> dict[str, int]:
     """What a run writes: the deliverable and a resumable checkpoint."""
     if method == "full":
         return {"deliverable": c.total_params * 2, "resumable": c.total_params * (2 + 12)}
-    # LoRA: the adapter file (PEFT format), and LoRA fp32 weights plus their two AdamW moments
-    exported = max(c.lora_export_params, c.lora_params)
+    # LoRA: the adapter file, and LoRA fp32 weights plus their two AdamW moments. Ours is PEFT's
+    # format (a fused projection's q/v pairs stored full width); the paper's loralib stores the
+    # trained tensors only.
+    exported = max(c.lora_export_params, c.lora_params) if method == "lora_int8_zero3" else c.lora_params
     return {"deliverable": exported * s.adapter_bytes_per_param, "resumable": c.lora_params * 12}
 
 

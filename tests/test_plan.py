@@ -45,7 +45,8 @@ def _counts(**kw) -> ModelCounts:
                 quantized_linear_params=900_000_000, quantized_rows=100_000, float_params=100_000_000,
                 lora_params=1_000_000, lora_tensors_persistent=False, largest_block_params=90_000_000,
                 largest_linear_params=30_000_000, small_float_params=0, block_quantized_params=89_000_000,
-                block_rows=10_000, block_float_params=1_000_000, largest_outside_params=50_000_000)
+                block_rows=10_000, block_float_params=1_000_000, largest_outside_params=50_000_000,
+                outside_params=60_000_000)
     base.update(kw)
     return ModelCounts(**base)
 
@@ -62,10 +63,10 @@ TERMS = [
     ("lora_int8_zero3", 4, "cuda", "optimizer_and_gradients", 1_000_000 * (2 + 4 + 8) // 4),
     ("lora_int8_zero3", 4, "cpu", "optimizer_and_gradients", 1_000_000 * (4 + 8) // 4),
     ("lora_int8_zero3", 4, "cuda", "reduce_bucket", 1_000_000 * 2),  # sized to the LoRA gradients
-    # two blocks live (computing, prefetched), plus one dequantized weight block in bf16
-    ("lora_int8_zero3", 2, "cuda", "gathered_working_set", 2 * BLOCK_BF16 + 30_000_000 * 2),
+    # two blocks live (computing, prefetched), the embedding and head, one dequantized weight block in bf16
+    ("lora_int8_zero3", 2, "cuda", "gathered_working_set", 2 * BLOCK_BF16 + 60_000_000 * 2 + 30_000_000 * 2),
     ("lora_int8_zero3", 2, "cuda", "activations", 5_000_000 + 10 * 1_000_000 + 2 * 2_000_000),
-    ("full", 2, "cuda", "gathered_working_set", 2 * 90_000_000 * 2 + 50_000_000 * 2),
+    ("full", 2, "cuda", "gathered_working_set", 2 * 90_000_000 * 2 + 60_000_000 * 2),
     ("full", 8, "cuda", "base_weights", 1_000_000_000 * 2 // 8),
     ("full", 8, "cuda", "optimizer_and_gradients", 1_000_000_000 * 14 // 8),
     ("lora_fp16", 8, "cuda", "base_weights", 2_000_000_000),  # replicated: N does not help
