@@ -176,9 +176,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gpt3-slice-") as tmp:
         for n in args.workers:
             print(f"training the {args.blocks}-block slice on {n} worker(s) ...", flush=True)
-            runs.append(run_slice(base, n, args.steps, args.max_length, Path(tmp)))
-    if args.save:
-        Path(args.save).write_text(json.dumps(runs, indent=1))
+            try:
+                runs.append(run_slice(base, n, args.steps, args.max_length, Path(tmp)))
+            except SystemExit as e:  # one failed N (out of memory, say) keeps the others' figures
+                print(f"N={n} failed: {str(e)[-600:]}", flush=True)
+            if args.save:
+                Path(args.save).write_text(json.dumps(runs, indent=1))
+    if not runs:
+        raise SystemExit("no run of the slice finished")
     k = args.blocks
     print(f"\nGPT-3-width slice: {k} of 96 blocks (d_model {D}, {HEADS} heads, d_ff {FF}, vocab {VOCAB}), "
           f"LoRA r=4 on Wq, Wv, ZeRO-3, fp32 compute on CPU, micro-batch 1 x <= {args.max_length} tokens")
