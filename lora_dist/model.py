@@ -520,7 +520,6 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         return q, rows, fl
 
     parts = max((block_parts(b) for b in blocks), key=lambda t: t[0] + t[2])
-    outside = [p.numel() for n, p in params.values() if not n.startswith(blocks_name + ".")] or [0]
     outside_total = sum(p.numel() for n, p in params.values()
                         if not n.startswith(blocks_name + ".") and ".lora_" not in f".{n}")
     if quantization == "none":
@@ -541,7 +540,7 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         float_params=float_n, lora_params=lora_n, lora_tensors_persistent=lora_persistent,
         largest_block_params=max(block_sizes), largest_linear_params=max(linear_sizes),
         small_float_params=small, block_quantized_params=parts[0], block_rows=parts[1],
-        block_float_params=parts[2], largest_outside_params=max(outside), lora_export_params=exported,
+        block_float_params=parts[2], lora_export_params=exported,
         outside_params=outside_total,
     )
 

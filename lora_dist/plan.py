@@ -63,7 +63,6 @@ class ModelCounts:
     block_quantized_params: int = 0  # of the largest block: int8 linear weights,
     block_rows: int = 0  # their rows (fp32 scales),
     block_float_params: int = 0  # and float parameters (norms, biases, float linears)
-    largest_outside_params: int = 0  # the largest parameter outside the blocks (the embedding)
     # LoRA parameters in the PEFT-format adapter file: more than lora_params where LoRA covers
     # output slices of a fused projection (GPT-2's c_attn: q and v), whose B PEFT stores full
     # width with zero rows (adapter.py)
@@ -181,7 +180,6 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
         terms["optimizer_and_gradients"] = c.lora_params * state
         activations = acts["lora"]
     elif method == "lora_int8_zero3":
-        stored = c.quantized_linear_params + c.quantized_rows * 4 + c.float_params * cb
         terms["base_weights"] = math.ceil((c.quantized_linear_params + c.quantized_rows * 4) / n)
         terms["float_weights"] = math.ceil(c.float_params * cb / n)
         lora_whole = c.lora_tensors_persistent  # small LoRA tensors stay whole on every rank

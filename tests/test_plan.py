@@ -45,8 +45,7 @@ def _counts(**kw) -> ModelCounts:
                 quantized_linear_params=900_000_000, quantized_rows=100_000, float_params=100_000_000,
                 lora_params=1_000_000, lora_tensors_persistent=False, largest_block_params=90_000_000,
                 largest_linear_params=30_000_000, small_float_params=0, block_quantized_params=89_000_000,
-                block_rows=10_000, block_float_params=1_000_000, largest_outside_params=50_000_000,
-                outside_params=60_000_000)
+                block_rows=10_000, block_float_params=1_000_000, outside_params=60_000_000)
     base.update(kw)
     return ModelCounts(**base)
 
