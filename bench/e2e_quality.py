@@ -41,10 +41,11 @@ def held_out_csv(out: Path, val_fraction: float) -> Path:
 
 
 def score(model, tokenizer, csv_path: Path, args) -> dict:
+    from lora_dist.data import adds_bos
     from lora_dist.evaluate import evaluate_e2e
 
     t0 = time.time()
-    _, m = evaluate_e2e(model, tokenizer, csv_path, limit=args.limit, num_beams=args.beams)
+    _, m = evaluate_e2e(model, tokenizer, csv_path, limit=args.limit, num_beams=args.beams, bos=adds_bos(tokenizer))
     m["eval_s"] = round(time.time() - t0, 1)
     return m
 

@@ -128,7 +128,7 @@ def profile_step() -> list[tuple[str, float]]:
     zero = zero_settings(count_model(spec.model.base, spec.injected_lora, spec.model.quantization))
     cfg = eng.ds_config(spec, 1, placement, zero)
     model, injection = eng.build_sharded(AutoConfig.from_pretrained(d), spec, cfg, placement)
-    eng.stream_weights(model, d, injection, 0)
+    eng.stream_weights(model, d, injection, 0, 1)
     eng.init_lora_sharded(model, 0, 0)
     engine = eng.initialize(model, cfg, lambda opt: make_schedule(opt, spec))
     data = prepare_data(spec, AutoTokenizer.from_pretrained(d))

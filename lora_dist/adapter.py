@@ -29,10 +29,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from lora_dist.data import template_for
+from lora_dist.data import special_tokens, template_for
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoRALinear, LoraTensors
-from lora_dist.model import LoadedModel, fingerprint, load_model, resolve_base
+from lora_dist.model import LoadedModel, check_fits, fingerprint, load_model, resolve_base
 from lora_dist.plot import loss_curve_png
 from lora_dist.spec import JobSpec, LoraSpec
 from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,
@@ -229,14 +229,15 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
         "name": spec.name,
         "job_id": job_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base_model": {"id": spec.model.base, "fingerprint": fingerprint(built.model_dir),
+        "base_model": {"id": spec.model.base, "fingerprint": built.fingerprint,
                        "architecture": type(built.model).__name__},
         "quantization": spec.model.quantization,
         "quantized_modules": len(built.injection.quantized),
         "lora": spec.lora.model_dump(mode="json"),
         "trainable_params": built.trainable_params,
         "data": {"source": spec.data.source, "path": spec.data.path, "max_length": spec.data.max_length,
-                 "prompt_template": template_for(spec.data.source)},
+                 "prompt_template": template_for(spec.data.source),
+                 "special_tokens": special_tokens(built.tokenizer)},
         "spec": spec.to_dict(),
         "versions": versions(),
         **fields,
@@ -290,6 +291,7 @@ def load_adapted(artifact: Path, quantization: str | None = None,
     """
     manifest = verify_artifact(artifact)
     if manifest.get("kind") == "full":  # a fully fine-tuned model is its own base
+        check_fits(str(artifact), None, quantization or "none")
         return load_model(str(artifact), None, quantization or "none"), manifest
     base_id = manifest["base_model"]["id"]
     if check_base:
@@ -299,6 +301,7 @@ def load_adapted(artifact: Path, quantization: str | None = None,
             raise ArtifactError(f"{artifact}: trained on base {base_id!r} with fingerprint {want}, but that base "
                                 f"now has fingerprint {got}: the adapter does not belong to these weights")
     lora = LoraSpec.model_validate(manifest["spec"]["lora"])
+    check_fits(base_id, lora, quantization or manifest["quantization"])
     loaded = load_model(base_id, lora, quantization or manifest["quantization"])
     load_into(loaded.model, read_lora_tensors(artifact))
     return loaded, manifest

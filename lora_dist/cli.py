@@ -250,7 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from lora_dist.adapter import load_adapted
     from lora_dist.evaluate import evaluate_e2e
-    from lora_dist.generate import prompt_template
+    from lora_dist.generate import prompt_template, uses_bos
 
     data = Path(args.data)
     if not data.is_file():
@@ -272,7 +272,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   limit=args.limit, num_beams=args.num_beams,
                                   length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                                   max_new_tokens=args.max_new_tokens, progress=progress,
-                                  batch_size=args.batch_size)
+                                  batch_size=args.batch_size, bos=uses_bos(manifest))
     if args.out:
         Path(args.out).write_text("\n".join(preds) + "\n")
     print(json.dumps({**metrics, "mrs": len(preds)}))

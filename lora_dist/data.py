@@ -158,12 +158,39 @@ class Tokenized:
     labels: list[int]
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the model's tokenizer puts BOS in front of the text it encodes (Llama, Mistral: yes;
+    GPT-2, Qwen2, SmolLM2: no). Training, evaluation and generation all follow it."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return bool(with_special) and with_special[0] == bos and plain[:1] != [bos]
+
+
+def special_tokens(tokenizer) -> dict:
+    """The special tokens a run wraps each example in, as the manifest records them."""
+    bos = adds_bos(tokenizer)
+    return {"bos": bos, "bos_token": tokenizer.bos_token if bos else None, "eos_token": tokenizer.eos_token}
+
+
+def prompt_ids(tokenizer, text: str, bos: bool) -> list[int]:
+    """A prompt's token ids: BOS first where the tokenizer adds one, no other special token."""
+    return ([tokenizer.bos_token_id] if bos else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[Tokenized]:
-    """Prompt + completion + EOS, truncated to ``max_length``; labels only on the completion."""
+    """[BOS] + prompt + completion + EOS, truncated to ``max_length``; labels only on the completion.
+
+    BOS leads the prompt where the model's tokenizer adds one (:func:`adds_bos`); the completion
+    always ends with EOS, so the model learns to stop.
+    """
     eos = tokenizer.eos_token_id
+    bos = adds_bos(tokenizer)
     out = []
     for e in examples:
-        p = tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
+        p = prompt_ids(tokenizer, e.prompt, bos)
         c = tokenizer(e.completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
         ids = (p + c)[:max_length]
         labels = ([IGNORE_INDEX] * len(p) + c)[:max_length]

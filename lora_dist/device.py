@@ -56,3 +56,22 @@ def local_placement(spec: JobSpec) -> Placement:
         raise ValueError("train.dtype: fp16 needs DeepSpeed's loss scaling on GPU workers (`lora-dist submit` "
                          "with cluster.gpus_per_worker >= 1); a single CPU process trains in fp32 or bf16")
     return Placement(torch.device("cpu"), name)
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int:
+    """Memory a new model could take on ``device`` now: free GPU memory, or the kernel's
+    MemAvailable estimate for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

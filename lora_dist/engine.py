@@ -5,9 +5,8 @@ linear, 1/N of the float model per rank at once, only to replace it). It is buil
 on the meta device, int8 linears and LoRA pairs included; then each decoder block, and afterwards
 every remaining module, gets real (empty) storage and is handed to
 ``deepspeed.zero.Init(module=...)``, which partitions it at once (:func:`build_sharded`). Weights
-are then streamed from safetensors one tensor at a time: rank 0 reads and quantizes inside
-``GatheredParameters(modifier_rank=0)``, and on exit DeepSpeed broadcasts the values and
-re-partitions them; the other ranks never read the files (:func:`stream_weights`). Only the LoRA
+are then streamed from safetensors one tensor at a time, every rank reading, quantizing and
+writing only its own partition (:func:`stream_weights`). Only the LoRA
 parameters are handed to the optimizer, so only they have gradients and AdamW state.
 :class:`ZeroRunner` is the engine as the training loop (train.py) sees it.
 """
@@ -16,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,9 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 from lora_dist.lora import LoraTensors, collect_lora, freeze_non_lora, lora_parameters
-from lora_dist.model import Injection, check_complete, decoder_blocks, init_lora, load_weights, params_on_meta, \
-    prepare
-from lora_dist.quant import Int8Linear
+from lora_dist.model import FileHasher, Injection, TensorSource, cached_fingerprint, combine_fingerprint, \
+    decoder_blocks, init_lora, load_weights, params_on_meta, prepare, weight_files
+from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS, Int8Linear, row_blocks, quantize_rowwise
 from lora_dist.device import Placement
 from lora_dist.spec import JobSpec
 
@@ -125,31 +126,86 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
     return model, injection
 
 
-def stream_weights(model: nn.Module, model_dir: Path, injection: Injection, rank: int) -> None:
-    """Fill the partitioned parameters from safetensors; only rank 0 reads the files. A float
-    tensor is cast to its parameter's dtype as it is copied in; an int8 linear's weight is
-    quantized from its stored dtype."""
-    filled: set[int] = set()
+@dataclass
+class Loaded:
+    """What :func:`stream_weights` did on this rank."""
+    fingerprint: str
+    bytes_read: int  # by the loader (not counting this rank's share of the fingerprint)
+    seconds: float
 
-    def place(module: nn.Module, pname: str, read: Callable[[], torch.Tensor]) -> None:
-        if isinstance(module, Int8Linear) and pname == "weight":
-            params = [module.weight, module.weight_absmax]
-        else:
-            params = [getattr(module, pname)]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
-            if rank == 0:
-                value = read()
-                if len(params) == 2:
-                    module.load_float_weight(value)  # same shapes and dtypes: re-partitioned on exit
-                else:
-                    if tuple(value.shape) != tuple(params[0].shape):
-                        raise ValueError(f"{model_dir}: tensor for {pname} has shape {tuple(value.shape)}, "
-                                         f"the model expects {tuple(params[0].shape)}")
-                    params[0].data.copy_(value)  # cast and moved to the device in one pass
-        filled.update(id(p) for p in params)
 
-    load_weights(model, model_dir, injection, place)
-    check_complete(model, model_dir, lambda p: id(p) in filled)
+def stream_weights(model: nn.Module, model_dir: Path, injection: Injection, rank: int, world: int) -> Loaded:
+    """Every rank fills its own partitions from safetensors, in parallel (DESIGN.md decision 11).
+
+    ZeRO-3 gives each rank a contiguous range of each flattened parameter. A rank reads only the
+    bytes of that range (for an int8 linear, the rows that overlap it: row-wise absmax needs whole
+    rows), quantizes them a row block at a time and writes its partition directly: no collective
+    per tensor, 1/N of the checkpoint read per rank, and memory while loading near the rank's own
+    share plus one row block. Quantization is per row, so the partitions hold exactly what
+    quantizing the whole tensor would give.
+
+    The base model's fingerprint is computed at the same time: unless this machine has it cached,
+    each rank hashes every N-th weight file in a background thread, and one all-gather combines
+    them at the end.
+    """
+    t0 = time.time()
+    files = weight_files(model_dir)
+    known = [cached_fingerprint(model_dir) if rank == 0 else None]
+    dist.broadcast_object_list(known, src=0)
+    hasher = FileHasher(files[rank::world]) if known[0] is None else None
+    plan = load_weights(model, model_dir, injection, place=place_own_share)
+    fp = known[0]
+    if hasher is not None:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, hasher.result())
+        fp = combine_fingerprint(model_dir, {k: v for part in parts for k, v in part.items()})
+    return Loaded(fp, plan.bytes_read, time.time() - t0)
+
+
+def _own_range(p: nn.Parameter) -> tuple[torch.Tensor, int, int]:
+    """(this rank's storage of ``p`` as a flat tensor, first and end element of ``p`` it holds).
+
+    A ZeRO-3 parameter of n elements is padded to a multiple of the group size and rank r holds
+    elements [r*s, (r+1)*s) of its flattened value (s = the partition size); the padding past n
+    is never read. A parameter ZeRO does not partition is held whole."""
+    if hasattr(p, "ds_tensor"):
+        part = p.ds_tensor
+        start = part.ds_numel * dist.get_rank(group=p.ds_process_group)
+        return part.view(-1), start, max(start, min(start + part.ds_numel, p.ds_numel))
+    return p.data.view(-1), 0, p.numel()
+
+
+@torch.no_grad()
+def place_own_share(module: nn.Module, pname: str, source: TensorSource) -> None:
+    """A :data:`model.Placer` that writes only this rank's partition (see :func:`stream_weights`)."""
+    if isinstance(module, Int8Linear) and pname == "weight":
+        _fill_int8(module.weight, module.weight_absmax, source)
+        return
+    dest, start, end = _own_range(getattr(module, pname))
+    for a in range(start, end, DEQUANT_BLOCK_ELEMENTS):
+        b = min(a + DEQUANT_BLOCK_ELEMENTS, end)
+        dest[a - start:b - start].copy_(source.flat(a, b))  # cast and moved to the device as it is copied
+
+
+def _fill_int8(weight: nn.Parameter, absmax: nn.Parameter, source: TensorSource) -> None:
+    wdest, ws, we = _own_range(weight)
+    adest, a_s, a_e = _own_range(absmax)
+    rows, cols = source.shape
+    need = [(r0, r1) for r0, r1 in ((ws // cols, -(-we // cols)), (a_s, a_e)) if r0 < r1]
+    if not need:
+        return  # this rank holds only padding of both
+    lo, hi = min(r0 for r0, _ in need), max(r1 for _, r1 in need)
+    for b0, b1 in row_blocks(hi - lo, cols):
+        r0, r1 = lo + b0, lo + b1
+        if not any(r0 < n1 and n0 < r1 for n0, n1 in need):
+            continue
+        q, scale = quantize_rowwise(source.rows(r0, r1).to(wdest.device))
+        a, b = max(r0 * cols, ws), min(r1 * cols, we)
+        if a < b:
+            wdest[a - ws:b - ws].copy_(q.view(-1)[a - r0 * cols:b - r0 * cols])
+        a, b = max(r0, a_s), min(r1, a_e)
+        if a < b:
+            adest[a - a_s:b - a_s].copy_(scale[a - r0:b - r0])
 
 
 def init_lora_sharded(model: nn.Module, seed: int, rank: int) -> None:

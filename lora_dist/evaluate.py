@@ -50,11 +50,12 @@ def e2e_references(csv_path, limit: int | None = None,
 def evaluate_e2e(model: nn.Module, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit: int | None = None,
                  num_beams: int = 10,
                  length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
-                 progress=None, batch_size: int = 8) -> tuple[list[str], dict[str, float | None]]:
+                 progress=None, batch_size: int = 8, bos: bool = False) -> tuple[list[str], dict[str, float | None]]:
     """Generate one output per distinct MR (the paper's decoding by default) and score it.
 
     ``template`` is the prompt template the adapter was trained with (``generate.prompt_template``
-    of its manifest).
+    of its manifest), and ``bos`` whether it was trained with BOS before each prompt
+    (``generate.uses_bos``).
 
     Returns:
         (predictions in MR order, metrics).
@@ -64,7 +65,7 @@ def evaluate_e2e(model: nn.Module, tokenizer, csv_path, template: str = E2E_TEMP
     for i in range(0, len(prompts), batch_size):
         preds += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
                           num_beams=num_beams, length_penalty=length_penalty,
-                          no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size)
+                          no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size, bos=bos)
         if progress:
             progress(len(preds), len(prompts))
     preds = [p.splitlines()[0].strip() if p.strip() else "" for p in preds]

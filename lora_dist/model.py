@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -31,7 +32,7 @@ from torch import nn
 from lora_dist.errors import ModelError
 from lora_dist.lora import LoRALinear, freeze_non_lora
 from lora_dist.plan import PERSISTENCE_THRESHOLD, Activations, ModelCounts
-from lora_dist.quant import Int8Linear
+from lora_dist.quant import Int8Linear, quantize_rowwise, row_blocks
 from lora_dist.spec import LINEAR_TARGET_ALL, SHAPES, LoraSpec, cache_root
 from lora_dist.store import sha256_file
 
@@ -54,9 +55,7 @@ def resolve_base(base: str) -> Path:
         raise ModelError(f"model.base: {base!r} is an architecture without weights here: it serves "
                          f"`lora-dist plan` only; to train, point model.base at a Hugging Face directory")
     path = Path(base).expanduser()
-    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
-        raise ModelError(f"model.base: {path} is not a Hugging Face model directory "
-                         f"(needs config.json and *.safetensors)")
+    check_checkpoint(path)
     return path
 
 
@@ -105,23 +104,130 @@ def _find_smollm2_gguf() -> Path:
     return d
 
 
-def fingerprint(model_dir: Path) -> str:
-    """sha256 over the model's safetensors files (name and content), cached by size and mtime."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    key = json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
-    cache_file = cache_root() / "fingerprints.json"
+# --- what a checkpoint directory holds -------------------------------------------------------------
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Config keys by which the architectures transformers ships declare a mixture of experts.
+MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "moe_intermediate_size")
+SUPPORTED = ("dense decoder-only causal LMs that transformers ships (Llama, Mistral, Qwen2, GPT-2, OPT, "
+             "GPT-NeoX, ...), as config.json + model.safetensors or sharded safetensors with "
+             "model.safetensors.index.json, in bf16, fp16 or fp32")
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse, before anything is built or submitted, a directory this loader cannot take.
+
+    Raises:
+        ModelError: naming what is unsupported (no config, pickle-only weights, custom code,
+            mixture of experts, an index naming missing files) and what is supported.
+    """
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.base: {path} is not a Hugging Face model directory (no config.json); "
+                         f"supported: {SUPPORTED}")
     try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.base: {path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model.base: {path / 'config.json'} must hold a JSON object")
+    if config.get("auto_map"):
+        raise ModelError(f"model.base: {path} needs trust_remote_code (config.json auto_map names custom code: "
+                         f"{', '.join(sorted(config['auto_map']))}); code shipped with a checkpoint is never run. "
+                         f"Supported: {SUPPORTED}")
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelError(f"model.base: {path / 'config.json'} has model_type {model_type!r}, which this "
+                         f"transformers does not ship. Supported: {SUPPORTED}")
+    moe = [k for k in MOE_CONFIG_KEYS if config.get(k)]
+    if moe:
+        raise ModelError(f"model.base: {path} is a mixture-of-experts model ({model_type}: {', '.join(moe)}); "
+                         f"int8 quantization and LoRA here take 2-D linear layers only. Supported: {SUPPORTED}")
+    weight_files(path)
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files that make up the checkpoint: those ``model.safetensors.index.json``
+    lists, else ``model.safetensors``. Other files beside them (``consolidated.safetensors``, a
+    stray copy) are never read nor fingerprinted.
+
+    Raises:
+        ModelError: no safetensors weights (pickle ones are refused: loading them runs code), or
+            an index that is malformed, points outside the directory or names missing files.
+    """
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+            if not names or not all(isinstance(n, str) for n in names):
+                raise ValueError("weight_map names no files")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"model.base: {index} is not a safetensors index ({e}); expected "
+                             f'{{"weight_map": {{"<tensor name>": "<file>.safetensors", ...}}}}') from None
+        bad = [n for n in names if Path(n).name != n or n.startswith(".") or not n.endswith(".safetensors")]
+        if bad:
+            raise ModelError(f"model.base: {index} names {bad[:3]}: entries must be .safetensors file names "
+                             f"inside {model_dir}")
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise ModelError(f"model.base: {index} lists {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+                             f"not found in {model_dir}")
+        return [model_dir / n for n in names]
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    pickles = sorted(f.name for f in model_dir.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelError(f"model.base: {model_dir} has only pickle weights ({', '.join(pickles[:3])}): they run code "
+                         f"when loaded and are refused. Convert them to safetensors "
+                         f"(save_pretrained(..., safe_serialization=True)). Supported: {SUPPORTED}")
+    others = sorted(f.name for f in model_dir.glob("*.safetensors"))
+    raise ModelError(f"model.base: {model_dir} has no {SINGLE_FILE} and no {INDEX_FILE}"
+                     f"{' (found ' + ', '.join(others[:3]) + ', which no index names)' if others else ''}; "
+                     f"supported: {SUPPORTED}")
+
+
+def _fingerprint_key(files: list[Path]) -> str:
+    return json.dumps([[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+def _fingerprint_cache() -> Path:
+    return cache_root() / "fingerprints.json"
+
+
+def cached_fingerprint(model_dir: Path) -> str | None:
+    """The fingerprint of ``model_dir`` if this machine has computed it for these files (same
+    paths, sizes and modification times), else None."""
+    try:
+        return json.loads(_fingerprint_cache().read_text()).get(_fingerprint_key(weight_files(model_dir)))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def combine_fingerprint(model_dir: Path, file_digests: dict[str, str]) -> str:
+    """The fingerprint from each weight file's sha256 (``{name: hex}``), remembered on this machine.
+
+    sha256 over ``"<name>:<sha256 of the file>\n"`` for every weight file in name order: the
+    files' hashes can be computed anywhere (each rank its own files) and combined here.
+    """
+    files = weight_files(model_dir)
+    names = [f.name for f in files]
+    if sorted(file_digests) != sorted(names):
+        raise ValueError(f"fingerprint of {model_dir}: digests for {sorted(file_digests)}, files {names}")
     outer = hashlib.sha256()
-    for f in files:
-        outer.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    for name in sorted(names):
+        outer.update(f"{name}:{file_digests[name]}\n".encode())
     digest = "sha256:" + outer.hexdigest()
+    cache_file = _fingerprint_cache()
     try:
-        cache[key] = digest
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cache[_fingerprint_key(files)] = digest
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))
@@ -129,6 +235,47 @@ def fingerprint(model_dir: Path) -> str:
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
     return digest
+
+
+def fingerprint(model_dir: Path) -> str:
+    """sha256 over the model's weight files (name and content), cached by path, size and mtime."""
+    cached = cached_fingerprint(model_dir)
+    if cached is not None:
+        return cached
+    return combine_fingerprint(model_dir, {f.name: sha256_file(f)
+                                           for f in weight_files(model_dir)})
+
+
+class FileHasher:
+    """Hash some weight files in a background thread while the weights stream in.
+
+    Each rank of a job hashes every N-th file (``files[rank::world]``), so the fingerprint costs
+    one read of the checkpoint across the job, overlapped with loading, instead of one rank
+    re-reading every file at export while the others wait. hashlib releases the GIL on large
+    buffers, so the thread runs beside the loader.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        import threading
+
+        self.digests: dict[str, str] = {}
+        self.error: BaseException | None = None
+        self._files = files
+        self._thread = threading.Thread(target=self._run, name="lora-dist-fingerprint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for f in self._files:
+                self.digests[f.name] = sha256_file(f)
+        except BaseException as e:  # surfaced by result()
+            self.error = e
+
+    def result(self) -> dict[str, str]:
+        self._thread.join()
+        if self.error is not None:
+            raise ModelError(f"fingerprinting the base model failed: {self.error}") from self.error
+        return self.digests
 
 
 # --- building the skeleton -----------------------------------------------------------------------
@@ -205,6 +352,11 @@ def prepare(model: nn.Module, lora: LoraSpec | None, quantization: str, device: 
         ModelError: a target matches no module, or r exceeds a target's dimensions.
     """
     blocks_name, _ = decoder_blocks(model)
+    experts = [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters() if p.dim() > 2]
+    if experts:
+        raise ModelError(f"model.base: {type(model).__name__} holds expert weights of 3 or more dimensions "
+                         f"({experts[0]}, ...): mixture-of-experts models are not supported; int8 quantization and LoRA here "
+                         f"take 2-D linear layers. Supported: {SUPPORTED}")
     in_blocks = {name: mod for name, mod in model.named_modules()
                  if name.startswith(blocks_name + ".") and _is_linear(mod)}
     if lora is None:
@@ -246,106 +398,253 @@ def prepare(model: nn.Module, lora: LoraSpec | None, quantization: str, device: 
 
 # --- streaming the weights -----------------------------------------------------------------------
 
-Placer = Callable[[nn.Module, str, Callable[[], torch.Tensor]], None]
-
-
-def default_place(module: nn.Module, pname: str, read: Callable[[], torch.Tensor]) -> None:
-    """Put the tensor ``read()`` returns into ``module.<pname>`` of a meta skeleton: quantized for an
-    Int8Linear weight, as is otherwise."""
-    value = read()
-    if isinstance(module, Int8Linear) and pname == "weight":
-        module.weight = nn.Parameter(torch.empty(0, dtype=torch.int8), requires_grad=False)
-        module.weight_absmax = nn.Parameter(torch.empty(0), requires_grad=False)
-        module.load_float_weight(value)
-        return
-    old = getattr(module, pname)
-    dtype = old.dtype if old.is_floating_point() and value.is_floating_point() else value.dtype
-    setattr(module, pname, nn.Parameter(value.to(dtype).contiguous(), requires_grad=False))
-
-
-def load_weights(model: nn.Module, model_dir: Path, injection: Injection,
-                 place: Placer = default_place) -> set[str]:
-    """Stream every tensor of ``model_dir/*.safetensors`` into the skeleton, one at a time.
-
-    ``place(module, name, read)`` puts each tensor in; ``read()`` loads it from the file in the
-    dtype it is stored in (transposed for GPT-2 Conv1D, as a view), so a placer that does not need
-    the values on this rank never reads them. The placer casts float tensors to the parameter's
-    dtype as it copies them (never a second whole copy in between), and an int8 linear's weight
-    is quantized from its stored dtype.
-    """
-    modules = dict(model.named_modules())
-    rename = _checkpoint_renamer(model)
-    loaded: set[str] = set()
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with SafetensorsReader(file) as f:
-            for key in f.keys():
-                mod_path, _, pname = rename(key).rpartition(".")
-                module = modules.get(mod_path)
-                if isinstance(module, LoRALinear):
-                    module = module.base
-                if module is None or pname not in module._parameters:
-                    continue  # buffers saved by old checkpoints (GPT-2's attn.bias): rebuilt by the model
-                transpose = mod_path in injection.transposed and pname == "weight"
-
-                def read(f=f, key=key, transpose=transpose) -> torch.Tensor:
-                    tensor = f.get_tensor(key)
-                    return tensor.t() if transpose else tensor
-
-                place(module, pname, read)
-                loaded.add(key)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return loaded
-
-
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 
 
 class SafetensorsReader:
-    """Read single tensors from a .safetensors file with plain positioned reads.
+    """Read tensors, or byte ranges of them, from a .safetensors file with plain positioned reads.
 
     ``safe_open`` memory-maps the file, and every page it touches stays in the process's resident
     set until the file is closed: streaming a whole model through one mapping would count the
-    whole model against the reading rank. Positioned reads keep only the tensor being read.
+    whole model against the reading rank. Positioned reads keep only what is being read, and
+    ``bytes_read`` counts them (a rank reading its share reads 1/N of the checkpoint).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._f = open(self.path, "rb")
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self.bytes_read = 0
         try:
-            (n,) = struct.unpack("<Q", self._f.read(8))
-            header = json.loads(self._f.read(n))
-        except (struct.error, ValueError) as e:
-            self._f.close()
+            head = os.pread(self._fd, 8, 0)
+            (n,) = struct.unpack("<Q", head)
+            if n > os.fstat(self._fd).st_size:
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(os.pread(self._fd, n, 8))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                start, end = info["data_offsets"]
+                numel = math.prod(info["shape"])
+                if info["dtype"] not in _ST_DTYPES:
+                    raise ValueError(f"tensor {key} has unsupported dtype {info['dtype']}")
+                if end - start != numel * _ST_DTYPES[info["dtype"]].itemsize:
+                    raise ValueError(f"tensor {key}: {end - start} bytes for shape {info['shape']}")
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+            os.close(self._fd)
             raise ModelError(f"{self.path}: not a safetensors file ({e})") from None
-        header.pop("__metadata__", None)
         self._header = header
         self._data_start = 8 + n
 
     def keys(self) -> list[str]:
         return list(self._header)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _ST_DTYPES[self._header[key]["dtype"]]
+
+    def read_flat(self, key: str, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of the tensor flattened in its stored (row-major) order."""
+        dtype = self.dtype(key)
+        size = dtype.itemsize
+        begin = self._header[key]["data_offsets"][0]
+        out = torch.empty(max(0, end - start), dtype=dtype)
+        if out.numel():
+            view = memoryview(out.view(torch.uint8).numpy())
+            offset, done = self._data_start + begin + start * size, 0
+            while done < len(view):
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise ModelError(f"{self.path}: truncated while reading {key}")
+                done += got
+            self.bytes_read += done
+        return out
+
     def get_tensor(self, key: str) -> torch.Tensor:
-        info = self._header[key]
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ModelError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        buf = bytearray(end - start)
-        self._f.seek(self._data_start + start)
-        if self._f.readinto(buf) != len(buf):
-            raise ModelError(f"{self.path}: truncated while reading {key}")
-        if not buf:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+        shape = self.shape(key)
+        return self.read_flat(key, 0, math.prod(shape)).reshape(shape)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
     def __enter__(self) -> "SafetensorsReader":
         return self
 
     def __exit__(self, *exc) -> None:
-        self._f.close()
+        self.close()
+
+
+@dataclass
+class TensorSource:
+    """One checkpoint tensor as the model sees it (GPT-2's Conv1D weights transposed to (out, in)),
+    readable whole, by rows, or by a flat element range: a rank reads only what it keeps."""
+    reader: SafetensorsReader
+    key: str
+    transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self.reader.shape(self.key)
+        return shape[::-1] if self.transposed else shape
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def row_len(self) -> int:
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+
+    def read(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0]) if self.shape else self.reader.get_tensor(self.key)
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` (of the model's view), reading only their bytes."""
+        if not self.transposed:
+            return self.reader.read_flat(self.key, r0 * self.row_len, r1 * self.row_len).reshape(
+                r1 - r0, *self.shape[1:])
+        # stored (in, out): a model row is a stored column; read its slice of each stored row
+        n_in, n_out = self.reader.shape(self.key)
+        out = torch.empty(n_in, r1 - r0, dtype=self.reader.dtype(self.key))
+        for i in range(n_in):
+            out[i] = self.reader.read_flat(self.key, i * n_out + r0, i * n_out + r1)
+        return out.t()
+
+    def flat(self, start: int, end: int) -> torch.Tensor:
+        """Elements ``[start, end)`` of the model's view, flattened row-major (how ZeRO-3 partitions)."""
+        if not self.transposed:
+            return self.reader.read_flat(self.key, start, end)
+        n = self.row_len
+        r0, r1 = start // n, -(-end // n)
+        return self.rows(r0, r1).reshape(-1)[start - r0 * n:end - r0 * n]
+
+
+Placer = Callable[[nn.Module, str, TensorSource], None]
+
+
+def default_place(module: nn.Module, pname: str, source: TensorSource) -> None:
+    """Put a checkpoint tensor into ``module.<pname>`` of a meta skeleton: an Int8Linear weight is
+    read and quantized a row block at a time (never a whole float copy), anything else as is."""
+    if isinstance(module, Int8Linear) and pname == "weight":
+        rows, cols = source.shape
+        q = torch.empty(rows, cols, dtype=torch.int8)
+        absmax = torch.empty(rows, dtype=torch.float32)
+        for r0, r1 in row_blocks(rows, cols):
+            q[r0:r1], absmax[r0:r1] = quantize_rowwise(source.rows(r0, r1))
+        module.weight = nn.Parameter(q, requires_grad=False)
+        module.weight_absmax = nn.Parameter(absmax, requires_grad=False)
+        return
+    value = source.read()
+    old = getattr(module, pname)
+    dtype = old.dtype if old.is_floating_point() and value.is_floating_point() else value.dtype
+    setattr(module, pname, nn.Parameter(value.to(dtype).contiguous(), requires_grad=False))
+
+
+@dataclass
+class WeightPlan:
+    """Where every checkpoint tensor goes, worked out from the file headers alone."""
+    entries: list[tuple[nn.Module, str, TensorSource]]
+    readers: list[SafetensorsReader]
+    files: list[Path]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for r in self.readers)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
+def plan_weights(model: nn.Module, model_dir: Path, injection: Injection) -> WeightPlan:
+    """Match the checkpoint's tensors to the model's parameters before reading any weight.
+
+    Keys are renamed as transformers renames them (GPT-NeoX's ``embed_out``), and checkpoints
+    saved from the base model class (``gpt2``, the OPT family: keys without ``transformer.`` /
+    ``model.``) get the class's ``base_model_prefix``. Every parameter must find a tensor of its
+    shape; otherwise the error names the parameters missing and the tensors left over, at once
+    rather than after the whole model has streamed.
+
+    Raises:
+        ModelError: missing weights or shapes that differ from the model's.
+    """
+    files = weight_files(model_dir)
+    readers = [SafetensorsReader(f) for f in files]
+    try:
+        return _plan_weights(model, model_dir, injection, files, readers)
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+
+
+def _plan_weights(model, model_dir, injection, files, readers) -> WeightPlan:
+    modules = dict(model.named_modules())
+    rename = _checkpoint_renamer(model)
+    params = {id(p): n for n, p in model.named_parameters()}  # tied weights: one name each
+    wanted = {n for n in params.values() if "lora_" not in n}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    keys = [(r, k) for r in readers for k in r.keys()]
+    # as transformers decides: the model expects the prefix and no checkpoint key has it
+    add_prefix = bool(prefix) and any(n.startswith(prefix + ".") for n in wanted) and \
+        not any(k.startswith(prefix + ".") for _, k in keys)
+    entries, placed, leftover, bad = [], set(), [], []
+    for reader, key in keys:
+        name = rename(f"{prefix}.{key}" if add_prefix else key)
+        mod_path, _, pname = name.rpartition(".")
+        module = modules.get(mod_path)
+        if isinstance(module, LoRALinear):
+            module = module.base
+        if module is None or pname not in module._parameters or module._parameters[pname] is None:
+            leftover.append(key)  # e.g. GPT-2's attn.bias buffer in old checkpoints: rebuilt by the model
+            continue
+        source = TensorSource(reader, key, transposed=mod_path in injection.transposed and pname == "weight")
+        param = module._parameters[pname]
+        if isinstance(module, Int8Linear) and pname == "weight":
+            expected = (module.out_features, module.in_features)
+        else:
+            expected = tuple(getattr(param, "ds_shape", param.shape))
+        if tuple(source.shape) != expected:
+            bad.append(f"{key}: {tuple(source.shape)} in the file, {expected} in the model")
+            continue
+        entries.append((module, pname, source))
+        placed.add(id(param))
+        if isinstance(module, Int8Linear):
+            placed.add(id(module.weight_absmax))
+    if bad:
+        raise ModelError(f"{model_dir}: tensor shapes differ from the model built from config.json: "
+                         f"{'; '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+    missing = sorted(n for n in wanted if not n.endswith("weight_absmax")
+                     and id(model.get_parameter(n)) not in placed)
+    if missing:
+        raise ModelError(f"{model_dir}: the checkpoint has no weights for {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} parameters); tensors it has "
+                         f"that match nothing: {leftover[:5]}{' ...' if len(leftover) > 5 else ''}")
+    return WeightPlan(entries, readers, files)
+
+
+def load_weights(model: nn.Module, model_dir: Path, injection: Injection,
+                 place: Placer = default_place) -> WeightPlan:
+    """Stream the checkpoint into the skeleton, one tensor at a time, in file order.
+
+    ``place(module, name, source)`` puts each tensor in, reading from ``source`` only what it
+    keeps (see :class:`TensorSource`); float tensors are cast to the parameter's dtype as they are
+    copied, and int8 linear weights are quantized from their stored dtype.
+
+    Returns:
+        The :class:`WeightPlan` it followed (its readers closed; ``bytes_read`` counts what was read).
+    """
+    plan = plan_weights(model, model_dir, injection)
+    try:
+        for module, pname, source in plan.entries:
+            place(module, pname, source)
+    finally:
+        plan.close()
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return plan
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -353,14 +652,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     blocks whose inputs do not require grad, as with a frozen base)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-
-
-def check_complete(model: nn.Module, model_dir: Path, filled: Callable[[nn.Parameter], bool]) -> None:
-    """Raise if a non-LoRA parameter got no weights from the checkpoint."""
-    missing = [n for n, p in model.named_parameters() if "lora_" not in n and not filled(p)]
-    if missing:
-        raise ModelError(f"{model_dir}: the checkpoint has no weights for {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}")
 
 
 def _checkpoint_renamer(model: nn.Module) -> Callable[[str], str]:
@@ -408,10 +699,12 @@ def materialize_lora(model: nn.Module, seed: int, device: torch.device | str = "
 
 
 def check_model(base: str, lora: LoraSpec | None, quantization: str) -> Injection:
-    """Validate targets and rank against the real architecture, on a meta skeleton (no weights).
+    """Validate targets and rank against the real architecture, on a meta skeleton (no weights),
+    and the checkpoint against it: its format and every tensor's name and shape, from the file
+    headers alone.
 
     Raises:
-        ModelError: naming lora.targets or lora.r.
+        ModelError: naming lora.targets, lora.r, or what the checkpoint lacks.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -422,7 +715,42 @@ def check_model(base: str, lora: LoraSpec | None, quantization: str) -> Injectio
         config = AutoConfig.from_pretrained(resolve_base(base))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return prepare(model, lora, quantization)
+    injection = prepare(model, lora, quantization)
+    if base not in SHAPES:
+        plan_weights(model, resolve_base(base), injection).close()  # the file headers only
+    return injection
+
+
+def weights_bytes(base: str, lora: LoraSpec | None, quantization: str, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the single-process model's weights take (counted on the meta skeleton): int8 linears
+    at 1 byte plus a 4-byte scale per row, other base parameters in ``dtype``, LoRA pairs in fp32,
+    plus the one row block of float values quantization holds while loading."""
+    from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS
+
+    c = count_model(base, lora, quantization)
+    block = min(DEQUANT_BLOCK_ELEMENTS, c.largest_linear_params) * 4 if c.quantized_linear_params else 0
+    return (c.quantized_linear_params + 4 * c.quantized_rows + c.float_params * dtype.itemsize
+            + 4 * c.lora_params + block)
+
+
+def check_fits(base: str, lora: LoraSpec | None, quantization: str, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> int:
+    """Refuse, before loading anything, a model whose weights exceed the device's free memory.
+
+    Returns:
+        The bytes the weights need.
+
+    Raises:
+        ModelError: saying how much the weights need and how much the device has.
+    """
+    from lora_dist.device import available_bytes
+
+    need, have = weights_bytes(base, lora, quantization, dtype), available_bytes(device)
+    if need > have:
+        raise ModelError(f"model.base: {base} with quantization {quantization} needs {need / 2**30:.2f} GiB for its "
+                         f"weights (plus activations) on {device}; {have / 2**30:.2f} GiB is available there. "
+                         f"Use a machine with more memory{'' if quantization == 'int8' else ', or quantization int8'}.")
+    return need
 
 
 @dataclass
@@ -432,6 +760,7 @@ class LoadedModel:
     model_dir: Path
     injection: Injection
     trainable_params: int
+    fingerprint: str  # of the base's weight files, computed while they were read (or cached)
 
 
 def load_model(base: str, lora: LoraSpec | None, quantization: str, seed: int = 0,
@@ -455,8 +784,11 @@ def load_model(base: str, lora: LoraSpec | None, quantization: str, seed: int = 
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     injection = prepare(model, lora, quantization)
+    fp = cached_fingerprint(model_dir)
+    hasher = FileHasher(weight_files(model_dir)) if fp is None else None
     load_weights(model, model_dir, injection)
-    check_complete(model, model_dir, lambda p: not p.is_meta)
+    if hasher is not None:
+        fp = combine_fingerprint(model_dir, hasher.result())
     materialize_lora(model, seed)
     if lora is None:
         model.requires_grad_(True)
@@ -465,7 +797,7 @@ def load_model(base: str, lora: LoraSpec | None, quantization: str, seed: int = 
         trainable = freeze_non_lora(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if with_tokenizer else None
-    return LoadedModel(model, tokenizer, model_dir, injection, trainable)
+    return LoadedModel(model, tokenizer, model_dir, injection, trainable, fp)
 
 
 # --- counting for the planner ---------------------------------------------------------------------

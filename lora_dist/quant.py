@@ -40,7 +40,7 @@ DEQUANT_BLOCK_ELEMENTS = 1 << 26
 _FP16_MAX = 65504.0
 
 
-def _row_blocks(rows: int, cols: int, block_elements: int = DEQUANT_BLOCK_ELEMENTS) -> list[tuple[int, int]]:
+def row_blocks(rows: int, cols: int, block_elements: int = DEQUANT_BLOCK_ELEMENTS) -> list[tuple[int, int]]:
     step = max(1, block_elements // max(cols, 1))
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
@@ -69,7 +69,7 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = torch.empty(rows, dtype=torch.float32, device=weight.device)
     if weight.numel() == 0:
         return q, absmax.fill_(0)
-    for r0, r1 in _row_blocks(rows, cols):
+    for r0, r1 in row_blocks(rows, cols):
         block = weight[r0:r1].detach()
         top = float(block.abs().max())
         if not math.isfinite(top):
@@ -109,7 +109,7 @@ class Int8Matmul(torch.autograd.Function):
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight, ctx.absmax = weight, absmax
         rows, cols = weight.shape
-        blocks = _row_blocks(rows, cols)
+        blocks = row_blocks(rows, cols)
         parts = [x @ dequantize_rowwise(weight[r0:r1], absmax[r0:r1], x.dtype).t() for r0, r1 in blocks]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if bias is not None:
@@ -122,7 +122,7 @@ class Int8Matmul(torch.autograd.Function):
         rows, cols = weight.shape
         grad_x = None
         if ctx.needs_input_grad[0]:
-            for r0, r1 in _row_blocks(rows, cols):
+            for r0, r1 in row_blocks(rows, cols):
                 part = grad_y[..., r0:r1] @ dequantize_rowwise(weight[r0:r1], absmax[r0:r1], grad_y.dtype)
                 grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None, None, None

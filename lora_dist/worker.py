@@ -122,7 +122,7 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     w.zero = zero_settings(counts, "full" if full else "lora_int8_zero3")
     ds_cfg = eng.ds_config(spec, w.world, w.placement, w.zero)
     model, injection = eng.build_sharded(hf_config, spec, ds_cfg, w.placement)
-    eng.stream_weights(model, model_dir, injection, w.rank)
+    loaded = eng.stream_weights(model, model_dir, injection, w.rank, w.world)
     eng.init_lora_sharded(model, spec.train.seed, w.rank)
     if spec.train.activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -133,7 +133,8 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
         print(f"[rank 0/{w.world}] model {spec.model.base} sharded (ZeRO-{spec.cluster.zero_stage}) in "
               f"{time.time() - t0:.1f} s: int8 base {parts['int8_local_bytes']:,} of {parts['int8_full_bytes']:,} "
               f"bytes on this rank; {trainable:,} trainable parameters", flush=True)
-    built = LoadedModel(model, AutoTokenizer.from_pretrained(model_dir), model_dir, injection, trainable)
+    built = LoadedModel(model, AutoTokenizer.from_pretrained(model_dir), model_dir, injection, trainable,
+                        loaded.fingerprint)
     return built, eng.ZeroRunner(engine, w.rank), parts
 
 
