@@ -116,3 +116,16 @@ def test_int8_base_agrees_with_float_base_on_held_out_e2e(e2e_csv, smollm2_dir):
     # Stated bounds for row-wise absmax int8 on every decoder linear of SmolLM2 (measured 0.24 / 97.2% on 8 batches).
     assert res["top1_agreement"] > 0.95, res
     assert res["mean_abs_logit_diff"] < 0.4, res
+
+
+def test_single_device_load_says_what_it_needs_when_it_does_not_fit(tiny_dirs):
+    """eval and generate check the weights against the device's free memory before loading:
+    the int8 GPT-3 base (about 175 GB) does not fit this machine, and the error says how much
+    it needs and how much there is."""
+    from lora_dist.model import check_fits, weights_bytes
+
+    lora = LoraSpec(r=4, targets=("c_attn",))
+    with pytest.raises(ModelError, match=r"gpt3-175b with quantization int8 needs 1[6-9]\d\.\d\d GiB .* available"):
+        check_fits("gpt3-175b", lora, "int8")
+    small = str(tiny_dirs["gpt2"])
+    assert check_fits(small, lora, "int8") == weights_bytes(small, lora, "int8") < weights_bytes(small, lora, "none")
