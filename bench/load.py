@@ -244,19 +244,32 @@ def main() -> None:
     ap.add_argument("--only", choices=["before", "after"], help="run one side only")
     ap.add_argument("--first-step", action="store_true", help="also run deepspeed.initialize and one step")
     ap.add_argument("--end-of-job", action="store_true", help="time the export of a 1-step job instead")
+    ap.add_argument("--warm", action="store_true",
+                    help="start with the model's fingerprint cached (a re-run), not a cold cache")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "bench"))
     sides = {"before": worktree(args.before), "after": REPO}
     if args.only:
         sides = {args.only: sides[args.only]}
-    print(f"before = {args.before} ({sides.get('before', '-')}), after = this tree", flush=True)
+    print(f"before = {args.before} ({sides.get('before', '-')}), after = this tree; fingerprint cache "
+          f"{'warm' if args.warm else 'cold'}", flush=True)
     for model in args.models:
+        warm = Path(tempfile.mkdtemp(prefix="lora-dist-load-warm-"))
+        if args.warm:
+            from lora_dist.model import fingerprint
+
+            os.environ["LORA_DIST_CACHE"] = str(warm)
+            fingerprint(Path(spec_for(model, 1, warm)["model"]["base"]))
+            os.environ.pop("LORA_DIST_CACHE")
         for world in args.world:
             for side, path in sides.items():
                 with tempfile.TemporaryDirectory(prefix="lora-dist-load-") as tmp:
                     cfg = {"spec": spec_for(model, world, Path(tmp) / "runs"), "first_step": args.first_step,
                            "end_of_job": args.end_of_job, "work_dir": str(Path(tmp) / "work")}
-                    rows = run(cfg, world, path, Path(tmp) / "cache")  # a cold fingerprint cache
+                    cache = Path(tmp) / "cache"  # cold unless --warm
+                    if args.warm:
+                        shutil.copytree(warm, cache)
+                    rows = run(cfg, world, path, cache)
                 for r in rows:
                     if "failed" in r:
                         print(f"{model:<9} N={world} {side:<6} FAILED ({r['failed']}): {r['tail'][-600:]}", flush=True)

@@ -4,10 +4,11 @@ The model is not built inside ``deepspeed.zero.Init`` (that would first allocate
 linear, 1/N of the float model per rank at once, only to replace it). It is built as a skeleton
 on the meta device, int8 linears and LoRA pairs included; then each decoder block, and afterwards
 every remaining module, gets real (empty) storage and is handed to
-``deepspeed.zero.Init(module=...)``, which partitions it at once (:func:`build_sharded`). Weights
-are then streamed from safetensors one tensor at a time, every rank reading, quantizing and
-writing only its own partition (:func:`stream_weights`). Only the LoRA
-parameters are handed to the optimizer, so only they have gradients and AdamW state.
+``deepspeed.zero.Init(module=...)``, which partitions it at once, without a broadcast
+(:func:`build_sharded`). Weights are then streamed from safetensors one tensor at a time, every
+rank reading, quantizing and writing only its own partition, with no collective per tensor
+(:func:`stream_weights`). Only the LoRA parameters are handed to the optimizer, so only they have
+gradients and AdamW state.
 :class:`ZeroRunner` is the engine as the training loop (train.py) sees it.
 """
 
@@ -76,6 +77,22 @@ def init_distributed(cuda: bool) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+class _PartitionOnly(deepspeed.zero.Init):
+    """``zero.Init(module=...)`` without its broadcast from rank 0.
+
+    zero.Init makes every rank's parameters equal by broadcasting each whole tensor from rank 0
+    before partitioning it: a collective per tensor that moves the whole model at start-up (and
+    writes every page of each tensor on the receiving ranks). Here the values are uninitialised
+    storage that no one reads: each rank writes its own partitions from the checkpoint
+    (:func:`stream_weights`; every base parameter is required to be there) and the LoRA pairs are
+    set from rank 0 (:func:`init_lora_sharded`). So each parameter is only partitioned.
+    """
+
+    def _zero_init_param(self, param: nn.Parameter) -> None:
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+
 def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
                   placement: Placement) -> tuple[nn.Module, Injection]:
     """Build the model with every parameter partitioned, never holding more than one decoder
@@ -84,7 +101,8 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
     The architecture, its int8 linears and the LoRA pairs are first built as a skeleton whose
     parameters are on the meta device (nothing allocated; a float linear that will be int8 never
     exists). Then each decoder block, and afterwards every remaining module, gets real (empty)
-    storage and is handed to ``deepspeed.zero.Init(module=...)``, which partitions it at once.
+    storage and is handed to ``deepspeed.zero.Init(module=...)``, which partitions it at once
+    (without broadcasting the empty values: :class:`_PartitionOnly`).
     Building the Hugging Face model inside ``zero.Init`` instead would first allocate every float
     linear (1/N of the float model per rank, all at once) only to replace it.
     """
@@ -111,7 +129,7 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
                                            requires_grad=p.requires_grad)
                         materialized[id(p)] = new
                     mod._parameters[name] = new
-        deepspeed.zero.Init(module=unit, config_dict_or_path=config, mem_efficient_linear=False)
+        _PartitionOnly(module=unit, config_dict_or_path=config, mem_efficient_linear=False)
 
     _, blocks = decoder_blocks(model)
     for block in blocks:
