@@ -35,11 +35,12 @@ PERSISTENCE_THRESHOLD = 100_000
 # that the planner imports no torch; tests/test_plan.py checks the two agree).
 DEQUANT_BLOCK_ELEMENTS = 1 << 26
 # Fixed per-worker overhead, calibrated once per device kind by bench/plan_vs_measured.py (the main
-# job at N=1 on CPU, 2026-11-29: measured peak RSS 3,112,312,832 bytes less every other term):
+# job at N=1 on CPU, 2026-11-29: measured peak RSS 3,112,312,832 bytes less every other term, with
+# nothing gathered at N=1 (see memory_terms)):
 # the Python process with torch, transformers, deepspeed and ray imported, the tokenizer and the
 # data. On CUDA the CUDA context and NCCL buffers take its place (not calibrated: no GPU on the
 # calibration machine; bench/gpu_check.sh prints the figure).
-OVERHEAD_BYTES = {"cpu": 665_862_652, "cuda": int(1.5 * GiB)}
+OVERHEAD_BYTES = {"cpu": 786_239_740, "cuda": int(1.5 * GiB)}
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
         terms["persistent_small_params"] = int(c.small_float_params * cb * (1 - 1 / n))
         terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
         terms["gathered_working_set"] = (min(2, c.layers) * block_bytes(c, cb, quantized=False)
-                                         + c.outside_params * cb)
+                                         + c.outside_params * cb) if n > 1 else 0
         activations = acts["full"]
     elif method == "lora_fp16":
         terms["base_weights"] = c.total_params * 2  # replicated: the whole fp16 base on every GPU
@@ -188,12 +189,13 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
         terms["persistent_small_params"] = int((c.small_float_params * cb + c.quantized_rows * 4) * (1 - 1 / n))
         terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
         # What ZeRO-3 holds gathered when memory peaks (zero_settings), in buffers of its own
-        # beside the partitions even at N=1: the block computing and the one prefetched, and every
-        # parameter outside the blocks (the embedding and the head: both were live at the peak in
-        # the 1B Llama's N=2 and N=4 runs, bench/RESULTS.md). Plus one block of a weight
-        # dequantized into the compute dtype.
-        terms["gathered_working_set"] = (min(2, c.layers) * block_bytes(c, cb) + c.outside_params * cb
-                                         + dequant)
+        # beside the partitions: the block computing and the one prefetched, and every parameter
+        # outside the blocks (the embedding and the head: both were live at the peak in the 1B
+        # Llama's N=2 and N=4 runs, bench/RESULTS.md). At N=1 nothing is gathered: DeepSpeed's
+        # all-gather at world size 1 makes each parameter a view of its own partition
+        # (NoGatherHandle). Plus one block of a weight dequantized into the compute dtype.
+        gathered = (min(2, c.layers) * block_bytes(c, cb) + c.outside_params * cb) if n > 1 else 0
+        terms["gathered_working_set"] = gathered + dequant
         activations = acts["lora"]
     else:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")

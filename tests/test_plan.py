@@ -64,8 +64,11 @@ TERMS = [
     ("lora_int8_zero3", 4, "cuda", "reduce_bucket", 1_000_000 * 2),  # sized to the LoRA gradients
     # two blocks live (computing, prefetched), the embedding and head, one dequantized weight block in bf16
     ("lora_int8_zero3", 2, "cuda", "gathered_working_set", 2 * BLOCK_BF16 + 60_000_000 * 2 + 30_000_000 * 2),
+    # at N=1 DeepSpeed gathers nothing (each parameter is a view of its partition): the dequantized block only
+    ("lora_int8_zero3", 1, "cuda", "gathered_working_set", 30_000_000 * 2),
     ("lora_int8_zero3", 2, "cuda", "activations", 5_000_000 + 10 * 1_000_000 + 2 * 2_000_000),
     ("full", 2, "cuda", "gathered_working_set", 2 * 90_000_000 * 2 + 60_000_000 * 2),
+    ("full", 1, "cuda", "gathered_working_set", 0),
     ("full", 8, "cuda", "base_weights", 1_000_000_000 * 2 // 8),
     ("full", 8, "cuda", "optimizer_and_gradients", 1_000_000_000 * 14 // 8),
     ("lora_fp16", 8, "cuda", "base_weights", 2_000_000_000),  # replicated: N does not help
