@@ -95,6 +95,7 @@ def rank_main(rank: int, world: int, port: int, cfg: dict) -> None:
     torch.distributed.barrier()
     out = {"rank": rank, "load_s": time.time() - t0, "rss_before": rss_before, "peak_rss": _rss_peak(),
            "read": _rchar() - read0, "loader_read": loader_read}
+    print("RESULT " + json.dumps(out), flush=True)  # kept should the step run out of memory
     if cfg.get("first_step"):
         from lora_dist.train import make_schedule, prepare_data
 
@@ -156,10 +157,12 @@ def run(cfg: dict, world: int, pythonpath: Path, cache: Path, timeout: float = 3
     results = []
     for p, out in zip(procs, outs):
         lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        if p.returncode != 0 or not lines:
+        if not lines:
             results.append({"failed": p.returncode, "tail": out[-1500:]})
         else:
             results.append(json.loads(lines[-1][len("RESULT "):]))
+            if p.returncode != 0:
+                results[-1]["step_failed"] = p.returncode
     return results
 
 
@@ -279,6 +282,8 @@ def main() -> None:
                     else:
                         step = (f"  to_step_s {r['to_step_s']:.1f}  step_peak_rss {gib(r['step_peak_rss'])} GiB"
                                 if "to_step_s" in r else "")
+                        if "step_failed" in r:
+                            step = f"  first step FAILED (exit {r['step_failed']}: killed for memory if -9)"
                         loader = f" (loader {gib(r['loader_read'])})" if r.get("loader_read") is not None else ""
                         print(f"{model:<9} N={world} {side:<6} rank {r['rank']}: load_s {r['load_s']:.1f}  "
                               f"rss_before {gib(r['rss_before'])} GiB  peak_rss {gib(r['peak_rss'])} GiB  "
