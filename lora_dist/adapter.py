@@ -34,7 +34,7 @@ from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoRALinear, LoraTensors
 from lora_dist.model import LoadedModel, check_fits, fingerprint, load_model, resolve_base
 from lora_dist.plot import loss_curve_png
-from lora_dist.spec import JobSpec, LoraSpec
+from lora_dist.spec import JobSpec, LoraSpec, redacted
 from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,
                              sha256_file, verify_artifact)
 
@@ -238,7 +238,7 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
         "data": {"source": spec.data.source, "path": spec.data.path, "max_length": spec.data.max_length,
                  "prompt_template": template_for(spec.data.source),
                  "special_tokens": special_tokens(built.tokenizer)},
-        "spec": spec.to_dict(),
+        "spec": redacted(spec.to_dict()),  # env var values (often secrets) never reach the manifest
         "versions": versions(),
         **fields,
     }

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora_dist.errors import ArtifactError, JobError
-from lora_dist.spec import RUNTIME_ENV_KEYS, JobSpec, cache_root
+from lora_dist.spec import JobSpec, cache_root, redacted, runtime_env_problems
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, check_job_id, join, parse_manifest, \
     read_text, run_name, work_dir
 
@@ -125,13 +125,14 @@ def client(address: str):
 def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
     """Submit ``spec`` through the Jobs API; return the submission id (``<name>-<job_id>``)."""
     runtime_env = dict(spec.cluster.runtime_env)
-    bad = sorted(set(runtime_env) - set(RUNTIME_ENV_KEYS))
-    if bad:  # the spec refuses these already; a JobSpec built in code is checked here too
-        raise JobError(f"cluster.runtime_env: keys {bad} are not allowed (allowed: {', '.join(RUNTIME_ENV_KEYS)})")
+    problems = runtime_env_problems(runtime_env)
+    if problems:  # the spec refuses these already; a JobSpec built in code is checked here too
+        raise JobError(f"cluster.runtime_env: {'; '.join(problems)}")
     c = client(address)
     submission_id = run_name(spec.name, job_id)
     with tempfile.TemporaryDirectory(prefix="lora-dist-submit-") as tmp:
-        (Path(tmp) / SPEC_FILE).write_text(json.dumps({"spec": spec.to_dict(), "job_id": job_id}))
+        # env var values travel in runtime_env only, never in the spec file Ray stores with the job
+        (Path(tmp) / SPEC_FILE).write_text(json.dumps({"spec": redacted(spec.to_dict()), "job_id": job_id}))
         env = {**runtime_env, "working_dir": tmp}
         env.setdefault("env_vars", {})
         env["env_vars"] = {**env["env_vars"], **WORKER_ENV}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Optional
 
@@ -36,6 +37,69 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 LINEAR_TARGET_ALL = "all-linear"
 RUNTIME_ENV_KEYS = ("env_vars", "pip")
+# runtime_env.env_vars: upper-case names, none that changes what a process loads or how Ray and
+# lora-dist behave (a spec may configure the job, not the interpreter, the loader or the cluster).
+ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,127}$")
+ENV_REFUSED_PREFIXES = ("LD_", "DYLD_", "PYTHON", "RAY_", "LORA_DIST_", "MALLOC_", "GLIBC_", "BASH_", "PERL",
+                        "RUBY", "NODE_", "JAVA_", "_JAVA_", "PIP_", "UV_", "CONDA_", "VIRTUAL_ENV", "OMP_PLACES")
+ENV_REFUSED_NAMES = ("PATH", "HOME", "SHELL", "ENV", "IFS", "TMPDIR", "USER", "LOGNAME", "CUDA_VISIBLE_DEVICES",
+                     "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                     "TORCH_EXTENSIONS_DIR")
+# runtime_env.pip: a plain requirement (name, optional extras, optional version clauses); no URL,
+# path, option or VCS reference.
+PIP_REQUIREMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*\])?"
+                                r"((==|!=|<=|>=|~=|<|>)[A-Za-z0-9.*+!_-]+)?(,(==|!=|<=|>=|~=|<|>)[A-Za-z0-9.*+!_-]+)*$")
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes
+MAX_SPEC_NODES = 10_000  # YAML nodes after expanding aliases: bounds an alias bomb
+
+
+def runtime_env_problems(env: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a ``cluster.runtime_env``, one message per problem (empty: allowed).
+
+    Keys: ``env_vars`` and ``pip`` only. Env var names must match ``[A-Z][A-Z0-9_]*`` and not
+    start with ``LD_``, ``PYTHON``, ``RAY_``, ``LORA_DIST_`` (and the like) nor be ``PATH``,
+    ``HOME`` and the like; values are strings. pip entries are plain requirement strings
+    (``name[extra]==version``).
+    """
+    if not isinstance(env, Mapping):
+        return [f"must be a mapping with keys {', '.join(RUNTIME_ENV_KEYS)}"]
+    problems = []
+    bad = sorted(str(k) for k in set(env) - set(RUNTIME_ENV_KEYS))
+    if bad:
+        problems.append(f"keys {bad} are not allowed (allowed: {', '.join(RUNTIME_ENV_KEYS)})")
+    env_vars = env.get("env_vars", {})
+    if not isinstance(env_vars, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in env_vars.items()):
+        problems.append("env_vars must map names to string values")
+    else:
+        for name in sorted(env_vars):
+            if not ENV_NAME_RE.match(name):
+                problems.append(f"env_vars: {name[:64]!r} is not an allowed name (upper-case letters, digits, '_')")
+            elif name in ENV_REFUSED_NAMES or name.startswith(ENV_REFUSED_PREFIXES):
+                problems.append(f"env_vars: {name} is refused: it changes what the worker processes load or how "
+                                f"Ray and lora-dist run (refused: {', '.join(p + '*' for p in ENV_REFUSED_PREFIXES[:5])}, "
+                                f"PATH, HOME, ...)")
+    pip = env.get("pip", [])
+    if not isinstance(pip, list) or not all(isinstance(x, str) for x in pip):
+        problems.append("pip must be a list of requirement strings")
+    else:
+        for req in pip:
+            if not PIP_REQUIREMENT_RE.match(req.replace(" ", "")):
+                problems.append(f"pip: {req[:80]!r} is not a plain requirement (name[extra]==version; no URL, "
+                                f"path, option or VCS reference)")
+    return problems
+
+
+def redacted(spec_dict: dict[str, Any]) -> dict[str, Any]:
+    """A spec mapping with runtime_env's env var values removed (names kept): values are often
+    secrets, and never reach manifests, logs or status."""
+    cluster = dict(spec_dict.get("cluster") or {})
+    env = dict(cluster.get("runtime_env") or {})
+    if isinstance(env.get("env_vars"), Mapping):
+        env["env_vars"] = {k: "<redacted>" for k in env["env_vars"]}
+        cluster["runtime_env"] = env
+        return {**spec_dict, "cluster": cluster}
+    return spec_dict
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODULE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -123,6 +187,9 @@ class DataSpec(_Section):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, path: str | None) -> str | None:
+        if path is not None and Path(path).expanduser().exists() and not Path(path).expanduser().is_file():
+            raise ValueError(f"{Path(path).expanduser().resolve()} is not a regular file (a directory, device or "
+                             f"pipe cannot be read as training data)")
         if path is not None and not Path(path).expanduser().is_file():
             raise ValueError(f"file not found: {Path(path).expanduser().resolve()} (relative paths resolve "
                              f"against the current directory)")
@@ -165,16 +232,9 @@ class ClusterSpec(_Section):
     @field_validator("runtime_env")
     @classmethod
     def _runtime_env(cls, env: dict[str, Any]) -> dict[str, Any]:
-        bad = sorted(set(env) - set(RUNTIME_ENV_KEYS))
-        if bad:
-            raise ValueError(f"keys {bad} are not allowed (allowed: {', '.join(RUNTIME_ENV_KEYS)})")
-        env_vars = env.get("env_vars", {})
-        if not isinstance(env_vars, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                     for k, v in env_vars.items()):
-            raise ValueError("env_vars must map names to string values")
-        pip = env.get("pip", [])
-        if not isinstance(pip, list) or not all(isinstance(x, str) for x in pip):
-            raise ValueError("pip must be a list of requirement strings")
+        problems = runtime_env_problems(env)
+        if problems:
+            raise ValueError("; ".join(problems))
         return env
 
 
@@ -251,8 +311,10 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
     p = Path(path)
     if not p.is_file():
         raise SpecError([f"spec file not found: {p}"], str(p))
+    if p.stat().st_size > MAX_SPEC_BYTES:
+        raise SpecError([f"the spec is {p.stat().st_size:,} bytes; a job spec is at most {MAX_SPEC_BYTES:,}"], str(p))
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = _safe_load_bounded(p.read_text(encoding="utf-8"))
     except yaml.constructor.ConstructorError as e:
         raise SpecError([f"YAML tags are not allowed (safe YAML only): {e.problem} at line "
                          f"{e.problem_mark.line + 1 if e.problem_mark else '?'}"], str(p)) from None
@@ -264,6 +326,31 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
         raise SpecError([f"the top level must be a mapping of sections, got {type(raw).__name__}"], str(p))
     raw = apply_overrides(raw, overrides or [], source=str(p))
     return spec_from_dict(raw, source=str(p))
+
+
+def _safe_load_bounded(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a document of more than :data:`MAX_SPEC_NODES` nodes,
+    aliases counted as often as they are used (a 352-byte alias bomb expands to millions)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        count, stack = 0, [root]
+        while stack:
+            node = stack.pop()
+            count += 1
+            if count > MAX_SPEC_NODES:
+                raise SpecError([f"the spec expands to more than {MAX_SPEC_NODES:,} YAML nodes (aliases "
+                                 f"counted where used): refused"])
+            if isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    stack.extend((k, v))
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: list[str], source: str | None = None) -> dict[str, Any]:
@@ -338,19 +425,34 @@ _EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_fl
              "tuple_type": "a non-empty list of names", "list_type": "a list"}
 
 
+class _Short:
+    """A value shown in an error message: its repr, cut to a length a terminal can show."""
+
+    def __init__(self, value: Any, limit: int = 200) -> None:
+        r = reprlib.Repr()
+        r.maxstring = r.maxother = r.maxlong = limit
+        r.maxlist = r.maxtuple = r.maxdict = r.maxset = 8
+        r.maxlevel = 3
+        self.text = r.repr(value)
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 def _describe(err: Mapping[str, Any]) -> str:
-    """One pydantic error as ``field.path: what is wrong, got <value>``."""
+    """One pydantic error as ``field.path: what is wrong, got <value>`` (the value cut short)."""
     loc = [str(x) for x in err["loc"]]
     # a list of names reports each element by index: name the field itself
     while loc and loc[-1].isdigit():
         loc.pop()
-    field, kind, value = ".".join(loc) or "spec", err["type"], err.get("input")
+    field, kind, raw = ".".join(loc) or "spec", err["type"], err.get("input")
+    value = _Short(raw)
     if kind == "missing":
         return f"{field}: required"
     if kind == "extra_forbidden":
         return f"{field}: unknown key (allowed: {', '.join(_model_at(loc[:-1]).model_fields)})"
     if kind in ("model_type", "model_attributes_type"):
-        return f"{field}: must be a mapping, got {type(value).__name__}"
+        return f"{field}: must be a mapping, got {type(raw).__name__}"
     if kind == "too_short":
         return f"{field}: expected a non-empty list, got {value!r}"
     if kind in _EXPECTED:

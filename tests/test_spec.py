@@ -147,3 +147,17 @@ def test_cluster_output_root_confines_local_output_dirs(tmp_path, monkeypatch):
     check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: /etc/runs}\n")))
     with pytest.raises(SpecError, match="URI scheme 'ftp' is not supported"):
         load_spec(_write(tmp_path, "name: a\noutput: {dir: 'ftp://host/runs'}\n"))
+
+
+def test_runtime_env_allows_plain_names_and_requirements_only():
+    from lora_dist.spec import redacted, runtime_env_problems
+
+    assert runtime_env_problems({"env_vars": {"WANDB_PROJECT": "x", "NCCL_DEBUG": "INFO"},
+                                 "pip": ["sentencepiece==0.2.0", "tiktoken>=0.7,<1", "peft[dev]"]}) == []
+    refused = runtime_env_problems({"env_vars": {"LD_PRELOAD": "x", "PYTHONHOME": "x", "RAY_ADDRESS": "x",
+                                                 "LORA_DIST_CACHE": "x", "HOME": "/"},
+                                    "pip": ["-e .", "x @ https://e/x.whl", "/abs/path", "git+https://e/x"]})
+    assert len(refused) == 9, refused
+    spec = {"name": "x", "cluster": {"runtime_env": {"env_vars": {"TOKEN": "secret"}, "pip": ["a==1"]}}}
+    assert redacted(spec)["cluster"]["runtime_env"] == {"env_vars": {"TOKEN": "<redacted>"}, "pip": ["a==1"]}
+    assert spec["cluster"]["runtime_env"]["env_vars"] == {"TOKEN": "secret"}  # the original is untouched

@@ -106,6 +106,20 @@ def test_a_local_output_dir_may_be_any_writable_directory(tiny_llama_dir, tmp_pa
     assert artifact.parent == elsewhere and store.verify_artifact(artifact)["steps"] == 1
 
 
+def test_env_var_values_never_reach_the_artifact_or_the_output(tiny_llama_dir, tmp_path):
+    """runtime_env values are often secrets: the manifest keeps the names only."""
+    out = tmp_path / "runs"
+    args = [f"--set=model.base={tiny_llama_dir}", f"--set=data.path={E2E_CSV}", f"--set=output.dir={out}",
+            *[f"--set={o}" for o in TINY_OVERRIDES], "--set=train.max_steps=1",
+            "--set=cluster.runtime_env={env_vars: {MY_SERVICE_TOKEN: s3cr3t-value}}"]
+    proc = run_cli("train", str(MAIN_JOB), *args, cwd=tmp_path)
+    artifact = Path(proc.stdout.strip().splitlines()[-1])
+    manifest = store.verify_artifact(artifact)
+    assert manifest["spec"]["cluster"]["runtime_env"]["env_vars"] == {"MY_SERVICE_TOKEN": "<redacted>"}
+    assert "s3cr3t" not in proc.stdout + proc.stderr
+    assert not [f.name for f in artifact.iterdir() if b"s3cr3t" in f.read_bytes()]
+
+
 def test_bad_spec_exits_2_with_field_named(tmp_path):
     job = tmp_path / "bad.yaml"
     job.write_text("name: x\nlora: {r: 0}\n")
