@@ -36,7 +36,7 @@ from lora_dist.model import LoadedModel, check_fits, fingerprint, load_model, re
 from lora_dist.plot import loss_curve_png
 from lora_dist.spec import JobSpec, LoraSpec, redacted
 from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,
-                             sha256_file, verify_artifact)
+                             manifest_signature, sha256_file, signing_key, verify_artifact)
 
 PEFT_PREFIX = "base_model.model."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -162,6 +162,21 @@ def write_artifact(final_dir: Path, lora: dict[str, LoraTensors], config: dict[s
     return _publish(final_dir, manifest, extra_files, payload)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_and_files(d: Path) -> None:
+    for f in d.iterdir():
+        if f.is_file():
+            _fsync(f)
+    _fsync(d)
+
+
 def _publish(final_dir: Path, manifest: dict[str, Any], extra_files: Iterable[Path],
              payload: Callable[[Path], dict[str, Any]]) -> Path:
     """Write an artifact under a hidden ``.partial`` name and rename it into place when complete:
@@ -180,8 +195,13 @@ def _publish(final_dir: Path, manifest: dict[str, Any], extra_files: Iterable[Pa
         files = sorted(p.name for p in partial.iterdir() if p.is_file())
         full = {"format": FORMAT, **manifest, **fields,
                 "files": {name: sha256_file(partial / name) for name in files}}
+        key = signing_key()
+        if key is not None:
+            full["signature"] = manifest_signature(full, key)
         (partial / MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
+        _fsync_dir_and_files(partial)  # on disk before the rename makes it look complete
         os.rename(partial, final_dir)
+        _fsync(final_dir.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

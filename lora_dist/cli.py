@@ -282,8 +282,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from lora_dist.store import verify_artifact
 
-    manifest = verify_artifact(Path(args.artifact))
-    print(f"ok: {len(manifest['files'])} files verified in {args.artifact}")
+    from lora_dist.store import SIGNING_KEY_ENV, manifest_digest, signing_key
+
+    manifest = verify_artifact(Path(args.artifact), digest=args.digest)
+    signed = ("signature checked" if signing_key() is not None
+              else "signed; set " + SIGNING_KEY_ENV + " to check" if "signature" in manifest else "unsigned")
+    print(f"ok: {len(manifest['files'])} files verified in {args.artifact}, nothing unlisted; manifest "
+          f"{manifest_digest(Path(args.artifact))} ({signed})")
     return EXIT_OK
 
 
@@ -348,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check every file of an artifact directory against its manifest sha256")
     v.add_argument("artifact")
+    v.add_argument("--digest", default=None, metavar="SHA256",
+                   help="also require the manifest's own sha256 to be this (as `verify` printed it at the time)")
     v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("eval", help="E2E metrics: one output per distinct MR, scored against all its references")

@@ -111,14 +111,60 @@ def parse_manifest(text: str, where: str) -> dict[str, Any]:
     return manifest
 
 
-def verify_artifact(artifact: Path) -> dict[str, Any]:
+SIGNING_KEY_ENV = "LORA_DIST_SIGNING_KEY"
+
+
+def signing_key() -> bytes | None:
+    """The HMAC key artifacts are signed and checked with (``$LORA_DIST_SIGNING_KEY``), if set."""
+    key = os.environ.get(SIGNING_KEY_ENV)
+    return key.encode() if key else None
+
+
+def manifest_signature(manifest: dict[str, Any], key: bytes) -> str:
+    """HMAC-SHA256 over the manifest's canonical JSON (sorted keys, its ``signature`` left out)."""
+    import hmac
+
+    body = json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True,
+                      separators=(",", ":"))
+    return "hmac-sha256:" + hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def manifest_digest(artifact: Path) -> str:
+    """sha256 of the artifact's manifest.json bytes: one value that pins every file (the manifest
+    lists each file's sha256), to be recorded and compared from outside the artifact."""
+    return "sha256:" + sha256_file(Path(artifact) / MANIFEST_FILE)
+
+
+def verify_artifact(artifact: Path, digest: str | None = None) -> dict[str, Any]:
     """Check every file listed in the manifest against its sha256; return the manifest.
 
+    The directory must hold nothing the manifest does not list. With ``digest``, the manifest
+    itself must have that sha256 (:func:`manifest_digest`). With ``$LORA_DIST_SIGNING_KEY`` set,
+    the manifest must carry a matching HMAC-SHA256 signature.
+
     Raises:
-        ArtifactError: naming the first missing, truncated or modified file.
+        ArtifactError: naming the first missing, truncated, modified or unlisted file, or the
+            manifest's digest or signature that does not match.
     """
+    import hmac
+
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
+    if digest is not None and manifest_digest(artifact) != digest:
+        raise ArtifactError(f"{artifact / MANIFEST_FILE}: sha256 is {manifest_digest(artifact)}, expected {digest}: "
+                            f"the manifest was replaced")
+    key = signing_key()
+    if key is not None:
+        signature = manifest.get("signature")
+        if not isinstance(signature, str):
+            raise ArtifactError(f"{artifact / MANIFEST_FILE}: not signed, and {SIGNING_KEY_ENV} is set")
+        if not hmac.compare_digest(signature, manifest_signature(manifest, key)):
+            raise ArtifactError(f"{artifact / MANIFEST_FILE}: the signature does not match (the manifest was "
+                                f"changed, or signed with another key)")
+    unlisted = sorted(p.name for p in artifact.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest["files"])
+    if unlisted:
+        raise ArtifactError(f"{artifact}: {unlisted[:5]} not listed in the manifest; an artifact holds only "
+                            f"the files its manifest lists")
     required_files = (FULL_MODEL_FILE,) if manifest.get("kind") == "full" else (ADAPTER_FILE, CONFIG_FILE)
     for required in required_files:
         if required not in manifest["files"]:

@@ -81,3 +81,47 @@ def test_fetch_of_a_tampered_artifact_leaves_nothing(tmp_path):
 def test_read_text_of_an_unreachable_location_is_none(tmp_path):
     assert read_text(str(tmp_path / "nope.json")) is None
     assert read_text((tmp_path / "nope.json").as_uri()) is None
+
+
+def test_an_unlisted_file_fails_verify_and_fetch(tmp_path):
+    """A planted file (a pickle beside the adapter) is not part of the artifact: verify refuses
+    it, and fetch copies nothing."""
+    art = _artifact(tmp_path / "src")
+    (art / "adapter_model.bin").write_bytes(b"\x80\x04planted")
+    with pytest.raises(ArtifactError, match=r"\['adapter_model.bin'\] not listed in the manifest"):
+        verify_artifact(art)
+    with pytest.raises(ArtifactError, match="not listed"):
+        fetch(str(art), tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_a_rewritten_manifest_fails_against_its_recorded_digest_and_signature(tmp_path, monkeypatch):
+    """Replacing a file and rewriting its sha256 in the manifest passes the manifest's own check;
+    the digest recorded before, and the HMAC signature, catch it."""
+    from lora_dist.store import FORMAT, SIGNING_KEY_ENV, manifest_digest, manifest_signature, sha256_file
+
+    art = _artifact(tmp_path)
+    manifest = json.loads((art / MANIFEST_FILE).read_text())
+    manifest["signature"] = manifest_signature(manifest, b"k1")
+    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    recorded = manifest_digest(art)
+    monkeypatch.setenv(SIGNING_KEY_ENV, "k1")
+    assert verify_artifact(art, digest=recorded)["format"] == FORMAT
+    (art / ADAPTER_FILE).write_bytes(b"\x01" * 64)  # the attack: a new adapter, its sha256 rewritten
+    manifest["files"][ADAPTER_FILE] = sha256_file(art / ADAPTER_FILE)
+    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="the signature does not match"):
+        verify_artifact(art)
+    with pytest.raises(ArtifactError, match=f"expected {recorded}"):
+        verify_artifact(art, digest=recorded)
+    monkeypatch.setenv(SIGNING_KEY_ENV, "k2")
+    manifest["signature"] = manifest_signature(manifest, b"k1")  # re-signed without the real key
+    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="the signature does not match"):
+        verify_artifact(art)
+    del manifest["signature"]
+    (art / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="not signed"):
+        verify_artifact(art)
+    monkeypatch.delenv(SIGNING_KEY_ENV)
+    assert verify_artifact(art)  # no key, no digest: only the files against the manifest

@@ -3,6 +3,7 @@ point end to end on SmolLM2 with E2E data (slow)."""
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -112,12 +113,19 @@ def test_env_var_values_never_reach_the_artifact_or_the_output(tiny_llama_dir, t
     args = [f"--set=model.base={tiny_llama_dir}", f"--set=data.path={E2E_CSV}", f"--set=output.dir={out}",
             *[f"--set={o}" for o in TINY_OVERRIDES], "--set=train.max_steps=1",
             "--set=cluster.runtime_env={env_vars: {MY_SERVICE_TOKEN: s3cr3t-value}}"]
-    proc = run_cli("train", str(MAIN_JOB), *args, cwd=tmp_path)
+    env = {**os.environ, store.SIGNING_KEY_ENV: "test-key"}  # and the artifact comes out signed
+    proc = run_cli("train", str(MAIN_JOB), *args, cwd=tmp_path, env=env)
     artifact = Path(proc.stdout.strip().splitlines()[-1])
     manifest = store.verify_artifact(artifact)
     assert manifest["spec"]["cluster"]["runtime_env"]["env_vars"] == {"MY_SERVICE_TOKEN": "<redacted>"}
     assert "s3cr3t" not in proc.stdout + proc.stderr
     assert not [f.name for f in artifact.iterdir() if b"s3cr3t" in f.read_bytes()]
+    assert manifest["signature"].startswith("hmac-sha256:")
+    digest = store.manifest_digest(artifact)
+    checked = run_cli("verify", str(artifact), f"--digest={digest}", cwd=tmp_path, env=env)
+    assert f"manifest {digest} (signature checked)" in checked.stdout
+    wrong = run_cli("verify", str(artifact), cwd=tmp_path, check=False, env={**env, store.SIGNING_KEY_ENV: "other"})
+    assert wrong.returncode != 0 and "the signature does not match" in wrong.stderr
 
 
 def test_bad_spec_exits_2_with_field_named(tmp_path):
