@@ -1,5 +1,6 @@
 """The bad-input table: each case through `lora-dist submit --address <unreachable>`, which must
-refuse it with exit code 2 and one message naming the field, before contacting any cluster.
+refuse it with exit code 2 and one message naming the field (at most MAX_MESSAGE characters,
+whatever the input), before contacting any cluster.
 
     python bench/bad_inputs.py            # print the table
     python bench/bad_inputs.py --check    # exit 1 unless every case gets its expected message
@@ -20,6 +21,8 @@ from lora_dist.cli import main as cli_main
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "jobs" / "data" / "e2e" / "devset.csv"
 GOOD = f"name: ok\ndata: {{path: {DATA}}}\n"
+
+MAX_MESSAGE = 2000  # characters: an error message must fit a terminal, whatever the input
 
 # (case, YAML, --set overrides, expected text in the message)
 CASES = [
@@ -62,9 +65,9 @@ CASES = [
     ("pip VCS reference", GOOD + "cluster: {runtime_env: {pip: ['git+https://evil.example/x.git']}}\n", [],
      "is not a plain requirement"),
     ("pip local path", GOOD + "cluster: {runtime_env: {pip: ['./x']}}\n", [], "pip: './x' is not a plain requirement"),
-    ("YAML alias bomb", "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
-     "e: [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n" + GOOD, [], "more than 10,000 YAML nodes"),
+    ("YAML alias bomb", GOOD + "lora: {targets: [&a [x, x, x, x, x, x, x, x, x], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a], "
+     "&c [*b, *b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c, *c], "
+     "[*d, *d, *d, *d, *d, *d, *d, *d, *d]]}\n", [], "more than 10,000 YAML nodes"),
     ("spec over 1 MiB", GOOD + "# " + "x" * (1 << 20) + "\n", [], "a job spec is at most 1,048,576"),
     ("non-finite weight decay", GOOD + "train: {weight_decay: .inf}\n", [], "train.weight_decay: must be a finite"),
     ("NaN learning rate", GOOD + "train: {lr: .nan}\n", [], "train.lr: must be a finite number"),
@@ -98,7 +101,7 @@ def main() -> int:
         os.chdir(tmp)
         for name, text, overrides, expected in CASES:
             code, message = run_case(text, overrides, Path(tmp))
-            ok = code == 2 and expected in message
+            ok = code == 2 and expected in message and len(message) <= MAX_MESSAGE
             failures += not ok
             lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip() and not ln.startswith("error: invalid")]
             shown = (lines[-1] if lines else message).removeprefix("error: ")
