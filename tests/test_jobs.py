@@ -150,11 +150,15 @@ def test_unknown_job_is_a_clear_error(head, tmp_path):
 
 @pytest.mark.slow
 def test_bad_input_table_is_refused_before_submission(smollm2_dir):
-    """Sixteen bad inputs through `submit --address <unreachable>`: each exits 2 naming its field."""
+    """Every bad input of the table (at least 30) through `submit --address <unreachable>`: each
+    exits 2 with a message naming its field, at most bad_inputs.MAX_MESSAGE characters long."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bad_inputs import CASES
+
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bad_inputs.py"), "--check"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "16 passed, 0 failed" in proc.stdout
+    assert len(CASES) >= 30 and f"{len(CASES)} passed, 0 failed" in proc.stdout
 
 
 @pytest.mark.slow
