@@ -78,7 +78,7 @@ def rank_main(rank: int, world: int, port: int, cfg: dict) -> None:
     spec = spec_from_dict(cfg["spec"])
     if cfg.get("end_of_job"):
         return _job(rank, world, cfg)
-    rank_, _ = eng.init_distributed(False)
+    eng.init_distributed(False)
     torch.set_num_threads(max(1, spec.cluster.cpus_per_worker))
     placement = worker_placement(spec)
     d = resolve_base(spec.model.base)
@@ -257,8 +257,8 @@ def main() -> None:
     print(f"before = {args.before} ({sides.get('before', '-')}), after = this tree; fingerprint cache "
           f"{'warm' if args.warm else 'cold'}", flush=True)
     for model in args.models:
-        warm = Path(tempfile.mkdtemp(prefix="lora-dist-load-warm-"))
-        if args.warm:
+        warm = Path(tempfile.mkdtemp(prefix="lora-dist-load-warm-")) if args.warm else None
+        if warm is not None:  # one fingerprint computed here, copied into each run's cache
             from lora_dist.model import fingerprint
 
             os.environ["LORA_DIST_CACHE"] = str(warm)
@@ -270,7 +270,7 @@ def main() -> None:
                     cfg = {"spec": spec_for(model, world, Path(tmp) / "runs"), "first_step": args.first_step,
                            "end_of_job": args.end_of_job, "work_dir": str(Path(tmp) / "work")}
                     cache = Path(tmp) / "cache"  # cold unless --warm
-                    if args.warm:
+                    if warm is not None:
                         shutil.copytree(warm, cache)
                     rows = run(cfg, world, path, cache)
                 for r in rows:
@@ -288,6 +288,8 @@ def main() -> None:
                         print(f"{model:<9} N={world} {side:<6} rank {r['rank']}: load_s {r['load_s']:.1f}  "
                               f"rss_before {gib(r['rss_before'])} GiB  peak_rss {gib(r['peak_rss'])} GiB  "
                               f"read {gib(r['read'])} GiB{loader}{step}", flush=True)
+        if warm is not None:
+            shutil.rmtree(warm, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import nn
 from lora_dist.errors import ModelError
 from lora_dist.lora import LoRALinear, freeze_non_lora
 from lora_dist.plan import PERSISTENCE_THRESHOLD, Activations, ModelCounts
-from lora_dist.quant import Int8Linear, quantize_rowwise, row_blocks
+from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS, Int8Linear, quantize_rowwise, row_blocks
 from lora_dist.spec import LINEAR_TARGET_ALL, SHAPES, LoraSpec, cache_root
 from lora_dist.store import sha256_file
 
@@ -725,8 +725,6 @@ def weights_bytes(base: str, lora: LoraSpec | None, quantization: str, dtype: to
     """Bytes the single-process model's weights take (counted on the meta skeleton): int8 linears
     at 1 byte plus a 4-byte scale per row, other base parameters in ``dtype``, LoRA pairs in fp32,
     plus the one row block of float values quantization holds while loading."""
-    from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS
-
     c = count_model(base, lora, quantization)
     block = min(DEQUANT_BLOCK_ELEMENTS, c.largest_linear_params) * 4 if c.quantized_linear_params else 0
     return (c.quantized_linear_params + 4 * c.quantized_rows + c.float_params * dtype.itemsize
