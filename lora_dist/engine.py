@@ -14,8 +14,6 @@ gradients and AdamW state.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +30,6 @@ from lora_dist.model import FileHasher, Injection, TensorSource, cached_fingerpr
 from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS, Int8Linear, row_blocks, quantize_rowwise
 from lora_dist.device import Placement
 from lora_dist.spec import JobSpec
-
-COMPLETE_MARKER = "complete.json"
 
 
 def ds_config(spec: JobSpec, world_size: int, placement: Placement, zero: dict[str, int]) -> dict[str, Any]:
@@ -327,35 +323,106 @@ def gather_full_state(engine) -> dict[str, torch.Tensor] | None:
     return state if dist.get_rank() == 0 else None
 
 
-def save_checkpoint(engine, directory: Path, step: int, client_state: dict[str, Any], rank: int) -> None:
-    """LoRA-only resumable checkpoint; the marker is written last, so a partial one is never used."""
-    # Frozen parameters (the int8 base) are excluded: a LoRA checkpoint holds LoRA weights, their
-    # AdamW state, the scheduler and the client state only.
-    engine.save_checkpoint(str(directory), tag=f"step{step}", client_state=client_state,
-                           exclude_frozen_parameters=True)
-    dist.barrier()
-    if rank == 0:
-        marker = {"step": step, "tag": f"step{step}", "world_size": dist.get_world_size()}
-        tmp = directory / (COMPLETE_MARKER + ".tmp")
-        tmp.write_text(json.dumps(marker))
-        os.replace(tmp, directory / COMPLETE_MARKER)
+# --- resumable state: gathered whole, so it does not depend on the world size ------------------------
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
 
 
-def load_checkpoint(engine, directory: Path) -> dict[str, Any]:
-    """Restore LoRA weights, optimizer, scheduler; return the client state (step, RNG).
+def _trainable(engine) -> list[tuple[str, nn.Parameter]]:
+    seen: dict[int, tuple[str, nn.Parameter]] = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen[id(p)] = (name, p)
+    return list(seen.values())
+
+
+def _require_zero3(engine) -> Any:
+    opt = engine.optimizer
+    if not engine.zero_optimization_partition_weights() or not hasattr(opt, "fp32_partitioned_groups_flat"):
+        raise RuntimeError("resumable checkpoints need cluster.zero_stage 3 (the gathered state is read from "
+                           "ZeRO-3's fp32 partitions)")
+    return opt
+
+
+def gather_train_state(engine, rank: int) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """Collective: every rank enters. Rank 0 gets every trainable parameter's fp32 master value
+    and AdamW moments, whole, on the CPU (``param/<name>``, ``exp_avg/<name>``,
+    ``exp_avg_sq/<name>``); every rank gets the scalars (optimizer step count, scheduler, loss
+    scaler). One parameter is assembled at a time, so no rank holds more than one extra
+    parameter's worth beyond what it returns.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt = _require_zero3(engine)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in _trainable(engine):
+        values = {"param": safe_get_full_fp32_param(p)}
+        for key in MOMENTS:
+            values[key] = safe_get_full_optimizer_state(p, key)
+        if rank == 0:
+            for kind, v in values.items():
+                if v is None:
+                    raise RuntimeError(f"no {kind} state for {name}: checkpoints are taken after a step")
+                tensors[f"{kind}/{name}"] = v.detach().float().cpu().clone()
+    steps = {float(st["step"]) for st in opt.optimizer.state.values() if "step" in st}
+    scalars: dict[str, Any] = {"optimizer_step": max(steps) if steps else 0.0,
+                               "scheduler": _json_safe(engine.lr_scheduler.state_dict())}
+    scaler = getattr(opt, "loss_scaler", None)
+    if scaler is not None and getattr(scaler, "dynamic", False):
+        scalars["loss_scaler"] = {k: float(getattr(scaler, k)) for k in
+                                  ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+                                  if hasattr(scaler, k)}
+    return (tensors if rank == 0 else None), scalars
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    """A scheduler state dict as JSON (LambdaLR's lambdas are functions, stored as None)."""
+    return {k: v for k, v in d.items() if k != "lr_lambdas" and isinstance(v, (int, float, bool, list, type(None)))}
+
+
+@torch.no_grad()
+def restore_train_state(engine, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    """Every rank: put a gathered state (:func:`gather_train_state`, written at any world size)
+    into this engine. Each rank copies only its own partition of each tensor, into the fp32
+    master, the AdamW moments and the model's compute copy; no collective.
 
     Raises:
-        RuntimeError: the checkpoint is incomplete or was written by a different world size.
+        RuntimeError: a trainable parameter is missing from ``tensors``, has another shape, or
+            ``tensors`` holds one this model does not have.
     """
-    marker_path = directory / COMPLETE_MARKER
-    if not marker_path.is_file():
-        raise RuntimeError(f"{directory}: no {COMPLETE_MARKER}: the checkpoint is incomplete")
-    marker = json.loads(marker_path.read_text())
-    if marker["world_size"] != dist.get_world_size():
-        raise RuntimeError(f"{directory}: written by {marker['world_size']} workers, this run has "
-                           f"{dist.get_world_size()}; ZeRO optimizer partitions cannot be re-split")
-    _, client_state = engine.load_checkpoint(str(directory), tag=marker["tag"], load_module_strict=False,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
-    if client_state is None:
-        raise RuntimeError(f"{directory}: DeepSpeed found no checkpoint under tag {marker['tag']}")
-    return client_state
+    opt = _require_zero3(engine)
+    params = _trainable(engine)
+    expected = {f"{kind}/{name}" for name, _ in params for kind in ("param", *MOMENTS)}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise RuntimeError(f"the checkpoint does not match this model's trainable parameters: missing "
+                           f"{missing[:3]}, unexpected {extra[:3]} (was it written for other lora targets?)")
+    # AdamW creates its state at the first step; a fresh engine has none, so make it here.
+    step = torch.tensor(float(scalars["optimizer_step"]))
+    for flat in opt.fp32_partitioned_groups_flat:
+        opt.optimizer.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    for name, p in params:
+        for kind in ("param", *MOMENTS):
+            full = tensors[f"{kind}/{name}"]
+            if full.numel() != p.ds_numel:
+                raise RuntimeError(f"{kind}/{name}: {tuple(full.shape)} in the checkpoint, {tuple(p.ds_shape)} here")
+            # DeepSpeed's safe_set_full_* narrow the unpadded value by the padded partition size,
+            # which fails on the last rank of an uneven partition; copy the overlap instead.
+            part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False,
+                                                        optim_state_key=None if kind == "param" else kind)
+            _copy_own(part, full, dist.get_rank(group=p.ds_process_group), p.ds_numel)
+        dest, start, end = _own_range(p)  # the compute copy the forward uses (fp32, bf16 or fp16)
+        dest[:end - start].copy_(tensors[f"param/{name}"].reshape(-1)[start:end])
+    sched = engine.lr_scheduler
+    sched.load_state_dict({**sched.state_dict(), **scalars["scheduler"]})
+    for group, lr in zip(opt.optimizer.param_groups, sched.get_last_lr()):
+        group["lr"] = lr
+    if "loss_scaler" in scalars and getattr(opt, "loss_scaler", None) is not None:
+        for k, v in scalars["loss_scaler"].items():
+            setattr(opt.loss_scaler, k, type(getattr(opt.loss_scaler, k))(v))
+
+
+def _copy_own(part: torch.Tensor, full: torch.Tensor, rank: int, numel: int) -> None:
+    start = part.numel() * rank
+    end = max(start, min(start + part.numel(), numel))
+    part[:end - start].copy_(full.reshape(-1)[start:end])

@@ -7,18 +7,18 @@ Workers run ``worker.run_worker`` and reach Ray Train only through :class:`RayTr
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lora_dist.errors import JobFailed
 from lora_dist.jobs import WORKER_ENV
-from lora_dist.spec import JobSpec
-from lora_dist.store import is_uri, join, new_job_id, run_name, work_dir
+from lora_dist.spec import JobSpec, SpecError, redacted
+from lora_dist.store import MANIFEST_FILE, artifact_location, is_uri, join, new_job_id, parse_manifest, read_text, \
+    run_name, work_dir
 
 
 def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None,
@@ -39,6 +39,9 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     spec = spec.with_absolute_paths()
     job_id = job_id or new_job_id()
     run = run_name(spec.name, job_id)
+    published = _published_or_resumable(spec, job_id, stream)
+    if published is not None:
+        return published
     work = work_dir(spec.output.dir, spec.name, job_id)
     work.mkdir(parents=True, exist_ok=True)
     parity_reference = _parity_reference(spec, stream) if spec.train.parity_check else None
@@ -70,6 +73,36 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _published_or_resumable(spec: JobSpec, job_id: str, stream) -> Path | str | None:
+    """Before anything starts: the artifact if this job id already published one from the same
+    spec (a resubmit is idempotent); None when the job is to run, from its newest checkpoint if
+    it has one.
+
+    Raises:
+        SpecError: the artifact or checkpoint of this job id was made by a spec that trains
+            something else (every differing field named); nothing is started.
+    """
+    from lora_dist.checkpoint import SpecChanged, check_same_spec, checkpoints_dir, latest_state
+
+    mine = redacted(spec.to_dict())
+    location = artifact_location(spec.output.dir, spec.name, job_id)
+    try:
+        text = read_text(join(location, MANIFEST_FILE))
+        if text is not None:
+            check_same_spec(parse_manifest(text, location).get("spec") or {}, mine, f"the artifact {location}")
+            print(f"job {run_name(spec.name, job_id)} already published {location} from this spec; nothing to run",
+                  file=stream, flush=True)
+            return location if is_uri(location) else Path(location)
+        state = latest_state(checkpoints_dir(spec.output.dir, spec.name, job_id))
+        if state is not None:
+            check_same_spec(state.get("spec") or {}, mine, f"the checkpoint of step {state.get('step')}")
+            print(f"job {run_name(spec.name, job_id)} resumes from its checkpoint of step {state.get('step')}",
+                  file=stream, flush=True)
+    except SpecChanged as e:
+        raise SpecError([str(e)]) from None
+    return None
 
 
 def _parity_reference(spec: JobSpec, stream) -> list[float]:
@@ -108,8 +141,8 @@ def _trainer(spec: JobSpec, run: str, config: dict[str, Any]):
         scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
                                      resources_per_worker=resources,
                                      placement_strategy="SPREAD" if c.placement == "spread" else "PACK"),
-        # Checkpoints live beside the artifacts (a URI, or <output.dir>/.ray-train); Ray Train
-        # resumes a run by (storage_path, name), and the name derives from the job id.
+        # Ray Train keeps only the final report here (<output.dir>/.ray-train); the job's resumable
+        # checkpoints are its own (checkpoint.py), beside the artifacts.
         run_config=RunConfig(name=run, storage_path=join(spec.output.dir, ".ray-train"),
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
@@ -118,17 +151,6 @@ def _trainer(spec: JobSpec, run: str, config: dict[str, Any]):
 
 class RayTrainIO:
     """What a worker needs of Ray Train (see ``worker.RayIO``)."""
-
-    @contextlib.contextmanager
-    def checkpoint_dir(self) -> Iterator[Path | None]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as d:
-            yield Path(d)
 
     def report(self, metrics: dict[str, Any], directory: Path | None) -> None:
         import ray.train

@@ -231,12 +231,22 @@ class Metrics:
                      f"tok/s {rec['tokens_per_s']:.0f}  mem/rank {max(rec['peak_memory_bytes']) / 2**30:.2f} GiB  "
                      f"eta {eta:.0f}s")
 
-    def resumed(self, step: int) -> None:
-        """Keep the history up to ``step`` (what the restored weights went through) and mark it."""
+    def text(self) -> str:
+        """The history so far (main process; a checkpoint carries it, so that a job resumed on
+        another node keeps it)."""
+        return self.path.read_text() if self.main and self.path.is_file() else ""
+
+    def start(self) -> None:
+        """A run from step 1: drop what an earlier attempt that left no checkpoint recorded, so
+        that the history holds each step once."""
+        if self.main:
+            self.path.write_text("")
+
+    def resumed(self, step: int, history: str) -> None:
+        """Continue after ``step`` with ``history`` (the checkpoint's records up to it), marked."""
         self.first_step = step + 1
-        if self.main and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+        if self.main:
+            kept = [line for line in history.splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
             kept.append(json.dumps({"step": step, "resumed_from": step}))
             self.path.write_text("\n".join(kept) + "\n")
 
@@ -253,14 +263,30 @@ class Loop:
     metrics: Metrics
     int8_bytes: int = 0  # of the frozen base held by this process
     gather: Callable[[torch.Tensor], list[torch.Tensor]] = lambda stats: [stats]  # per-rank step stats
-    checkpoint: Callable[[int, float], None] | None = None
+    checkpoint: Callable[[int, float], None] | None = None  # called on schedule and at the last step
     reference: Sequence[float] | None = None  # the parity guard's unsharded losses, step 1 onwards
+    # Where the batch sequence continues after a resume: step ``resumed_at`` ended before BatchPlan
+    # index ``index_base``. A job resumed at another worker count goes on from there, so no batch is
+    # skipped or trained twice; at the same count the indices are those of an uninterrupted run.
+    resumed_at: int = 0
+    index_base: int = 0
     plan: BatchPlan = field(init=False)
     val: list[dict[str, torch.Tensor]] = field(init=False)  # collated once, reused at every validation
 
     def __post_init__(self) -> None:
         self.plan = BatchPlan(len(self.data.train), self.spec.train.micro_batch_size, self.spec.train.seed)
         self.val = val_batches(self.data, self.spec)
+
+
+def batch_index(loop: Loop, step: int, micro: int, rank: int) -> int:
+    """The BatchPlan index that ``rank`` trains at (step, micro-step) of this (possibly resumed) run."""
+    return loop.index_base + global_index(step - loop.resumed_at, micro, rank, loop.spec.train.grad_accum,
+                                          loop.world_size)
+
+
+def next_index(loop: Loop, step: int) -> int:
+    """The first BatchPlan index after ``step``: where a run resumed from ``step`` continues."""
+    return loop.index_base + (step - loop.resumed_at) * loop.spec.train.grad_accum * loop.world_size
 
 
 def train_step(loop: Loop, step: int) -> tuple[float, int, float]:
@@ -275,7 +301,7 @@ def train_step(loop: Loop, step: int) -> tuple[float, int, float]:
     tokens = 0
     for micro in range(ga):
         for rank in loop.ranks:
-            index = global_index(step, micro, rank, ga, loop.world_size)
+            index = batch_index(loop, step, micro, rank)
             batch = micro_batch(loop.data, loop.plan, index)
             tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
             seed_batch(seed, index)
@@ -321,7 +347,8 @@ def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
         loop.metrics.step(rec)
         if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             validate(loop, step)
-        if loop.checkpoint and t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
+        # The last step too: an export that fails then loses no training.
+        if loop.checkpoint and ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps):
             loop.checkpoint(step, loss)
     return loss, parity_max
 

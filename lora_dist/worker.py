@@ -5,16 +5,18 @@ The spec arrives as a plain dict (the Ray boundary) and is validated back into a
 Ray itself is reached only through the ``ray_io`` object that launch.py (the only ray.train
 importer) hands in:
 
-    ray_io.checkpoint_dir()            context manager: the latest reported checkpoint's directory, or None
     ray_io.report(metrics, directory)  report metrics, with a checkpoint directory (or None)
     ray_io.node_id()                   this worker's Ray node
 
-Every worker computes its own batches from (step, rank) alone, so after a restart it continues
-exactly where the last complete checkpoint left off: no batch skipped, none trained twice.
+Resumable state is the project's own (checkpoint.py), on the job's storage, gathered whole: a
+restarted or resubmitted job continues from the newest complete checkpoint at any worker count,
+from the batch where it stopped (no batch skipped, none trained twice). Ray Train's own
+checkpoints carry only the final report (the artifact's location), which the driver reads.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -29,20 +31,21 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from lora_dist import checkpoint as ckpt
 from lora_dist import engine as eng
 from lora_dist.device import Placement, worker_placement
 from lora_dist.model import LoadedModel, count_model, enable_activation_checkpointing, resolve_base
 from lora_dist.plan import zero_settings
-from lora_dist.spec import JobSpec, spec_from_dict
-from lora_dist.store import METRICS_FILE
-from lora_dist.train import Loop, Metrics, export, make_schedule, prepare_data, run_steps, seed_everything, validate
+from lora_dist.spec import JobSpec, redacted, spec_digest, spec_from_dict
+from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, digest_at, is_uri, join, parse_manifest, \
+    read_text, verify_artifact
+from lora_dist.train import Loop, Metrics, export, make_schedule, next_index, prepare_data, run_steps, \
+    seed_everything, validate
 
 FINAL_FILE = "final.json"
 
 
 class RayIO(Protocol):
-    def checkpoint_dir(self) -> Any: ...
-
     def report(self, metrics: dict[str, Any], directory: Path | None) -> None: ...
 
     def node_id(self) -> str: ...
@@ -58,10 +61,19 @@ class Worker:
     placement: Placement
     ray_io: RayIO
     zero: dict[str, int] = field(default_factory=dict)  # the ZeRO settings the job runs with
+    val_before: float | None = None  # the validation loss before step 1 (carried by checkpoints)
 
     @property
     def device(self) -> torch.device:
         return self.placement.device
+
+    @property
+    def checkpoints(self) -> str:
+        return ckpt.checkpoints_dir(self.spec.output.dir, self.spec.name, self.job_id)
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(text, flush=True)
 
 
 def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
@@ -69,34 +81,102 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
     w = _setup(config, ray_io)
     nodes: list[Any] = [None] * w.world
     dist.all_gather_object(nodes, ray_io.node_id())
-    built, runner, parts = _build(w)
-    loop = Loop(w.spec, runner, prepare_data(w.spec, built.tokenizer), w.device, ranks=[w.rank],
-                world_size=w.world, metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0),
-                int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
-                checkpoint=lambda step, loss: _checkpoint(w, runner.module, step, loss),
-                reference=config.get("parity_reference"))
-    with ray_io.checkpoint_dir() as ckpt:
-        if ckpt is not None and (ckpt / FINAL_FILE).is_file():  # already published: a retry only reports it
-            _report_final(w, json.loads((ckpt / FINAL_FILE).read_text()))
-            return
-        resumed_from = _resume(w, runner.module, loop, ckpt) if ckpt is not None else None
-    val_before = validate(loop, 0) if resumed_from is None else None
+    _check_storage(w, nodes)
+    (w.work_dir / f"rank{w.rank}.pid").write_text(str(os.getpid()))  # for tests and operators that need it
+    published = _broadcast(w, _published(w) if w.rank == 0 else None)
+    if published is not None:  # a retry after the artifact was published: report it, train nothing
+        w.say(f"artifact already published: {published['artifact']}")
+        _report_final(w, published)
+        return
+    built, runner, parts, loop = build_loop(w, config.get("parity_reference"))
+    resumed_from = _resume(w, runner.module, loop)
+    if resumed_from is None:
+        w.val_before = validate(loop, 0)
     loss, parity_max = run_steps(loop, start=1 if resumed_from is None else resumed_from + 1)
     val_after = validate(loop, w.spec.train.max_steps)
     fields = {"world_size": w.world, "zero_stage": w.spec.cluster.zero_stage, "steps": w.spec.train.max_steps,
-              "final_loss": loss, "val_loss_before": val_before, "val_loss_after": val_after,
+              "final_loss": loss, "val_loss_before": w.val_before, "val_loss_after": val_after,
               "resumed_from_step": resumed_from, "parity_max_loss_diff": parity_max, "nodes": nodes,
               "int8_partition_bytes": parts["int8_local_bytes"], "int8_full_bytes": parts["int8_full_bytes"],
               "precision": w.placement.record(), "zero_settings": w.zero}
     location = export(loop, built, w.job_id, fields, staging=w.work_dir / "staging")
-    loop.metrics.say(f"artifact written: {location}")
+    if w.rank == 0:
+        loop.metrics.say(f"artifact written: {location}")
+        ckpt.remove_all(w.checkpoints)  # the artifact holds what they did
     dist.barrier()
-    _report_final(w, {"step": w.spec.train.max_steps, "loss": loss, "artifact": location})
+    _report_final(w, {"step": w.spec.train.max_steps, "loss": loss, "artifact": location,
+                      "manifest_digest": digest_at(location) if w.rank == 0 else None})
+
+
+def build_loop(w: Worker, parity_reference: list[float] | None = None
+               ) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int], Loop]:
+    """The sharded model, its engine, and the training loop over this rank's batches, which
+    checkpoints through :func:`_checkpoint`."""
+    built, runner, parts = _build(w)
+    loop = Loop(w.spec, runner, prepare_data(w.spec, built.tokenizer), w.device, ranks=[w.rank],
+                world_size=w.world, metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0),
+                int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
+                checkpoint=lambda step, loss: _checkpoint(w, runner.module, loop, step), reference=parity_reference)
+    return built, runner, parts, loop
+
+
+def _broadcast(w: Worker, value: Any) -> Any:
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _check_storage(w: Worker, nodes: list[Any]) -> None:
+    """Every rank must see the job's local output.dir: rank 0 writes a probe into the work
+    directory and every rank reads it back. A node that does not mount the directory fails the
+    job here, before anything is built, naming the node (checkpoints written on one node would be
+    invisible to a worker restarted on another)."""
+    if is_uri(w.spec.output.dir):
+        return
+    probe = w.work_dir / f"storage-probe-{w.job_id}"
+    token = os.urandom(8).hex()
+    if w.rank == 0:
+        w.work_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    token = _broadcast(w, token)
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    everyone: list[Any] = [None] * w.world
+    dist.all_gather_object(everyone, seen)
+    blind = [r for r, ok in enumerate(everyone) if not ok]
+    if blind:
+        where = ", ".join(f"rank {r} on node {nodes[r]}" for r in blind[:4])
+        declared = ("although output.shared is true" if w.spec.output.shared else
+                    "(a multi-node job needs a storage URI, or a local dir every node mounts, declared "
+                    "output.shared: true)")
+        raise RuntimeError(f"output.dir {w.spec.output.dir} is not shared: {where} cannot see {probe}, which "
+                           f"rank 0 on node {nodes[0]} wrote, {declared}")
+
+
+def _published(w: Worker) -> dict[str, Any] | None:
+    """The final report of this job's artifact if it is already published (a retry after the
+    publishing rename), else None.
+
+    Raises:
+        SpecChanged: the artifact was trained from another spec.
+        ArtifactError: it is there but does not verify (it is never overwritten).
+    """
+    location = artifact_location(w.spec.output.dir, w.spec.name, w.job_id)
+    text = read_text(join(location, MANIFEST_FILE))
+    if text is None:
+        return None
+    manifest = parse_manifest(text, location)
+    ckpt.check_same_spec(manifest.get("spec") or {}, redacted(w.spec.to_dict()), f"the artifact {location}")
+    if not is_uri(location):
+        verify_artifact(Path(location))
+    return {"step": manifest.get("steps"), "loss": manifest.get("final_loss"), "artifact": location,
+            "manifest_digest": digest_at(location)}
 
 
 def _setup(config: dict[str, Any], ray_io: RayIO) -> Worker:
-    """Join the process group; pick the device and threads; seed; leave this rank's pid for tests
-    and operators that need to find it."""
+    """Join the process group; pick the device and threads; seed."""
     # DeepSpeed still calls torch.distributed's *_tensor collectives; torch warns on every call.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
     spec = spec_from_dict(config["spec"])
@@ -105,9 +185,7 @@ def _setup(config: dict[str, Any], ray_io: RayIO) -> Worker:
     if not placement.cuda:
         torch.set_num_threads(max(1, spec.cluster.cpus_per_worker))
     seed_everything(spec.train.seed + rank)
-    w = Worker(spec, config["job_id"], Path(config["work_dir"]), rank, world, placement, ray_io)
-    (w.work_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
-    return w
+    return Worker(spec, config["job_id"], Path(config["work_dir"]), rank, world, placement, ray_io)
 
 
 def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
@@ -138,43 +216,74 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     return built, eng.ZeroRunner(engine, w.rank), parts
 
 
-def _resume(w: Worker, engine, loop: Loop, checkpoint: Path) -> int:
-    """Restore the checkpoint in ``checkpoint``: LoRA weights, AdamW, schedule, this rank's RNG.
+def _resume(w: Worker, engine, loop: Loop) -> int | None:
+    """Restore the newest complete checkpoint of this job, if any: LoRA weights, AdamW, the
+    schedule, the batch position, the history; RNG states too when the worker count is the one
+    that wrote it (dropout masks are drawn per batch from the seed, so they do not depend on it).
+    Torn or tampered checkpoints are skipped for the previous complete one, each with a line.
 
     Returns:
-        The step it was taken at.
+        The step it was taken at; None when the job starts from step 1.
+
+    Raises:
+        SpecChanged: the checkpoint was written under a spec that trains something else.
     """
-    state = eng.load_checkpoint(engine, checkpoint)
-    step = int(state["step"])
-    mine = state["rng"][w.rank]
-    torch.random.set_rng_state(mine["torch"])
-    random.setstate(mine["python"])
-    if w.placement.cuda and "cuda" in mine:
-        torch.cuda.set_rng_state(mine["cuda"], w.device)
-    loop.metrics.resumed(step)
-    loop.metrics.say(f"resumed from the checkpoint of step {step}")
-    return step
+    location = _broadcast(w, ckpt.latest(w.checkpoints, say=w.say) if w.rank == 0 else None)
+    if location is None:
+        loop.metrics.start()
+        return None
+    c = ckpt.load(location)  # every rank reads and verifies it: megabytes
+    ckpt.check_same_spec(c.state["spec"], redacted(w.spec.to_dict()), f"the checkpoint {location}")
+    eng.restore_train_state(engine, c.tensors, c.state["scalars"])
+    loop.resumed_at, loop.index_base = c.step, int(c.state["next_index"])
+    w.val_before = c.state.get("val_loss_before")
+    if c.state["world_size"] == w.world:
+        _set_rng(c.state["rng"][w.rank], w)
+    loop.metrics.resumed(c.step, c.metrics)
+    written = c.state["world_size"]
+    loop.metrics.say(f"resumed from the checkpoint of step {c.step}"
+                     + (f" (written by {written} workers, now {w.world})" if written != w.world else ""))
+    return c.step
 
 
-def _checkpoint(w: Worker, engine, step: int, loss: float) -> None:
-    """A LoRA-only checkpoint with every rank's RNG state, reported to Ray Train."""
+def _checkpoint(w: Worker, engine, loop: Loop, step: int) -> None:
+    """Collective: gather the trainable state and every rank's RNG to rank 0, which writes the
+    checkpoint (checkpoint.write: verified on read, manifest last, renamed into place)."""
+    tensors, scalars = eng.gather_train_state(engine, w.rank)
     rng: list[Any] = [None] * w.world
-    state = {"torch": torch.random.get_rng_state(), "python": random.getstate()}
-    if w.placement.cuda:
-        state["cuda"] = torch.cuda.get_rng_state(w.device)  # dropout masks on the GPU draw from this one
-    dist.all_gather_object(rng, state)
-    tmp = Path(tempfile.mkdtemp(prefix=f"lora-dist-ckpt{step}-r{w.rank}-"))
-    try:
-        eng.save_checkpoint(engine, tmp, step, {"step": step, "rng": rng}, w.rank)
-        w.ray_io.report({"loss": loss, "step": step}, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    dist.all_gather_object(rng, _get_rng(w))
+    if w.rank == 0:
+        state = {"step": step, "next_index": next_index(loop, step), "world_size": w.world, "scalars": scalars,
+                 "rng": rng, "spec": redacted(w.spec.to_dict()), "spec_digest": spec_digest(w.spec.to_dict()),
+                 "val_loss_before": w.val_before}
+        ckpt.write(w.checkpoints, step, tensors, state, loop.metrics.text(), say=w.say)
+    dist.barrier()  # nobody goes on before the checkpoint is complete
+
+
+def _get_rng(w: Worker) -> dict[str, Any]:
+    """This process's RNG states as JSON (torch's as base64 bytes, Python's as its int list)."""
+    version, internal, gauss = random.getstate()
+    state = {"torch": base64.b64encode(torch.random.get_rng_state().numpy().tobytes()).decode(),
+             "python": [version, list(internal), gauss]}
+    if w.placement.cuda:  # dropout masks on the GPU draw from this one
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(w.device).numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng(state: dict[str, Any], w: Worker) -> None:
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.random.set_rng_state(tensor(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if w.placement.cuda and "cuda" in state:
+        torch.cuda.set_rng_state(tensor(state["cuda"]), w.device)
 
 
 def _report_final(w: Worker, final: dict[str, Any]) -> None:
     """Report the finished job as a tiny checkpoint holding the artifact's location: Ray Train
-    keeps the metrics of checkpoints (the driver reads them from the Result), and a retried job
-    finds it and does not train again."""
+    keeps the metrics of checkpoints, and the driver reads them from the Result."""
     tmp = Path(tempfile.mkdtemp(prefix="lora-dist-final-"))
     try:
         if w.rank == 0:

@@ -6,6 +6,7 @@ functions count as much as those at the top.
     errors -> store -> spec -> plan -> jobs            no torch: CLI queries, the planner, the job client
     device (where and in which dtype a process computes)
     quant -> lora -> model -> data -> plot -> adapter  the model and the artifact format
+    checkpoint (resumable state: safetensors + JSON, verified)
     engine (the only DeepSpeed importer)
     train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
     generate -> metrics -> evaluate -> cli
@@ -17,7 +18,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "store", "spec", "plan", "jobs", "device", "quant", "lora", "model", "data", "plot", "adapter", "engine",
+ORDER = ["errors", "store", "spec", "plan", "jobs", "device", "quant", "lora", "model", "data", "plot", "adapter", "checkpoint",
+         "engine",
          "train", "worker", "launch", "jobrun", "generate", "metrics", "evaluate", "cli"]
 
 

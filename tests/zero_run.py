@@ -9,7 +9,6 @@ start-up (imports, the process group, DeepSpeed's CPU op) is paid once for all o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -22,14 +21,10 @@ E2E_CSV = REPO / "jobs" / "data" / "e2e" / "devset.csv"
 
 
 class LocalIO:
-    """worker.RayIO for processes outside Ray: no earlier checkpoint, reports kept in a file."""
+    """worker.RayIO for processes outside Ray: reports kept in a file."""
 
     def __init__(self, log: Path) -> None:
         self.log = log
-
-    @contextlib.contextmanager
-    def checkpoint_dir(self):
-        yield None
 
     def report(self, metrics: dict[str, Any], directory: Path | None) -> None:
         with open(self.log, "a") as f:
@@ -48,6 +43,8 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> 
         Path(job["work_dir"]).mkdir(parents=True, exist_ok=True)
         if job.get("check_partitions"):
             _check_partitions(job, rank, world)
+        elif job.get("stop_after") or job.get("check_restore"):
+            _stop_or_check(job, LocalIO(Path(job["work_dir"]) / f"reports{rank}.jsonl"))
         else:
             run_worker(job, LocalIO(Path(job["work_dir"]) / f"reports{rank}.jsonl"))
 
@@ -89,6 +86,47 @@ def _check_partitions(job: dict[str, Any], rank: int, world: int) -> None:
               "checkpoint_bytes": sum(f.stat().st_size for f in weight_files(d)), "max_abs_diff": worst,
               "compared": compared, "dtypes": sorted(dtypes)}
     Path(f"{job['check_partitions']}.{rank}.json").write_text(json.dumps(result))
+    torch.distributed.barrier()
+
+
+def _stop_or_check(job: dict[str, Any], io: LocalIO) -> None:
+    """Two ways to look at checkpoints through the worker's own code:
+
+    ``stop_after: k``: train steps 1..k, write the step-k checkpoint as the loop does, and stop,
+    as a job whose workers were all lost right after that checkpoint.
+    ``check_restore: path``: restore the job's newest checkpoint into a fresh engine at this
+    world size, gather the state again, and write to ``<path>.<rank>.json`` the largest
+    difference from the checkpoint's tensors (rank 0) and the restored scalars.
+    """
+    import torch
+
+    from lora_dist import checkpoint as ckpt
+    from lora_dist import engine as eng
+    from lora_dist import worker as wk
+    from lora_dist.train import train_step, validate
+
+    w = wk._setup(job, io)
+    _, runner, _, loop = wk.build_loop(w)
+    resumed = wk._resume(w, runner.module, loop)
+    if job.get("stop_after"):
+        if resumed is None:
+            w.val_before = validate(loop, 0)
+        for step in range((resumed or 0) + 1, job["stop_after"] + 1):
+            loss, tokens, lr = train_step(loop, step)
+            loop.metrics.step({"step": step, "loss": loss, "lr": lr, "tokens_per_s": 0.0, "step_s": 0.0,
+                               "peak_memory_bytes": [0], "int8_partition_bytes": [0]})
+        loop.checkpoint(job["stop_after"], loss)
+        return
+    saved = ckpt.load(ckpt.latest(w.checkpoints))
+    tensors, scalars = eng.gather_train_state(runner.module, w.rank)
+    worst = None
+    if w.rank == 0:
+        assert set(tensors) == set(saved.tensors), set(tensors) ^ set(saved.tensors)
+        worst = max(float((tensors[k] - saved.tensors[k]).abs().max()) for k in tensors)
+    result = {"rank": w.rank, "resumed": resumed, "max_abs_diff": worst, "lr": runner.lr(),
+              "optimizer_step": scalars["optimizer_step"], "saved_optimizer_step": saved.state["scalars"]["optimizer_step"],
+              "index_base": loop.index_base, "saved_next_index": saved.state["next_index"]}
+    Path(f"{job['check_restore']}.{w.rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
 
 

@@ -1,0 +1,248 @@
+"""Resumable checkpoints, the project's own: nothing in them is unpickled (DESIGN decision 12).
+
+A checkpoint holds the *trainable* state only, gathered whole (LoRA matrices are megabytes even
+at GPT-3 scale), so it does not depend on how many workers wrote it: a job resumes at another
+worker count. The frozen int8 base is never in it; it is reloaded from the base checkpoint.
+
+    <output.dir>/.checkpoints/<name>-<job id>/step-00000004/
+        train_state.safetensors   per trainable parameter: "param/<name>" (fp32 master weights),
+                                  "exp_avg/<name>", "exp_avg_sq/<name>" (AdamW moments)
+        state.json                step, next batch index, optimizer step count, scheduler, loss
+                                  scaler, every rank's RNG state, the spec and its digest
+        metrics.jsonl             the job's history up to this step (each step once)
+        manifest.json             sha256 of each file above, written last
+
+A directory without a manifest, with a file that fails its sha256, or with a file the manifest
+does not list is torn or tampered: :func:`latest` skips it for the previous complete one and
+says so. Only the newest :data:`KEEP` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from lora_dist.errors import ArtifactError
+from lora_dist.spec import spec_differences, spec_digest
+from lora_dist.store import is_uri, join, read_bytes, run_name
+
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "state.json"
+METRICS = "metrics.jsonl"
+MANIFEST = "manifest.json"
+FORMAT = "lora-dist-checkpoint/1"
+KEEP = 2
+STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoints_dir(output_dir: str, name: str, job_id: str) -> str:
+    """Where job ``job_id``'s checkpoints live: beside its artifact, on the same storage."""
+    return join(join(output_dir, ".checkpoints"), run_name(name, job_id))
+
+
+@dataclass
+class Checkpoint:
+    location: str  # the step directory (path or URI)
+    step: int
+    state: dict[str, Any]
+    tensors: dict[str, Any]  # name -> torch.Tensor (CPU)
+    metrics: str  # metrics.jsonl text
+
+
+class SpecChanged(ValueError):
+    """A job id was resubmitted with a spec that trains something else."""
+
+
+# --- storage: a local directory or a URI ------------------------------------------------------
+
+def _fs(location: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(location)
+
+
+def _list_steps(root: str) -> list[tuple[int, str]]:
+    """(step, location) of every step-NNNNNNNN directory under ``root``, newest first."""
+    if is_uri(root):
+        import pyarrow.fs as pafs
+
+        fs, base = _fs(root)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+        except (OSError, ValueError):
+            return []
+        names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+    else:
+        names = [p.name for p in Path(root).iterdir() if p.is_dir()] if Path(root).is_dir() else []
+    steps = [(int(m.group(1)), join(root, n)) for n in names if (m := STEP_RE.match(n))]
+    return sorted(steps, reverse=True)
+
+
+def _list_files(location: str) -> list[str]:
+    if is_uri(location):
+        import pyarrow.fs as pafs
+
+        fs, base = _fs(location)
+        return [i.base_name for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))]
+    return [p.name for p in Path(location).iterdir()] if Path(location).is_dir() else []
+
+
+def _remove(location: str) -> None:
+    if is_uri(location):
+        fs, base = _fs(location)
+        try:
+            fs.delete_dir(base)
+        except (OSError, ValueError):
+            pass
+    else:
+        shutil.rmtree(location, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+def write(root: str, step: int, tensors: dict[str, Any], state: dict[str, Any], metrics_text: str,
+          say: Callable[[str], None] = lambda s: None) -> str:
+    """Write a complete checkpoint of ``step`` under ``root`` (the main process only) and drop all
+    but the newest :data:`KEEP` complete ones.
+
+    Local: files are written and fsynced in a temporary sibling, the manifest last, then the
+    directory is renamed into place and its parent fsynced, so a crash leaves either no
+    ``step-N`` or a complete one. URI: files are uploaded, the manifest last (object stores have
+    no rename; a step without its manifest is torn and skipped).
+
+    Returns:
+        The checkpoint's location.
+    """
+    from safetensors.torch import save
+
+    name = f"step-{step:08d}"
+    files = {STATE_TENSORS: save({k: v.contiguous() for k, v in tensors.items()}),
+             STATE_JSON: json.dumps(state, sort_keys=True).encode(),
+             METRICS: metrics_text.encode()}
+    manifest = {"format": FORMAT, "step": step,
+                "files": {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}}
+    files[MANIFEST] = json.dumps(manifest, sort_keys=True).encode()  # last
+    dest = join(root, name)
+    if is_uri(root):
+        fs, base = _fs(dest)
+        fs.create_dir(base, recursive=True)
+        for n, data in files.items():
+            with fs.open_output_stream(f"{base}/{n}") as o:
+                o.write(data)
+    else:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        for n, data in files.items():
+            (tmp / n).write_bytes(data)
+            _fsync(tmp / n)
+        _fsync(tmp)
+        if Path(dest).exists():  # a retry that re-reached this step: the new one replaces it whole
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+        _fsync(Path(root))
+    for _, old in _list_steps(root)[KEEP:]:
+        _remove(old)
+    say(f"checkpoint of step {step} written: {dest}")
+    return dest
+
+
+def remove_all(root: str) -> None:
+    """Drop a job's checkpoints (once its artifact is published, they are not needed)."""
+    _remove(root)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+def _read_verified(location: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest and every file's bytes of one checkpoint directory, each checked.
+
+    Raises:
+        ArtifactError: no manifest, a file missing or failing its sha256, or a file not listed.
+    """
+    raw = read_bytes(join(location, MANIFEST))
+    if raw is None:
+        raise ArtifactError(f"{location}: no {MANIFEST} (torn: the writer stopped before finishing it)")
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
+        raise ArtifactError(f"{join(location, MANIFEST)}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
+            set(manifest.get("files") or {}) != {STATE_TENSORS, STATE_JSON, METRICS}:
+        raise ArtifactError(f"{join(location, MANIFEST)}: not a {FORMAT} manifest")
+    unlisted = sorted(set(_list_files(location)) - set(manifest["files"]) - {MANIFEST})
+    if unlisted:
+        raise ArtifactError(f"{location}: {unlisted[:5]} not listed in its manifest; nothing unlisted is read")
+    data = {}
+    for n, digest in manifest["files"].items():
+        b = read_bytes(join(location, n))
+        if b is None:
+            raise ArtifactError(f"{join(location, n)}: missing")
+        if hashlib.sha256(b).hexdigest() != digest:
+            raise ArtifactError(f"{join(location, n)}: sha256 mismatch (modified or truncated)")
+        data[n] = b
+    return manifest, data
+
+
+def latest(root: str, say: Callable[[str], None] = lambda s: None) -> str | None:
+    """The newest checkpoint under ``root`` that verifies; torn or tampered ones are skipped,
+    each with a line through ``say``. None where there is none."""
+    for step, location in _list_steps(root):
+        try:
+            _read_verified(location)
+        except ArtifactError as e:
+            say(f"checkpoint of step {step} skipped: {e}")
+            continue
+        return location
+    return None
+
+
+def load(location: str) -> Checkpoint:
+    """Read and verify one checkpoint; tensors through safetensors, state through JSON.
+
+    Raises:
+        ArtifactError: the checkpoint does not verify (see :func:`_read_verified`).
+    """
+    from safetensors.torch import load as load_tensors
+
+    manifest, data = _read_verified(location)
+    state = json.loads(data[STATE_JSON])
+    return Checkpoint(location, int(manifest["step"]), state, load_tensors(data[STATE_TENSORS]),
+                      data[METRICS].decode())
+
+
+def latest_state(root: str) -> dict[str, Any] | None:
+    """state.json of the newest complete checkpoint under ``root`` (no tensors read), or None."""
+    location = latest(root)
+    if location is None:
+        return None
+    return json.loads(read_bytes(join(location, STATE_JSON)) or b"{}")
+
+
+def check_same_spec(recorded: dict[str, Any], spec_dict: dict[str, Any], what: str) -> None:
+    """Refuse to continue ``what`` (a checkpoint or an artifact of this job id) under a spec
+    that trains something else.
+
+    Raises:
+        SpecChanged: naming every field that differs.
+    """
+    if spec_digest(recorded) == spec_digest(spec_dict):
+        return
+    diffs = spec_differences(recorded, spec_dict)
+    raise SpecChanged(f"{what} was made by a different spec ({'; '.join(diffs[:10])}"
+                      f"{'; ...' if len(diffs) > 10 else ''}): a job id is bound to what it trains. Resubmit with "
+                      f"the original spec to resume, or use a new --job-id")
