@@ -100,6 +100,48 @@ def redacted(spec_dict: dict[str, Any]) -> dict[str, Any]:
         cluster["runtime_env"] = env
         return {**spec_dict, "cluster": cluster}
     return spec_dict
+
+
+# Fields a resumed job may change: where and how wide it runs (a job resumes at another worker
+# count, its state being gathered), and how often it reports. Every other field decides what is
+# trained, and a job id is bound to it (spec_digest).
+RESUMABLE_CHANGES = ("cluster.workers", "cluster.placement", "cluster.max_failures", "cluster.cpus_per_worker",
+                     "cluster.runtime_env", "train.log_every", "train.checkpoint_every", "train.parity_check",
+                     "train.parity_steps", "train.parity_tolerance")
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and key != "cluster.runtime_env":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def bound_fields(spec_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted fields of a spec mapping that a job id is bound to (all but RESUMABLE_CHANGES)."""
+    return {k: v for k, v in _flat(spec_dict).items() if k not in RESUMABLE_CHANGES}
+
+
+def spec_digest(spec_dict: Mapping[str, Any]) -> str:
+    """sha256 over :func:`bound_fields` in canonical JSON: equal digests, the same training."""
+    import hashlib
+    import json
+
+    body = json.dumps(bound_fields(spec_dict), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def spec_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``field: old -> new`` for every bound field that differs between two spec mappings."""
+    a, b = bound_fields(old), bound_fields(new)
+    return [f"{k}: {_Short(a.get(k))!r} -> {_Short(b.get(k))!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MODULE_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
@@ -241,6 +283,9 @@ class ClusterSpec(_Section):
 class OutputSpec(_Section):
     dir: str = Field("runs", min_length=1)
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # A local dir that every node of the cluster mounts at the same path (NFS, a shared volume):
+    # required of a local dir when a job's workers may run on more than one node.
+    shared: StrictBool = False
 
     @field_validator("dir")
     @classmethod
@@ -517,6 +562,22 @@ def output_root() -> Path:
 def cache_root() -> Path:
     """This machine's cache: the converted base model, fingerprints, the embedded-job registry."""
     return Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora-dist")).expanduser()
+
+
+def multi_node_storage_problem(spec: JobSpec) -> str | None:
+    """Why ``spec`` cannot run with workers on several nodes, or None.
+
+    Checkpoints, metrics and the artifact live under output.dir, and a restarted worker may land
+    on any node: a plain local directory is seen by one node only, so a multi-node job needs a
+    storage URI or a local dir declared ``output.shared: true`` (mounted by every node; workers
+    check that they all see it before training).
+    """
+    if spec.cluster.workers > 1 and not is_uri(spec.output.dir) and not spec.output.shared:
+        return (f"output.dir: {spec.output.dir} is a local directory, and this job's {spec.cluster.workers} "
+                f"workers may run on different nodes of the cluster, which would not see each other's "
+                f"checkpoints: use a storage URI (s3://..., gs://...), or set output.shared: true if every "
+                f"node mounts {spec.output.dir} at the same path")
+    return None
 
 
 def check_output_root(spec: JobSpec) -> None:

@@ -135,6 +135,26 @@ def manifest_digest(artifact: Path) -> str:
     return "sha256:" + sha256_file(Path(artifact) / MANIFEST_FILE)
 
 
+def read_bytes(location: str) -> bytes | None:
+    """The bytes of a file at a path or URI; None where it does not exist or cannot be reached."""
+    try:
+        if not is_uri(location):
+            return Path(location).read_bytes()
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(location)
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def digest_at(artifact_location: str) -> str | None:
+    """:func:`manifest_digest` of an artifact at a path or URI; None where it cannot be read."""
+    data = read_bytes(join(str(artifact_location), MANIFEST_FILE))
+    return None if data is None else "sha256:" + hashlib.sha256(data).hexdigest()
+
+
 def verify_artifact(artifact: Path, digest: str | None = None) -> dict[str, Any]:
     """Check every file listed in the manifest against its sha256; return the manifest.
 
@@ -182,16 +202,8 @@ def verify_artifact(artifact: Path, digest: str | None = None) -> dict[str, Any]
 
 def read_text(location: str) -> str | None:
     """The text of a file at a path or URI; None where it does not exist or cannot be reached."""
-    try:
-        if not is_uri(location):
-            return Path(location).read_text(errors="replace")
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(location)
-        with fs.open_input_stream(path) as f:
-            return f.read().decode(errors="replace")
-    except (OSError, ValueError):
-        return None
+    data = read_bytes(location)
+    return None if data is None else data.decode(errors="replace")
 
 
 # --- moving artifacts -----------------------------------------------------------------------------
