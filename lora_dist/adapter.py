@@ -34,7 +34,7 @@ from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoRALinear, LoraTensors
 from lora_dist.model import LoadedModel, check_fits, fingerprint, load_model, resolve_base
 from lora_dist.plot import loss_curve_png
-from lora_dist.spec import JobSpec, LoraSpec, redacted
+from lora_dist.spec import JobSpec, LoraSpec, redacted, spec_digest
 from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,
                              manifest_signature, sha256_file, signing_key, verify_artifact)
 
@@ -259,6 +259,7 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
                  "prompt_template": template_for(spec.data.source),
                  "special_tokens": special_tokens(built.tokenizer)},
         "spec": redacted(spec.to_dict()),  # env var values (often secrets) never reach the manifest
+        "spec_digest": spec_digest(spec.to_dict()),  # what this job id is bound to (spec.bound_fields)
         "versions": versions(),
         **fields,
     }

@@ -39,7 +39,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     spec = spec.with_absolute_paths()
     job_id = job_id or new_job_id()
     run = run_name(spec.name, job_id)
-    published = _published_or_resumable(spec, job_id, stream)
+    published = published_or_resumable(spec, job_id, stream)
     if published is not None:
         return published
     work = work_dir(spec.output.dir, spec.name, job_id)
@@ -75,7 +75,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
             ray.shutdown()
 
 
-def _published_or_resumable(spec: JobSpec, job_id: str, stream) -> Path | str | None:
+def published_or_resumable(spec: JobSpec, job_id: str, stream) -> Path | str | None:
     """Before anything starts: the artifact if this job id already published one from the same
     spec (a resubmit is idempotent); None when the job is to run, from its newest checkpoint if
     it has one.

@@ -9,6 +9,7 @@ restore it at other world sizes, refuse it under a changed spec, skip a torn one
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,9 @@ def test_a_job_resumes_at_another_worker_count(tmp_path, tiny_llama_dir):
                              extra=extra + more), **mode}
 
     root = Path(ckpt.checkpoints_dir(str(out), "elastic", "elastic"))
+    work = Path(job(2)["work_dir"])
+    work.mkdir(parents=True)  # what an earlier attempt lost before its first checkpoint recorded
+    (work / METRICS_FILE).write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
     run_ranks([job(2, stop_after=2)], 2)  # two workers, lost right after the step-2 checkpoint
     assert [p.name for p in root.iterdir() if p.name.startswith("step-")] == ["step-00000002"]
     assert not list(root.rglob("*.pt")) and not list(root.rglob("*.pkl"))
@@ -90,12 +94,8 @@ def test_a_job_resumes_at_another_worker_count(tmp_path, tiny_llama_dir):
     saved = ckpt.load(ckpt.latest(str(root)))
     assert r["lr"] == pytest.approx(saved.state["scalars"]["scheduler"]["_last_lr"][0])
 
-    # The same job id under a spec that trains something else is refused, naming the field.
-    with pytest.raises(RuntimeError, match=r"train\.lr: 0\.002 -> 0\.01"):
-        run_ranks([job(1, "train.lr=0.01")], 1)
-
-    # A torn newer checkpoint (written by a resumed run at N=2, then damaged) is skipped.
-    run_ranks([job(2, stop_after=3)], 2)
+    # A newer checkpoint torn by its writer's death is skipped for step 2.
+    shutil.copytree(root / "step-00000002", root / "step-00000003")
     (root / "step-00000003" / ckpt.MANIFEST).unlink()
 
     # One worker finishes the job from step 2: every step once, the artifact complete.
@@ -104,6 +104,47 @@ def test_a_job_resumes_at_another_worker_count(tmp_path, tiny_llama_dir):
     artifact = Path(artifact_location(str(out), "elastic", "elastic"))
     manifest = verify_artifact(artifact)
     assert manifest["resumed_from_step"] == 2 and manifest["world_size"] == 1
-    steps = [json.loads(x)["step"] for x in (artifact / METRICS_FILE).read_text().splitlines() if '"loss"' in x]
-    assert steps == [1, 2, 3, 4], steps
+    history = [json.loads(x) for x in (artifact / METRICS_FILE).read_text().splitlines()]
+    assert [m["step"] for m in history if "loss" in m] == [1, 2, 3, 4], history
+    assert all(m["loss"] != 9.0 for m in history if "loss" in m)  # the lost attempt's records are gone
     assert not root.exists()  # published: its checkpoints are gone
+
+
+def test_a_resubmit_of_a_published_job_returns_its_artifact_without_running(tiny_trained, tmp_path):
+    """Same job id, same spec: the artifact (nothing started, Ray not even imported for it); the
+    same job id with a spec that trains something else: refused before anything runs, naming
+    the field; a field a resumed job may change (the worker count) is not a difference."""
+    import io
+
+    from lora_dist.launch import run_job
+    from lora_dist.spec import SpecError, spec_from_dict
+    from lora_dist.store import read_manifest
+
+    artifact, _ = tiny_trained
+    spec = spec_from_dict(read_manifest(artifact)["spec"])
+    log = io.StringIO()
+    assert run_job(spec, job_id="tiny", stream=log) == artifact
+    assert "already published" in log.getvalue()
+    wider = spec_from_dict({**spec.to_dict(), "cluster": {**spec.to_dict()["cluster"], "workers": 4}})
+    assert run_job(wider, job_id="tiny", stream=log) == artifact
+    changed = spec_from_dict({**spec.to_dict(), "lora": {**spec.to_dict()["lora"], "r": 16}})
+    with pytest.raises(SpecError, match=r"lora\.r: 4 -> 16"):
+        run_job(changed, job_id="tiny", stream=log)
+
+
+def test_a_changed_spec_cannot_continue_a_checkpoint(tiny_llama_dir, tmp_path):
+    import io
+
+    from conftest import E2E_CSV, MAIN_JOB
+    from lora_dist.launch import run_job
+    from lora_dist.spec import SpecError, load_spec, redacted
+
+    spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}",
+                                f"output.dir={tmp_path / 'runs'}"]).with_absolute_paths()
+    root = ckpt.checkpoints_dir(spec.output.dir, spec.name, "j1")
+    ckpt.write(root, 3, {"param/x": torch.zeros(1)}, {"step": 3, "spec": redacted(spec.to_dict())}, "")
+    changed = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}",
+                                   f"output.dir={tmp_path / 'runs'}", "train.max_steps=999"])
+    with pytest.raises(SpecError, match=r"train\.max_steps: \d+ -> 999.*use a new --job-id"):
+        run_job(changed, job_id="j1", stream=io.StringIO())
+    assert Path(root, "step-00000003").is_dir()  # the checkpoint is untouched
