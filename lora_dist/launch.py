@@ -17,7 +17,7 @@ from typing import Any
 from lora_dist.errors import JobFailed
 from lora_dist.jobs import WORKER_ENV
 from lora_dist.spec import JobSpec, SpecError, redacted
-from lora_dist.store import MANIFEST_FILE, artifact_location, is_uri, join, new_job_id, parse_manifest, read_text, \
+from lora_dist.store import MANIFEST_FILE, artifact_location, check_job_id, is_uri, join, new_job_id, parse_manifest, read_text, \
     run_name, work_dir
 
 
@@ -37,7 +37,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     import ray
 
     spec = spec.with_absolute_paths()
-    job_id = job_id or new_job_id()
+    job_id = check_job_id(job_id) if job_id is not None else new_job_id()  # it names directories
     run = run_name(spec.name, job_id)
     published = published_or_resumable(spec, job_id, stream)
     if published is not None:

@@ -581,7 +581,8 @@ def multi_node_storage_problem(spec: JobSpec) -> str | None:
 
 
 def check_output_root(spec: JobSpec) -> None:
-    """Reject a local output.dir outside the output root (URIs are the storage's business).
+    """Reject a local output.dir, or a ``file://`` one, outside the output root (other storage
+    URIs, on the scheme allow-list, are the storage's business: its credentials decide).
 
     The cluster side of a Jobs API submission calls this (``jobrun``): a spec sent to a shared
     cluster writes only under that cluster's ``LORA_DIST_OUTPUT_ROOT``. A job on the embedded
@@ -590,10 +591,14 @@ def check_output_root(spec: JobSpec) -> None:
     Raises:
         SpecError: naming output.dir and the root.
     """
-    if is_uri(spec.output.dir):
-        return
+    local = spec.output.dir
+    if is_uri(local):
+        scheme, rest = local.split("://", 1)
+        if scheme.lower() != "file":
+            return
+        local = "/" + rest.lstrip("/")  # file:///a/b and file://a/b (no host) both name /a/b
     root = output_root()
-    target = Path(spec.output.dir).expanduser().resolve()
+    target = Path(local).expanduser().resolve()
     if target != root and root not in target.parents:
         why = ("" if os.environ.get("LORA_DIST_OUTPUT_ROOT") else
                "; LORA_DIST_OUTPUT_ROOT is not set here, so the root is the working directory: start Ray with "

@@ -35,7 +35,7 @@ from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoraTensors, collect_lora
 from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
 from lora_dist.spec import JobSpec, SpecError, cache_root
-from lora_dist.store import METRICS_FILE, artifact_location, is_uri, new_job_id, publish, work_dir
+from lora_dist.store import METRICS_FILE, artifact_location, check_job_id, is_uri, new_job_id, publish, work_dir
 
 
 class ParityError(RuntimeError):
@@ -407,7 +407,7 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
         SpecError, ModelError, DataError, ArtifactError: bad input, with the field named.
     """
     spec = spec.with_absolute_paths()
-    job_id = job_id or new_job_id()
+    job_id = check_job_id(job_id) if job_id is not None else new_job_id()  # it names directories
     final = artifact_location(spec.output.dir, spec.name, job_id)
     if not is_uri(final) and Path(final).exists():
         raise ArtifactError(f"{final} already exists; an artifact is never overwritten")

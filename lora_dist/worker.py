@@ -37,7 +37,7 @@ from lora_dist.device import Placement, worker_placement
 from lora_dist.model import LoadedModel, count_model, enable_activation_checkpointing, resolve_base
 from lora_dist.plan import zero_settings
 from lora_dist.spec import JobSpec, redacted, spec_digest, spec_from_dict
-from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, digest_at, is_uri, join, parse_manifest, \
+from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, check_job_id, digest_at, is_uri, join, parse_manifest, \
     read_text, verify_artifact
 from lora_dist.train import Loop, Metrics, export, make_schedule, next_index, prepare_data, run_steps, \
     seed_everything, validate
@@ -185,7 +185,7 @@ def _setup(config: dict[str, Any], ray_io: RayIO) -> Worker:
     if not placement.cuda:
         torch.set_num_threads(max(1, spec.cluster.cpus_per_worker))
     seed_everything(spec.train.seed + rank)
-    return Worker(spec, config["job_id"], Path(config["work_dir"]), rank, world, placement, ray_io)
+    return Worker(spec, check_job_id(config["job_id"]), Path(config["work_dir"]), rank, world, placement, ray_io)
 
 
 def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:

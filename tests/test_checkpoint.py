@@ -148,3 +148,20 @@ def test_a_changed_spec_cannot_continue_a_checkpoint(tiny_llama_dir, tmp_path):
     with pytest.raises(SpecError, match=r"train\.max_steps: \d+ -> 999.*use a new --job-id"):
         run_job(changed, job_id="j1", stream=io.StringIO())
     assert Path(root, "step-00000003").is_dir()  # the checkpoint is untouched
+
+
+@pytest.mark.parametrize("entry", ["run_job", "train_local"])
+def test_a_job_id_that_is_a_path_is_refused_on_every_entry(tmp_path, entry):
+    """A job id names directories (artifact, work dir, checkpoints): '../../x' must never reach one."""
+    import io
+
+    from conftest import MAIN_JOB
+    from lora_dist import launch, train
+    from lora_dist.errors import JobError
+    from lora_dist.spec import load_spec
+
+    spec = load_spec(MAIN_JOB, [f"output.dir={tmp_path / 'runs'}"])
+    run = launch.run_job if entry == "run_job" else train.train_local
+    with pytest.raises(JobError, match="is not a job id"):
+        run(spec, job_id="../../x", stream=io.StringIO())
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()

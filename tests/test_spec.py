@@ -143,6 +143,11 @@ def test_cluster_output_root_confines_local_output_dirs(tmp_path, monkeypatch):
     check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: 's3://bucket/runs'}\n")))
     with pytest.raises(SpecError, match="output.dir: /etc/runs is outside the output root"):
         check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: /etc/runs}\n")))
+    # a file:// URI is a local path: confined the same way, whatever its spelling
+    check_output_root(load_spec(_write(tmp_path, f"name: a\noutput: {{dir: 'file://{tmp_path}/runs'}}\n")))
+    for uri in ("file:///etc/cron.d", "file://etc/cron.d", "FILE:///etc/cron.d", f"file://{tmp_path}/../../etc"):
+        with pytest.raises(SpecError, match="is outside the output root|must not contain '..'"):
+            check_output_root(load_spec(_write(tmp_path, f"name: a\noutput: {{dir: '{uri}'}}\n")))
     monkeypatch.setenv("LORA_DIST_OUTPUT_ROOT", "/etc")
     check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: /etc/runs}\n")))
     with pytest.raises(SpecError, match="URI scheme 'ftp' is not supported"):
