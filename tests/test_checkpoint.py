@@ -165,3 +165,17 @@ def test_a_job_id_that_is_a_path_is_refused_on_every_entry(tmp_path, entry):
     with pytest.raises(JobError, match="is not a job id"):
         run(spec, job_id="../../x", stream=io.StringIO())
     assert not (tmp_path / "runs").exists() and not (tmp_path / "x").exists()
+
+
+def test_the_same_spec_and_seed_give_a_byte_identical_adapter(tiny_trained, tmp_path):
+    import io
+
+    from lora_dist.spec import spec_from_dict
+    from lora_dist.store import ADAPTER_FILE, read_manifest
+    from lora_dist.train import train_local
+
+    first, _ = tiny_trained
+    spec = spec_from_dict(read_manifest(first)["spec"])
+    again = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path)})})
+    second = train_local(again, job_id="tiny", stream=io.StringIO())
+    assert (second / ADAPTER_FILE).read_bytes() == (first / ADAPTER_FILE).read_bytes()
