@@ -460,6 +460,9 @@ def _cross_field_problems(s: JobSpec) -> list[str]:
                         "loss scaling; on CPU use fp32 or bf16")
     if s.cluster.max_failures > 0 and s.train.checkpoint_every == 0:
         problems.append("cluster.max_failures: restarts resume from checkpoints; set train.checkpoint_every > 0")
+    if s.train.checkpoint_every > 0 and s.cluster.zero_stage != 3:
+        problems.append(f"train.checkpoint_every: resumable checkpoints gather ZeRO-3's fp32 partitions; "
+                        f"set cluster.zero_stage: 3 (got {s.cluster.zero_stage}) or train.checkpoint_every: 0")
     return problems
 
 

@@ -116,7 +116,9 @@ def build_loop(w: Worker, parity_reference: list[float] | None = None
     loop = Loop(w.spec, runner, prepare_data(w.spec, built.tokenizer), w.device, ranks=[w.rank],
                 world_size=w.world, metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0),
                 int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
-                checkpoint=lambda step, loss: _checkpoint(w, runner.module, loop, step), reference=parity_reference)
+                # stages 1 and 2 keep no resumable state (the spec refuses checkpoint_every with them)
+                checkpoint=(lambda step, loss: _checkpoint(w, runner.module, loop, step))
+                if w.spec.cluster.zero_stage == 3 else None, reference=parity_reference)
     return built, runner, parts, loop
 
 
