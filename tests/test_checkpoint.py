@@ -109,6 +109,14 @@ def test_a_job_resumes_at_another_worker_count(tmp_path, tiny_llama_dir):
     assert all(m["loss"] != 9.0 for m in history if "loss" in m)  # the lost attempt's records are gone
     assert not root.exists()  # published: its checkpoints are gone
 
+    # A retry after the publishing rename (a worker lost before its final report): the worker
+    # reports the published artifact and trains nothing; it used to fail with "already exists".
+    logs = run_ranks([job(1)], 1)
+    assert "artifact already published" in logs[0] and "step 1/4" not in logs[0], logs[0][-3000:]
+    final = json.loads((work / "reports0.jsonl").read_text().splitlines()[-1])
+    assert final["artifact"] == str(artifact) and final["manifest_digest"].startswith("sha256:")
+    assert verify_artifact(artifact, digest=final["manifest_digest"]) == manifest
+
 
 def test_a_resubmit_of_a_published_job_returns_its_artifact_without_running(tiny_trained, tmp_path):
     """Same job id, same spec: the artifact (nothing started, Ray not even imported for it); the
