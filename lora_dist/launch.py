@@ -17,8 +17,8 @@ from typing import Any
 from lora_dist.errors import JobFailed
 from lora_dist.jobs import WORKER_ENV
 from lora_dist.spec import JobSpec, SpecError, redacted
-from lora_dist.store import MANIFEST_FILE, artifact_location, check_job_id, is_uri, join, new_job_id, parse_manifest, read_text, \
-    run_name, work_dir
+from lora_dist.store import MANIFEST_FILE, artifact_location, check_job_id, is_uri, join, new_job_id, parse_manifest, \
+    read_text, run_name, work_dir, write_storage_probe
 
 
 def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None,
@@ -58,7 +58,8 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
             ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": dict(WORKER_ENV)})
     try:
         config = {"spec": spec.to_dict(), "job_id": job_id, "work_dir": str(work),
-                  "parity_reference": parity_reference}
+                  "parity_reference": parity_reference,
+                  "storage_probe": None if is_uri(spec.output.dir) else write_storage_probe(work)}
         t0 = time.time()
         try:
             result = _trainer(spec, run, config).fit()

@@ -77,6 +77,18 @@ def work_dir(output_dir: str, name: str, job_id: str) -> Path:
     return Path(output_dir).expanduser() / f".{run_name(name, job_id)}.work"
 
 
+PROBE_FILE = "storage-probe"
+
+
+def write_storage_probe(work_dir: Path) -> str:
+    """Write a fresh token into a job's work directory (the driver does, where it makes the
+    directory); every worker reads it back before training, so that a node which does not mount a
+    local output.dir is found at once. Returns the token."""
+    token = os.urandom(8).hex()
+    (Path(work_dir) / PROBE_FILE).write_text(token)
+    return token
+
+
 # --- reading and verifying an artifact ----------------------------------------------------------
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

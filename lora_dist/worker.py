@@ -37,8 +37,8 @@ from lora_dist.device import Placement, worker_placement
 from lora_dist.model import LoadedModel, count_model, enable_activation_checkpointing, resolve_base
 from lora_dist.plan import zero_settings
 from lora_dist.spec import JobSpec, redacted, spec_digest, spec_from_dict
-from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, check_job_id, digest_at, is_uri, join, parse_manifest, \
-    read_text, verify_artifact
+from lora_dist.store import MANIFEST_FILE, METRICS_FILE, PROBE_FILE, artifact_location, check_job_id, digest_at, \
+    is_uri, join, parse_manifest, read_text, verify_artifact, write_storage_probe
 from lora_dist.train import Loop, Metrics, export, make_schedule, next_index, prepare_data, run_steps, \
     seed_everything, validate
 
@@ -62,6 +62,8 @@ class Worker:
     ray_io: RayIO
     zero: dict[str, int] = field(default_factory=dict)  # the ZeRO settings the job runs with
     val_before: float | None = None  # the validation loss before step 1 (carried by checkpoints)
+    nodes: list[Any] = field(default_factory=list)  # each rank's Ray node in this attempt
+    earlier_nodes: list[list[Any]] = field(default_factory=list)  # those of the attempts it resumes
 
     @property
     def device(self) -> torch.device:
@@ -81,7 +83,8 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
     w = _setup(config, ray_io)
     nodes: list[Any] = [None] * w.world
     dist.all_gather_object(nodes, ray_io.node_id())
-    _check_storage(w, nodes)
+    w.nodes = nodes
+    _check_storage(w, nodes, config.get("storage_probe"))
     (w.work_dir / f"rank{w.rank}.pid").write_text(str(os.getpid()))  # for tests and operators that need it
     published = _broadcast(w, _published(w) if w.rank == 0 else None)
     if published is not None:  # a retry after the artifact was published: report it, train nothing
@@ -97,6 +100,7 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
     fields = {"world_size": w.world, "zero_stage": w.spec.cluster.zero_stage, "steps": w.spec.train.max_steps,
               "final_loss": loss, "val_loss_before": w.val_before, "val_loss_after": val_after,
               "resumed_from_step": resumed_from, "parity_max_loss_diff": parity_max, "nodes": nodes,
+              "node_history": [*w.earlier_nodes, nodes],  # each attempt that trained, oldest first
               "int8_partition_bytes": parts["int8_local_bytes"], "int8_full_bytes": parts["int8_full_bytes"],
               "precision": w.placement.record(), "zero_settings": w.zero}
     location = export(loop, built, w.job_id, fields, staging=w.work_dir / "staging")
@@ -128,19 +132,19 @@ def _broadcast(w: Worker, value: Any) -> Any:
     return box[0]
 
 
-def _check_storage(w: Worker, nodes: list[Any]) -> None:
-    """Every rank must see the job's local output.dir: rank 0 writes a probe into the work
-    directory and every rank reads it back. A node that does not mount the directory fails the
-    job here, before anything is built, naming the node (checkpoints written on one node would be
-    invisible to a worker restarted on another)."""
+def _check_storage(w: Worker, nodes: list[Any], token: str | None) -> None:
+    """Every rank must see the job's local output.dir: each reads back the probe the driver wrote
+    into the work directory (rank 0 writes it when no driver did). A node that does not mount the
+    directory fails the job here, before anything is built, naming exactly the nodes that cannot
+    see it (checkpoints written on one node would be invisible to a worker restarted on another)."""
     if is_uri(w.spec.output.dir):
         return
-    probe = w.work_dir / f"storage-probe-{w.job_id}"
-    token = os.urandom(8).hex()
-    if w.rank == 0:
-        w.work_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token)
-    token = _broadcast(w, token)
+    probe = w.work_dir / PROBE_FILE
+    if token is None:
+        if w.rank == 0:
+            w.work_dir.mkdir(parents=True, exist_ok=True)
+            token = write_storage_probe(w.work_dir)
+        token = _broadcast(w, token)
     try:
         seen = probe.read_text() == token
     except OSError:
@@ -154,7 +158,7 @@ def _check_storage(w: Worker, nodes: list[Any]) -> None:
                     "(a multi-node job needs a storage URI, or a local dir every node mounts, declared "
                     "output.shared: true)")
         raise RuntimeError(f"output.dir {w.spec.output.dir} is not shared: {where} cannot see {probe}, which "
-                           f"rank 0 on node {nodes[0]} wrote, {declared}")
+                           f"the job wrote, {declared}")
 
 
 def _published(w: Worker) -> dict[str, Any] | None:
@@ -239,6 +243,7 @@ def _resume(w: Worker, engine, loop: Loop) -> int | None:
     eng.restore_train_state(engine, c.tensors, c.state["scalars"])
     loop.resumed_at, loop.index_base = c.step, int(c.state["next_index"])
     w.val_before = c.state.get("val_loss_before")
+    w.earlier_nodes = c.state.get("node_history", [])
     if c.state["world_size"] == w.world:
         _set_rng(c.state["rng"][w.rank], w)
     loop.metrics.resumed(c.step, c.metrics)
@@ -257,7 +262,7 @@ def _checkpoint(w: Worker, engine, loop: Loop, step: int) -> None:
     if w.rank == 0:
         state = {"step": step, "next_index": next_index(loop, step), "world_size": w.world, "scalars": scalars,
                  "rng": rng, "spec": redacted(w.spec.to_dict()), "spec_digest": spec_digest(w.spec.to_dict()),
-                 "val_loss_before": w.val_before}
+                 "val_loss_before": w.val_before, "node_history": [*w.earlier_nodes, w.nodes]}
         ckpt.write(w.checkpoints, step, tensors, state, loop.metrics.text(), say=w.say)
     dist.barrier()  # nobody goes on before the checkpoint is complete
 
