@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -36,10 +37,15 @@ def _validated_spec(args: argparse.Namespace):
     from lora_dist.spec import load_spec
 
     spec = load_spec(args.job, args.set)  # no torch yet: a bad spec is refused in a moment
+    _check_model(spec)
+    return spec
+
+
+def _check_model(spec) -> None:
+    """The LoRA targets and rank against the model's architecture, built without weights."""
     from lora_dist.model import check_model
 
     check_model(spec.model.base, spec.injected_lora, spec.model.quantization)
-    return spec
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -129,57 +135,318 @@ class _Tee:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from lora_dist import jobs
+    from lora_dist.spec import SpecError, load_spec, multi_node_storage_problem
     from lora_dist.store import check_job_id, new_job_id
 
-    spec = _validated_spec(args).with_absolute_paths()
-    job_id = check_job_id(args.job_id) if args.job_id else new_job_id()
     address = _address(args)
-    if address:
-        sid = jobs.submit_remote(spec, job_id, address)
-        print(f"submitted {sid} to {address}", flush=True)
-        if not args.wait:
-            print(sid)
-            return EXIT_OK
-        st = jobs.wait_remote(address, sid, sys.stdout)
-        if st.state != "SUCCEEDED" or not st.artifact:
-            print(f"error: job {sid} ended {st.state}: {st.message or ''}", file=sys.stderr)
-            return EXIT_FAILED
-        print(st.artifact)
+    spec = load_spec(args.job, args.set)  # no torch yet: a bad spec is refused in a moment
+    job_id = check_job_id(args.job_id) if args.job_id else new_job_id()
+    if not address:
+        return _submit_embedded(spec, job_id)  # the model is checked under the job's lock
+    problem = multi_node_storage_problem(spec)  # a cluster may have several nodes; one machine does not
+    if problem:
+        raise SpecError([f"{problem} (submitting to {address})"], source=str(args.job))
+    _check_model(spec)
+    sid = jobs.submit_remote(spec.with_absolute_paths(), job_id, address)
+    print(f"submitted {sid} to {address}", flush=True)
+    if not args.wait:
+        print(sid)
         return EXIT_OK
-    return _submit_embedded(spec, job_id)
+    st = jobs.wait_remote(address, sid, sys.stdout)
+    if st.state != "SUCCEEDED" or not st.artifact:
+        print(f"error: job {sid} ended {st.state}: {st.message or ''}", file=sys.stderr)
+        return EXIT_FAILED
+    print(st.artifact)
+    return EXIT_OK
+
+
+# --- the embedded default ------------------------------------------------------------------------
+#
+# `submit` without an address holds the job's lock, then forks: the child validates the model and
+# runs the job (it starts the local Ray, whose raylet and GCS are its children); the parent waits
+# for it. Ray's core worker ends a driver whose raylet died with _exit(1), past every Python
+# handler, so only a process outside the job can still say what happened and record it.
+
+RAY_CORE = ("raylet", "gcs_server")
+# After the local Ray is known lost, the job's process gets this long to end by itself (a lost GCS
+# leaves the driver waiting ~60 s for it to come back) before it and its processes are killed.
+RAY_LOST_GRACE_S = 15.0
 
 
 def _submit_embedded(spec, job_id: str) -> int:
     from lora_dist import jobs
-    from lora_dist.launch import run_job
     from lora_dist.store import run_name
 
     sid = run_name(spec.name, job_id)
+    lock = jobs.lock_job(sid)  # before anything is written or started; held until the job has ended
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        started = time.time()
+        child = os.fork()
+        if child == 0:
+            lock.close()  # the parent's copy keeps the lock
+            _embedded_child(spec, job_id, sid)
+        return _supervise(child, sid, job_id, started)
+    finally:
+        lock.close()
+
+
+def _embedded_child(spec, job_id: str, sid: str) -> None:
+    """The job's process: run it, then _exit with the command's exit code (never return into the
+    caller's stack, which belongs to the parent)."""
+    code = EXIT_FAILED
+    try:
+        os.setpgrp()  # a terminal's Ctrl-C reaches the parent, which passes one SIGINT on
+        _die_with_parent()
+        code = _run_embedded(spec, job_id, sid)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except BaseException as e:  # noqa: BLE001 - the same mapping as main(), then _exit
+        code = _error_exit(e)
+        if code is None:
+            import traceback
+
+            traceback.print_exc()
+            code = EXIT_FAILED
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the submitting one dies (`stop` kills that one when a job
+    does not stop in time); Ray's own processes die with this one."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(EXIT_FAILED)
+
+
+def _run_embedded(spec, job_id: str, sid: str) -> int:
+    from lora_dist import jobs
+    from lora_dist.launch import run_job
+    from lora_dist.spec import SpecError
+    from lora_dist.store import digest_at
+
+    _check_model(spec)
+    spec = spec.with_absolute_paths()
     log_path = jobs.registry_dir() / f"{sid}.log"
-    jobs.record(sid, state="RUNNING", pid=os.getpid(), name=spec.name, job=job_id, output_dir=spec.output.dir,
-                max_steps=spec.train.max_steps, log=str(log_path), started=time.time(), where="embedded")
+    previous = jobs.new_record(sid, state="RUNNING", pid=os.getppid(), driver_pid=os.getpid(), name=spec.name,
+                               job=job_id, output_dir=spec.output.dir, max_steps=spec.train.max_steps,
+                               log=str(log_path), started=time.time(), where="embedded")
     print(f"job {sid} on an embedded local Ray (lora-dist status {sid})", flush=True)
     # `lora-dist stop` records the request, then sends SIGINT. Ray installs signal handlers of its
     # own and may turn the interrupt into SystemExit or an error, so the registry says what it was.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    watch = _RayWatch(sid)
+    watch.start()
     out, err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Tee(out, log_path), _Tee(err, log_path)
     try:
         artifact = run_job(spec, job_id=job_id)
     except BaseException as e:
+        sys.stdout, sys.stderr = out, err
+        if watch.lost:
+            return _report_ray_lost(sid, job_id, watch.lost, log_path)
+        if isinstance(e, SpecError):  # refused before anything ran (a resubmit with another spec)
+            jobs.restore_record(sid, previous)
+            raise
         if jobs.stop_requested(sid) or isinstance(e, KeyboardInterrupt):
             jobs.record(sid, state="STOPPED", message="stopped by the user")
-            sys.stdout, sys.stderr = out, err
             print(f"job {sid} stopped; no artifact was published", file=sys.stderr)
             return EXIT_FAILED
         text = str(e).strip()
         jobs.record(sid, state="FAILED", message=text.splitlines()[-1][:300] if text else type(e).__name__)
         raise
     finally:
+        watch.stop()
         sys.stdout, sys.stderr = out, err
-    jobs.record(sid, state="SUCCEEDED", artifact=str(artifact))
+    digest = digest_at(str(artifact))  # right away: the digest vouches for the artifact as published
+    jobs.record(sid, state="SUCCEEDED", artifact=str(artifact), manifest_digest=digest)
     print(artifact)
     return EXIT_OK
+
+
+class _RayWatch:
+    """Watches the raylet and GCS that the job's ray.init started (children of this process).
+
+    One that exits while Ray is still initialized died under the job (killed, out of memory); a
+    normal ray.shutdown() disconnects first, then ends them. The loss is written to the registry at
+    once, since Ray may end this process moments later without running any more Python."""
+
+    def __init__(self, sid: str) -> None:
+        import threading
+
+        self.sid, self.lost = sid, None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lora-dist-ray-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        import psutil
+
+        me, tracked = psutil.Process(), {}
+        while not self._done.wait(0.2):
+            try:
+                if self._check(me, tracked):
+                    return
+            except Exception:  # noqa: BLE001 - ray half-imported, a process gone between calls: look again
+                continue
+
+    def _check(self, me, tracked: dict) -> bool:
+        """One look; True when there is nothing more to watch."""
+        up = getattr(sys.modules.get("ray"), "is_initialized", lambda: False)
+        if not up():
+            return bool(tracked)  # after Ray was up: shut down normally
+        for p in _core_children(me):
+            if p.pid not in tracked:
+                tracked[p.pid] = (p, p.name())
+        for pid, (p, name) in tracked.items():
+            if not _running(p) and up():
+                self._lost(f"its {name} (pid {pid}) exited: killed, or out of memory")
+                return True
+        return False
+
+    def _lost(self, what: str) -> None:
+        from lora_dist import jobs
+
+        jobs.record(self.sid, ray_lost=what)  # first: the parent reads it if this process dies now
+        self.lost = what
+
+
+def _core_children(proc) -> list:
+    """The raylet and GCS server among ``proc``'s children."""
+    import psutil
+
+    found = []
+    for p in proc.children():
+        try:
+            if p.name() in RAY_CORE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _supervise(child: int, sid: str, job_id: str, started: float) -> int:
+    """Wait for the job's process; pass stop requests on to it; when it ended without recording
+    an outcome (or its local Ray was lost and it hangs), record and say what happened."""
+    import psutil
+
+    from lora_dist import jobs
+
+    def forward(signum, frame) -> None:
+        try:
+            os.kill(child, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    proc = psutil.Process(child)
+    seen: dict[int, tuple[Any, str]] = {}  # raylet / GCS of the job, as this process saw them
+    gone, lost_at, tree = None, None, []
+    try:
+        while True:
+            pid, status = os.waitpid(child, os.WNOHANG)
+            if pid:
+                break
+            try:
+                tree = proc.children(recursive=True) or tree
+                for p in _core_children(proc):
+                    seen.setdefault(p.pid, (p, p.name()))
+            except psutil.Error:
+                pass
+            for p_pid, (p, name) in seen.items():
+                if gone is None and not _running(p):
+                    gone = f"its {name} (pid {p_pid}) exited: killed, or out of memory"
+            r = _own_record(sid, started)
+            if lost_at is None and r is not None and r.get("ray_lost"):
+                lost_at = time.monotonic()
+            if lost_at is not None and time.monotonic() - lost_at > RAY_LOST_GRACE_S:
+                os.kill(child, signal.SIGKILL)
+                _, status = os.waitpid(child, 0)
+                break
+            time.sleep(0.25)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    code = os.waitstatus_to_exitcode(status)
+    r = _own_record(sid, started)
+    if r is None or r.get("state") != "RUNNING":
+        return code if code >= 0 else EXIT_FAILED  # the job recorded its outcome (or never started)
+    lost = r.get("ray_lost") or gone
+    if lost:
+        _kill_all(tree)  # what is left of the job's own Ray (its process tree only)
+        return _report_ray_lost(sid, job_id, lost, Path(r.get("log", "")))
+    how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+    jobs.record(sid, state="FAILED", message=f"the job's process ended without a result ({how})")
+    print(f"error: job {sid}: the job's process ended without a result ({how}); rerun the same command with "
+          f"--job-id {job_id} to resume from its last checkpoint", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _own_record(sid: str, started: float) -> dict | None:
+    """The job's record if this submit wrote it (not one left by an earlier run of the job id)."""
+    from lora_dist import jobs
+
+    try:
+        r = jobs.read_record(sid)
+    except ValueError:  # being replaced right now
+        return None
+    if r is None or r.get("pid") != os.getpid() or float(r.get("started") or 0) < started:
+        return None
+    return r
+
+
+def _kill_all(procs: list) -> None:
+    """SIGKILL these processes (none of them this process's child: psutil would reap it)."""
+    import psutil
+
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _report_ray_lost(sid: str, job_id: str, lost: str, log_path: Path) -> int:
+    """Record and say that the job's local Ray went away, and how to resume."""
+    from lora_dist import jobs
+
+    jobs.record(sid, state="FAILED", message=f"the local Ray started for this job stopped under it ({lost})")
+    text = (f"error: the local Ray started for job {sid} stopped under it ({lost}); rerun the same command with "
+            f"--job-id {job_id} to resume from its last checkpoint")
+    print(text, file=sys.stderr, flush=True)
+    try:
+        with open(log_path, "a") as f:
+            f.write(text + "\n")
+    except OSError:
+        pass
+    return EXIT_FAILED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -230,7 +497,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         print(f"error: job {args.job_id} is {st.state}: it has no artifact to fetch", file=sys.stderr)
         return EXIT_FAILED
     out = Path(args.out) if args.out else Path.cwd() / Path(st.artifact.rstrip("/")).name
-    fetch(st.artifact, out)
+    fetch(st.artifact, out, digest=st.manifest)  # the digest recorded apart from the artifact's storage
     print(out)
     return EXIT_OK
 
@@ -390,24 +657,30 @@ def main(argv: list[str] | None = None) -> int:
 
         _enable_token_auth()
     _quiet_libraries()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        code = _error_exit(e)
+        if code is None:
+            raise
+        return code
+
+
+def _error_exit(e: BaseException) -> int | None:
+    """Print ``e`` as the user's error and return its exit code; None for an error that is a bug."""
     from lora_dist.data import DataError
     from lora_dist.errors import ArtifactError, JobError, JobFailed, ModelError
     from lora_dist.spec import SpecError
 
-    try:
-        return args.func(args)
-    except (SpecError, ModelError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (ArtifactError, JobFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except JobError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    for kinds, code in (((SpecError, ModelError, DataError), EXIT_BAD_INPUT), ((ArtifactError, JobFailed), EXIT_FAILED),
+                        ((JobError,), EXIT_UNREACHABLE)):
+        if isinstance(e, kinds):
+            print(f"error: {e}", file=sys.stderr)
+            return code
+    return None
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ The spec arrives as a data file (never as shell text), is validated again here, 
 output.dir is confined to this cluster's output root ($LORA_DIST_OUTPUT_ROOT), and it runs
 through the same driver as the embedded default. A YAML spec takes its job id from
 $LORA_DIST_JOB_ID (a retried RayJob then resumes its own checkpoints) or a new one. The last
-line printed is ``artifact: <location>``, for whoever reads the job's logs.
+lines printed are ``artifact: <location>`` and ``manifest: sha256:<hex>`` (the digest of the
+artifact's manifest as published), for whoever reads the job's logs: Ray keeps them on the head,
+apart from the artifact's storage, and ``lora-dist status``/``fetch`` check the artifact against
+that digest.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import sys
 from pathlib import Path
 
 from lora_dist.errors import JobError, JobFailed
+from lora_dist.jobs import ARTIFACT_PREFIX, MANIFEST_PREFIX
 from lora_dist.launch import run_job
 from lora_dist.spec import SpecError, check_output_root, load_spec, spec_from_dict
-from lora_dist.store import check_job_id, new_job_id
-
-ARTIFACT_PREFIX = "artifact: "
+from lora_dist.store import check_job_id, digest_at, new_job_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{ARTIFACT_PREFIX}{artifact}", flush=True)
+    digest = digest_at(str(artifact))  # right away: it vouches for the artifact as published
+    if digest:
+        print(f"{MANIFEST_PREFIX}{digest}", flush=True)
     return 0
 
 

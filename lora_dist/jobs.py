@@ -3,11 +3,16 @@
 Remote jobs (``--address`` or ``RAY_ADDRESS``) go through Ray's Jobs API with token
 authentication (Ray 2.60 turns it on for local clusters; DESIGN.md decision 5). The entrypoint is
 the constant :data:`ENTRYPOINT`; the spec travels as a JSON data file in the job's
-``working_dir``; only allow-listed ``runtime_env`` keys are passed through.
+``working_dir``; only allow-listed ``runtime_env`` keys are passed through. A job (``<name>-<job
+id>``: its Ray Train run, checkpoints and artifact) may be submitted several times: the first
+submission is ``<name>-<job id>``, a resubmit ``<name>-<job id>.r2``, ``.r3``, ...; commands given
+either name act on the newest submission of that job. Transient cluster errors (5xx, connection
+refused or reset, "No available agent") are retried for up to :data:`RETRY_BUDGET_S` seconds.
 
-Jobs on the embedded default run in the submitting process; they are recorded in a registry
-under ``<cache>/jobs/`` (state, pid, work directory, log file, artifact) so that ``status``,
-``logs``, ``stop`` and ``list`` work for them too.
+Jobs on the embedded default run under the submitting process; they are recorded in a registry
+under ``<cache>/jobs/`` (state, pid, work directory, log file, artifact, manifest digest) so that
+``status``, ``logs``, ``stop``, ``list`` and ``fetch`` work for them too. ``<run>.lock`` there is
+held (flock) by the one process running that job.
 
 Progress comes from the job's own records, never from its log text: ``metrics.jsonl`` in the
 job's work directory while it runs, the artifact's manifest once it has finished (both found
@@ -20,6 +25,7 @@ import json
 import os
 import re
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,7 +52,14 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "erro
               "MALLOC_MMAP_THRESHOLD_": "131072"}
 RAY_PREFIX_RE = re.compile(r"^(\x1b\[[0-9;]*m)?\([A-Za-z]+ pid=\d+(, ip=[0-9.]+)?\)(\x1b\[[0-9;]*m)?\s*")
 # Lines of a job's output that --wait echoes (the rest is Ray's own logging).
-ECHO_RE = re.compile(r"^(step \d+|error|artifact: |job |parity|resumed)")
+ECHO_RE = re.compile(r"^(step \d+|error|artifact: |manifest: |job |parity|resumed)")
+# jobrun prints these last; status reads the digest from the job's logs (kept by Ray on the head,
+# apart from the artifact's storage, so a replaced manifest does not vouch for itself).
+ARTIFACT_PREFIX, MANIFEST_PREFIX = "artifact: ", "manifest: "
+ACTIVE = {"PENDING", "RUNNING"}
+# Seconds a command keeps retrying a cluster that is not ready yet (tests shorten it).
+RETRY_BUDGET_S = 60.0
+RESUBMIT_RE = re.compile(r"\.r(\d+)$")
 
 
 @dataclass
@@ -59,6 +72,7 @@ class JobStatus:
     artifact: str | None = None
     message: str | None = None
     where: str = "embedded"
+    manifest: str | None = None  # "sha256:...", recorded when the job finished
 
     def line(self) -> str:
         parts = [f"{self.job_id}  {self.state}"]
@@ -68,6 +82,8 @@ class JobStatus:
             parts.append(f"loss {self.loss:.4f}")
         if self.artifact:
             parts.append(f"artifact {self.artifact}")
+        if self.artifact and self.manifest:
+            parts.append(f"manifest {self.manifest}")
         if self.message and self.state == "FAILED":
             parts.append(f"({self.message})")
         return "  ".join(parts)
@@ -110,26 +126,136 @@ def _enable_token_auth() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def client(address: str):
+def _chain_text(e: BaseException) -> str:
+    """The messages of ``e`` and of the exceptions it was raised from (Ray's client re-raises a
+    refused connection as a ConnectionError that names only the address)."""
+    texts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return " | ".join(texts)
+
+
+def transient(e: BaseException) -> bool:
+    """True for errors of a cluster that is starting or busy, which a retry may get past: 5xx
+    answers (Ray's "No available agent to submit job"), a refused or reset connection. False for
+    everything else: 4xx (no token, unknown job), a duplicate submission id (which Ray reports as
+    a 500 too), a host name that does not resolve."""
+    text = _chain_text(e)
+    if "already exists" in text or type(e).__name__ == "AuthenticationError":
+        return False
+    if re.search(r"NameResolution|Name or service not known|nodename nor servname|getaddrinfo failed", text):
+        return False  # a misspelt host: no cluster will appear there
+    if "No available agent" in text:
+        return True
+    if re.search(r"Connection (refused|reset|aborted)|RemoteDisconnected|Failed to connect to Ray", text):
+        return True
+    code = getattr(getattr(e, "response", None), "status_code", None)
+    if code is None:
+        m = re.search(r"status code (\d{3})", text)
+        code = int(m.group(1)) if m else None
+    return code is not None and 500 <= code < 600
+
+
+class _Retry:
+    """One command's retry budget: :data:`RETRY_BUDGET_S` seconds from its start. Right after
+    `ray start` the Jobs API refuses connections, then answers 500 "No available agent" until the
+    head's job agent registers; a command given then would otherwise fail at once."""
+
+    def __init__(self, address: str) -> None:
+        self.address, self.deadline, self.delay = address, time.monotonic() + RETRY_BUDGET_S, 1.0
+
+    def call(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, retried with backoff while it fails transiently and the budget
+        lasts; then the last error is raised as it came."""
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                left = self.deadline - time.monotonic()
+                if not transient(e) or left <= 0:
+                    raise
+                wait = max(0.1, min(self.delay, left))
+                print(f"cluster not ready ({_short(e)}): retrying in {wait:.0f} s", file=sys.stderr, flush=True)
+                time.sleep(wait)
+                self.delay = min(self.delay * 2, 10.0)
+
+
+def _gave_up(e: BaseException) -> str:
+    return f" (still failing after {RETRY_BUDGET_S:.0f} s of retries)" if transient(e) else ""
+
+
+def client(address: str, retry: _Retry | None = None):
     """A JobSubmissionClient for ``address`` (http://host:8265 or ray://...)."""
     from ray.job_submission import JobSubmissionClient
 
     _enable_token_auth()
+    retry = retry or _Retry(address)
     try:
-        return JobSubmissionClient(address)
+        return retry.call(JobSubmissionClient, address)
     except Exception as e:  # connection refused, 401/403: say which and what to do
-        raise JobError(f"cannot reach the Ray Jobs API at {address}: {_short(e)}. Is the cluster up "
+        raise JobError(f"cannot reach the Ray Jobs API at {address}: {_short(e)}{_gave_up(e)}. Is the cluster up "
                        f"(ray start --head), and is its token in RAY_AUTH_TOKEN or ~/.ray/auth_token?") from None
 
 
+def _ours(j) -> tuple[str, str] | None:
+    """(spec name, job id) of a lora-dist submission; None for anything else on the cluster."""
+    meta = j.metadata or {}
+    if meta.get(METADATA_TAG) and meta.get("name") and meta.get("job_id") and j.submission_id:
+        return meta["name"], meta["job_id"]
+    return None
+
+
+def _revision(j, key: tuple[str, str]) -> tuple[int, float]:
+    """Which submission of its job ``j`` is (1 for ``<name>-<job id>``, N for ``.rN``), then
+    when it started: the sort key of "newest"."""
+    base, sid = run_name(*key), j.submission_id
+    m = RESUBMIT_RE.search(sid) if sid.startswith(base) else None
+    n = 1 if sid == base else int(m.group(1)) if m and sid == f"{base}{m.group(0)}" else 0
+    return n, float(j.start_time or 0)
+
+
+def _submissions(jobs: list, key: tuple[str, str]) -> list:
+    """The submissions of one job (same spec name and job id), oldest first."""
+    return sorted((j for j in jobs if _ours(j) == key), key=lambda j: _revision(j, key))
+
+
+def _resolve(c, retry: _Retry, address: str, ref: str) -> str:
+    """The submission that a command given ``ref`` acts on: the newest submission of the job that
+    ``ref`` names (its run name ``<name>-<job id>`` or any of its submission ids); ``ref`` itself
+    when no lora-dist submission matches, so that Ray answers for it."""
+    try:
+        jobs = retry.call(c.list_jobs)
+    except Exception as e:
+        raise JobError(f"job {ref} at {address}: listing jobs: {_short(e)}{_gave_up(e)}") from None
+    key = next((_ours(j) for j in jobs if j.submission_id == ref and _ours(j)), None)
+    key = key or next((_ours(j) for j in jobs if _ours(j) and run_name(*_ours(j)) == ref), None)
+    return _submissions(jobs, key)[-1].submission_id if key else ref
+
+
+def _state(status) -> str:
+    return str(status.value if hasattr(status, "value") else status)
+
+
 def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
-    """Submit ``spec`` through the Jobs API; return the submission id (``<name>-<job_id>``)."""
+    """Submit ``spec`` through the Jobs API; return the submission id.
+
+    The first submission of a job id is ``<name>-<job id>``; a resubmit (to resume the job) is
+    ``<name>-<job id>.rN``, since Ray never reuses a submission id. The job itself (its Ray Train
+    run, checkpoints and artifact) keeps the name ``<name>-<job id>``.
+
+    Raises:
+        JobError: an earlier submission of this job is still PENDING or RUNNING (two drivers would
+            train the same run), or the cluster refused or could not be reached.
+    """
     runtime_env = dict(spec.cluster.runtime_env)
     problems = runtime_env_problems(runtime_env)
     if problems:  # the spec refuses these already; a JobSpec built in code is checked here too
         raise JobError(f"cluster.runtime_env: {'; '.join(problems)}")
-    c = client(address)
-    submission_id = run_name(spec.name, job_id)
+    retry = _Retry(address)
+    c = client(address, retry)
+    submission_id = _next_submission_id(c, retry, address, spec.name, job_id)
     with tempfile.TemporaryDirectory(prefix="lora-dist-submit-") as tmp:
         # env var values travel in runtime_env only, never in the spec file Ray stores with the job
         (Path(tmp) / SPEC_FILE).write_text(json.dumps({"spec": redacted(spec.to_dict()), "job_id": job_id}))
@@ -137,42 +263,79 @@ def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
         env.setdefault("env_vars", {})
         env["env_vars"] = {**env["env_vars"], **WORKER_ENV}
         try:
-            return c.submit_job(entrypoint=ENTRYPOINT, submission_id=submission_id, runtime_env=env,
-                                metadata={METADATA_TAG: "1", "name": spec.name, "job_id": job_id,
-                                          "max_steps": str(spec.train.max_steps),
-                                          "output_dir": spec.output.dir})
+            return retry.call(c.submit_job, entrypoint=ENTRYPOINT, submission_id=submission_id, runtime_env=env,
+                              metadata={METADATA_TAG: "1", "name": spec.name, "job_id": job_id,
+                                        "max_steps": str(spec.train.max_steps),
+                                        "output_dir": spec.output.dir})
         except Exception as e:
-            raise JobError(f"submitting {submission_id} to {address} failed: {_short(e)}") from None
+            raise JobError(f"submitting {submission_id} (job {run_name(spec.name, job_id)}) to {address} failed: "
+                           f"{_short(e)}{_gave_up(e)}") from None
+
+
+def _next_submission_id(c, retry: _Retry, address: str, name: str, job_id: str) -> str:
+    """``<name>-<job id>`` for a job's first submission, ``...rN`` after N-1 earlier ones, none of
+    which may still be running."""
+    run = run_name(name, job_id)
+    try:
+        earlier = _submissions(retry.call(c.list_jobs), (name, job_id))
+    except Exception as e:
+        raise JobError(f"listing jobs at {address} before submitting {run}: {_short(e)}{_gave_up(e)}") from None
+    active = [j for j in earlier if _state(j.status) in ACTIVE]
+    if active:
+        j = active[-1]
+        raise JobError(f"job {run} (--job-id {job_id}) is still {_state(j.status)} at {address} as submission "
+                       f"{j.submission_id}; wait for it to end, or `lora-dist stop {run} --address {address}`, "
+                       f"before submitting it again")
+    if not earlier:
+        return run
+    return f"{run}.r{max(_revision(j, (name, job_id))[0] for j in earlier) + 1}"
 
 
 def status_remote(address: str, job_id: str) -> JobStatus:
-    """State from the Jobs API; step, loss and the artifact from the job's own records."""
-    c = client(address)
+    """State from the Jobs API; step, loss and the artifact from the job's own records; the
+    manifest's digest from the job's logs. ``job_id``: the job's run name or a submission id; the
+    newest submission of that job answers."""
+    retry = _Retry(address)
+    c = client(address, retry)
+    sid = _resolve(c, retry, address, job_id)
     try:
-        info = c.get_job_info(job_id)
+        info = retry.call(c.get_job_info, sid)
     except Exception as e:
-        raise JobError(f"job {job_id} at {address}: {_short(e)}") from None
-    state = str(info.status.value if hasattr(info.status, "value") else info.status)
+        raise JobError(f"job {job_id} at {address}: {_short(e)}{_gave_up(e)}") from None
+    state = _state(info.status)
     meta = info.metadata or {}
     out, name, jid = meta.get("output_dir"), meta.get("name"), meta.get("job_id")
     step, loss = progress(out, name, jid, finished=state == "SUCCEEDED")
     # only a finished job has published an artifact
     artifact = artifact_location(out, name, jid) if state == "SUCCEEDED" and out and name and jid else None
     total = int(meta["max_steps"]) if meta.get("max_steps") else None
-    return JobStatus(job_id, state, step, total, loss, artifact, info.message, where=address)
+    digest = _logged_digest(c, retry, sid) if artifact else None
+    return JobStatus(sid, state, step, total, loss, artifact, info.message, where=address, manifest=digest)
+
+
+def _logged_digest(c, retry: _Retry, sid: str) -> str | None:
+    """The digest of the ``manifest: sha256:...`` line jobrun printed when the job finished."""
+    try:
+        text = retry.call(c.get_job_logs, sid)
+    except Exception:
+        return None
+    found = [line[len(MANIFEST_PREFIX):].strip() for line in text.splitlines() if line.startswith(MANIFEST_PREFIX)]
+    return found[-1] if found else None
 
 
 def logs_remote(address: str, job_id: str, follow: bool) -> Iterator[str]:
-    c = client(address)
+    retry = _Retry(address)
+    c = client(address, retry)
+    sid = _resolve(c, retry, address, job_id)
     try:
         if not follow:
-            yield c.get_job_logs(job_id)
+            yield retry.call(c.get_job_logs, sid)
             return
         import asyncio
 
         # tail_job_logs streams until the job ends; chunks are yielded as they arrive.
         loop = asyncio.new_event_loop()
-        agen = c.tail_job_logs(job_id)
+        agen = c.tail_job_logs(sid)
         try:
             while True:
                 try:
@@ -188,30 +351,33 @@ def logs_remote(address: str, job_id: str, follow: bool) -> Iterator[str]:
 
 
 def stop_remote(address: str, job_id: str, timeout: float = 120) -> str:
-    c = client(address)
+    retry = _Retry(address)
+    c = client(address, retry)
+    sid = _resolve(c, retry, address, job_id)
     try:
-        c.stop_job(job_id)
+        retry.call(c.stop_job, sid)
         deadline = time.time() + timeout
         while time.time() < deadline:
-            state = str(c.get_job_status(job_id).value)
+            state = _state(retry.call(c.get_job_status, sid))
             if state in TERMINAL:
                 return state
             time.sleep(1)
     except Exception as e:
-        raise JobError(f"job {job_id} at {address}: {_short(e)}") from None
-    raise JobError(f"job {job_id} did not stop within {timeout:.0f} s")
+        raise JobError(f"job {job_id} at {address}: {_short(e)}{_gave_up(e)}") from None
+    raise JobError(f"job {sid} did not stop within {timeout:.0f} s")
 
 
 def list_remote(address: str) -> list[JobStatus]:
-    c = client(address)
+    retry = _Retry(address)
+    c = client(address, retry)
     try:
-        jobs = c.list_jobs()
+        jobs = retry.call(c.list_jobs)
     except Exception as e:
-        raise JobError(f"listing jobs at {address}: {_short(e)}") from None
+        raise JobError(f"listing jobs at {address}: {_short(e)}{_gave_up(e)}") from None
     out = []
     for j in jobs:
         if (j.metadata or {}).get(METADATA_TAG) and j.submission_id:
-            out.append(JobStatus(j.submission_id, str(j.status.value), where=address,
+            out.append(JobStatus(j.submission_id, _state(j.status), where=address,
                                  total_steps=int((j.metadata or {}).get("max_steps", 0)) or None))
     return out
 
@@ -244,12 +410,74 @@ def _record_path(job_id: str) -> Path:
 
 
 def record(job_id: str, **fields: Any) -> None:
+    """Update fields of a job's record (created if missing)."""
     path = _record_path(job_id)
     data = json.loads(path.read_text()) if path.is_file() else {"job_id": job_id}
     data.update(fields)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    _write_record(path, data)
+
+
+def new_record(job_id: str, **fields: Any) -> dict[str, Any] | None:
+    """Start a job's record afresh and return the one it replaces (None if there was none).
+
+    A resubmit of a job id is a new run: what an earlier run left (its stop request, error,
+    artifact, digest) must not describe this one: a stop request that outlived its run turned
+    the next run's genuine failure into "stopped by the user"."""
+    path = _record_path(job_id)
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    _write_record(path, {"job_id": job_id, **fields})
+    return previous
+
+
+def restore_record(job_id: str, previous: dict[str, Any] | None) -> None:
+    """Put back the record :func:`new_record` replaced (for a submit refused before it ran)."""
+    path = _record_path(job_id)
+    if previous is None:
+        path.unlink(missing_ok=True)
+    else:
+        _write_record(path, previous)
+
+
+def _write_record(path: Path, data: dict[str, Any]) -> None:
+    import threading
+
+    tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")  # a job's watch thread writes too
     tmp.write_text(json.dumps(data))
     os.replace(tmp, path)
+
+
+def read_record(job_id: str) -> dict[str, Any] | None:
+    """A job's record, or None."""
+    path = _record_path(job_id)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def lock_job(run: str):
+    """Hold ``<registry>/<run>.lock`` (flock, non-blocking) for as long as the returned file stays
+    open: one process runs a job id at a time. The kernel releases it when the holder exits,
+    however it exits. The holder's pid is written in the file for the refusal message.
+
+    Raises:
+        JobError: another process holds it (naming the job and that process).
+    """
+    import fcntl
+
+    path = registry_dir() / f"{check_job_id(run)}.lock"
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise JobError(f"job {run} is already running on the embedded default (pid {holder} holds {path}); "
+                       f"follow it with `lora-dist logs -f {run}` or end it with `lora-dist stop {run}` "
+                       f"before submitting it again") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def _read_record(job_id: str) -> dict[str, Any]:
@@ -277,8 +505,9 @@ def status_local(job_id: str) -> JobStatus:
         state = "FAILED"
         r["message"] = "the submitting process is gone"
     step, loss = progress(r.get("output_dir"), r.get("name"), r.get("job"), finished=state == "SUCCEEDED")
-    return JobStatus(job_id, state, step, r.get("max_steps"), loss,
-                     r.get("artifact") if state == "SUCCEEDED" else None, r.get("message"))
+    done = state == "SUCCEEDED"
+    return JobStatus(job_id, state, step, r.get("max_steps"), loss, r.get("artifact") if done else None,
+                     r.get("message"), manifest=r.get("manifest_digest") if done else None)
 
 
 def logs_local(job_id: str, follow: bool) -> Iterator[str]:
@@ -336,5 +565,10 @@ def list_local() -> list[JobStatus]:
 
 
 def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    """One line of an error; for a server that answered with a traceback, its first and last line."""
+    text = [line for line in str(e).strip().splitlines() if len(line.strip(" .")) > 1]
+    if not text:
+        return type(e).__name__
+    if len(text) > 1 and any(line.startswith("Traceback") or "Traceback (most recent" in line for line in text):
+        return f"{text[0][:150]} ... {text[-1].strip()[:250]}"
+    return text[0][:300]

@@ -240,8 +240,10 @@ def publish(local_artifact: Path, uri: str) -> str:
     return join(uri, local_artifact.name)
 
 
-def fetch(location: str, out: Path) -> Path:
-    """Copy an artifact (local path or URI) to ``out`` and verify every sha256.
+def fetch(location: str, out: Path, digest: str | None = None) -> Path:
+    """Copy an artifact (local path or URI) to ``out`` and verify every sha256, and with
+    ``digest`` (what the job recorded when it published) the manifest's own; the copy appears at
+    ``out`` only once it has passed.
 
     Raises:
         JobError: ``out`` exists, or the source is not a complete artifact.
@@ -266,7 +268,11 @@ def fetch(location: str, out: Path) -> Path:
             if not (src / MANIFEST_FILE).is_file():
                 raise JobError(f"{src}: no {MANIFEST_FILE}: not a complete artifact (or not reachable from here)")
             shutil.copytree(src, partial)
-        verify_artifact(partial)
+        try:
+            verify_artifact(partial, digest=digest)
+        except ArtifactError as e:
+            raise ArtifactError(f"{location}: {e}; the artifact was changed since it was published, and nothing "
+                                f"was fetched") from None
         os.rename(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

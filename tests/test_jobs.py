@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,12 +18,13 @@ import pytest
 
 from lora_dist import store
 
-from conftest import REPO
+from conftest import E2E_CSV, REPO
 
 JOB = str(REPO / "jobs" / "smollm2-e2e.yaml")
 QUICK = ["train.max_steps=2", "train.micro_batch_size=2", "data.max_length=48", "train.eval_batches=1",
          "train.log_every=1"]
 DASHBOARD_PORT = 8275
+HEAD_DIRS: dict[str, Path] = {}  # the module head's --temp-dir, by address
 
 
 def _cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -30,38 +32,117 @@ def _cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 900) -
                           timeout=timeout, env=env)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_head(temp_dir: Path, env: dict, port: int, dashboard_port: int | None) -> None:
+    """`ray start --head` whose files live under ``temp_dir`` and whose ports are its own (another
+    Ray on this machine, another agent's or another head's, keeps its ports)."""
+    ray = str(Path(sys.executable).parent / "ray")
+    args = [ray, "start", "--head", "--num-cpus=2", f"--port={port}", f"--temp-dir={temp_dir}",
+            "--disable-usage-stats", f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    args += ([f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"]
+             if dashboard_port else ["--include-dashboard=false"])
+    start = subprocess.run(args, capture_output=True, text=True, env=env, timeout=180)
+    if start.returncode != 0:
+        _stop_head(temp_dir)
+        pytest.fail(f"ray start --head failed:\n{start.stdout[-3000:]}\n{start.stderr[-3000:]}")
+
+
+def _head_processes(temp_dir: Path) -> list:
+    """The processes of the head whose --temp-dir is ``temp_dir``: those whose command line or
+    working directory names it (gcs_server, raylet, dashboard, monitors, job drivers) and all
+    their descendants (workers, whose command lines are ray::...). No other Ray's."""
+    import psutil
+
+    mark = str(temp_dir)
+    roots = []
+    for p in psutil.process_iter(["cmdline", "cwd"]):
+        try:
+            if p.pid != os.getpid() and (any(mark in a for a in p.info["cmdline"] or [])
+                                         or (p.info["cwd"] or "").startswith(mark)):
+                roots.append(p)
+        except psutil.Error:
+            continue
+    found = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            found.update((c.pid, c) for c in p.children(recursive=True))
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+def _stop_head(temp_dir: Path) -> list:
+    """End that head's processes only (`ray stop --force` ends every Ray on the machine, other
+    tests' and other users' too): SIGTERM, then SIGKILL what is left after 15 s. Returns the
+    processes that still run (none, unless something is wrong)."""
+    import psutil
+
+    procs = _head_processes(temp_dir)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+    return [p for p in _head_processes(temp_dir) if _running(p)]
+
+
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_for_api(address: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without a token): up
+        except OSError:
+            time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A real Ray head (`ray start --head`), stopped at teardown. Yields (address, env).
+    """A real Ray head (`ray start --head`), whose own processes are ended at teardown. Yields
+    (address, env).
 
     The cluster's output root is pytest's temporary directory: the jobs' output.dirs are under it."""
     import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # Ray's unix sockets need a short path
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["LORA_DIST_OUTPUT_ROOT"] = str(tmp_path_factory.getbasetemp())
-    ray = str(Path(sys.executable).parent / "ray")
-    start = subprocess.run([ray, "start", "--head", "--num-cpus=2", "--port=6389",
-                            f"--dashboard-port={DASHBOARD_PORT}", "--dashboard-host=127.0.0.1",
-                            "--include-dashboard=true", f"--temp-dir={tmp / 'ray'}", "--disable-usage-stats"],
-                           capture_output=True, text=True, env=env, timeout=180)
-    if start.returncode != 0:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
-        pytest.fail(f"ray start --head failed:\n{start.stdout[-3000:]}\n{start.stderr[-3000:]}")
+    _start_head(tmp / "ray", env, port=6389, dashboard_port=DASHBOARD_PORT)
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # it answers (401 without a token): up
-        except OSError:
-            time.sleep(1)
+    HEAD_DIRS[address] = tmp / "ray"
+    _wait_for_api(address)
     try:
         yield address, env
     finally:
-        subprocess.run([ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        left = _stop_head(tmp / "ray")
         shutil.rmtree(tmp, ignore_errors=True)
+        assert not left, f"processes of the test head survived its teardown: {[p.pid for p in left]}"
 
 
 @pytest.mark.slow
@@ -89,6 +170,8 @@ def test_submit_wait_fetch_verify_through_the_jobs_api(head, tmp_path, e2e_csv, 
 
     st = _cli("status", sid, "--address", address, cwd=tmp_path, env=env)
     assert st.returncode == 0 and "SUCCEEDED" in st.stdout and "step 2/2" in st.stdout and str(artifact) in st.stdout
+    digest = store.manifest_digest(artifact)  # what the job printed when it published (its logs, on the head)
+    assert f"manifest {digest}" in st.stdout, st.stdout
     ls = _cli("list", "--address", address, cwd=tmp_path, env=env)
     assert sid in ls.stdout
 
@@ -101,19 +184,46 @@ def test_submit_wait_fetch_verify_through_the_jobs_api(head, tmp_path, e2e_csv, 
     v = _cli("verify", str(fetched), cwd=tmp_path, env=env)
     assert v.returncode == 0 and "ok:" in v.stdout
 
+    # A manifest replaced at the artifact's storage still lists files that match it; the digest the
+    # job recorded does not.
+    manifest = json.loads((artifact / store.MANIFEST_FILE).read_text())
+    (artifact / store.MANIFEST_FILE).write_text(json.dumps({**manifest, "final_loss": 0.001}))
+    tampered = tmp_path / "tampered"
+    bad = _cli("fetch", sid, "--address", address, "--out", str(tampered), cwd=tmp_path, env=env)
+    assert bad.returncode == 1 and digest in bad.stderr and not tampered.exists(), bad.stdout + bad.stderr
+
 
 @pytest.mark.slow
-def test_submit_without_wait_prints_the_job_id(head, tmp_path, e2e_csv):
+def test_submit_without_wait_prints_the_job_id_and_a_resubmit_gets_a_new_one(head, tmp_path, e2e_csv):
+    """A job id is submitted once at a time; after it ended, a resubmit (to resume it) goes through
+    under a new submission id, and status/stop given the job's name act on the newest."""
     address, env = head
-    proc = _cli("submit", JOB, "--address", address, f"--set=data.path={e2e_csv}", f"--set=output.dir={tmp_path}/r",
-                *[f"--set={o}" for o in QUICK], cwd=tmp_path, env=env, timeout=120)
+    submit = ["submit", JOB, "--address", address, f"--set=data.path={e2e_csv}", f"--set=output.dir={tmp_path}/r",
+              "--job-id=nowait", "--set=train.max_steps=500", *[f"--set={o}" for o in QUICK if "max_steps" not in o]]
+    proc = _cli(*submit, cwd=tmp_path, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     sid = proc.stdout.strip().splitlines()[-1]
-    assert sid.startswith("smollm2-e2e-")
+    assert sid == "smollm2-e2e-nowait"
     st = _cli("status", sid, "--address", address, cwd=tmp_path, env=env)
     assert st.returncode == 0 and sid in st.stdout
+
+    twice = _cli(*submit, cwd=tmp_path, env=env, timeout=300)  # while the first is PENDING or RUNNING
+    assert twice.returncode == 3 and f"job {sid} (--job-id nowait) is still" in twice.stderr, twice.stderr
     stop = _cli("stop", sid, "--address", address, cwd=tmp_path, env=env, timeout=300)
-    assert "STOPPED" in stop.stdout or "SUCCEEDED" in stop.stdout
+    assert "STOPPED" in stop.stdout, stop.stdout + stop.stderr
+
+    again = _cli(*submit, cwd=tmp_path, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.strip().splitlines()[-1] == f"{sid}.r2"
+    for name in (sid, f"{sid}.r2"):  # the job's name (= its first submission's id) finds the newest
+        st = _cli("status", name, "--address", address, cwd=tmp_path, env=env)
+        assert st.stdout.startswith(f"{sid}.r2  "), st.stdout + st.stderr
+    stop = _cli("stop", sid, "--address", address, cwd=tmp_path, env=env, timeout=300)
+    assert "STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    st = _cli("status", sid, "--address", address, cwd=tmp_path, env=env)
+    assert st.stdout.startswith(f"{sid}.r2  STOPPED"), st.stdout
+    ls = _cli("list", "--address", address, cwd=tmp_path, env=env).stdout
+    assert f"{sid}  STOPPED" in ls and f"{sid}.r2  STOPPED" in ls
 
 
 @pytest.mark.slow
@@ -143,9 +253,154 @@ def test_stop_leaves_no_complete_looking_artifact(head, tmp_path, e2e_csv):
 
 @pytest.mark.slow
 def test_unknown_job_is_a_clear_error(head, tmp_path):
+    """404 and 401 are answers, not a cluster starting up: no retries, exit 3 at once."""
     address, env = head
     st = _cli("status", "no-such-job", "--address", address, cwd=tmp_path, env=env)
-    assert st.returncode == 3 and "no-such-job" in st.stderr
+    assert st.returncode == 3 and "no-such-job" in st.stderr and "retrying" not in st.stderr
+    home = tmp_path / "home"  # no ~/.ray/auth_token there: the request carries no token
+    home.mkdir()
+    t0 = time.time()
+    st = _cli("status", "no-such-job", "--address", address, cwd=tmp_path, env={**env, "HOME": str(home)})
+    assert st.returncode == 3 and "retrying" not in st.stderr and "token" in st.stderr, st.stderr
+    assert time.time() - t0 < 30
+
+
+class _FlakyJobsAPI:
+    """A proxy in front of the head's Jobs API that answers the first ``failures`` job submissions
+    with what Ray's head answers while its job agent has not registered yet (500 "No available
+    agent to submit job, please try again later."), and forwards every other request."""
+
+    def __init__(self, port: int, target: str, failures: int) -> None:
+        from http.server import BaseHTTPRequestHandler
+
+        proxy = self
+        self.refused = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.command == "POST" and self.path.rstrip("/") == "/api/jobs" and proxy.refused < failures:
+                    proxy.refused += 1
+                    self._answer(500, b"No available agent to submit job, please try again later.", "text/plain")
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                req = urllib.request.Request(target + self.path, data=body or None, method=self.command,
+                                             headers=headers)
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        self._answer(r.status, r.read(), r.headers.get("Content-Type"))
+                except urllib.error.HTTPError as e:
+                    self._answer(e.code, e.read(), e.headers.get("Content-Type"))
+
+            def _answer(self, code: int, data: bytes, ctype: str | None) -> None:
+                self.send_response(code)
+                if ctype:
+                    self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _forward
+
+        self.address, self.handler, self.server = ("127.0.0.1", port), Handler, None
+
+    def serve(self) -> None:
+        """Listen from now on (until then a connection is refused), answering in a thread."""
+        import threading
+        from http.server import ThreadingHTTPServer
+
+        self.server = ThreadingHTTPServer(self.address, self.handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@pytest.mark.slow
+def test_submit_retries_a_cluster_that_is_not_ready_yet(head, tmp_path, e2e_csv):
+    """Right after `ray start` the Jobs API first refuses connections, then answers 500 "No
+    available agent": submit retries both (a line each on stderr) and goes through. A duplicate
+    submission id, which Ray also answers with a 500, is not retried."""
+    import threading
+
+    address, env = head
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lora_dist.cli", "submit", JOB, "--address",
+                             f"http://127.0.0.1:{port}", f"--set=data.path={e2e_csv}",
+                             f"--set=output.dir={tmp_path}/r", "--job-id=retry", "--set=train.max_steps=500",
+                             *[f"--set={o}" for o in QUICK if "max_steps" not in o]],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    refused = threading.Event()
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            err.append(line)
+            if "cluster not ready" in line:
+                refused.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    proxy = _FlakyJobsAPI(port, address, failures=2)
+    try:
+        deadline = time.time() + 300
+        while not refused.wait(1):  # nothing listens yet: connection refused
+            assert proc.poll() is None and time.time() < deadline, "".join(err)[-3000:]
+        proxy.serve()  # now the "head" is up, and its job agent not yet
+        out = proc.stdout.read()
+        proc.wait(timeout=300)
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proxy.close()
+    stderr = "".join(err)
+    assert proc.returncode == 0, out[-3000:] + stderr[-3000:]
+    assert re.search(r"cluster not ready \(Failed to connect to Ray at address: http://127\.0\.0\.1:\d+.*\): "
+                     r"retrying in \d+ s", stderr), stderr
+    assert proxy.refused == 2 and stderr.count("cluster not ready (Request failed with status code 500: No "
+                                               "available agent") == 2, stderr
+    sid = out.strip().splitlines()[-1]
+    assert sid == "smollm2-e2e-retry"
+    try:
+        code = ("from lora_dist import jobs; jobs._enable_token_auth(); c = jobs.client(%r)\n"
+                "try:\n    c.submit_job(entrypoint='true', submission_id=%r)\n"
+                "except Exception as e:\n    print('TRANSIENT', jobs.transient(e), jobs._short(e))" % (address, sid))
+        dup = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert "TRANSIENT False" in dup.stdout and "already exists" in dup.stdout, dup.stdout + dup.stderr
+    finally:
+        _cli("stop", sid, "--address", address, cwd=tmp_path, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_ending_a_test_head_leaves_every_other_ray_running(head):
+    """The fixture's teardown ends its own head's processes only (`ray stop --force` ended every
+    Ray on the machine): a second head is started and ended here while the module's keeps running."""
+    import tempfile
+
+    address, env = head
+    core = ("gcs_server", "raylet")
+    module_core = [p for p in _head_processes(HEAD_DIRS[address]) if p.name() in core]
+    assert len(module_core) == 2
+    other = Path(tempfile.mkdtemp(prefix="rx", dir="/tmp"))
+    try:
+        _start_head(other / "ray", env, port=_free_port(), dashboard_port=None)
+        theirs = _head_processes(other / "ray")
+        assert {p.name() for p in theirs} >= set(core)
+        assert not _stop_head(other / "ray")
+        assert not [p for p in theirs if _running(p)]
+        assert all(_running(p) for p in module_core)
+        with pytest.raises(urllib.error.HTTPError) as answered:  # and it still answers (401: no token)
+            urllib.request.urlopen(f"{address}/api/version", timeout=10)
+        assert answered.value.code == 401
+    finally:
+        _stop_head(other / "ray")
+        shutil.rmtree(other, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -161,17 +416,26 @@ def test_bad_input_table_is_refused_before_submission(smollm2_dir):
     assert len(CASES) >= 30 and f"{len(CASES)} passed, 0 failed" in proc.stdout
 
 
-@pytest.mark.slow
-def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir):
-    """The embedded default: status, list and logs see a running job; stop ends it STOPPED."""
+def _private_registry(tmp_path: Path, smollm2_dir: Path) -> dict:
+    """An environment whose registry (LORA_DIST_CACHE) is the test's own; the model is linked in."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["LORA_DIST_CACHE"] = str(tmp_path / "cache")  # a private registry; the model is linked in
+    env["LORA_DIST_CACHE"] = str(tmp_path / "cache")
     (tmp_path / "cache" / "models").mkdir(parents=True)
     (tmp_path / "cache" / "models" / "smollm2-135m").symlink_to(smollm2_dir)
+    return env
+
+
+@pytest.mark.slow
+def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir):
+    """The embedded default: status, list and logs see a running job; a second submit of its job
+    id is refused while it runs; stop ends it STOPPED; a later submit of that id is a new run
+    whose own outcome is recorded (a finished job's recorded digest: the fast
+    test_fetch_checks_the_manifest_digest_the_job_recorded)."""
+    env = _private_registry(tmp_path, smollm2_dir)
     out = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-m", "lora_dist.cli", "submit", JOB, f"--set=data.path={e2e_csv}",
-                             f"--set=output.dir={out}", "--set=train.max_steps=500", "--job-id=life",
-                             *[f"--set={o}" for o in QUICK if "max_steps" not in o]],
+    base = [sys.executable, "-m", "lora_dist.cli", "submit", JOB, f"--set=data.path={e2e_csv}"]
+    submit = [*base, "--job-id=life", *[f"--set={o}" for o in QUICK if "max_steps" not in o]]
+    proc = subprocess.Popen([*submit, f"--set=output.dir={out}", "--set=train.max_steps=500"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sid = "smollm2-e2e-life"
     try:
@@ -185,6 +449,11 @@ def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir)
         assert "/500" in st.stdout and "loss" in st.stdout, st.stdout + st.stderr
         assert sid in _cli("list", cwd=tmp_path, env=env).stdout
         assert "step 1/500" in _cli("logs", sid, cwd=tmp_path, env=env).stdout
+        t0 = time.time()
+        twice = subprocess.run([*submit, f"--set=output.dir={out}", "--set=train.max_steps=500"], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert twice.returncode == 3 and f"job {sid} is already running" in twice.stderr, twice.stderr
+        assert f"pid {proc.pid}" in twice.stderr and time.time() - t0 < 60  # refused before loading torch
         stop = _cli("stop", sid, cwd=tmp_path, env=env, timeout=300)
         assert stop.returncode == 0 and "STOPPED" in stop.stdout, stop.stdout + stop.stderr
         proc.wait(timeout=120)
@@ -195,6 +464,146 @@ def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir)
     st = _cli("status", sid, cwd=tmp_path, env=env)
     assert "STOPPED" in st.stdout and st.returncode == 1
     assert not [p for p in out.glob("*") if (p / store.MANIFEST_FILE).exists()]
+
+    # The stop request belonged to that run: the next run of the id fails for its own reason.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    failed = subprocess.run([*submit, f"--set=output.dir={blocker}", "--set=train.max_steps=2"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
+    st = _cli("status", sid, cwd=tmp_path, env=env)
+    assert "FAILED" in st.stdout and "Not a directory" in st.stdout and "stopped" not in st.stdout, st.stdout
+
+
+
+@pytest.mark.slow
+def test_embedded_job_says_when_its_local_ray_stops_under_it(tmp_path, e2e_csv, smollm2_dir):
+    """The raylet of the job's own local Ray is killed (as the OOM killer would): the command
+    says that the local Ray stopped under the job and how to resume, exits 1, and the registry
+    records it FAILED with that reason. Nothing of that Ray is left running."""
+    import psutil
+
+    env = _private_registry(tmp_path, smollm2_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "lora_dist.cli", "submit", JOB, f"--set=data.path={e2e_csv}",
+                             f"--set=output.dir={tmp_path / 'runs'}", "--set=train.max_steps=500", "--job-id=lost",
+                             *[f"--set={o}" for o in QUICK if "max_steps" not in o]],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    submitter, tree, raylet = psutil.Process(proc.pid), [], None
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and raylet is None:
+            tree = submitter.children(recursive=True)  # only this job's processes: never another Ray's
+            cmdlines = {}
+            for p in tree:
+                try:
+                    cmdlines[p] = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+            if any("RayTrainWorker" in c for c in cmdlines.values()):  # the job runs on its Ray
+                raylet = next(p for p in tree if p.name() == "raylet")
+            else:
+                assert proc.poll() is None, proc.communicate()
+                time.sleep(1)
+        assert raylet is not None, "the job's Ray Train worker never started"
+        t0 = time.time()
+        raylet.kill()
+        out, err = proc.communicate(timeout=300)
+        print(f"raylet killed: the submit ended {time.time() - t0:.1f} s later")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert ("error: the local Ray started for job smollm2-e2e-lost stopped under it (its raylet (pid "
+            f"{raylet.pid}) exited") in err and "rerun the same command with --job-id lost" in err, err[-3000:]
+    st = _cli("status", "smollm2-e2e-lost", cwd=tmp_path, env=env)
+    assert st.returncode == 1 and "FAILED" in st.stdout and "stopped under it" in st.stdout, st.stdout
+    _, alive = psutil.wait_procs([p for p in tree if _running(p)], timeout=30)
+    for p in alive:
+        p.kill()
+    assert not alive, [p.pid for p in alive]
+
+
+def test_a_job_id_runs_once_at_a_time_on_the_embedded_default(tmp_path, monkeypatch, tiny_llama_dir):
+    """While a process holds a job's lock (<registry>/<run>.lock, flock), `submit --job-id` of the
+    same job is refused at once (exit 3), naming the job and that process, and writes nothing."""
+    import fcntl
+
+    monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path / "c"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    (tmp_path / "c" / "jobs").mkdir(parents=True)
+    held = open(tmp_path / "c" / "jobs" / "smollm2-e2e-once.lock", "w")  # as a running submit holds it
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.write(str(os.getpid()))
+    held.flush()
+    try:
+        proc = _cli("submit", JOB, f"--set=model.base={tiny_llama_dir}", f"--set=data.path={E2E_CSV}",
+                    f"--set=output.dir={tmp_path / 'r'}", "--job-id=once", cwd=tmp_path, env=dict(os.environ),
+                    timeout=120)
+    finally:
+        held.close()
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"job smollm2-e2e-once is already running on the embedded default (pid {os.getpid()}" in proc.stderr
+    assert not (tmp_path / "c" / "jobs" / "smollm2-e2e-once.json").exists() and not (tmp_path / "r").exists()
+
+
+def _cli_with_retry_budget(seconds: float, *args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process whose retry budget is shortened to ``seconds``."""
+    code = ("import sys; from lora_dist import jobs; jobs.RETRY_BUDGET_S = %r; from lora_dist.cli import main; "
+            "sys.exit(main(%r))" % (seconds, list(args)))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+def test_cluster_not_ready_is_retried_then_reported(tmp_path):
+    """Nothing listens at the address: each refused connection is retried with a line on stderr
+    until the (shortened) budget is spent, then exit 3 naming the address."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.time()
+    proc = _cli_with_retry_budget(3, "status", "some-job", "--address", f"http://127.0.0.1:{port}", env=env,
+                                  cwd=tmp_path)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stderr.count("cluster not ready (Failed to connect to Ray at address") >= 2, proc.stderr
+    assert re.search(r"retrying in \d+ s", proc.stderr)
+    assert f"cannot reach the Ray Jobs API at http://127.0.0.1:{port}" in proc.stderr
+    assert "still failing after 3 s of retries" in proc.stderr and time.time() - t0 >= 3
+
+
+def test_multi_node_storage_is_refused_before_submitting(tmp_path, tiny_llama_dir):
+    """`submit --address`: two workers and a plain local output.dir are refused (exit 2, naming the
+    field) before the cluster is contacted; declared shared, the same spec goes on to submit."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    common = ["submit", JOB, "--address", f"http://127.0.0.1:{_free_port()}", f"--set=model.base={tiny_llama_dir}",
+              f"--set=data.path={E2E_CSV}", f"--set=output.dir={tmp_path / 'runs'}", "--set=cluster.workers=2"]
+    refused = _cli_with_retry_budget(1, *common, env=env, cwd=tmp_path)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "output.dir" in refused.stderr and "output.shared: true" in refused.stderr
+    assert "cluster not ready" not in refused.stderr  # nothing was contacted
+    shared = _cli_with_retry_budget(1, *common, "--set=output.shared=true", env=env, cwd=tmp_path)
+    assert shared.returncode == 3 and "cannot reach the Ray Jobs API" in shared.stderr, shared.stderr
+
+
+def test_fetch_checks_the_manifest_digest_the_job_recorded(tmp_path, monkeypatch, tiny_trained):
+    """An embedded job's record carries its manifest's digest: status shows it, and fetch refuses
+    an artifact whose manifest was replaced since (every file it lists still matching it)."""
+    from lora_dist import jobs
+
+    monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path / "cache"))
+    art = tmp_path / "runs" / "demo-j2"
+    shutil.copytree(tiny_trained[0], art)
+    digest = store.manifest_digest(art)
+    jobs.record("demo-j2", state="SUCCEEDED", pid=os.getpid(), name="demo", job="j2", output_dir=str(art.parent),
+                max_steps=4, artifact=str(art), manifest_digest=digest)
+    env = {**os.environ, "LORA_DIST_CACHE": str(tmp_path / "cache")}
+    st = _cli("status", "demo-j2", cwd=tmp_path, env=env)
+    assert st.returncode == 0 and st.stdout.strip().endswith(f"artifact {art}  manifest {digest}"), st.stdout
+    ok = _cli("fetch", "demo-j2", "--out", str(tmp_path / "ok"), cwd=tmp_path, env=env)
+    assert ok.returncode == 0 and (tmp_path / "ok" / store.MANIFEST_FILE).is_file(), ok.stderr
+    manifest = json.loads((art / store.MANIFEST_FILE).read_text())
+    (art / store.MANIFEST_FILE).write_text(json.dumps({**manifest, "final_loss": 0.001}))
+    store.verify_artifact(art)  # every listed file still matches: only the recorded digest tells
+    bad = _cli("fetch", "demo-j2", "--out", str(tmp_path / "bad"), cwd=tmp_path, env=env)
+    assert bad.returncode == 1 and digest in bad.stderr and "changed" in bad.stderr, bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_job_queries_answer_without_importing_torch_or_ray(tmp_path):
