@@ -270,7 +270,7 @@ def hostile_spec(out: Path) -> tuple[str, str, str, bool]:
         f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
         f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
     f = out / "bomb.yaml"
-    f.write_text(f"name: x\nlora: {{targets: *i}}\n{bomb}")
+    f.write_text(f"name: x\n{bomb}lora: {{targets: *i}}\n")
     r = cli("submit", str(f), timeout=300)
     ok = r.returncode == 2 and len(r.stderr) < 2000
     return (f"YAML alias bomb ({len(f.read_bytes())} bytes)", f"exit {r.returncode}, {len(r.stderr)} chars: "

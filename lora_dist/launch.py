@@ -49,7 +49,9 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     started_here = False
     if not ray.is_initialized():
         if address is None:
-            ray.init(num_cpus=_embedded_cpus(spec, stream), log_to_driver=True,
+            # address="local": always a Ray of its own, never one that another job or user
+            # started on this machine (plain ray.init() joins that one if it finds it)
+            ray.init(address="local", num_cpus=_embedded_cpus(spec, stream), log_to_driver=True,
                      runtime_env={"env_vars": dict(WORKER_ENV)})
             started_here = True
         elif address == "auto":  # inside a Jobs API job: its runtime_env already carries WORKER_ENV

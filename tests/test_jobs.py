@@ -56,6 +56,16 @@ def _start_head(temp_dir: Path, env: dict, port: int, dashboard_port: int | None
         pytest.fail(f"ray start --head failed:\n{start.stdout[-3000:]}\n{start.stderr[-3000:]}")
 
 
+def _name(p) -> str:
+    """A process's name; '' for one that has just ended (a head's short-lived workers do)."""
+    import psutil
+
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
 def _head_processes(temp_dir: Path) -> list:
     """The processes of the head whose --temp-dir is ``temp_dir``: those whose command line or
     working directory names it (gcs_server, raylet, dashboard, monitors, job drivers) and all
@@ -385,13 +395,13 @@ def test_ending_a_test_head_leaves_every_other_ray_running(head):
 
     address, env = head
     core = ("gcs_server", "raylet")
-    module_core = [p for p in _head_processes(HEAD_DIRS[address]) if p.name() in core]
+    module_core = [p for p in _head_processes(HEAD_DIRS[address]) if _name(p) in core]
     assert len(module_core) == 2
     other = Path(tempfile.mkdtemp(prefix="rx", dir="/tmp"))
     try:
         _start_head(other / "ray", env, port=_free_port(), dashboard_port=None)
         theirs = _head_processes(other / "ray")
-        assert {p.name() for p in theirs} >= set(core)
+        assert {_name(p) for p in theirs} >= set(core)
         assert not _stop_head(other / "ray")
         assert not [p for p in theirs if _running(p)]
         assert all(_running(p) for p in module_core)
@@ -500,7 +510,7 @@ def test_embedded_job_says_when_its_local_ray_stops_under_it(tmp_path, e2e_csv, 
                 except psutil.Error:
                     continue
             if any("RayTrainWorker" in c for c in cmdlines.values()):  # the job runs on its Ray
-                raylet = next(p for p in tree if p.name() == "raylet")
+                raylet = next(p for p in tree if _name(p) == "raylet")
             else:
                 assert proc.poll() is None, proc.communicate()
                 time.sleep(1)
