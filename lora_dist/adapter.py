@@ -36,7 +36,7 @@ from lora_dist.model import LoadedModel, check_fits, fingerprint, load_model, re
 from lora_dist.plot import loss_curve_png
 from lora_dist.spec import JobSpec, LoraSpec, redacted, spec_digest
 from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,
-                             manifest_signature, sha256_file, signing_key, verify_artifact)
+                             fsync, manifest_signature, sha256_file, signing_key, verify_artifact)
 
 PEFT_PREFIX = "base_model.model."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -162,19 +162,11 @@ def write_artifact(final_dir: Path, lora: dict[str, LoraTensors], config: dict[s
     return _publish(final_dir, manifest, extra_files, payload)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir_and_files(d: Path) -> None:
     for f in d.iterdir():
         if f.is_file():
-            _fsync(f)
-    _fsync(d)
+            fsync(f)
+    fsync(d)
 
 
 def _publish(final_dir: Path, manifest: dict[str, Any], extra_files: Iterable[Path],
@@ -201,7 +193,7 @@ def _publish(final_dir: Path, manifest: dict[str, Any], extra_files: Iterable[Pa
         (partial / MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
         _fsync_dir_and_files(partial)  # on disk before the rename makes it look complete
         os.rename(partial, final_dir)
-        _fsync(final_dir.parent)
+        fsync(final_dir.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

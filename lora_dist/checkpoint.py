@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from lora_dist.errors import ArtifactError
 from lora_dist.spec import spec_differences, spec_digest
-from lora_dist.store import is_uri, join, read_bytes, run_name
+from lora_dist.store import fsync, is_uri, join, read_bytes, run_name
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "state.json"
@@ -105,14 +105,6 @@ def _remove(location: str) -> None:
         shutil.rmtree(location, ignore_errors=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- writing --------------------------------------------------------------------------------------
 
 def write(root: str, step: int, tensors: dict[str, Any], state: dict[str, Any], metrics_text: str,
@@ -149,12 +141,12 @@ def write(root: str, step: int, tensors: dict[str, Any], state: dict[str, Any], 
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         for n, data in files.items():
             (tmp / n).write_bytes(data)
-            _fsync(tmp / n)
-        _fsync(tmp)
+            fsync(tmp / n)
+        fsync(tmp)
         if Path(dest).exists():  # a retry that re-reached this step: the new one replaces it whole
             shutil.rmtree(dest)
         os.rename(tmp, dest)
-        _fsync(Path(root))
+        fsync(Path(root))
     for _, old in _list_steps(root)[KEEP:]:
         _remove(old)
     say(f"checkpoint of step {step} written: {dest}")

@@ -77,6 +77,15 @@ def work_dir(output_dir: str, name: str, job_id: str) -> Path:
     return Path(output_dir).expanduser() / f".{run_name(name, job_id)}.work"
 
 
+def fsync(path: Path) -> None:
+    """Flush a file or directory to disk (before a rename that makes something look complete)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 PROBE_FILE = "storage-probe"
 
 
