@@ -105,7 +105,12 @@ def state_of(out: Path, job_id: str) -> str:
 
 
 def last_line(text: str, *needles: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    """The last line holding one of ``needles`` (else the last), without Ray's colours and
+    "(RayTrainWorker pid=N)" prefix."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    lines = [re.sub(r"^\(\w+ pid=\d+\)\s*", "", ln.strip()) for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if any(n in ln for n in needles):
             return ln[:160]
