@@ -79,7 +79,7 @@ def run_cli(*args: str, cwd: Path, check: bool = True, timeout: float = 900,
 
 # The short real run: SmolLM2-135M, int8 base, the main job's LoRA on every linear, E2E devset.
 TRAIN_OVERRIDES = [
-    "train.max_steps=12", "train.micro_batch_size=8", "train.lr=2e-3", "train.warmup_steps=2",
+    "train.max_steps=12", "train.micro_batch_size=4", "train.lr=2e-3", "train.warmup_steps=2",
     "train.eval_batches=4", "train.log_every=1", "data.max_length=64",
 ]
 
