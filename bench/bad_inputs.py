@@ -36,6 +36,7 @@ CASES = [
     ("'..' in output.dir", GOOD + "output: {dir: runs/../../x}\n", [], "output.dir: must not contain '..'"),
     ("non-finite LoRA alpha", GOOD + "lora: {alpha: .inf}\n", [], "lora.alpha: must be a finite number"),
     ("missing data file", "name: ok\ndata: {path: /nonexistent/e2e.csv}\n", [], "data.path: file not found"),
+    ("unknown batching mode", GOOD + "data: {batching: sorted}\n", [], "data.batching: must be 'padded', 'grouped' or 'packed'"),
     ("YAML with a Python tag", "name: !!python/object/apply:os.system ['id']\n", [], "YAML tags are not allowed"),
     ("absurd micro-batch", GOOD + "train: {micro_batch_size: 100000000}\n", [],
      "train.micro_batch_size: must be from 1 to 65536"),

@@ -46,6 +46,11 @@ def _check_model(spec) -> None:
     from lora_dist.model import check_model
 
     check_model(spec.model.base, spec.injected_lora, spec.model.quantization)
+    if spec.data.batching == "packed":
+        from lora_dist.data import check_packing
+        from lora_dist.model import model_type
+
+        check_packing(model_type(spec.model.base))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

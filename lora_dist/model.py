@@ -800,6 +800,11 @@ def load_model(base: str, lora: LoraSpec | None, quantization: str, seed: int = 
 
 # --- counting for the planner ---------------------------------------------------------------------
 
+def model_type(base: str) -> str:
+    """The architecture of ``model.base`` (config.json's model_type), read without weights."""
+    return _config_for(base).model_type
+
+
 def _config_for(base):
     """The Hugging Face config of a built-in id, a local directory, or an architecture mapping."""
     from transformers import AutoConfig

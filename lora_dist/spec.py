@@ -225,6 +225,10 @@ class DataSpec(_Section):
     max_length: Annotated[Int, Ge(8), Le(131072)] = 128
     val_fraction: Annotated[Number, Gt(0), Lt(1)] = 0.1
     max_val_examples: Annotated[Int, Ge(1)] = 256
+    # padded: micro-batches of consecutive shuffled examples, padded to their longest; grouped:
+    # neighbours in length batched together within windows of the shuffled order; packed: examples
+    # end to end in rows of max_length tokens, attending only within themselves (data.BatchPlan)
+    batching: Literal["padded", "grouped", "packed"] = "grouped"
 
     @field_validator("path")
     @classmethod

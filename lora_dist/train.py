@@ -23,17 +23,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from lora_dist.adapter import write_job_artifact
-from lora_dist.data import BatchPlan, Tokenized, collate, load_examples, split_by_prompt, tokenize
+from lora_dist.data import BatchPlan, TokenArrays, check_packing, collate, collate_packed, tokenized
 from lora_dist.device import Placement, local_placement
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoraTensors, collect_lora
-from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
+from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model, model_type
 from lora_dist.spec import JobSpec, SpecError, cache_root
 from lora_dist.store import METRICS_FILE, artifact_location, check_job_id, is_uri, new_job_id, publish, work_dir
 
@@ -46,21 +46,25 @@ class ParityError(RuntimeError):
 
 @dataclass
 class Dataset:
-    train: list[Tokenized]
-    val: list[Tokenized]
+    train: TokenArrays
+    val: TokenArrays
     pad_id: int
     n_train_prompts: int
     n_val_prompts: int
+    cache: str | None = None  # the tokenization cache: "hit" or "miss"
 
 
-def prepare_data(spec: JobSpec, tokenizer) -> Dataset:
-    examples = load_examples(spec.data, cache_root())
-    train_ex, val_ex = split_by_prompt(examples, spec.data.val_fraction)
-    val_ex = val_ex[: spec.data.max_val_examples]
+def prepare_data(spec: JobSpec, tokenizer, say: Callable[[str], None] | None = None) -> Dataset:
+    """The run's tokenized splits: tokenized once per machine and cache (data.tokenized)."""
+    tokens = tokenized(spec.data, tokenizer, cache_root(), say=say)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return Dataset(tokenize(train_ex, tokenizer, spec.data.max_length),
-                   tokenize(val_ex, tokenizer, spec.data.max_length), pad,
-                   len({e.prompt for e in train_ex}), len({e.prompt for e in val_ex}))
+    return Dataset(tokens.train, tokens.val, pad, tokens.n_train_prompts, tokens.n_val_prompts, tokens.cache)
+
+
+def data_line(data: Dataset, seconds: float) -> str:
+    """What the run trains on, and whether its tokenization came from the cache."""
+    return (f"data: {len(data.train)} train examples ({data.n_train_prompts} prompts), {len(data.val)} validation "
+            f"({data.n_val_prompts} prompts); tokenization cache {data.cache}, ready in {seconds:.1f} s")
 
 
 def global_index(step: int, micro: int, rank: int, grad_accum: int, world_size: int) -> int:
@@ -69,6 +73,9 @@ def global_index(step: int, micro: int, rank: int, grad_accum: int, world_size: 
 
 
 def micro_batch(data: Dataset, plan: BatchPlan, index: int) -> dict[str, torch.Tensor]:
+    """The model inputs of micro-batch ``index`` (packed: rows of examples end to end)."""
+    if plan.mode == "packed":
+        return collate_packed([[data.train[j] for j in row] for row in plan.rows(index)], data.pad_id)
     return collate([data.train[j] for j in plan.indices(index)], data.pad_id)
 
 
@@ -127,17 +134,31 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], device: torch.device | str = "cpu") -> float:
-    """Mean cross-entropy per completion token over ``batches`` (under ZeRO-3 a collective: every
-    rank runs the same batches)."""
+def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], device: torch.device | str = "cpu",
+             share: tuple[int, int] = (0, 1),
+             gather: Callable[[torch.Tensor], list[torch.Tensor]] = lambda stats: [stats]) -> float:
+    """Mean cross-entropy per completion token over ``batches``.
+
+    With ``share`` = (rank, world) each rank computes every world-th batch from its rank on, and
+    ``gather`` (an all-gather) sums the ranks' (loss, tokens). Every rank runs as many forwards
+    (under ZeRO-3 each one is a collective); a rank with a batch fewer computes one more that it
+    does not count.
+    """
+    rank, world = share
+    mine = list(batches[rank::world])
+    rounds = -(-len(batches) // world)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for b in batches:
+    for k in range(rounds):
+        b = mine[k] if k < len(mine) else batches[0]
         loss, n = token_loss(model, {k: v.to(device) for k, v in b.items()})
-        total += float(loss)
-        count += n
+        if k < len(mine):
+            total += float(loss)
+            count += n
     model.train(was_training)
+    stats = torch.tensor([total, count], dtype=torch.float64, device=device)
+    total, count = (float(x) for x in torch.stack(gather(stats)).sum(0).tolist())
     return total / max(count, 1)
 
 
@@ -227,8 +248,9 @@ class Metrics:
         total, step = self.spec.train.max_steps, rec["step"]
         if step % self.spec.train.log_every == 0 or step == total:
             eta = (time.time() - self.t0) / (step - self.first_step + 1) * (total - step)
+            pad = rec.get("pad_tokens", 0) / max(1, rec.get("tokens", 0) + rec.get("pad_tokens", 0))
             self.say(f"step {step}/{total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
-                     f"tok/s {rec['tokens_per_s']:.0f}  mem/rank {max(rec['peak_memory_bytes']) / 2**30:.2f} GiB  "
+                     f"real tok/s {rec['tokens_per_s']:.0f} (pad {100 * pad:.0f}%)  mem/rank {max(rec['peak_memory_bytes']) / 2**30:.2f} GiB  "
                      f"eta {eta:.0f}s")
 
     def text(self) -> str:
@@ -265,16 +287,20 @@ class Loop:
     gather: Callable[[torch.Tensor], list[torch.Tensor]] = lambda stats: [stats]  # per-rank step stats
     checkpoint: Callable[[int, float], None] | None = None  # called on schedule and at the last step
     reference: Sequence[float] | None = None  # the parity guard's unsharded losses, step 1 onwards
+    val_share: tuple[int, int] = (0, 1)  # (rank, world): which validation batches this process computes
     # Where the batch sequence continues after a resume: step ``resumed_at`` ended before BatchPlan
     # index ``index_base``. A job resumed at another worker count goes on from there, so no batch is
     # skipped or trained twice; at the same count the indices are those of an uninterrupted run.
     resumed_at: int = 0
     index_base: int = 0
     plan: BatchPlan = field(init=False)
+    lengths: list[int] = field(init=False)  # each training example's tokens
     val: list[dict[str, torch.Tensor]] = field(init=False)  # collated once, reused at every validation
 
     def __post_init__(self) -> None:
-        self.plan = BatchPlan(len(self.data.train), self.spec.train.micro_batch_size, self.spec.train.seed)
+        self.lengths = self.data.train.lengths()
+        self.plan = BatchPlan(len(self.data.train), self.spec.train.micro_batch_size, self.spec.train.seed,
+                              lengths=self.lengths, mode=self.spec.data.batching, capacity=self.spec.data.max_length)
         self.val = val_batches(self.data, self.spec)
 
 
@@ -289,27 +315,33 @@ def next_index(loop: Loop, step: int) -> int:
     return loop.index_base + (step - loop.resumed_at) * loop.spec.train.grad_accum * loop.world_size
 
 
-def train_step(loop: Loop, step: int) -> tuple[float, int, float]:
-    """One optimizer step over every (micro-step, rank) batch this process trains.
+class StepOut(NamedTuple):
+    loss: float  # the mean loss of the process's micro-batches
+    tokens: int  # real (non-pad) tokens it trained
+    pad_tokens: int  # positions it computed that hold padding
+    lr: float  # the learning rate applied
 
-    Returns:
-        (mean loss of its micro-batches, tokens trained, the learning rate applied).
-    """
+
+def train_step(loop: Loop, step: int) -> StepOut:
+    """One optimizer step over every (micro-step, rank) batch this process trains."""
     ga, seed = loop.spec.train.grad_accum, loop.spec.train.seed
     lr = loop.runner.lr()
     loss_sum = torch.zeros((), dtype=torch.float64, device=loop.device)
-    tokens = 0
+    tokens = positions = 0
     for micro in range(ga):
         for rank in loop.ranks:
             index = batch_index(loop, step, micro, rank)
             batch = micro_batch(loop.data, loop.plan, index)
-            tokens += int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
+            # counted on the host: the examples' own lengths and the batch's shape (no device sync)
+            tokens += sum(loop.lengths[j] for j in loop.plan.indices(index))
+            positions += batch["input_ids"].numel()
             seed_batch(seed, index)
-            loss = loop.runner.module(**{k: v.to(loop.device) for k, v in batch.items()}).loss
+            # no KV cache: training never reads one (and packed rows are told apart only without it)
+            loss = loop.runner.module(**{k: v.to(loop.device) for k, v in batch.items()}, use_cache=False).loss
             loop.runner.backward(loss)
             loss_sum += loss.detach().double()
     loop.runner.step()
-    return float(loss_sum) / (ga * len(loop.ranks)), tokens, lr
+    return StepOut(float(loss_sum) / (ga * len(loop.ranks)), tokens, positions - tokens, lr)
 
 
 def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
@@ -327,12 +359,15 @@ def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
     loop.runner.module.train()
     for step in range(start, t.max_steps + 1):
         t0 = time.time()
-        mean_loss, tokens, lr = train_step(loop, step)
-        stats = torch.tensor([mean_loss, tokens, peak_memory_bytes(loop.device), loop.int8_bytes],
+        out = train_step(loop, step)
+        stats = torch.tensor([out.loss, out.tokens, peak_memory_bytes(loop.device), loop.int8_bytes, out.pad_tokens],
                              dtype=torch.float64, device=loop.device)
         ranks = [s.tolist() for s in loop.gather(stats)]
         loss, seconds = sum(r[0] for r in ranks) / len(ranks), time.time() - t0
-        rec = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": sum(r[1] for r in ranks) / seconds,
+        tokens, pad = int(sum(r[1] for r in ranks)), int(sum(r[4] for r in ranks))
+        rec = {"step": step, "loss": loss, "lr": out.lr, "tokens": tokens, "pad_tokens": pad,
+               "real_tokens_per_s": tokens / seconds,
+               "tokens_per_s": tokens / seconds,  # the same figure under its first name (real tokens)
                "step_s": seconds, "peak_memory_bytes": [int(r[2]) for r in ranks],
                "int8_partition_bytes": [int(r[3]) for r in ranks]}
         if loop.reference is not None and step <= len(loop.reference):
@@ -355,7 +390,7 @@ def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
 
 def validate(loop: Loop, step: int) -> float:
     """Validation loss now, recorded at ``step`` (0: before training)."""
-    value = evaluate(loop.runner.module, loop.val, loop.device)
+    value = evaluate(loop.runner.module, loop.val, loop.device, loop.val_share, loop.gather)
     loop.metrics.record({"step": step, "val_loss": value})
     loop.metrics.say(f"step {step}  val_loss {value:.4f}")
     return value
@@ -386,6 +421,8 @@ def build_local(spec: JobSpec, placement: Placement) -> LoadedModel:
     """The model of ``spec`` in this process: int8 or float base in the compute dtype, LoRA
     injected and initialised in fp32."""
     seed_everything(spec.train.seed)
+    if spec.data.batching == "packed":
+        check_packing(model_type(spec.model.base))
     built = load_model(spec.model.base, spec.injected_lora, spec.model.quantization, seed=spec.train.seed,
                        dtype=placement.dtype)
     if spec.train.activation_checkpointing:
@@ -420,9 +457,9 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     print(f"model {spec.model.base}: {len(built.injection.quantized)} int8 linears, {len(built.injection.lora)} "
           f"LoRA modules, {built.trainable_params:,} trainable parameters (loaded in {time.time() - t0:.1f} s)",
           file=stream, flush=True)
-    data = prepare_data(spec, built.tokenizer)
-    print(f"data: {len(data.train)} train examples ({data.n_train_prompts} prompts), {len(data.val)} validation "
-          f"({data.n_val_prompts} prompts)", file=stream, flush=True)
+    t0 = time.time()
+    data = prepare_data(spec, built.tokenizer, say=lambda text: print(text, file=stream, flush=True))
+    print(data_line(data, time.time() - t0), file=stream, flush=True)
     work = work_dir(spec.output.dir, spec.name, job_id)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -451,4 +488,4 @@ def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
     loop = Loop(spec, runner, data, placement.device, ranks=range(world_size), world_size=world_size,
                 metrics=Metrics(Path("/dev/null"), spec, main=False))
     built.model.train()
-    return [train_step(loop, step)[0] for step in range(1, steps + 1)]
+    return [train_step(loop, step).loss for step in range(1, steps + 1)]

@@ -33,13 +33,14 @@ import torch.distributed as dist
 
 from lora_dist import checkpoint as ckpt
 from lora_dist import engine as eng
+from lora_dist.data import check_packing
 from lora_dist.device import Placement, worker_placement
 from lora_dist.model import LoadedModel, count_model, enable_activation_checkpointing, resolve_base
 from lora_dist.plan import zero_settings
 from lora_dist.spec import JobSpec, redacted, spec_digest, spec_from_dict
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, PROBE_FILE, artifact_location, check_job_id, digest_at, \
     is_uri, join, parse_manifest, read_text, verify_artifact, write_storage_probe
-from lora_dist.train import Loop, Metrics, export, make_schedule, next_index, prepare_data, run_steps, \
+from lora_dist.train import Loop, Metrics, data_line, export, make_schedule, next_index, prepare_data, run_steps, \
     seed_everything, validate
 
 FINAL_FILE = "final.json"
@@ -117,12 +118,16 @@ def build_loop(w: Worker, parity_reference: list[float] | None = None
     """The sharded model, its engine, and the training loop over this rank's batches, which
     checkpoints through :func:`_checkpoint`."""
     built, runner, parts = _build(w)
-    loop = Loop(w.spec, runner, prepare_data(w.spec, built.tokenizer), w.device, ranks=[w.rank],
+    t0 = time.time()
+    data = prepare_data(w.spec, built.tokenizer, say=w.say)
+    w.say(data_line(data, time.time() - t0))
+    loop = Loop(w.spec, runner, data, w.device, ranks=[w.rank],
                 world_size=w.world, metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0),
                 int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
                 # stages 1 and 2 keep no resumable state (the spec refuses checkpoint_every with them)
                 checkpoint=(lambda step, loss: _checkpoint(w, runner.module, loop, step))
-                if w.spec.cluster.zero_stage == 3 else None, reference=parity_reference)
+                if w.spec.cluster.zero_stage == 3 else None, reference=parity_reference,
+                val_share=(w.rank, w.world))
     return built, runner, parts, loop
 
 
@@ -201,6 +206,8 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     spec, t0 = w.spec, time.time()
     model_dir = resolve_base(spec.model.base)
     hf_config = AutoConfig.from_pretrained(model_dir)
+    if spec.data.batching == "packed":
+        check_packing(hf_config.model_type)
     full = spec.train.method == "full"
     counts = count_model(spec.model.base, spec.injected_lora, spec.model.quantization)
     w.zero = zero_settings(counts, "full" if full else "lora_int8_zero3")

@@ -61,6 +61,96 @@ def test_batch_plan_is_a_pure_function_covering_each_epoch_once():
     assert BatchPlan(10, 4, seed=4).indices(0) != plan.indices(0)
 
 
+def _pad_fraction(plan: BatchPlan, lengths: list[int], batches: int) -> float:
+    pad = total = 0
+    for b in range(batches):
+        lens = [lengths[i] for i in plan.indices(b)]
+        pad += max(lens) * len(lens) - sum(lens)
+        total += max(lens) * len(lens)
+    return pad / total
+
+
+def test_grouped_batches_cover_each_epoch_like_padded_ones_and_pad_less(tiny_llama_dir):
+    """Grouped batching reorders the examples of each window of GROUP_WINDOW micro-batches by
+    length: the same examples as padded batching over every whole window, as a pure function
+    of the batch index, with far less padding on E2E."""
+    from transformers import AutoTokenizer
+
+    from lora_dist.data import GROUP_WINDOW
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    lengths = [len(t.input_ids) for t in tokenize(read_e2e(E2E_CSV), tok, max_length=128)]
+    n, size = len(lengths), 8
+    grouped = BatchPlan(n, size, seed=5, lengths=lengths, mode="grouped")
+    padded = BatchPlan(n, size, seed=5)
+    windows = -(-2 * n // (size * GROUP_WINDOW))  # whole windows spanning two epochs
+    batches = windows * GROUP_WINDOW
+    seen = sorted(i for b in range(batches) for i in grouped.indices(b))
+    assert seen == sorted(i for b in range(batches) for i in padded.indices(b))
+    assert all(len(grouped.indices(b)) == size for b in range(batches))
+    again = BatchPlan(n, size, seed=5, lengths=lengths, mode="grouped")
+    assert [again.indices(b) for b in (130, 3, 64, 0)] == [grouped.indices(b) for b in (130, 3, 64, 0)]
+    assert grouped.indices(0) != BatchPlan(n, size, seed=6, lengths=lengths, mode="grouped").indices(0)
+    pad_grouped, pad_padded = _pad_fraction(grouped, lengths, batches), _pad_fraction(padded, lengths, batches)
+    print(f"E2E, micro-batches of {size}: padding {100 * pad_padded:.1f}% padded, {100 * pad_grouped:.1f}% grouped")
+    assert pad_grouped < pad_padded / 4, (pad_grouped, pad_padded)
+    # a window's batches are not in length order (lengths would rise through every window)
+    firsts = [lengths[grouped.indices(b)[0]] for b in range(GROUP_WINDOW)]
+    assert firsts != sorted(firsts)
+
+
+def test_packed_batches_fill_rows_and_cover_each_epoch_once(tiny_llama_dir):
+    """Packed: every micro-batch is at most micro_batch_size rows of at most max_length tokens;
+    over the windows that span two epochs each example is packed exactly twice; micro-batch i is
+    a pure function of i (asked in any order, from a fresh plan); rows are nearly full."""
+    from transformers import AutoTokenizer
+
+    from lora_dist.data import GROUP_WINDOW, collate_packed
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    items = tokenize(read_e2e(E2E_CSV), tok, max_length=128)
+    lengths = [len(t.input_ids) for t in items]
+    n, size, capacity = len(lengths), 4, 128
+    plan = BatchPlan(n, size, seed=5, lengths=lengths, mode="packed", capacity=capacity)
+    windows = -(-2 * n // (size * GROUP_WINDOW))
+    batches, seen = 0, []
+    while plan._locate(batches)[0] < windows:
+        rows = plan.rows(batches)
+        assert 1 <= len(rows) <= size and all(sum(lengths[j] for j in row) <= capacity for row in rows)
+        seen += plan.indices(batches)
+        batches += 1
+    padded = BatchPlan(n, size, seed=5)
+    assert sorted(seen) == sorted(i for b in range(windows * GROUP_WINDOW) for i in padded.indices(b))
+    fresh = BatchPlan(n, size, seed=5, lengths=lengths, mode="packed", capacity=capacity)
+    order = [batches - 1, 7, 0, batches // 2]
+    assert [fresh.rows(b) for b in order] == [plan.rows(b) for b in order]
+    # padding: a micro-batch is as wide as its fullest row
+    tokens = sum(lengths[j] for b in range(batches) for j in plan.indices(b))
+    positions = sum(len(plan.rows(b)) * max(sum(lengths[j] for j in row) for row in plan.rows(b))
+                    for b in range(batches))
+    pad_padded = _pad_fraction(padded, lengths, windows * GROUP_WINDOW)
+    print(f"E2E in rows of {capacity}, {size} to a micro-batch: padding {100 * (1 - tokens / positions):.1f}% packed, "
+          f"{100 * pad_padded:.1f}% padded")
+    assert 1 - tokens / positions < pad_padded
+    # the model inputs: positions restart with every example, no attention_mask, first labels ignored
+    rows = [[items[j] for j in row] for row in plan.rows(0)]
+    batch = collate_packed(rows, pad_id=0)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    first = rows[0]
+    starts = [sum(len(t.input_ids) for t in first[:k]) for k in range(len(first))]
+    assert [int(batch["position_ids"][0, s]) for s in starts] == [0] * len(first)
+    assert all(int(batch["labels"][0, s]) == IGNORE_INDEX for s in starts)
+
+
+def test_a_batch_plan_needs_the_lengths_to_group_and_a_known_mode():
+    with pytest.raises(DataError, match="grouped needs the length"):
+        BatchPlan(10, 4, seed=0, mode="grouped")
+    with pytest.raises(DataError, match="data.batching: 'sorted'"):
+        BatchPlan(10, 4, seed=0, lengths=[1] * 10, mode="sorted")
+    with pytest.raises(DataError, match="packed needs a row capacity"):
+        BatchPlan(10, 4, seed=0, lengths=[9] * 10, mode="packed", capacity=8)
+
+
 def test_jsonl_reads_and_names_bad_lines(tmp_path):
     good = tmp_path / "d.jsonl"
     good.write_text(json.dumps({"prompt": "Q: 1+1?\nA:", "completion": " 2"}) + "\n\n")
@@ -82,3 +172,66 @@ def test_offline_download_says_how_to_point_at_a_local_copy(tmp_path):
     with pytest.raises(DataError, match="data.path"):
         fetch_e2e(tmp_path, url="http://127.0.0.1:9/e2e-dataset.zip", timeout=5)
     assert not (tmp_path / "e2e" / "trainset.csv").exists()
+
+
+def _same(arrays, items) -> bool:
+    return len(arrays) == len(items) and all(a == b for a, b in zip(arrays, items))
+
+
+def test_tokenized_splits_are_cached_memory_mapped_and_keyed_by_what_makes_them(tiny_llama_dir, tmp_path):
+    """The first run tokenizes and caches; the next memory-maps the same splits. A different data
+    file, max_length or tokenizer is a different entry; a damaged entry is tokenized afresh."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from lora_dist.data import tokenized
+    from lora_dist.spec import DataSpec
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    spec = DataSpec(path=str(E2E_CSV), max_length=64)
+    cold = tokenized(spec, tok, tmp_path)
+    warm = tokenized(spec, tok, tmp_path)
+    assert (cold.cache, warm.cache) == ("miss", "hit")
+    assert isinstance(warm.train.ids, np.memmap) and isinstance(warm.train.offsets, np.memmap)
+    train, val = split_by_prompt(read_e2e(E2E_CSV), spec.val_fraction)
+    assert _same(warm.train, tokenize(train, tok, 64)) and _same(warm.val, tokenize(val[:spec.max_val_examples], tok, 64))
+    assert (warm.n_train_prompts, warm.n_val_prompts) == (cold.n_train_prompts, cold.n_val_prompts)
+    assert warm.train.lengths() == [len(t.input_ids) for t in tokenize(train, tok, 64)]
+    entries = lambda: sorted(p.name for p in (tmp_path / "tokenized").iterdir() if p.is_dir())  # noqa: E731
+    [entry] = entries()
+
+    assert tokenized(DataSpec(path=str(E2E_CSV), max_length=48), tok, tmp_path).cache == "miss"
+    fewer = tmp_path / "fewer.csv"
+    fewer.write_text("".join(E2E_CSV.read_text().splitlines(keepends=True)[:-1]))
+    assert tokenized(DataSpec(path=str(fewer), max_length=64), tok, tmp_path).cache == "miss"
+    assert len(entries()) == 3
+
+    offsets = tmp_path / "tokenized" / entry / "train.offsets.npy"
+    offsets.write_bytes(offsets.read_bytes()[:-16])  # torn
+    again = tokenized(spec, tok, tmp_path)
+    assert again.cache == "miss" and _same(again.train, tokenize(train, tok, 64))
+    assert tokenized(spec, tok, tmp_path).cache == "hit"
+
+    said = []
+    blocked = tmp_path / "not-a-dir"  # a cache that cannot be written: the run goes on uncached
+    blocked.write_text("")
+    uncached = tokenized(spec, tok, blocked, say=said.append)
+    assert uncached.cache is None and _same(uncached.train, tokenize(train, tok, 64))
+    assert "not writable" in said[0] and str(blocked) in said[0]
+
+
+def test_the_processes_of_a_machine_tokenize_once(tiny_llama_dir, tmp_path):
+    """Two processes (a job's workers) asking at once: one tokenizes, the other waits for it and
+    reads the cache."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom pathlib import Path\nfrom transformers import AutoTokenizer\n"
+            "from lora_dist.data import tokenized\nfrom lora_dist.spec import DataSpec\n"
+            f"tok = AutoTokenizer.from_pretrained({str(tiny_llama_dir)!r})\n"
+            f"print(tokenized(DataSpec(path={str(E2E_CSV)!r}, max_length=64), tok, Path({str(tmp_path)!r})).cache)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert sorted(o.strip().splitlines()[-1] for o, _ in outs) == ["hit", "miss"], outs
+    assert len([p for p in (tmp_path / "tokenized").iterdir() if p.is_dir()]) == 1

@@ -133,3 +133,45 @@ def test_adapters_trained_at_n2_load_in_peft(layout_dirs, tmp_path):
         diff, effect = peft_difference(layout_dirs[fam], art)
         assert effect > 1e-3, (fam, effect)
         assert diff <= 1e-5, (fam, diff)
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUTS))
+def test_packed_rows_keep_their_examples_apart_where_packing_is_allowed(layout_dirs, family):
+    """data.batching: packed lays examples end to end with restarting positions. For each
+    architecture it allows, the loss of packed rows is the sum of the examples' own losses (no
+    example sees another); for those it refuses, the packed loss really differs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_dist.data import PACKING_MODEL_TYPES, DataError, Tokenized, check_packing, collate, collate_packed
+
+    model = AutoModelForCausalLM.from_pretrained(layout_dirs[family], dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for n, prompt in ((7, 3), (11, 4), (5, 2)):
+        ids = torch.randint(5, 200, (n,), generator=g).tolist()
+        items.append(Tokenized(ids, [-100] * prompt + ids[prompt:]))
+
+    def loss_sum(batch) -> float:
+        with torch.no_grad():
+            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                        ignore_index=-100, reduction="sum"))
+
+    alone = sum(loss_sum(collate([t], pad_id=0)) for t in items)
+    packed = [loss_sum(collate_packed(rows, pad_id=0)) for rows in ([items], [items[:2], items[2:]])]
+    apart = [abs(p - alone) <= 1e-5 * abs(alone) for p in packed]
+    print(f"{family}: examples alone {alone:.6f}, packed {packed}")
+    if model.config.model_type in PACKING_MODEL_TYPES:
+        assert all(apart), (alone, packed)
+        check_packing(model.config.model_type)
+    else:
+        assert not any(apart), (alone, packed)
+        with pytest.raises(DataError, match="data.batching: packed"):
+            check_packing(model.config.model_type)
+        # and `submit` refuses it before contacting the cluster (nothing listens at that address)
+        proc = run_cli("submit", str(MAIN_JOB), f"--set=model.base={layout_dirs[family]}", "--set=data.batching=packed",
+                       "--set=lora.targets=[q_proj,v_proj]", "--address=http://127.0.0.1:9", cwd=REPO, check=False,
+                       timeout=120)
+        assert proc.returncode == 2 and "data.batching: packed" in proc.stderr and "'opt'" in proc.stderr, proc.stderr

@@ -31,7 +31,8 @@ def test_single_process_run_records_every_step_and_writes_a_verified_artifact(ti
     steps = [m for m in _metrics(artifact) if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     for m in steps:  # the same record on every path: loss, lr, throughput, memory, int8 bytes
-        assert {"lr", "tokens_per_s", "step_s", "peak_memory_bytes", "int8_partition_bytes"} <= set(m)
+        assert {"lr", "tokens_per_s", "step_s", "peak_memory_bytes", "int8_partition_bytes", "tokens", "pad_tokens",
+                "real_tokens_per_s"} <= set(m)
         assert m["int8_partition_bytes"] == [2 * (64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 64 * 128)]
     vals = [m for m in _metrics(artifact) if "val_loss" in m]
     assert [v["step"] for v in vals] == [0, 4]
@@ -75,7 +76,7 @@ def test_the_reference_at_world_size_n_averages_every_ranks_batches(tiny_llama_d
     mean of each rank's first batch under the fresh (B = 0) adapter, computed here directly."""
     from lora_dist.device import local_placement
     from lora_dist.train import Loop, Metrics, build_local, global_index, micro_batch, prepare_data, \
-        reference_losses, seed_batch, LocalRunner
+        reference_losses, seed_batch, train_step, LocalRunner
 
     spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}", *TINY_OVERRIDES])
     losses = reference_losses(spec, world_size=2, steps=2)
@@ -92,6 +93,33 @@ def test_the_reference_at_world_size_n_averages_every_ranks_batches(tiny_llama_d
             by_hand.append(float(built.model(**micro_batch(data, loop.plan, index)).loss))
     assert len(losses) == 2 and losses[0] == pytest.approx(sum(by_hand) / 2, abs=1e-6)
     assert losses[1] != losses[0]
+    # what a step reports it trained: the real tokens of its batches, and the padding around them
+    out = train_step(loop, 1)
+    batches = [micro_batch(data, loop.plan, global_index(1, 0, rank, 1, 2)) for rank in (0, 1)]
+    assert out.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert out.pad_tokens == sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+
+def test_validation_split_across_ranks_sums_to_the_whole(tiny_llama_dir):
+    """Each of N ranks computes every N-th validation batch (as many forwards each: a rank short of
+    a batch computes one it does not count); their summed (loss, tokens) is the loss over all."""
+    from lora_dist.device import local_placement
+    from lora_dist.train import build_local, evaluate, prepare_data, val_batches
+
+    spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}", *TINY_OVERRIDES,
+                                "train.eval_batches=3"])
+    built = build_local(spec, local_placement(spec))
+    batches = val_batches(prepare_data(spec, built.tokenizer), spec)
+    assert len(batches) == 3
+    whole = evaluate(built.model, batches)
+    for world in (2, 3, 4):
+        stats, forwards = [], []
+        hook = built.model.register_forward_hook(lambda *_: forwards.append(1))
+        for rank in range(world):
+            evaluate(built.model, batches, share=(rank, world), gather=lambda s: stats.append(s) or [s])
+        hook.remove()
+        total, count = torch.stack(stats).sum(0).tolist()
+        assert total / count == pytest.approx(whole, rel=1e-9) and len(forwards) == world * -(-3 // world)
 
 
 def test_a_local_output_dir_may_be_any_writable_directory(tiny_llama_dir, tmp_path):
@@ -261,3 +289,49 @@ def test_an_adapter_trained_on_jsonl_data_serves_eval_and_generate(tmp_path, smo
                  "--max-new-tokens", "16", cwd=tmp_path)
     metrics = json.loads(ev.stdout.strip().splitlines()[-1])
     assert metrics["mrs"] == 2 and metrics["BLEU"] >= 0
+
+
+MODES = ("padded", "grouped", "packed")
+
+
+@pytest.fixture(scope="module")
+def per_mode(tmp_path_factory, tiny_llama_dir):
+    """A 2-step job of each batching mode, 2 ZeRO-3 ranks (the worker's own code, gloo processes),
+    each with the parity guard on against its single-process reference; name -> artifact."""
+    from zero_run import job_config, run_ranks
+
+    from lora_dist.spec import spec_from_dict
+    from lora_dist.store import artifact_location
+    from lora_dist.train import reference_losses
+
+    out = tmp_path_factory.mktemp("modes") / "runs"
+    jobs = []
+    for mode in MODES:
+        job = job_config(f"mode-{mode}", tiny_llama_dir, ("q_proj", "v_proj"), out, 2, steps=2,
+                         extra=(f"data.batching={mode}", "train.parity_check=true", "train.parity_steps=2",
+                                "data.max_length=96"))
+        job["parity_reference"] = reference_losses(spec_from_dict(job["spec"]), world_size=2, steps=2)
+        jobs.append(job)
+    run_ranks(jobs, 2)
+    return {mode: Path(artifact_location(str(out), f"mode-{mode}", f"mode-{mode}")) for mode in MODES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_each_batching_mode_keeps_the_sharded_loss_on_the_unsharded_one(per_mode, mode):
+    manifest = store.verify_artifact(per_mode[mode])
+    assert manifest["spec"]["data"]["batching"] == mode
+    print(f"{mode}: largest |sharded - unsharded| loss {manifest['parity_max_loss_diff']:.2e}")
+    assert manifest["parity_max_loss_diff"] is not None and manifest["parity_max_loss_diff"] < 1e-4
+    steps = [m for m in _metrics(per_mode[mode]) if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2] and all(m["tokens"] > 0 for m in steps)
+
+
+@pytest.mark.slow
+def test_grouped_batches_pad_less_than_padded_ones(per_mode):
+    def pad(mode: str) -> float:
+        steps = [m for m in _metrics(per_mode[mode]) if "loss" in m]
+        return sum(m["pad_tokens"] for m in steps) / sum(m["pad_tokens"] + m["tokens"] for m in steps)
+
+    print(f"padding: padded {pad('padded'):.1%}, grouped {pad('grouped'):.1%}, packed {pad('packed'):.1%}")
+    assert pad("grouped") < pad("padded")
