@@ -150,10 +150,10 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], devic
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for k in range(rounds):
-        b = mine[k] if k < len(mine) else batches[0]
+    for r in range(rounds):
+        b = mine[r] if r < len(mine) else batches[0]
         loss, n = token_loss(model, {k: v.to(device) for k, v in b.items()})
-        if k < len(mine):
+        if r < len(mine):
             total += float(loss)
             count += n
     model.train(was_training)
@@ -250,8 +250,8 @@ class Metrics:
             eta = (time.time() - self.t0) / (step - self.first_step + 1) * (total - step)
             pad = rec.get("pad_tokens", 0) / max(1, rec.get("tokens", 0) + rec.get("pad_tokens", 0))
             self.say(f"step {step}/{total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
-                     f"real tok/s {rec['tokens_per_s']:.0f} (pad {100 * pad:.0f}%)  mem/rank {max(rec['peak_memory_bytes']) / 2**30:.2f} GiB  "
-                     f"eta {eta:.0f}s")
+                     f"real tok/s {rec['tokens_per_s']:.0f} (pad {100 * pad:.0f}%)  "
+                     f"mem/rank {max(rec['peak_memory_bytes']) / 2**30:.2f} GiB  eta {eta:.0f}s")
 
     def text(self) -> str:
         """The history so far (main process; a checkpoint carries it, so that a job resumed on

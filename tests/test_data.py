@@ -194,7 +194,8 @@ def test_tokenized_splits_are_cached_memory_mapped_and_keyed_by_what_makes_them(
     assert (cold.cache, warm.cache) == ("miss", "hit")
     assert isinstance(warm.train.ids, np.memmap) and isinstance(warm.train.offsets, np.memmap)
     train, val = split_by_prompt(read_e2e(E2E_CSV), spec.val_fraction)
-    assert _same(warm.train, tokenize(train, tok, 64)) and _same(warm.val, tokenize(val[:spec.max_val_examples], tok, 64))
+    assert _same(warm.train, tokenize(train, tok, 64))
+    assert _same(warm.val, tokenize(val[:spec.max_val_examples], tok, 64))
     assert (warm.n_train_prompts, warm.n_val_prompts) == (cold.n_train_prompts, cold.n_val_prompts)
     assert warm.train.lengths() == [len(t.input_ids) for t in tokenize(train, tok, 64)]
     entries = lambda: sorted(p.name for p in (tmp_path / "tokenized").iterdir() if p.is_dir())  # noqa: E731
