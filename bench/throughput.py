@@ -1,7 +1,10 @@
 """Throughput and memory on the same model and batches, side by side in one run (issue 6):
 
-  * this project: int8 LoRA with ZeRO-3 at N = 1 and 2 workers (Ray Train + DeepSpeed);
-  * PEFT LoRA over a bitsandbytes 8-bit base (load_in_8bit) in one process, the usual path;
+  * this project: int8 LoRA with ZeRO-3 at N = 1 and 2 workers (Ray Train + DeepSpeed), with the
+    default data.batching (grouped) and, at N = 1, padded and packed (issue 15);
+  * PEFT LoRA over a bitsandbytes 8-bit base (load_in_8bit) in one process, the usual path, with
+    the Hugging Face Trainer's default batching (shuffled examples, each batch padded to its
+    longest);
   * our model (int8 base, LoRA) in PEFT's single-process loop, without ZeRO-3 or Ray;
   * full fine-tuning with ZeRO-3 (float base, every weight trains) at N = 1.
 
@@ -9,7 +12,8 @@ Then a profile of one int8 LoRA ZeRO-3 step (world size 1) by operator: where th
 
     python bench/throughput.py [--steps 10]
 
-Tokens/s counts non-padding tokens of all workers; step 1 (warm-up) is left out. Peak memory is
+Tokens/s counts real (non-padding) tokens of all workers; padding is the share of computed
+positions that hold padding; step 1 (warm-up) is left out. Peak memory is
 each worker's peak RSS (CPU). Every configuration runs in its own processes.
 """
 
@@ -47,7 +51,8 @@ def ours(steps: int, workers: int, out: Path, *extra: str) -> dict:
     recs = [json.loads(x) for x in (artifact / METRICS_FILE).read_text().splitlines() if '"loss"' in x][1:]
     return {"tokens_per_s": statistics.mean(r["tokens_per_s"] for r in recs),
             "s_per_step": statistics.mean(r["step_s"] for r in recs),
-            "peak_gib": max(recs[-1]["peak_memory_bytes"]) / 2**30}
+            "peak_gib": max(recs[-1]["peak_memory_bytes"]) / 2**30,
+            "pad_fraction": sum(r["pad_tokens"] for r in recs) / sum(r["pad_tokens"] + r["tokens"] for r in recs)}
 
 
 def single_process_worker(steps: int, kind: str) -> None:
@@ -83,12 +88,14 @@ def single_process_worker(steps: int, kind: str) -> None:
         model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
                                                  target_modules=targets, task_type="CAUSAL_LM"))
     data = prepare_data(spec, AutoTokenizer.from_pretrained(d))
+    # padded batches of shuffled examples: what the Hugging Face Trainer does by default
+    # (group_by_length off, the collator padding each batch to its longest)
     plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     sched = make_schedule(opt, spec)
     model.train()
-    rates, losses = [], []
+    rates, losses, real, positions = [], [], 0, 0
     for step in range(1, steps + 1):
         t0 = time.time()  # from collating the batch, as our workers' step time counts
         batch = micro_batch(data, plan, step - 1)
@@ -101,8 +108,11 @@ def single_process_worker(steps: int, kind: str) -> None:
         losses.append(out.loss.item())
         if step > 1:
             rates.append(int(batch["attention_mask"].sum()) / (time.time() - t0))
+            real += int(batch["attention_mask"].sum())
+            positions += batch["attention_mask"].numel()
     print(json.dumps({"tokens_per_s": statistics.mean(rates), "s_per_step": None,
-                      "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "losses": losses}))
+                      "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "losses": losses,
+                      "pad_fraction": 1 - real / positions}))
 
 
 def profile_step() -> list[tuple[str, float]]:
@@ -150,9 +160,13 @@ def profile_step() -> list[tuple[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the bench's job settings for every row (e.g. train.micro_batch_size=8 "
+                         "data.max_length=96: the main job's batch shape)")
     ap.add_argument("--single-process-worker", choices=["peft", "ours"])
     ap.add_argument("--profile-worker", action="store_true")
     args = ap.parse_args()
+    COMMON.extend(args.set)  # every row, and the processes started below, run with them
     if args.single_process_worker:
         return single_process_worker(args.steps, args.single_process_worker)
     if args.profile_worker:
@@ -166,14 +180,17 @@ def main() -> None:
                                                    "TOKENIZERS_PARALLELISM": "false"}})
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
-        res["ours N=1"] = ours(args.steps, 1, Path(tmp) / "o1")
+        res["ours N=1"] = ours(args.steps, 1, Path(tmp) / "o1")  # the default data.batching: grouped
+        res["ours N=1, padded"] = ours(args.steps, 1, Path(tmp) / "o1p", "data.batching=padded")
+        res["ours N=1, packed"] = ours(args.steps, 1, Path(tmp) / "o1k", "data.batching=packed")
         res["ours N=2"] = ours(args.steps, 2, Path(tmp) / "o2")
         res["full FT ZeRO-3 N=1"] = ours(args.steps, 1, Path(tmp) / "f1", "train.method=full",
                                          "model.quantization=none", "train.lr=1e-5")
     ray.shutdown()
 
     def sub(*flags: str):
-        out = subprocess.run([sys.executable, __file__, *flags, "--steps", str(args.steps)], capture_output=True,
+        out = subprocess.run([sys.executable, __file__, *flags, "--steps", str(args.steps),
+                              *[f"--set={o}" for o in args.set]], capture_output=True,
                              text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -181,12 +198,19 @@ def main() -> None:
     res["ours, model only, 1 process"] = sub("--single-process-worker", "ours")
     prof = sub("--profile-worker")
 
-    print("\nSmolLM2-135M, micro-batch 4 x <=64 tokens per worker, 1 CPU thread per worker, E2E batches")
-    print(f"  {'configuration':<30} {'tokens/s':>9} {'peak mem/worker':>16}")
+    shape = spec_for(args.steps, Path(tempfile.gettempdir()))
+    print(f"\nSmolLM2-135M, micro-batch {shape.train.micro_batch_size} x <={shape.data.max_length} tokens per worker, "
+          f"1 CPU thread per worker, E2E batches")
+    print(f"  {'configuration':<30} {'real tokens/s':>14} {'padding':>8} {'peak mem/worker':>16}")
     for k, v in res.items():
-        print(f"  {k:<30} {v['tokens_per_s']:>9.0f} {v['peak_gib']:>13.2f} GiB")
+        pad = "-" if v.get("pad_fraction") is None else f"{100 * v['pad_fraction']:.1f}%"
+        print(f"  {k:<30} {v['tokens_per_s']:>14.0f} {pad:>8} {v['peak_gib']:>13.2f} GiB")
     o1, peft, full = res["ours N=1"], res["PEFT + bnb 8-bit, 1 process"], res["full FT ZeRO-3 N=1"]
-    print(f"\n  ours N=1 / PEFT 8-bit tokens/s: x{o1['tokens_per_s'] / peft['tokens_per_s']:.2f} (target >= 1)")
+    print(f"\n  ours N=1 (default batching: grouped) / PEFT 8-bit (Trainer defaults: padded) real tokens/s: "
+          f"x{o1['tokens_per_s'] / peft['tokens_per_s']:.2f} (target >= 1.3)")
+    for mode in ("padded", "packed"):
+        print(f"  ours N=1, {mode} / PEFT 8-bit real tokens/s: "
+              f"x{res[f'ours N=1, {mode}']['tokens_per_s'] / peft['tokens_per_s']:.2f}")
     print(f"  ours N=1 / full FT tokens/s:    x{o1['tokens_per_s'] / full['tokens_per_s']:.2f} (target >= 1.5)")
     print(f"  ours N=1 / full FT memory:      x{o1['peak_gib'] / full['peak_gib']:.2f} (target <= 0.5)")
     bare = res["ours, model only, 1 process"]
