@@ -79,8 +79,7 @@ CASES = [
     ("zero workers", GOOD + "cluster: {workers: 0}\n", [], "cluster.workers: must be"),
     ("--set without a value", GOOD, ["train.max_steps"], "expected KEY=VALUE"),
     ("unknown quantization", GOOD + "model: {quantization: int4}\n", [], "model.quantization: must be"),
-    ("checkpoints under ZeRO-2", GOOD, ["cluster.zero_stage=2", "train.checkpoint_every=5"],
-     "train.checkpoint_every: resumable checkpoints gather ZeRO-3"),
+    ("unknown ZeRO stage", GOOD, ["cluster.zero_stage=4"], "cluster.zero_stage: must be 'auto', 1, 2 or 3"),
     ("a long hostile value is cut short", GOOD + "lora: {r: '" + "9" * 100000 + "'}\n", [], "lora.r: "),
 ]
 

@@ -34,7 +34,7 @@ lora-dist verify "$ART" | tee -a "$OUT/submit.txt"
 python - "$ART" <<'PY' | tee -a "$OUT/submit.txt"
 import json, sys
 m = json.load(open(f"{sys.argv[1]}/manifest.json"))
-print({k: m.get(k) for k in ("world_size", "zero_stage", "quantization", "final_loss", "val_loss_before",
+print({k: m.get(k) for k in ("world_size", "zero_stage", "zero_stage_reason", "quantization", "final_loss", "val_loss_before",
                              "val_loss_after", "precision")})
 assert m["precision"]["compute_dtype"] == "bf16" and m["precision"]["device"] == "cuda", m["precision"]
 assert m["val_loss_after"] < m["val_loss_before"], "validation loss did not fall"

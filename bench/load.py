@@ -83,7 +83,7 @@ def rank_main(rank: int, world: int, port: int, cfg: dict) -> None:
     placement = worker_placement(spec)
     d = resolve_base(spec.model.base)
     zero = zero_settings(count_model(spec.model.base, spec.injected_lora, spec.model.quantization))
-    ds_cfg = eng.ds_config(spec, world, placement, zero)
+    ds_cfg = eng.ds_config(spec, world, placement, zero, 3)
     rss_before, read0, t0 = _rss_now(), _rchar(), time.time()
     model, injection = eng.build_sharded(AutoConfig.from_pretrained(d), spec, ds_cfg, placement)
     per_rank = "world" in inspect.signature(eng.stream_weights).parameters

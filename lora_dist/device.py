@@ -9,6 +9,7 @@ the checkpoint's ``config.json`` says. LoRA master weights and AdamW state are f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -59,12 +60,25 @@ def local_placement(spec: JobSpec) -> Placement:
 
 
 def available_bytes(device: torch.device | str = "cpu") -> int:
-    """Memory a new model could take on ``device`` now: free GPU memory, or the kernel's
-    MemAvailable estimate for the CPU."""
+    """Memory a new model could take on ``device`` now: free GPU memory, or for the CPU the
+    kernel's MemAvailable estimate, capped by this process's cgroup (v2) limit less its usage
+    where one is set (a container's memory)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
+    host = _host_available()
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            return min(host, max(0, int(limit) - int((cgroup / "memory.current").read_text())))
+    except (OSError, ValueError):
+        pass
+    return host
+
+
+def _host_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -75,3 +89,11 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
     import os
 
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker_memory(placement: Placement, workers_here: int) -> int:
+    """Memory one worker of a job may plan for: its GPU's free memory, or on the CPU the host's
+    available memory shared by the job's ``workers_here`` workers on this node."""
+    if placement.cuda:
+        return available_bytes(placement.device)
+    return available_bytes("cpu") // max(1, workers_here)

@@ -9,6 +9,9 @@ every remaining module, gets real (empty) storage and is handed to
 rank reading, quantizing and writing only its own partition, with no collective per tensor
 (:func:`stream_weights`). Only the LoRA parameters are handed to the optimizer, so only they have
 gradients and AdamW state.
+Under ZeRO stages 1 and 2 (``cluster.zero_stage``, or ``auto`` where the base fits every worker:
+``plan.choose_zero_stage``) the same skeleton gets whole storage on every rank
+(:func:`build_replicated`) and each rank loads the whole checkpoint; nothing is ever gathered.
 :class:`ZeroRunner` is the engine as the training loop (train.py) sees it.
 """
 
@@ -32,9 +35,11 @@ from lora_dist.device import Placement
 from lora_dist.spec import JobSpec
 
 
-def ds_config(spec: JobSpec, world_size: int, placement: Placement, zero: dict[str, int]) -> dict[str, Any]:
-    """DeepSpeed config from the spec: ZeRO stage and its settings from the plan
-    (``plan.zero_settings``), AdamW over LoRA only, clipping, accumulation, precision.
+def ds_config(spec: JobSpec, world_size: int, placement: Placement, zero: dict[str, int],
+              stage: int) -> dict[str, Any]:
+    """DeepSpeed config from the spec: the ZeRO ``stage`` the job runs (``cluster.zero_stage``, auto
+    resolved: ``plan.choose_zero_stage``) and its settings from the plan (``plan.zero_settings``),
+    AdamW over LoRA only, clipping, accumulation, precision.
 
     Precision follows ``train.dtype`` (``placement``): fp32 has no fp16/bf16 key (an explicit
     dtype in zero.Init is ignored on the CPU accelerator, DESIGN.md); bf16 is DeepSpeed's bf16
@@ -52,7 +57,7 @@ def ds_config(spec: JobSpec, world_size: int, placement: Placement, zero: dict[s
         # process-wide with a Python autograd function; zero.Init reads it from this config and
         # ignores its own argument. The int8 base needs no weight gradients, so the built-in
         # linear is both correct and faster.
-        "zero_optimization": {"stage": spec.cluster.zero_stage, "memory_efficient_linear": False, **zero},
+        "zero_optimization": {"stage": stage, "memory_efficient_linear": False, **zero},
         # torch_adam: plain torch.optim.AdamW inside ZeRO (no fused op to compile; the same
         # optimizer as the single-process reference).
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
@@ -89,42 +94,60 @@ class _PartitionOnly(deepspeed.zero.Init):
         param.partition()
 
 
-def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
-                  placement: Placement) -> tuple[nn.Module, Injection]:
-    """Build the model with every parameter partitioned, never holding more than one decoder
-    block's parameters whole.
-
-    The architecture, its int8 linears and the LoRA pairs are first built as a skeleton whose
-    parameters are on the meta device (nothing allocated; a float linear that will be int8 never
-    exists). Then each decoder block, and afterwards every remaining module, gets real (empty)
-    storage and is handed to ``deepspeed.zero.Init(module=...)``, which partitions it at once
-    (without broadcasting the empty values: :class:`_PartitionOnly`).
-    Building the Hugging Face model inside ``zero.Init`` instead would first allocate every float
-    linear (1/N of the float model per rank, all at once) only to replace it.
-    """
+def _skeleton(config_hf, spec: JobSpec, placement: Placement) -> tuple[nn.Module, Injection]:
+    """The architecture with its int8 linears and LoRA pairs, every parameter on the meta device
+    (nothing allocated; a float linear that will be int8 never exists)."""
     from transformers import AutoModelForCausalLM
 
-    full = spec.train.method == "full"
     with params_on_meta():  # float parameters in the compute dtype, whatever config.json says
         model = AutoModelForCausalLM.from_config(config_hf, dtype=placement.dtype)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    injection = prepare(model, None if full else spec.lora, spec.model.quantization, device="meta")
-    materialized: dict[int, nn.Parameter] = {}
+    injection = prepare(model, None if spec.train.method == "full" else spec.lora, spec.model.quantization,
+                        device="meta")
+    return model, injection
+
+
+def _materialize(unit: nn.Module, placement: Placement, made: dict[int, nn.Parameter]) -> None:
+    """Give ``unit``'s own meta parameters real (empty) storage on the device; a tied parameter
+    met again (``made``: by the meta parameter's id) gets the same new one."""
+    for mod in unit.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                new = made.get(id(p))
+                if new is None:
+                    # trainable (LoRA) parameters take the compute dtype: in 16-bit DeepSpeed keeps
+                    # their fp32 master copy in the optimizer
+                    dtype = placement.dtype if p.requires_grad and p.is_floating_point() else p.dtype
+                    new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=placement.device),
+                                       requires_grad=p.requires_grad)
+                    made[id(p)] = new
+                mod._parameters[name] = new
+
+
+def _set_trainable(model: nn.Module, spec: JobSpec) -> None:
+    if spec.train.method == "full":
+        model.requires_grad_(True)
+    else:
+        freeze_non_lora(model)
+
+
+def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
+                  placement: Placement) -> tuple[nn.Module, Injection]:
+    """ZeRO-3: build the model with every parameter partitioned, never holding more than one
+    decoder block's parameters whole.
+
+    The skeleton (:func:`_skeleton`) gets real storage one decoder block at a time, and afterwards
+    one remaining module at a time, each handed to ``deepspeed.zero.Init(module=...)``, which
+    partitions it at once (without broadcasting the empty values: :class:`_PartitionOnly`).
+    Building the Hugging Face model inside ``zero.Init`` instead would first allocate every float
+    linear (1/N of the float model per rank, all at once) only to replace it.
+    """
+    model, injection = _skeleton(config_hf, spec, placement)
+    made: dict[int, nn.Parameter] = {}
 
     def partition(unit: nn.Module) -> None:
-        for mod in unit.modules():
-            for name, p in list(mod.named_parameters(recurse=False)):
-                if p.is_meta:
-                    new = materialized.get(id(p))
-                    if new is None:
-                        # trainable (LoRA) parameters take the compute dtype: in 16-bit DeepSpeed
-                        # keeps their fp32 master copy in the optimizer
-                        dtype = placement.dtype if p.requires_grad and p.is_floating_point() else p.dtype
-                        new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=placement.device),
-                                           requires_grad=p.requires_grad)
-                        materialized[id(p)] = new
-                    mod._parameters[name] = new
+        _materialize(unit, placement, made)
         _PartitionOnly(module=unit, config_dict_or_path=config, mem_efficient_linear=False)
 
     _, blocks = decoder_blocks(model)
@@ -133,10 +156,17 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
     for mod in reversed(list(model.modules())):  # children before parents: one module at a time
         if any(p.is_meta for p in mod.parameters(recurse=False)):
             partition(mod)
-    if full:
-        model.requires_grad_(True)
-    else:
-        freeze_non_lora(model)
+    _set_trainable(model, spec)
+    return model, injection
+
+
+def build_replicated(config_hf, spec: JobSpec, placement: Placement) -> tuple[nn.Module, Injection]:
+    """ZeRO-1 and 2: the whole model (int8 base, float rest, LoRA pairs) on every rank, allocated
+    empty on the device; :func:`stream_weights` then fills it (each rank reading the whole
+    checkpoint: its share is everything) and :func:`init_lora_sharded` sets the LoRA pairs."""
+    model, injection = _skeleton(config_hf, spec, placement)
+    _materialize(model, placement, {})
+    _set_trainable(model, spec)
     return model, injection
 
 
@@ -223,8 +253,14 @@ def _fill_int8(weight: nn.Parameter, absmax: nn.Parameter, source: TensorSource)
 
 
 def init_lora_sharded(model: nn.Module, seed: int, rank: int) -> None:
-    """The same LoRA initial values as the single-process path (one seeded generator, module order)."""
+    """The same LoRA initial values as the single-process path (one seeded generator, module order):
+    under ZeRO-3 set on rank 0 and partitioned from there; a replicated model (stages 1 and 2)
+    sets them on every rank, the generator being seeded."""
     params = list(lora_parameters(model).values())
+    if not any(hasattr(p, "ds_id") for p in params):
+        with torch.no_grad():
+            init_lora(model, seed)
+        return
     with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
         if rank == 0:
             init_lora(model, seed)
@@ -253,12 +289,26 @@ def blocks_as_zero3_leaves(model: nn.Module) -> None:
 
 def initialize(model: nn.Module, config: dict[str, Any], scheduler: Callable[[torch.optim.Optimizer], Any]):
     """deepspeed.initialize with only the trainable (LoRA) parameters given to the optimizer;
-    ``scheduler(optimizer)`` makes the learning-rate schedule."""
+    ``scheduler(optimizer)`` makes the learning-rate schedule.
+
+    Under stages 1 and 2 in 16-bit, DeepSpeed casts every float parameter of the (replicated)
+    model to the compute dtype, the int8 linears' fp32 row scales among them; they are kept and
+    put back, so every stage computes with the same fp32 scales (ZeRO-3's partitions keep them).
+    DeepSpeed also broadcasts every parameter of a replicated model from rank 0 here (its
+    ``_broadcast_model``, not configurable): one pass of the base over the network at start-up,
+    redundant since every rank loaded the same values.
+    """
     params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
-    if config["zero_optimization"]["stage"] == 3:
+    stage = config["zero_optimization"]["stage"]
+    if stage == 3:
         blocks_as_zero3_leaves(model)
+    scales = {} if stage == 3 else {id(m.weight_absmax): (m.weight_absmax, m.weight_absmax.data)
+                                    for m in model.modules() if isinstance(m, Int8Linear)}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config,
                                            lr_scheduler=scheduler)
+    for p, data in scales.values():
+        if p.data.dtype != data.dtype:
+            p.data = data
     return engine
 
 
@@ -336,11 +386,12 @@ def _trainable(engine) -> list[tuple[str, nn.Parameter]]:
     return list(seen.values())
 
 
-def _require_zero3(engine) -> Any:
+def _zero_optimizer(engine) -> Any:
+    """The engine's ZeRO optimizer (stage 1, 2 or 3), whose fp32 partitions hold the trained state."""
     opt = engine.optimizer
-    if not engine.zero_optimization_partition_weights() or not hasattr(opt, "fp32_partitioned_groups_flat"):
-        raise RuntimeError("resumable checkpoints need cluster.zero_stage 3 (the gathered state is read from "
-                           "ZeRO-3's fp32 partitions)")
+    if not (hasattr(opt, "fp32_partitioned_groups_flat") or hasattr(opt, "single_partition_of_fp32_groups")):
+        raise RuntimeError(f"resumable checkpoints read a ZeRO optimizer's fp32 partitions; this engine has "
+                           f"{type(opt).__name__}")
     return opt
 
 
@@ -353,7 +404,7 @@ def gather_train_state(engine, rank: int) -> tuple[dict[str, torch.Tensor] | Non
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    opt = _require_zero3(engine)
+    opt = _zero_optimizer(engine)
     tensors: dict[str, torch.Tensor] = {}
     for name, p in _trainable(engine):
         values = {"param": safe_get_full_fp32_param(p)}
@@ -382,37 +433,34 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def restore_train_state(engine, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
-    """Every rank: put a gathered state (:func:`gather_train_state`, written at any world size)
-    into this engine. Each rank copies only its own partition of each tensor, into the fp32
-    master, the AdamW moments and the model's compute copy; no collective.
+    """Every rank: put a gathered state (:func:`gather_train_state`, written at any world size and
+    ZeRO stage) into this engine. Each rank copies only its own partition of each tensor into the
+    fp32 master and the AdamW moments, and its own range (ZeRO-3) or the whole (stages 1 and 2)
+    into the model's compute copy; no collective.
 
     Raises:
         RuntimeError: a trainable parameter is missing from ``tensors``, has another shape, or
             ``tensors`` holds one this model does not have.
     """
-    opt = _require_zero3(engine)
+    opt = _zero_optimizer(engine)
     params = _trainable(engine)
     expected = {f"{kind}/{name}" for name, _ in params for kind in ("param", *MOMENTS)}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise RuntimeError(f"the checkpoint does not match this model's trainable parameters: missing "
                            f"{missing[:3]}, unexpected {extra[:3]} (was it written for other lora targets?)")
+    for name, p in params:
+        numel, shape = getattr(p, "ds_numel", p.numel()), getattr(p, "ds_shape", p.shape)
+        for kind in ("param", *MOMENTS):
+            if tensors[f"{kind}/{name}"].numel() != numel:
+                raise RuntimeError(f"{kind}/{name}: {tuple(tensors[f'{kind}/{name}'].shape)} in the checkpoint, "
+                                   f"{tuple(shape)} here")
     # AdamW creates its state at the first step; a fresh engine has none, so make it here.
     step = torch.tensor(float(scalars["optimizer_step"]))
-    for flat in opt.fp32_partitioned_groups_flat:
+    zero3 = hasattr(opt, "fp32_partitioned_groups_flat")
+    for flat in opt.fp32_partitioned_groups_flat if zero3 else opt.single_partition_of_fp32_groups:
         opt.optimizer.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in MOMENTS}}
-    for name, p in params:
-        for kind in ("param", *MOMENTS):
-            full = tensors[f"{kind}/{name}"]
-            if full.numel() != p.ds_numel:
-                raise RuntimeError(f"{kind}/{name}: {tuple(full.shape)} in the checkpoint, {tuple(p.ds_shape)} here")
-            # DeepSpeed's safe_set_full_* narrow the unpadded value by the padded partition size,
-            # which fails on the last rank of an uneven partition; copy the overlap instead.
-            part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False,
-                                                        optim_state_key=None if kind == "param" else kind)
-            _copy_own(part, full, dist.get_rank(group=p.ds_process_group), p.ds_numel)
-        dest, start, end = _own_range(p)  # the compute copy the forward uses (fp32, bf16 or fp16)
-        dest[:end - start].copy_(tensors[f"param/{name}"].reshape(-1)[start:end])
+    (_restore_partitions if zero3 else _restore_replicated)(opt, params, tensors)
     sched = engine.lr_scheduler
     sched.load_state_dict({**sched.state_dict(), **scalars["scheduler"]})
     for group, lr in zip(opt.optimizer.param_groups, sched.get_last_lr()):
@@ -420,6 +468,35 @@ def restore_train_state(engine, tensors: dict[str, torch.Tensor], scalars: dict[
     if "loss_scaler" in scalars and getattr(opt, "loss_scaler", None) is not None:
         for k, v in scalars["loss_scaler"].items():
             setattr(opt.loss_scaler, k, type(getattr(opt.loss_scaler, k))(v))
+
+
+def _restore_partitions(opt, params: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor]) -> None:
+    """ZeRO-3: each rank's own range of every tensor into its fp32 partitions and compute copy."""
+    for name, p in params:
+        for kind in ("param", *MOMENTS):
+            # DeepSpeed's safe_set_full_* narrow the unpadded value by the padded partition size,
+            # which fails on the last rank of an uneven partition; copy the overlap instead.
+            part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False,
+                                                        optim_state_key=None if kind == "param" else kind)
+            _copy_own(part, tensors[f"{kind}/{name}"], dist.get_rank(group=p.ds_process_group), p.ds_numel)
+        dest, start, end = _own_range(p)  # the compute copy the forward uses (fp32, bf16 or fp16)
+        dest[:end - start].copy_(tensors[f"param/{name}"].reshape(-1)[start:end])
+
+
+def _restore_replicated(opt, params: list[tuple[str, nn.Parameter]], tensors: dict[str, torch.Tensor]) -> None:
+    """Stages 1 and 2: each rank's fragment of the fp32 master and the moments (DeepSpeed's
+    ``safe_set_full_*``, once every parameter's fragment points at the state just made), and the
+    whole compute copy, which every rank holds."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    opt._hp_optimizer_states_linked = False
+    opt._lazy_init_hp_params_optimizer_state()
+    for name, p in params:
+        full = tensors[f"param/{name}"].to(p.device)
+        safe_set_full_fp32_param(p, full)
+        for kind in MOMENTS:
+            safe_set_full_optimizer_state(p, tensors[f"{kind}/{name}"].to(p.device), kind)
+        p.data.copy_(full.view_as(p))
 
 
 def _copy_own(part: torch.Tensor, full: torch.Tensor, rank: int, numel: int) -> None:

@@ -650,7 +650,10 @@ def load_weights(model: nn.Module, model_dir: Path, injection: Injection,
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each decoder block in backward (non-reentrant: gradients reach LoRA inside
     blocks whose inputs do not require grad, as with a frozen base)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name for it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 

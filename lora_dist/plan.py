@@ -16,6 +16,11 @@ Methods compared on the same model:
 * ``lora_fp16``: LoRA on a replicated fp16 base, the paper's setup (every GPU holds the base).
 * ``lora_int8_zero3``: this project: int8 base (1 byte per weight + fp32 row scale) and float
   embeddings/norms sharded by ZeRO-3; LoRA weights, gradients and AdamW state only for A and B.
+
+Every method's terms can also be had under ZeRO stage 1 or 2 (``memory_terms(..., stage=)``):
+the base replicated whole on every worker, only the optimizer state (and at stage 2 the
+gradients) partitioned. :func:`choose_zero_stage` is ``cluster.zero_stage: auto``: the cheapest
+stage whose plan fits a worker.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ from lora_dist.spec import DTYPE_BYTES, resolve_dtype
 
 GiB = 1 << 30
 METHODS = ("full", "lora_fp16", "lora_int8_zero3")
+STAGES = (1, 2, 3)  # cheapest first: 1 and 2 never gather a parameter, 3 gathers every block twice a step
+# cluster.zero_stage: auto replicates the base only where the plan needs at most this share of a
+# worker's memory (the per-process overhead is calibrated on one machine; plan_vs_measured.py shows
+# how far the sum can be off)
+AUTO_MEMORY_SHARE = 0.9
 # DeepSpeed ZeRO-3: parameters smaller than this stay whole on every rank after their first gather
 # (its default, kept).
 PERSISTENCE_THRESHOLD = 100_000
@@ -133,12 +143,15 @@ def zero_settings(c: ModelCounts, method: str = "lora_int8_zero3") -> dict[str, 
       of DeepSpeed's 5e8 elements whatever is trained.
     * ``stage3_param_persistence_threshold``: DeepSpeed's default (1e5): norms and LoRA pairs
       below it stay whole on every rank.
+    * ``allgather_bucket_size`` (stages 1 and 2: the updated partitions gathered after a step):
+      the same as ``reduce_bucket_size``.
     """
     block = max(1, c.largest_block_params + c.block_rows)
     trainable = c.total_params if method == "full" else c.lora_params
+    bucket = int(min(max(trainable, 1), 500_000_000))
     return {"stage3_prefetch_bucket_size": block, "stage3_max_live_parameters": 2 * block,
             "stage3_max_reuse_distance": block, "stage3_param_persistence_threshold": PERSISTENCE_THRESHOLD,
-            "reduce_bucket_size": int(min(max(trainable, 1), 500_000_000))}
+            "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
 
 
 def activation_bytes(c: ModelCounts, a: Activations, s: Setup) -> int:
@@ -154,12 +167,17 @@ def activation_bytes(c: ModelCounts, a: Activations, s: Setup) -> int:
     return a.head + blocks + 2 * a.logits
 
 
-def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activations]) -> dict[str, int]:
-    """Bytes per worker, term by term, for ``method`` on ``s.workers`` workers.
+def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activations],
+                 stage: int = 3) -> dict[str, int]:
+    """Bytes per worker, term by term, for ``method`` on ``s.workers`` workers under ZeRO ``stage``.
 
     ``acts`` holds the counted activations: ``"lora"`` (a frozen base with LoRA) and ``"full"``
-    (every weight trains).
+    (every weight trains). ``stage`` applies to ``full`` and ``lora_int8_zero3`` (``lora_fp16`` is
+    the paper's replicated setup whatever it is): at 1 and 2 the base is whole on every worker and
+    only the optimizer state (stage 1) and the gradients too (stage 2) are partitioned.
     """
+    if stage not in STAGES:
+        raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r}")
     n, cb = s.workers, s.compute_bytes
     # AdamW state per trainable parameter besides the compute-dtype weight: gradient (cb), fp32
     # master copy when computing in 16-bit (4), two fp32 moments (8).
@@ -167,13 +185,19 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
     zs = zero_settings(c, method)
     dequant = min(c.largest_linear_params, DEQUANT_BLOCK_ELEMENTS) * cb
     terms: dict[str, int] = {}
+
+    def optimizer(trainable: int) -> int:  # gradient, fp32 master and moments: what the stage partitions
+        if stage == 1:  # the compute-dtype gradient whole, the rest partitioned
+            return trainable * cb + math.ceil(trainable * (state - cb) / n)
+        return math.ceil(trainable * state / n)
+
     if method == "full":
-        terms["base_weights"] = math.ceil(c.total_params * cb / n)
-        terms["optimizer_and_gradients"] = math.ceil(c.total_params * state / n)
-        terms["persistent_small_params"] = int(c.small_float_params * cb * (1 - 1 / n))
+        terms["base_weights"] = math.ceil(c.total_params * cb / (n if stage == 3 else 1))
+        terms["optimizer_and_gradients"] = optimizer(c.total_params)
+        terms["persistent_small_params"] = int(c.small_float_params * cb * (1 - 1 / n)) if stage == 3 else 0
         terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
         terms["gathered_working_set"] = (min(2, c.layers) * block_bytes(c, cb, quantized=False)
-                                         + c.outside_params * cb) if n > 1 else 0
+                                         + c.outside_params * cb) if n > 1 and stage == 3 else 0
         activations = acts["full"]
     elif method == "lora_fp16":
         terms["base_weights"] = c.total_params * 2  # replicated: the whole fp16 base on every GPU
@@ -181,20 +205,23 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
         terms["optimizer_and_gradients"] = c.lora_params * state
         activations = acts["lora"]
     elif method == "lora_int8_zero3":
-        terms["base_weights"] = math.ceil((c.quantized_linear_params + c.quantized_rows * 4) / n)
-        terms["float_weights"] = math.ceil(c.float_params * cb / n)
-        lora_whole = c.lora_tensors_persistent  # small LoRA tensors stay whole on every rank
+        shards = n if stage == 3 else 1
+        terms["base_weights"] = math.ceil((c.quantized_linear_params + c.quantized_rows * 4) / shards)
+        terms["float_weights"] = math.ceil(c.float_params * cb / shards)
+        lora_whole = c.lora_tensors_persistent or stage < 3  # small LoRA tensors stay whole on every rank
         terms["lora_weights"] = c.lora_params * cb if lora_whole else math.ceil(c.lora_params * cb / n)
-        terms["optimizer_and_gradients"] = math.ceil(c.lora_params * state / n)
-        terms["persistent_small_params"] = int((c.small_float_params * cb + c.quantized_rows * 4) * (1 - 1 / n))
+        terms["optimizer_and_gradients"] = optimizer(c.lora_params)
+        terms["persistent_small_params"] = (int((c.small_float_params * cb + c.quantized_rows * 4) * (1 - 1 / n))
+                                            if stage == 3 else 0)
         terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
         # What ZeRO-3 holds gathered when memory peaks (zero_settings), in buffers of its own
         # beside the partitions: the block computing and the one prefetched, and every parameter
         # outside the blocks (the embedding and the head: both were live at the peak in the 1B
         # Llama's N=2 and N=4 runs, bench/RESULTS.md). At N=1 nothing is gathered: DeepSpeed's
         # all-gather at world size 1 makes each parameter a view of its own partition
-        # (NoGatherHandle). Plus one block of a weight dequantized into the compute dtype.
-        gathered = (min(2, c.layers) * block_bytes(c, cb) + c.outside_params * cb) if n > 1 else 0
+        # (NoGatherHandle); stages 1 and 2 never gather a parameter. Plus one block of a weight
+        # dequantized into the compute dtype.
+        gathered = (min(2, c.layers) * block_bytes(c, cb) + c.outside_params * cb) if n > 1 and stage == 3 else 0
         terms["gathered_working_set"] = gathered + dequant
         activations = acts["lora"]
     else:
@@ -204,8 +231,41 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
     return terms
 
 
-def per_worker_bytes(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activations]) -> int:
-    return sum(memory_terms(c, method, s, acts).values())
+def per_worker_bytes(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activations], stage: int = 3) -> int:
+    return sum(memory_terms(c, method, s, acts, stage).values())
+
+
+@dataclass(frozen=True)
+class StageChoice:
+    """What ``cluster.zero_stage`` resolved to for a job, and why (the manifest records both)."""
+
+    stage: int
+    reason: str
+    per_worker_bytes: dict[int, int] = field(default_factory=dict)  # each stage's plan (auto only)
+
+
+def choose_zero_stage(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activations], memory: int
+                      ) -> StageChoice:
+    """``cluster.zero_stage: auto``: the cheapest stage whose plan fits ``memory`` bytes per
+    worker (within :data:`AUTO_MEMORY_SHARE` of it). Stages 1 and 2 replicate the base on every
+    worker and never gather a parameter; where neither fits, stage 3 shards the base (and says so
+    when even its plan is over)."""
+    method = "full" if method == "full" else "lora_int8_zero3"
+    need = {stage: per_worker_bytes(c, method, s, acts, stage) for stage in STAGES}
+    budget = int(memory * AUTO_MEMORY_SHARE)
+    room = f"{AUTO_MEMORY_SHARE:.0%} of the worker's {fmt_bytes(memory)} is {fmt_bytes(budget)}"
+    for stage in (1, 2):
+        if need[stage] <= budget:
+            return StageChoice(stage, f"auto: the base replicated on each of {s.workers} worker(s) plans "
+                                      f"{fmt_bytes(need[stage])} per worker at ZeRO-{stage} and {room}: no "
+                                      f"parameter gathers", need)
+    over = "" if need[3] <= budget else "; ZeRO-3 is over it too (more workers would shard it further)"
+    return StageChoice(3, f"auto: the base replicated plans {fmt_bytes(need[2])} per worker at ZeRO-2 and {room}: "
+                          f"ZeRO-3 shards it across {s.workers} worker(s), {fmt_bytes(need[3])} per worker{over}", need)
+
+
+def explicit_stage(stage: int) -> StageChoice:
+    return StageChoice(stage, f"cluster.zero_stage: {stage} in the spec")
 
 
 def min_workers(c: ModelCounts, method: str, s: Setup, memory: int, acts: dict[str, Activations],
@@ -246,10 +306,15 @@ class Plan:
     gpu_memory: int
     activations: dict[str, Activations]
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    auto: StageChoice | None = None  # what cluster.zero_stage: auto picks for ours on these workers
 
     def to_dict(self) -> dict[str, Any]:
         ours = self.methods["lora_int8_zero3"]
+        auto = self.auto
         return {
+            "zero_stage_auto": None if auto is None else {
+                "stage": auto.stage, "reason": auto.reason,
+                "per_worker_bytes": {str(k): v for k, v in auto.per_worker_bytes.items()}},
             "model": self.counts.to_dict(),
             "setup": {**asdict(self.setup), "dtype": self.setup.dtype_name},
             "activations": {k: v.to_dict() for k, v in self.activations.items()},
@@ -279,6 +344,7 @@ def make_plan(c: ModelCounts, s: Setup, gpu_memory: int, acts: dict[str, Activat
             "trainable_params": c.total_params if method == "full" else c.lora_params,
             "checkpoint_bytes": checkpoint_bytes(c, method, s),
         }
+    plan.auto = choose_zero_stage(c, "lora", s, acts, gpu_memory)
     return plan
 
 

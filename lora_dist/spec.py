@@ -103,11 +103,11 @@ def redacted(spec_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 # Fields a resumed job may change: where and how wide it runs (a job resumes at another worker
-# count, its state being gathered), and how often it reports. Every other field decides what is
+# count or ZeRO stage, its state being gathered whole), and how often it reports. Every other field decides what is
 # trained, and a job id is bound to it (spec_digest).
-RESUMABLE_CHANGES = ("cluster.workers", "cluster.placement", "cluster.max_failures", "cluster.cpus_per_worker",
-                     "cluster.runtime_env", "train.log_every", "train.checkpoint_every", "train.parity_check",
-                     "train.parity_steps", "train.parity_tolerance")
+RESUMABLE_CHANGES = ("cluster.workers", "cluster.zero_stage", "cluster.placement", "cluster.max_failures",
+                     "cluster.cpus_per_worker", "cluster.runtime_env", "train.log_every", "train.checkpoint_every",
+                     "train.parity_check", "train.parity_steps", "train.parity_tolerance")
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -268,7 +268,9 @@ class TrainSpec(_Section):
 
 class ClusterSpec(_Section):
     workers: Annotated[Int, Ge(1), Le(4096)] = 1
-    zero_stage: Literal[1, 2, 3] = 3
+    # auto: the cheapest stage whose plan fits the workers' memory (plan.choose_zero_stage): 1 where
+    # the base fits replicated on each worker (no parameter gathers), else 3
+    zero_stage: Literal["auto", 1, 2, 3] = "auto"
     gpus_per_worker: Annotated[Int, Ge(0), Le(16)] = 0  # 0: CPU workers (gloo, fp32); 1: a GPU each (nccl, bf16)
     cpus_per_worker: Annotated[Int, Ge(1), Le(1024)] = 1
     placement: Literal["pack", "spread"] = "pack"
@@ -464,9 +466,6 @@ def _cross_field_problems(s: JobSpec) -> list[str]:
                         "loss scaling; on CPU use fp32 or bf16")
     if s.cluster.max_failures > 0 and s.train.checkpoint_every == 0:
         problems.append("cluster.max_failures: restarts resume from checkpoints; set train.checkpoint_every > 0")
-    if s.train.checkpoint_every > 0 and s.cluster.zero_stage != 3:
-        problems.append(f"train.checkpoint_every: resumable checkpoints gather ZeRO-3's fp32 partitions; "
-                        f"set cluster.zero_stage: 3 (got {s.cluster.zero_stage}) or train.checkpoint_every: 0")
     return problems
 
 

@@ -34,9 +34,10 @@ import torch.distributed as dist
 from lora_dist import checkpoint as ckpt
 from lora_dist import engine as eng
 from lora_dist.data import check_packing
-from lora_dist.device import Placement, worker_placement
-from lora_dist.model import LoadedModel, count_model, enable_activation_checkpointing, resolve_base
-from lora_dist.plan import zero_settings
+from lora_dist.device import Placement, worker_memory, worker_placement
+from lora_dist.model import LoadedModel, count_activations, count_model, enable_activation_checkpointing, \
+    resolve_base
+from lora_dist.plan import ModelCounts, Setup, StageChoice, choose_zero_stage, explicit_stage, zero_settings
 from lora_dist.spec import JobSpec, redacted, spec_digest, spec_from_dict
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, PROBE_FILE, artifact_location, check_job_id, digest_at, \
     is_uri, join, parse_manifest, read_text, verify_artifact, write_storage_probe
@@ -62,6 +63,7 @@ class Worker:
     placement: Placement
     ray_io: RayIO
     zero: dict[str, int] = field(default_factory=dict)  # the ZeRO settings the job runs with
+    stage: StageChoice | None = None  # the ZeRO stage it runs (cluster.zero_stage, auto resolved) and why
     val_before: float | None = None  # the validation loss before step 1 (carried by checkpoints)
     nodes: list[Any] = field(default_factory=list)  # each rank's Ray node in this attempt
     earlier_nodes: list[list[Any]] = field(default_factory=list)  # those of the attempts it resumes
@@ -98,7 +100,8 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
         w.val_before = validate(loop, 0)
     loss, parity_max = run_steps(loop, start=1 if resumed_from is None else resumed_from + 1)
     val_after = validate(loop, w.spec.train.max_steps)
-    fields = {"world_size": w.world, "zero_stage": w.spec.cluster.zero_stage, "steps": w.spec.train.max_steps,
+    fields = {"world_size": w.world, "zero_stage": w.stage.stage, "zero_stage_reason": w.stage.reason,
+              "steps": w.spec.train.max_steps,
               "final_loss": loss, "val_loss_before": w.val_before, "val_loss_after": val_after,
               "resumed_from_step": resumed_from, "parity_max_loss_diff": parity_max, "nodes": nodes,
               "node_history": [*w.earlier_nodes, nodes],  # each attempt that trained, oldest first
@@ -124,9 +127,7 @@ def build_loop(w: Worker, parity_reference: list[float] | None = None
     loop = Loop(w.spec, runner, data, w.device, ranks=[w.rank],
                 world_size=w.world, metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0),
                 int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
-                # stages 1 and 2 keep no resumable state (the spec refuses checkpoint_every with them)
-                checkpoint=(lambda step, loss: _checkpoint(w, runner.module, loop, step))
-                if w.spec.cluster.zero_stage == 3 else None, reference=parity_reference,
+                checkpoint=lambda step, loss: _checkpoint(w, runner.module, loop, step), reference=parity_reference,
                 val_share=(w.rank, w.world))
     return built, runner, parts, loop
 
@@ -211,8 +212,12 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     full = spec.train.method == "full"
     counts = count_model(spec.model.base, spec.injected_lora, spec.model.quantization)
     w.zero = zero_settings(counts, "full" if full else "lora_int8_zero3")
-    ds_cfg = eng.ds_config(spec, w.world, w.placement, w.zero)
-    model, injection = eng.build_sharded(hf_config, spec, ds_cfg, w.placement)
+    w.stage = _choose_stage(w, counts)
+    ds_cfg = eng.ds_config(spec, w.world, w.placement, w.zero, w.stage.stage)
+    if w.stage.stage == 3:
+        model, injection = eng.build_sharded(hf_config, spec, ds_cfg, w.placement)
+    else:
+        model, injection = eng.build_replicated(hf_config, spec, w.placement)
     loaded = eng.stream_weights(model, model_dir, injection, w.rank, w.world)
     eng.init_lora_sharded(model, spec.train.seed, w.rank)
     if spec.train.activation_checkpointing:
@@ -221,12 +226,35 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     engine = eng.initialize(model, ds_cfg, lambda optimizer: make_schedule(optimizer, spec))
     parts = eng.partition_report(model)
     if w.rank == 0:
-        print(f"[rank 0/{w.world}] model {spec.model.base} sharded (ZeRO-{spec.cluster.zero_stage}) in "
+        print(f"[rank 0/{w.world}] model {spec.model.base} built (ZeRO-{w.stage.stage}) in "
               f"{time.time() - t0:.1f} s: int8 base {parts['int8_local_bytes']:,} of {parts['int8_full_bytes']:,} "
               f"bytes on this rank; {trainable:,} trainable parameters", flush=True)
     built = LoadedModel(model, AutoTokenizer.from_pretrained(model_dir), model_dir, injection, trainable,
                         loaded.fingerprint)
     return built, eng.ZeroRunner(engine, w.rank), parts
+
+
+def _choose_stage(w: Worker, counts: ModelCounts) -> StageChoice:
+    """The ZeRO stage this job runs: the spec's, or under ``auto`` the cheapest whose plan fits
+    the smallest worker's memory (``plan.choose_zero_stage``). Under ``auto`` it is collective:
+    every rank offers its memory (``device.worker_memory``), and all decide alike from the smallest."""
+    spec = w.spec
+    if spec.cluster.zero_stage != "auto":
+        return explicit_stage(spec.cluster.zero_stage)
+    nodes: list[Any] = [None] * w.world
+    dist.all_gather_object(nodes, w.ray_io.node_id())
+    memory: list[Any] = [None] * w.world
+    dist.all_gather_object(memory, worker_memory(w.placement, nodes.count(nodes[w.rank])))
+    method = "full" if spec.train.method == "full" else "lora"
+    setup = Setup(workers=w.world, micro_batch=spec.train.micro_batch_size, seq_len=spec.data.max_length,
+                  device=w.placement.device.type, dtype=w.placement.dtype_name,
+                  activation_checkpointing=spec.train.activation_checkpointing)
+    acts = {method: count_activations(spec.model.base, spec.injected_lora, spec.model.quantization,
+                                      setup.micro_batch, setup.seq_len, setup.dtype_name, method=method,
+                                      device=setup.device)}
+    choice = choose_zero_stage(counts, method, setup, acts, min(memory))
+    w.say(f"ZeRO stage {choice.stage}: {choice.reason}")
+    return choice
 
 
 def _resume(w: Worker, engine, loop: Loop) -> int | None:

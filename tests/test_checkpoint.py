@@ -1,5 +1,5 @@
 """Resumable checkpoints are the project's own (safetensors + JSON + a sha256 manifest), nothing in
-them is unpickled, and a job resumes from them at another worker count.
+them is unpickled, and a job resumes from them at another worker count and ZeRO stage.
 
 The fast tests check the format on its own; the slow one runs the worker code in gloo processes
 (tests/zero_run.py: real DeepSpeed ZeRO-3, no Ray) on the tiny Llama: stop after a checkpoint,
@@ -84,26 +84,31 @@ def test_a_job_resumes_at_another_worker_count(tmp_path, tiny_llama_dir):
     assert [p.name for p in root.iterdir() if p.name.startswith("step-")] == ["step-00000002"]
     assert not list(root.rglob("*.pt")) and not list(root.rglob("*.pkl"))
 
-    # Restored into three workers, gathered again: exactly the checkpoint, and where it left off.
-    probe = tmp_path / "restore"
-    run_ranks([job(3, check_restore=str(probe))], 3)
-    r = json.loads(Path(f"{probe}.0.json").read_text())
-    assert r["resumed"] == 2 and r["max_abs_diff"] == 0.0, r
-    assert r["optimizer_step"] == r["saved_optimizer_step"] == 2.0
-    assert r["index_base"] == r["saved_next_index"] == 2 * 2  # 2 steps x 2 workers x grad_accum 1
+    # Restored into three workers under each ZeRO stage (written under 3; 1 and 2 hold the model
+    # whole on every rank and partition only the optimizer state), gathered again: exactly the
+    # checkpoint, and where it left off.
+    probes = {stage: tmp_path / f"restore-{stage}" for stage in (1, 2, 3)}
+    run_ranks([job(3, f"cluster.zero_stage={stage}", check_restore=str(probe)) for stage, probe in probes.items()], 3)
     saved = ckpt.load(ckpt.latest(str(root)))
-    assert r["lr"] == pytest.approx(saved.state["scalars"]["scheduler"]["_last_lr"][0])
+    for stage, probe in probes.items():
+        r = json.loads(Path(f"{probe}.0.json").read_text())
+        assert r["zero_stage"] == stage and r["resumed"] == 2 and r["max_abs_diff"] == 0.0, r
+        assert r["optimizer_step"] == r["saved_optimizer_step"] == 2.0
+        assert r["index_base"] == r["saved_next_index"] == 2 * 2  # 2 steps x 2 workers x grad_accum 1
+        assert r["lr"] == pytest.approx(saved.state["scalars"]["scheduler"]["_last_lr"][0])
 
     # A newer checkpoint torn by its writer's death is skipped for step 2.
     shutil.copytree(root / "step-00000002", root / "step-00000003")
     (root / "step-00000003" / ckpt.MANIFEST).unlink()
 
-    # One worker finishes the job from step 2: every step once, the artifact complete.
-    logs = run_ranks([job(1)], 1)
+    # One worker finishes the job from step 2 under zero_stage auto, which replicates the base
+    # (ZeRO-1: the host's memory holds it many times): every step once, the artifact complete.
+    logs = run_ranks([job(1, "cluster.zero_stage=auto")], 1)
     assert "checkpoint of step 3 skipped" in logs[0] and "written by 2 workers, now 1" in logs[0], logs[0][-3000:]
     artifact = Path(artifact_location(str(out), "elastic", "elastic"))
     manifest = verify_artifact(artifact)
     assert manifest["resumed_from_step"] == 2 and manifest["world_size"] == 1
+    assert manifest["zero_stage"] == 1 and manifest["zero_stage_reason"].startswith("auto: "), manifest
     history = [json.loads(x) for x in (artifact / METRICS_FILE).read_text().splitlines()]
     assert [m["step"] for m in history if "loss" in m] == [1, 2, 3, 4], history
     assert all(m["loss"] != 9.0 for m in history if "loss" in m)  # the lost attempt's records are gone

@@ -20,14 +20,14 @@ def test_zero_config_follows_the_spec_and_the_plan():
 
     spec = load_spec(MAIN_JOB, ["data.path=null", "train.grad_accum=2", "cluster.zero_stage=2"])
     zero = zero_settings(COUNTS)
-    cfg = ds_config(spec, 4, Placement(torch.device("cpu"), "fp32"), zero)
+    cfg = ds_config(spec, 4, Placement(torch.device("cpu"), "fp32"), zero, spec.cluster.zero_stage)
     assert cfg["zero_optimization"] == {"stage": 2, "memory_efficient_linear": False, **zero}
     assert cfg["train_batch_size"] == 8 * 2 * 4 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["gradient_clipping"] == spec.train.max_grad_norm
     assert cfg["optimizer"]["params"]["lr"] == spec.train.lr
     assert "bf16" not in cfg and "fp16" not in cfg  # fp32: zero.Init on CPU would ignore an explicit dtype
-    assert ds_config(spec, 1, Placement(torch.device("cpu"), "bf16"), zero)["bf16"] == {"enabled": True}
-    fp16 = ds_config(spec, 1, Placement(torch.device("cpu"), "fp16"), zero)["fp16"]
+    assert ds_config(spec, 1, Placement(torch.device("cpu"), "bf16"), zero, 2)["bf16"] == {"enabled": True}
+    fp16 = ds_config(spec, 1, Placement(torch.device("cpu"), "fp16"), zero, 2)["fp16"]
     assert fp16["enabled"] and fp16["loss_scale"] == 0  # 0: DeepSpeed's dynamic loss scaling
 
 
@@ -37,6 +37,7 @@ def test_zero_settings_fit_the_model():
     assert zero["stage3_prefetch_bucket_size"] >= block  # the next whole block is gathered while one computes
     assert zero["stage3_max_live_parameters"] == 2 * block and zero["stage3_max_reuse_distance"] == block
     assert zero["reduce_bucket_size"] == 30_000  # the LoRA gradients, not DeepSpeed's 5e8 elements
+    assert zero["allgather_bucket_size"] == 30_000  # stages 1 and 2: the updated LoRA partitions
     assert zero_settings(COUNTS, "full")["reduce_bucket_size"] == 1_000_000
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from lora_dist.model import count_activations, count_model
-from lora_dist.plan import GiB, Activations, ModelCounts, Setup, checkpoint_bytes, make_plan, memory_terms, \
-    min_workers, parse_bytes
+from lora_dist.plan import AUTO_MEMORY_SHARE, GiB, Activations, ModelCounts, Setup, checkpoint_bytes, \
+    choose_zero_stage, make_plan, memory_terms, min_workers, parse_bytes, per_worker_bytes
 from lora_dist.spec import SHAPES, LoraSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +80,65 @@ def test_bytes_arithmetic(method, n, device, term, expected):
     terms = memory_terms(_counts(), method, Setup(workers=n, micro_batch=1, seq_len=128, device=device),
                          {"lora": ACTS, "full": ACTS})
     assert terms[term] == expected
+
+
+# (method, workers, stage, term, expected bytes): stages 1 and 2 hold the base whole on every worker
+STAGE_TERMS = [
+    ("lora_int8_zero3", 4, 2, "base_weights", 900_000_000 + 400_000),
+    ("lora_int8_zero3", 4, 1, "float_weights", 100_000_000 * 2),
+    ("lora_int8_zero3", 4, 1, "lora_weights", 1_000_000 * 2),
+    ("lora_int8_zero3", 4, 2, "optimizer_and_gradients", 1_000_000 * (2 + 4 + 8) // 4),
+    # stage 1 keeps the bf16 gradient whole, partitions the fp32 master and moments
+    ("lora_int8_zero3", 4, 1, "optimizer_and_gradients", 1_000_000 * 2 + 1_000_000 * (4 + 8) // 4),
+    ("lora_int8_zero3", 4, 2, "gathered_working_set", 30_000_000 * 2),  # nothing gathered: one dequantized block
+    ("lora_int8_zero3", 4, 2, "persistent_small_params", 0),
+    ("full", 8, 2, "base_weights", 1_000_000_000 * 2),
+    ("full", 8, 2, "optimizer_and_gradients", 1_000_000_000 * 14 // 8),
+    ("full", 8, 1, "gathered_working_set", 0),
+]
+
+
+@pytest.mark.parametrize("method,n,stage,term,expected", STAGE_TERMS)
+def test_bytes_arithmetic_under_stages_1_and_2(method, n, stage, term, expected):
+    terms = memory_terms(_counts(), method, Setup(workers=n, micro_batch=1, seq_len=128), {"lora": ACTS, "full": ACTS},
+                         stage=stage)
+    assert terms[term] == expected
+
+
+def test_auto_picks_the_cheapest_stage_that_fits():
+    """Stage 1 where the replicated base fits a worker, 2 where only its partitioned gradients make
+    it fit, 3 where only sharding fits, and 3 with a warning where nothing does."""
+    c, acts = _counts(lora_params=200_000_000), {"lora": ACTS, "full": ACTS}
+    s = Setup(workers=4, micro_batch=1, seq_len=128)
+    need = {stage: per_worker_bytes(c, "lora_int8_zero3", s, acts, stage) for stage in (1, 2, 3)}
+    assert need[1] > need[2] > need[3]
+
+    def memory_for(nbytes: int) -> int:  # the smallest worker memory whose auto share holds nbytes
+        return int(nbytes / AUTO_MEMORY_SHARE) + 2
+
+    assert choose_zero_stage(c, "lora", s, acts, 100 * GiB).stage == 1
+    at1 = choose_zero_stage(c, "lora", s, acts, memory_for(need[1]))
+    assert at1.stage == 1 and "ZeRO-1" in at1.reason and "no parameter gathers" in at1.reason
+    assert choose_zero_stage(c, "lora", s, acts, memory_for(need[1]) - 4).stage == 2
+    at3 = choose_zero_stage(c, "lora", s, acts, memory_for(need[2]) - 4)
+    assert at3.stage == 3 and "shards it across 4 worker(s)" in at3.reason and "over it too" not in at3.reason
+    none = choose_zero_stage(c, "lora", s, acts, memory_for(need[3]) - 4)
+    assert none.stage == 3 and "over it too" in none.reason
+    assert at3.per_worker_bytes == need
+
+
+def test_plan_says_what_auto_picks(capsys, monkeypatch):
+    import json
+
+    from lora_dist.cli import main
+
+    monkeypatch.chdir(REPO)
+    assert main(["plan", "jobs/llama2-7b-lora.yaml", "--gpus", "1", "--gpu-memory", "80GB", "--json"]) == 0
+    auto = json.loads(capsys.readouterr().out)["zero_stage_auto"]
+    assert auto["stage"] == 1 and auto["per_worker_bytes"]["1"] < 0.9 * 80e9  # 7B int8 fits one 80 GB GPU
+    assert main(["plan", "jobs/gpt3-175b-lora.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--json"]) == 0
+    auto = json.loads(capsys.readouterr().out)["zero_stage_auto"]
+    assert auto["stage"] == 3 and auto["per_worker_bytes"]["2"] > 80e9  # 175B int8 does not
 
 
 def test_activation_checkpointing_keeps_one_input_per_block_and_one_block_recomputed():

@@ -306,14 +306,15 @@ def per_mode(tmp_path_factory, tiny_llama_dir):
 
     out = tmp_path_factory.mktemp("modes") / "runs"
     jobs = []
-    for mode in MODES:
-        job = job_config(f"mode-{mode}", tiny_llama_dir, ("q_proj", "v_proj"), out, 2, steps=2,
-                         extra=(f"data.batching={mode}", "train.parity_check=true", "train.parity_steps=2",
-                                "data.max_length=96"))
+    # each batching mode under the main job's ZeRO-3, and the default mode under zero_stage auto
+    runs = {mode: (f"data.batching={mode}",) for mode in MODES} | {"auto": ("cluster.zero_stage=auto",)}
+    for name, extra in runs.items():
+        job = job_config(f"mode-{name}", tiny_llama_dir, ("q_proj", "v_proj"), out, 2, steps=2,
+                         extra=(*extra, "train.parity_check=true", "train.parity_steps=2", "data.max_length=96"))
         job["parity_reference"] = reference_losses(spec_from_dict(job["spec"]), world_size=2, steps=2)
         jobs.append(job)
     run_ranks(jobs, 2)
-    return {mode: Path(artifact_location(str(out), f"mode-{mode}", f"mode-{mode}")) for mode in MODES}
+    return {name: Path(artifact_location(str(out), f"mode-{name}", f"mode-{name}")) for name in runs}
 
 
 @pytest.mark.slow
@@ -325,6 +326,21 @@ def test_each_batching_mode_keeps_the_sharded_loss_on_the_unsharded_one(per_mode
     assert manifest["parity_max_loss_diff"] is not None and manifest["parity_max_loss_diff"] < 1e-4
     steps = [m for m in _metrics(per_mode[mode]) if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2] and all(m["tokens"] > 0 for m in steps)
+
+
+@pytest.mark.slow
+def test_zero_stage_auto_replicates_a_base_that_fits_and_keeps_the_loss(per_mode):
+    """Two CPU workers, each with far more memory than the tiny base needs: auto runs ZeRO-1 (the
+    base whole on each rank, no parameter gathers), says why in the manifest, and trains the
+    same losses as the single-process reference."""
+    manifest = store.verify_artifact(per_mode["auto"])
+    assert manifest["zero_stage"] == 1, manifest["zero_stage_reason"]
+    assert manifest["zero_stage_reason"].startswith("auto: the base replicated on each of 2 worker(s)")
+    assert manifest["int8_partition_bytes"] == manifest["int8_full_bytes"]  # replicated: the whole base per rank
+    assert manifest["parity_max_loss_diff"] is not None and manifest["parity_max_loss_diff"] < 1e-4
+    sharded = store.verify_artifact(per_mode["grouped"])
+    assert sharded["zero_stage"] == 3 and sharded["zero_stage_reason"] == "cluster.zero_stage: 3 in the spec"
+    assert sharded["int8_partition_bytes"] < sharded["int8_full_bytes"]
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ def _check_partitions(job: dict[str, Any], rank: int, world: int) -> None:
     placement = worker_placement(spec)
     d = resolve_base(spec.model.base)
     zero = zero_settings(count_model(spec.model.base, spec.injected_lora, spec.model.quantization))
-    cfg = eng.ds_config(spec, world, placement, zero)
+    cfg = eng.ds_config(spec, world, placement, zero, 3)
     model, injection = eng.build_sharded(AutoConfig.from_pretrained(d), spec, cfg, placement)
     loaded = eng.stream_weights(model, d, injection, rank, world)
     ref = dict(load_model(spec.model.base, spec.injected_lora, spec.model.quantization,
@@ -123,7 +123,7 @@ def _stop_or_check(job: dict[str, Any], io: LocalIO) -> None:
     if w.rank == 0:
         assert set(tensors) == set(saved.tensors), set(tensors) ^ set(saved.tensors)
         worst = max(float((tensors[k] - saved.tensors[k]).abs().max()) for k in tensors)
-    result = {"rank": w.rank, "resumed": resumed, "max_abs_diff": worst, "lr": runner.lr(),
+    result = {"rank": w.rank, "resumed": resumed, "max_abs_diff": worst, "lr": runner.lr(), "zero_stage": w.stage.stage,
               "optimizer_step": scalars["optimizer_step"], "saved_optimizer_step": saved.state["scalars"]["optimizer_step"],
               "index_base": loop.index_base, "saved_next_index": saved.state["next_index"]}
     Path(f"{job['check_restore']}.{w.rank}.json").write_text(json.dumps(result))
