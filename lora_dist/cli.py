@@ -103,7 +103,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"  activations counted on meta: {fmt_bytes(a.per_block)} per block ({fmt_bytes(a.per_block_checkpointed)} "
           f"checkpointed), {fmt_bytes(a.head)} outside the blocks, logits gradient {fmt_bytes(a.logits)}")
     print("  ZeRO-3 settings: " + ", ".join(f"{k} {v:,}" for k, v in plan.to_dict()["zero_settings"].items()))
-    print(f"  cluster.zero_stage auto picks {plan.auto.stage}: {plan.auto.reason.removeprefix('auto: ')}")
+    print(f"  cluster.zero_stage auto picks {plan.auto.stage}: {plan.auto.reason.removeprefix('auto: ')} (a job's "
+          f"workers decide from the memory free when they start)")
     exported = ours["checkpoint_bytes"]["deliverable"]
     print(f"  adapter {c.lora_params * setup.adapter_bytes_per_param:,} bytes of trained LoRA tensors"
           + (f" ({exported:,} bytes in the PEFT-format file: B of a fused projection's q/v slices is stored "

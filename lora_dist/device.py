@@ -68,14 +68,37 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     host = _host_available()
-    cgroup = Path("/sys/fs/cgroup")
+    return min(host, _cgroup_available() or host)
+
+
+def _cgroup_available() -> int | None:
+    """This process's cgroup memory limit less what the cgroup uses, page cache the kernel can
+    reclaim (inactive file pages) not counted as used; None where no limit is set. cgroup v2
+    (``memory.max``) or v1 (``memory.limit_in_bytes``), at the process's own group or, inside a
+    container's namespace, at the mount's root."""
     try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            return min(host, max(0, int(limit) - int((cgroup / "memory.current").read_text())))
-    except (OSError, ValueError):
-        pass
-    return host
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":
+            mount, files = Path("/sys/fs/cgroup"), ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            mount, files = Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        for group in (mount / rel.strip().lstrip("/"), mount):
+            try:
+                limit = (group / files[0]).read_text().strip()
+                if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                    return None
+                stat = dict(x.split() for x in (group / "memory.stat").read_text().splitlines())
+                used = int((group / files[1]).read_text()) - int(stat.get("inactive_file", 0))
+                return max(0, int(limit) - used)
+            except (OSError, ValueError):
+                continue
+    return None
 
 
 def _host_available() -> int:

@@ -386,6 +386,17 @@ def _trainable(engine) -> list[tuple[str, nn.Parameter]]:
     return list(seen.values())
 
 
+class NoTrainState(RuntimeError):
+    """There is no trained state to checkpoint yet."""
+
+
+def _flat_partitions(opt) -> list[torch.Tensor]:
+    """This rank's fp32 partitions of the trainable parameters (the optimizer's own params)."""
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        return list(opt.fp32_partitioned_groups_flat)
+    return list(opt.single_partition_of_fp32_groups)
+
+
 def _zero_optimizer(engine) -> Any:
     """The engine's ZeRO optimizer (stage 1, 2 or 3), whose fp32 partitions hold the trained state."""
     opt = engine.optimizer
@@ -405,6 +416,10 @@ def gather_train_state(engine, rank: int) -> tuple[dict[str, torch.Tensor] | Non
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     opt = _zero_optimizer(engine)
+    # Every rank decides alike (an fp16 overflow skips the step on all of them), before any
+    # collective: a rank that owns no fragment yet would otherwise wait in the gather forever.
+    if not all(k in opt.optimizer.state.get(flat, {}) for flat in _flat_partitions(opt) for k in MOMENTS):
+        raise NoTrainState("no optimizer step has been applied yet (in fp16 every step so far overflowed)")
     tensors: dict[str, torch.Tensor] = {}
     for name, p in _trainable(engine):
         values = {"param": safe_get_full_fp32_param(p)}
@@ -412,8 +427,6 @@ def gather_train_state(engine, rank: int) -> tuple[dict[str, torch.Tensor] | Non
             values[key] = safe_get_full_optimizer_state(p, key)
         if rank == 0:
             for kind, v in values.items():
-                if v is None:
-                    raise RuntimeError(f"no {kind} state for {name}: checkpoints are taken after a step")
                 tensors[f"{kind}/{name}"] = v.detach().float().cpu().clone()
     steps = {float(st["step"]) for st in opt.optimizer.state.values() if "step" in st}
     scalars: dict[str, Any] = {"optimizer_step": max(steps) if steps else 0.0,
@@ -458,7 +471,7 @@ def restore_train_state(engine, tensors: dict[str, torch.Tensor], scalars: dict[
     # AdamW creates its state at the first step; a fresh engine has none, so make it here.
     step = torch.tensor(float(scalars["optimizer_step"]))
     zero3 = hasattr(opt, "fp32_partitioned_groups_flat")
-    for flat in opt.fp32_partitioned_groups_flat if zero3 else opt.single_partition_of_fp32_groups:
+    for flat in _flat_partitions(opt):
         opt.optimizer.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in MOMENTS}}
     (_restore_partitions if zero3 else _restore_replicated)(opt, params, tensors)
     sched = engine.lr_scheduler

@@ -179,9 +179,10 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
     if stage not in STAGES:
         raise ValueError(f"ZeRO stage must be one of {STAGES}, got {stage!r}")
     n, cb = s.workers, s.compute_bytes
-    # AdamW state per trainable parameter besides the compute-dtype weight: gradient (cb), fp32
-    # master copy when computing in 16-bit (4), two fp32 moments (8).
-    state = cb + (4 if cb == 2 else 0) + 8
+    # AdamW state per trainable parameter besides the compute-dtype weight: gradient (cb), the
+    # optimizer's fp32 master copy (4: DeepSpeed clones the partition even in fp32), two fp32
+    # moments (8).
+    state = cb + 4 + 8
     zs = zero_settings(c, method)
     dequant = min(c.largest_linear_params, DEQUANT_BLOCK_ELEMENTS) * cb
     terms: dict[str, int] = {}

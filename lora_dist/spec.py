@@ -268,8 +268,8 @@ class TrainSpec(_Section):
 
 class ClusterSpec(_Section):
     workers: Annotated[Int, Ge(1), Le(4096)] = 1
-    # auto: the cheapest stage whose plan fits the workers' memory (plan.choose_zero_stage): 1 where
-    # the base fits replicated on each worker (no parameter gathers), else 3
+    # auto: the cheapest stage whose plan fits the workers' memory (plan.choose_zero_stage): 1 or 2
+    # where the base fits replicated on each worker (no parameter gathers), else 3
     zero_stage: Literal["auto", 1, 2, 3] = "auto"
     gpus_per_worker: Annotated[Int, Ge(0), Le(16)] = 0  # 0: CPU workers (gloo, fp32); 1: a GPU each (nccl, bf16)
     cpus_per_worker: Annotated[Int, Ge(1), Le(1024)] = 1

@@ -241,8 +241,10 @@ def _choose_stage(w: Worker, counts: ModelCounts) -> StageChoice:
     spec = w.spec
     if spec.cluster.zero_stage != "auto":
         return explicit_stage(spec.cluster.zero_stage)
-    nodes: list[Any] = [None] * w.world
-    dist.all_gather_object(nodes, w.ray_io.node_id())
+    nodes: list[Any] = list(w.nodes)
+    if not nodes:  # run_worker gathers them first; a worker built on its own gathers them here
+        nodes = [None] * w.world
+        dist.all_gather_object(nodes, w.ray_io.node_id())
     memory: list[Any] = [None] * w.world
     dist.all_gather_object(memory, worker_memory(w.placement, nodes.count(nodes[w.rank])))
     method = "full" if spec.train.method == "full" else "lora"
@@ -291,7 +293,11 @@ def _resume(w: Worker, engine, loop: Loop) -> int | None:
 def _checkpoint(w: Worker, engine, loop: Loop, step: int) -> None:
     """Collective: gather the trainable state and every rank's RNG to rank 0, which writes the
     checkpoint (checkpoint.write: verified on read, manifest last, renamed into place)."""
-    tensors, scalars = eng.gather_train_state(engine, w.rank)
+    try:
+        tensors, scalars = eng.gather_train_state(engine, w.rank)
+    except eng.NoTrainState as e:  # every rank alike
+        w.say(f"checkpoint of step {step} skipped: {e}")
+        return
     rng: list[Any] = [None] * w.world
     dist.all_gather_object(rng, _get_rng(w))
     if w.rank == 0:

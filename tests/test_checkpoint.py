@@ -80,19 +80,21 @@ def test_a_job_resumes_at_another_worker_count(tmp_path, tiny_llama_dir):
     work = Path(job(2)["work_dir"])
     work.mkdir(parents=True)  # what an earlier attempt lost before its first checkpoint recorded
     (work / METRICS_FILE).write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
-    run_ranks([job(2, stop_after=2)], 2)  # two workers, lost right after the step-2 checkpoint
+    run_ranks([job(2, "cluster.zero_stage=2", stop_after=2)], 2)  # two ZeRO-2 workers, lost after step 2
     assert [p.name for p in root.iterdir() if p.name.startswith("step-")] == ["step-00000002"]
     assert not list(root.rglob("*.pt")) and not list(root.rglob("*.pkl"))
 
-    # Restored into three workers under each ZeRO stage (written under 3; 1 and 2 hold the model
-    # whole on every rank and partition only the optimizer state), gathered again: exactly the
-    # checkpoint, and where it left off.
+    # Restored into three workers under each ZeRO stage (written under 2; 1 and 2 hold the model
+    # whole on every rank and partition only the optimizer state, 3 partitions it too), gathered
+    # again: exactly the checkpoint in the optimizer's master and in the copy the forward uses,
+    # and where it left off.
     probes = {stage: tmp_path / f"restore-{stage}" for stage in (1, 2, 3)}
     run_ranks([job(3, f"cluster.zero_stage={stage}", check_restore=str(probe)) for stage, probe in probes.items()], 3)
     saved = ckpt.load(ckpt.latest(str(root)))
     for stage, probe in probes.items():
         r = json.loads(Path(f"{probe}.0.json").read_text())
         assert r["zero_stage"] == stage and r["resumed"] == 2 and r["max_abs_diff"] == 0.0, r
+        assert r["compute_copy_diff"] == 0.0, r
         assert r["optimizer_step"] == r["saved_optimizer_step"] == 2.0
         assert r["index_base"] == r["saved_next_index"] == 2 * 2  # 2 steps x 2 workers x grad_accum 1
         assert r["lr"] == pytest.approx(saved.state["scalars"]["scheduler"]["_last_lr"][0])

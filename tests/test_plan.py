@@ -60,7 +60,8 @@ TERMS = [
     ("lora_int8_zero3", 4, "cuda", "float_weights", 100_000_000 * 2 // 4),
     ("lora_int8_zero3", 4, "cpu", "float_weights", 100_000_000 * 4 // 4),
     ("lora_int8_zero3", 4, "cuda", "optimizer_and_gradients", 1_000_000 * (2 + 4 + 8) // 4),
-    ("lora_int8_zero3", 4, "cpu", "optimizer_and_gradients", 1_000_000 * (4 + 8) // 4),
+    # fp32: the gradient, DeepSpeed's fp32 master (a clone even in fp32) and two moments
+    ("lora_int8_zero3", 4, "cpu", "optimizer_and_gradients", 1_000_000 * (4 + 4 + 8) // 4),
     ("lora_int8_zero3", 4, "cuda", "reduce_bucket", 1_000_000 * 2),  # sized to the LoRA gradients
     # two blocks live (computing, prefetched), the embedding and head, one dequantized weight block in bf16
     ("lora_int8_zero3", 2, "cuda", "gathered_working_set", 2 * BLOCK_BF16 + 60_000_000 * 2 + 30_000_000 * 2),

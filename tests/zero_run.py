@@ -117,13 +117,22 @@ def _stop_or_check(job: dict[str, Any], io: LocalIO) -> None:
                                "peak_memory_bytes": [0], "int8_partition_bytes": [0]})
         loop.checkpoint(job["stop_after"], loss)
         return
+    import deepspeed
+
     saved = ckpt.load(ckpt.latest(w.checkpoints))
     tensors, scalars = eng.gather_train_state(runner.module, w.rank)
-    worst = None
+    worst = compute = None
     if w.rank == 0:
         assert set(tensors) == set(saved.tensors), set(tensors) ^ set(saved.tensors)
         worst = max(float((tensors[k] - saved.tensors[k]).abs().max()) for k in tensors)
-    result = {"rank": w.rank, "resumed": resumed, "max_abs_diff": worst, "lr": runner.lr(), "zero_stage": w.stage.stage,
+    # the copy the forward computes with, besides the optimizer's fp32 master
+    trainable = [(n, p) for n, p in runner.module.module.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
+        if w.rank == 0:
+            compute = max(float((p.detach().float().cpu().reshape(-1) - saved.tensors[f"param/{n}"].reshape(-1))
+                                .abs().max()) for n, p in trainable)
+    result = {"rank": w.rank, "resumed": resumed, "max_abs_diff": worst, "compute_copy_diff": compute,
+              "lr": runner.lr(), "zero_stage": w.stage.stage,
               "optimizer_step": scalars["optimizer_step"], "saved_optimizer_step": saved.state["scalars"]["optimizer_step"],
               "index_base": loop.index_base, "saved_next_index": saved.state["next_index"]}
     Path(f"{job['check_restore']}.{w.rank}.json").write_text(json.dumps(result))
