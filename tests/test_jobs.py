@@ -21,8 +21,11 @@ from lora_dist import store
 from conftest import E2E_CSV, REPO
 
 JOB = str(REPO / "jobs" / "smollm2-e2e.yaml")
+# The main job, short; ZeRO stage auto (ZeRO-1 here: the base fits each worker), since these tests
+# are about submitting, stopping and fetching, and a ZeRO-3 step at N=2 costs ~10 s of gathers on
+# this machine whatever its size (ZeRO-3 itself: test_distributed, test_checkpoint, test_layouts).
 QUICK = ["train.max_steps=2", "train.micro_batch_size=2", "data.max_length=48", "train.eval_batches=1",
-         "train.log_every=1"]
+         "train.log_every=1", "cluster.zero_stage=auto"]
 DASHBOARD_PORT = 8275
 HEAD_DIRS: dict[str, Path] = {}  # the module head's --temp-dir, by address
 

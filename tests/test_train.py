@@ -274,10 +274,12 @@ def test_generate_uses_the_adapter(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_adapter_trained_on_jsonl_data_serves_eval_and_generate(tmp_path, smollm2_dir):
-    """jobs/smollm2-jsonl.yaml's data: the artifact loads for generate and eval, prompted with
-    the template recorded in its manifest (JSONL: the prompt as written)."""
+def test_an_adapter_trained_on_jsonl_data_serves_eval_and_generate(tmp_path, tiny_llama_dir):
+    """jobs/smollm2-jsonl.yaml's data (on the tiny Llama: this is about the data and the template,
+    not the model): the artifact loads for generate and eval, prompted with the template recorded
+    in its manifest (JSONL: the prompt as written)."""
     proc = run_cli("train", str(REPO / "jobs" / "smollm2-jsonl.yaml"), f"--set=output.dir={tmp_path / 'runs'}",
+                   f"--set=model.base={tiny_llama_dir}", "--set=lora.targets=[q_proj,v_proj]",
                    "--set=train.max_steps=3", "--set=train.eval_batches=1", cwd=REPO)
     artifact = Path(proc.stdout.strip().splitlines()[-1])
     manifest = store.verify_artifact(artifact)
