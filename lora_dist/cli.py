@@ -533,8 +533,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         print(f"error: --batch-size: must be at least 1, got {args.batch_size}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.out and Path(args.out).exists():
-        print(f"error: --out: {args.out} exists; choose a new file", file=sys.stderr)
+    for flag, path in (("--out", args.out), ("--slots", args.slots)):
+        if path and Path(path).exists():
+            print(f"error: {flag}: {path} exists; choose a new file", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    if args.rerank == "ser" and args.num_beams < 2:
+        print("error: --rerank ser chooses among the beam's candidates; it needs --num-beams of at least 2",
+              file=sys.stderr)
         return EXIT_BAD_INPUT
     loaded, manifest = load_adapted(Path(args.artifact))
     t0 = time.time()
@@ -542,13 +547,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def progress(i: int, n: int) -> None:
         print(f"generated {i}/{n} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    preds, metrics = evaluate_e2e(loaded.model, loaded.tokenizer, data, template=prompt_template(manifest),
-                                  limit=args.limit, num_beams=args.num_beams,
-                                  length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                  max_new_tokens=args.max_new_tokens, progress=progress,
-                                  batch_size=args.batch_size, bos=uses_bos(manifest))
+    preds, metrics, slots = evaluate_e2e(loaded.model, loaded.tokenizer, data, template=prompt_template(manifest),
+                                         limit=args.limit, num_beams=args.num_beams,
+                                         length_penalty=args.length_penalty,
+                                         no_repeat_ngram_size=args.no_repeat_ngram_size,
+                                         max_new_tokens=args.max_new_tokens, progress=progress,
+                                         batch_size=args.batch_size, bos=uses_bos(manifest), rerank=args.rerank)
     if args.out:
         Path(args.out).write_text("\n".join(preds) + "\n")
+    if args.slots:
+        Path(args.slots).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in slots))
     print(json.dumps({**metrics, "mrs": len(preds)}))
     return EXIT_OK
 
@@ -631,10 +639,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also require the manifest's own sha256 to be this (as `verify` printed it at the time)")
     v.set_defaults(func=cmd_verify)
 
-    e = sub.add_parser("eval", help="E2E metrics: one output per distinct MR, scored against all its references")
+    e = sub.add_parser("eval", help="E2E metrics and slot error rate: one output per distinct MR, scored against "
+                                    "all its references and its MR")
     e.add_argument("artifact", help="artifact directory")
     e.add_argument("--data", required=True, help="E2E csv (mr, ref)")
     e.add_argument("--out", default=None, help="write the predictions here, one per line, in MR order")
+    e.add_argument("--slots", default=None, metavar="FILE",
+                   help="write each prediction's slot errors here as JSON lines (mr, prediction, slots, missing, "
+                        "wrong, added, ser), in MR order")
+    e.add_argument("--rerank", choices=("none", "ser"), default="none",
+                   help="ser: output the beam candidate with the fewest slot errors (ties: the higher beam score)")
     e.add_argument("--limit", type=int, default=None, help="only the first N distinct MRs")
     e.add_argument("--num-beams", type=int, default=10)
     e.add_argument("--length-penalty", type=float, default=0.9)

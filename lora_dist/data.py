@@ -1,8 +1,10 @@
 """Datasets to tokenized batches: the E2E NLG csv (``mr``, ``ref``) and prompt/completion JSONL.
 
 Every example is a (prompt, completion) pair; the loss covers completion tokens only (prompt
-positions get label -100). Train/validation are split by prompt (for E2E: by meaning
-representation), never by row, so no MR is on both sides. Batches are a pure function of
+positions get label -100). Train/validation are split by prompt, never by row, so no prompt is
+on both sides; E2E is split by restaurant by default (``data.split: name``: every MR of a held-out
+``name[...]`` is held out, so validation measures restaurants the adapter never saw) or by
+meaning representation (``data.split: mr``). Batches are a pure function of
 (step, seed): batch i of a run is the same on every try, which makes resuming exact.
 """
 
@@ -15,6 +17,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import time
 import urllib.error
@@ -45,6 +48,8 @@ class DataError(ValueError):
 class Example:
     prompt: str
     completion: str
+    mr: str | None = None  # E2E: the meaning representation the prompt was made from
+    name: str | None = None  # E2E: the MR's name[...] (what data.split: name holds out whole)
 
 
 def template_for(source: str) -> str:
@@ -61,6 +66,15 @@ def e2e_prompt(mr: str, template: str = E2E_TEMPLATE) -> str:
     return render(template, mr.strip())
 
 
+_NAME = re.compile(r"(?:^|,)\s*name\s*\[([^\]]*)\]")
+
+
+def e2e_name(mr: str) -> str | None:
+    """The restaurant an E2E meaning representation is about (its ``name[...]``), if it has one."""
+    m = _NAME.search(mr)
+    return m.group(1).strip() if m else None
+
+
 def read_e2e(path: Path, template: str = E2E_TEMPLATE) -> list[Example]:
     """Read an E2E csv with columns ``mr`` and ``ref`` (one row per reference), each MR prompted
     through ``template``."""
@@ -73,7 +87,8 @@ def read_e2e(path: Path, template: str = E2E_TEMPLATE) -> list[Example]:
             rows = [(r["mr"], r["ref"]) for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"data.path: cannot read {path}: {e}") from None
-    out = [Example(e2e_prompt(mr, template), " " + ref.strip()) for mr, ref in rows if mr and ref and ref.strip()]
+    out = [Example(e2e_prompt(mr, template), " " + ref.strip(), mr.strip(), e2e_name(mr)) for mr, ref in rows
+           if mr and ref and ref.strip()]
     if not out:
         raise DataError(f"data.path: {path} has no rows with both 'mr' and 'ref'")
     return out
@@ -142,6 +157,43 @@ def split_by_prompt(examples: Sequence[Example], val_fraction: float) -> tuple[l
     train = [e for e in examples if e.prompt not in val_prompts]
     val = [e for e in examples if e.prompt in val_prompts]
     return train, val
+
+
+def split_by_name(examples: Sequence[Example], val_fraction: float) -> tuple[list[Example], list[Example]]:
+    """Hold out whole restaurants: every example whose MR names a held-out ``name[...]``.
+
+    Names are taken in the order of sha256(name) until the held-out MRs reach ``val_fraction`` of
+    all MRs: stable across runs, machines and file order, at least one name held out and at
+    least one left to train on. An MR without a name is its own unit (split as by prompt).
+
+    Raises:
+        DataError: fewer than two restaurants to split between.
+    """
+    def unit(e: Example) -> str:
+        return f"name:{e.name}" if e.name is not None else f"mr:{e.prompt}"
+
+    prompts: dict[str, set[str]] = {}
+    for e in examples:
+        prompts.setdefault(unit(e), set()).add(e.prompt)
+    if len(prompts) < 2:
+        raise DataError(f"data.split: name holds out whole restaurants, and the data has {len(prompts)}; "
+                        f"use data.split: mr")
+    total = sum(len(p) for p in prompts.values())
+    held: set[str] = set()
+    count = 0
+    for u in sorted(prompts, key=lambda u: hashlib.sha256(u.encode()).hexdigest()):
+        if held and (count >= val_fraction * total or len(held) == len(prompts) - 1):
+            break
+        held.add(u)
+        count += len(prompts[u])
+    return [e for e in examples if unit(e) not in held], [e for e in examples if unit(e) in held]
+
+
+def split_examples(examples: Sequence[Example], spec: DataSpec) -> tuple[list[Example], list[Example]]:
+    """Train and validation examples as ``data.split`` says (JSONL always splits by prompt)."""
+    if spec.source == "e2e" and spec.split == "name":
+        return split_by_name(examples, spec.val_fraction)
+    return split_by_prompt(examples, spec.val_fraction)
 
 
 # --- tokenization and batches ----------------------------------------------------------------------
@@ -279,7 +331,8 @@ def cache_key(spec: DataSpec, data_sha256: str, tokenizer) -> dict:
     """What the tokenized dataset is a function of (its cache directory is named by its sha256)."""
     return {"format": CACHE_FORMAT, "data_sha256": data_sha256, "source": spec.source,
             "template": template_for(spec.source), "tokenizer": tokenizer_fingerprint(tokenizer),
-            "max_length": spec.max_length, "val_fraction": spec.val_fraction, "max_val_examples": spec.max_val_examples}
+            "max_length": spec.max_length, "val_fraction": spec.val_fraction, "max_val_examples": spec.max_val_examples,
+            "split": spec.split if spec.source == "e2e" else "prompt"}
 
 
 def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
@@ -321,7 +374,7 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
 
 def _tokenize_splits(spec: DataSpec, tokenizer, path: Path, cache: str | None) -> Tokens:
     examples = read_e2e(path) if spec.source == "e2e" else read_jsonl(path)
-    train_ex, val_ex = split_by_prompt(examples, spec.val_fraction)
+    train_ex, val_ex = split_examples(examples, spec)
     val_ex = val_ex[: spec.max_val_examples]
     return Tokens(TokenArrays.of(tokenize(train_ex, tokenizer, spec.max_length)),
                   TokenArrays.of(tokenize(val_ex, tokenizer, spec.max_length)),

@@ -1,4 +1,5 @@
-"""Comparing models on the same batches (int8 against float, ours against PEFT)."""
+"""Comparing models on the same batches (int8 against float, ours against PEFT), and E2E
+evaluation: one output per meaning representation, the five E2E metrics and the slot error rate."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from lora_dist.data import E2E_TEMPLATE, read_e2e
 from lora_dist.generate import generate
 from lora_dist.metrics import e2e_metrics
+from lora_dist.slots import slot_error_rate, slot_errors
 
 
 @torch.no_grad()
@@ -32,41 +34,72 @@ def logit_agreement(a: nn.Module, b: nn.Module, batches: Sequence[dict[str, torc
             "top1_agreement": agree / max(positions, 1), "positions": positions}
 
 
-def e2e_references(csv_path, limit: int | None = None,
-                   template: str = E2E_TEMPLATE) -> tuple[list[str], list[list[str]]]:
-    """Distinct meaning representations (as prompts through ``template``) in order of first
-    appearance, with all their references."""
+def e2e_items(csv_path, limit: int | None = None,
+              template: str = E2E_TEMPLATE) -> tuple[list[str], list[str], list[list[str]]]:
+    """Distinct meaning representations in order of first appearance: (the MRs, their prompts
+    through ``template``, all their references)."""
     order: list[str] = []
+    mrs: dict[str, str] = {}
     refs: dict[str, list[str]] = {}
     for ex in read_e2e(csv_path, template):
         if ex.prompt not in refs:
             order.append(ex.prompt)
             refs[ex.prompt] = []
+            mrs[ex.prompt] = ex.mr
         refs[ex.prompt].append(ex.completion.strip())
     order = order[:limit] if limit else order
-    return order, [refs[p] for p in order]
+    return [mrs[p] for p in order], order, [refs[p] for p in order]
 
 
-def evaluate_e2e(model: nn.Module, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit: int | None = None,
+def e2e_references(csv_path, limit: int | None = None,
+                   template: str = E2E_TEMPLATE) -> tuple[list[str], list[list[str]]]:
+    """Distinct meaning representations (as prompts through ``template``) in order of first
+    appearance, with all their references."""
+    _, prompts, refs = e2e_items(csv_path, limit, template)
+    return prompts, refs
+
+
+RERANKS = ("none", "ser")
+
+
+def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit: int | None = None,
                  num_beams: int = 10,
                  length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
-                 progress=None, batch_size: int = 8, bos: bool = False) -> tuple[list[str], dict[str, float | None]]:
-    """Generate one output per distinct MR (the paper's decoding by default) and score it.
+                 progress=None, batch_size: int = 8, bos: bool = False, rerank: str = "none"
+                 ) -> tuple[list[str], dict[str, float | None], list[dict]]:
+    """Generate one output per distinct MR (the paper's decoding by default) and score it: the five
+    E2E metrics, and the slot error rate (``slots.py``; ``SER`` in percent, with the counts).
 
     ``template`` is the prompt template the adapter was trained with (``generate.prompt_template``
     of its manifest), and ``bos`` whether it was trained with BOS before each prompt
-    (``generate.uses_bos``).
+    (``generate.uses_bos``). ``rerank="ser"`` keeps every candidate of the beam and outputs the
+    one with the fewest slot errors, ties going to the higher beam score.
 
     Returns:
-        (predictions in MR order, metrics).
+        (predictions in MR order, metrics, each prediction's slot errors with its MR).
     """
-    prompts, refs = e2e_references(csv_path, limit, template)
+    if rerank not in RERANKS:
+        raise ValueError(f"rerank: must be one of {', '.join(RERANKS)}, got {rerank!r}")
+    mrs, prompts, refs = e2e_items(csv_path, limit, template)
+    candidates = num_beams if rerank == "ser" else 1
     preds: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        preds += generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
-                          num_beams=num_beams, length_penalty=length_penalty,
-                          no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size, bos=bos)
+        outs = generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
+                        num_beams=num_beams, length_penalty=length_penalty,
+                        no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size, bos=bos,
+                        num_return_sequences=candidates)
+        for j, group in enumerate(outs[k:k + candidates] for k in range(0, len(outs), candidates)):
+            group = [_first_line(c) for c in group]
+            mr = mrs[i + j]
+            preds.append(min(group, key=lambda c: slot_errors(mr, c).errors) if len(group) > 1 else group[0])
         if progress:
             progress(len(preds), len(prompts))
-    preds = [p.splitlines()[0].strip() if p.strip() else "" for p in preds]
-    return preds, e2e_metrics(preds, refs)
+    per_output = [{"mr": mr, "prediction": p, **slot_errors(mr, p).to_dict()} for mr, p in zip(mrs, preds)]
+    ser = slot_error_rate(mrs, preds)
+    metrics: dict[str, float | None] = {**e2e_metrics(preds, refs), "SER": 100 * ser["ser"],
+                                        **{k: ser[k] for k in ("slots", "missing", "wrong", "added")}}
+    return preds, metrics, per_output
+
+
+def _first_line(text: str) -> str:
+    return text.splitlines()[0].strip() if text.strip() else ""

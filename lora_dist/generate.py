@@ -35,10 +35,12 @@ def format_prompt(manifest: dict, text: str, raw: bool = False) -> str:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, num_beams: int = 1,
              length_penalty: float = 1.0, no_repeat_ngram_size: int = 0, batch_size: int = 8,
-             bos: bool = False) -> list[str]:
+             bos: bool = False, num_return_sequences: int = 1) -> list[str]:
     """Greedy (num_beams=1) or beam-search completions for each prompt.
 
     ``bos``: put BOS before each prompt, as the adapter was trained (:func:`uses_bos`).
+    ``num_return_sequences`` (at most ``num_beams``): that many candidates per prompt, best beam
+    score first, the prompts' candidates one after another.
 
     Prompts go through ``batch_size`` at a time, left-padded with an attention mask: each decoding
     step runs the model once for the whole batch (``batch_size * num_beams`` sequences), so the
@@ -54,7 +56,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, num
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=num_beams, length_penalty=length_penalty,
                              no_repeat_ngram_size=no_repeat_ngram_size or None, early_stopping=num_beams > 1,
-                             eos_token_id=eos, pad_token_id=pad)
+                             num_return_sequences=num_return_sequences, eos_token_id=eos, pad_token_id=pad)
         outs += [tokenizer.decode(g[ids.shape[1]:], skip_special_tokens=True).strip() for g in gen]
     return outs
 

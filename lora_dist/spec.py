@@ -229,6 +229,11 @@ class DataSpec(_Section):
     # neighbours in length batched together within windows of the shuffled order; packed: examples
     # end to end in rows of max_length tokens, attending only within themselves (data.BatchPlan)
     batching: Literal["padded", "grouped", "packed"] = "grouped"
+    # E2E's train/validation split: name holds out whole restaurants (every MR of a held-out
+    # name[...]: validation on entities never trained on, like E2E's unseen test data); mr holds
+    # out meaning representations, whose restaurants the training side also has. A jsonl source
+    # splits by prompt whatever this says.
+    split: Literal["name", "mr"] = "name"
 
     @field_validator("path")
     @classmethod

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from lora_dist.data import (E2E_TEMPLATE, IGNORE_INDEX, BatchPlan, DataError, Example, collate, fetch_e2e,
-                            read_e2e, read_jsonl, render, split_by_prompt, tokenize)
+from lora_dist.data import (E2E_TEMPLATE, IGNORE_INDEX, BatchPlan, DataError, Example, collate, e2e_name, fetch_e2e,
+                            read_e2e, read_jsonl, render, split_by_name, split_by_prompt, split_examples, tokenize)
 from lora_dist.store import sha256_file
 
 from conftest import E2E_CSV
@@ -35,6 +35,39 @@ def test_split_is_by_meaning_representation_and_stable(e2e_csv):
     assert 20 < n_val < 90  # about 10% of 547 MRs
     train2, val2 = split_by_prompt(list(reversed(ex)), 0.1)
     assert {e.prompt for e in val2} == {e.prompt for e in val}
+
+
+def test_name_split_holds_out_whole_restaurants_and_is_stable(e2e_csv):
+    """data.split: name (the default for E2E): no restaurant on both sides, so validation (and the
+    quality benchmark's held-out MRs) are about restaurants the adapter never saw."""
+    ex = read_e2e(e2e_csv)
+    assert ex[0].name == "Alimentum" and e2e_name("eatType[pub], name[The Mill], near[X]") == "The Mill"
+    train, val = split_by_name(ex, 0.1)
+    assert len(train) + len(val) == len(ex)
+    held = {e.name for e in val}
+    assert held and not held & {e.name for e in train}
+    assert {e.prompt for e in val} == {e.prompt for e in ex if e.name in held}  # every MR of a held-out name
+    n_val = len({e.prompt for e in val})
+    assert 0.1 * 547 <= n_val < 0.25 * 547  # names are added until a tenth of the MRs is held out
+    train2, val2 = split_by_name(list(reversed(ex)), 0.1)
+    assert {e.prompt for e in val2} == {e.prompt for e in val}
+    # by meaning representation, held-out MRs share restaurants with the training side
+    _, by_mr = split_by_prompt(ex, 0.1)
+    assert {e.name for e in by_mr} & {e.name for e in train2}
+
+
+def test_split_follows_the_spec_and_needs_two_restaurants(e2e_csv):
+    from lora_dist.spec import DataSpec
+
+    ex = read_e2e(e2e_csv)
+    by_name = split_examples(ex, DataSpec(path=str(e2e_csv)))
+    assert by_name == split_by_name(ex, 0.1)
+    assert split_examples(ex, DataSpec(path=str(e2e_csv), split="mr")) == split_by_prompt(ex, 0.1)
+    one = [e for e in ex if e.name == "Aromi"]
+    with pytest.raises(DataError, match="data.split: name holds out whole restaurants, and the data has 1"):
+        split_by_name(one, 0.1)
+    jsonl = [Example("a", " b"), Example("c", " d"), Example("e", " f")]
+    assert split_examples(jsonl, DataSpec(source="jsonl", path=str(e2e_csv))) == split_by_prompt(jsonl, 0.1)
 
 
 def test_labels_cover_completion_tokens_only(tiny_llama_dir):
@@ -193,7 +226,7 @@ def test_tokenized_splits_are_cached_memory_mapped_and_keyed_by_what_makes_them(
     warm = tokenized(spec, tok, tmp_path)
     assert (cold.cache, warm.cache) == ("miss", "hit")
     assert isinstance(warm.train.ids, np.memmap) and isinstance(warm.train.offsets, np.memmap)
-    train, val = split_by_prompt(read_e2e(E2E_CSV), spec.val_fraction)
+    train, val = split_examples(read_e2e(E2E_CSV), spec)
     assert _same(warm.train, tokenize(train, tok, 64))
     assert _same(warm.val, tokenize(val[:spec.max_val_examples], tok, 64))
     assert (warm.n_train_prompts, warm.n_val_prompts) == (cold.n_train_prompts, cold.n_val_prompts)
@@ -202,10 +235,12 @@ def test_tokenized_splits_are_cached_memory_mapped_and_keyed_by_what_makes_them(
     [entry] = entries()
 
     assert tokenized(DataSpec(path=str(E2E_CSV), max_length=48), tok, tmp_path).cache == "miss"
+    by_mr = tokenized(DataSpec(path=str(E2E_CSV), max_length=64, split="mr"), tok, tmp_path)
+    assert by_mr.cache == "miss" and by_mr.n_val_prompts != warm.n_val_prompts
     fewer = tmp_path / "fewer.csv"
     fewer.write_text("".join(E2E_CSV.read_text().splitlines(keepends=True)[:-1]))
     assert tokenized(DataSpec(path=str(fewer), max_length=64), tok, tmp_path).cache == "miss"
-    assert len(entries()) == 3
+    assert len(entries()) == 4
 
     offsets = tmp_path / "tokenized" / entry / "train.offsets.npy"
     offsets.write_bytes(offsets.read_bytes()[:-16])  # torn

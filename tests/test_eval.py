@@ -50,14 +50,47 @@ def test_distinct_mrs_in_order_of_first_appearance(e2e_csv):
 @pytest.mark.slow
 def test_eval_cli_writes_predictions_and_prints_metrics_last(trained, e2e_csv, tmp_path):
     artifact, _ = trained
-    preds = tmp_path / "preds.txt"
+    preds, slots = tmp_path / "preds.txt", tmp_path / "slots.jsonl"
     proc = run_cli("eval", str(artifact), "--data", str(e2e_csv), "--out", str(preds), "--limit", "3",
-                   "--num-beams", "2", "--max-new-tokens", "40", cwd=tmp_path)
+                   "--num-beams", "2", "--max-new-tokens", "40", "--slots", str(slots), cwd=tmp_path)
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"} <= set(metrics) and metrics["mrs"] == 3
+    assert {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER"} <= set(metrics) and metrics["mrs"] == 3
     lines = preds.read_text().splitlines()
     assert len(lines) == 3 and all(lines)
     assert metrics["BLEU"] > 5  # a trained adapter says something about the restaurant
+    # each output's slot errors, in MR order, adding up to the totals
+    per = [json.loads(x) for x in slots.read_text().splitlines()]
+    assert [p["prediction"] for p in per] == lines and per[0]["mr"] == "name[Alimentum], area[city centre], familyFriendly[no]"
+    for key in ("slots", "missing", "wrong", "added"):
+        assert metrics[key] == sum(p[key] if key == "slots" else len(p[key]) for p in per), key
+    errors = metrics["missing"] + metrics["wrong"] + metrics["added"]
+    from lora_dist.evaluate import e2e_items
+    from lora_dist.slots import parse_mr
+
+    assert metrics["slots"] == sum(len(parse_mr(mr)) for mr in e2e_items(e2e_csv, limit=3)[0])
+    assert metrics["SER"] == pytest.approx(100 * errors / metrics["slots"])
+    again = run_cli("eval", str(artifact), "--data", str(e2e_csv), "--slots", str(slots), cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "--slots" in again.stderr and "exists" in again.stderr
+
+
+def test_slot_rerank_never_outputs_more_slot_errors_than_the_best_beam(tiny_trained, e2e_csv):
+    """--rerank ser chooses among the beam's candidates: per MR never more slot errors than the
+    top beam, which plain decoding outputs (the same search)."""
+    from lora_dist.adapter import load_adapted
+    from lora_dist.evaluate import evaluate_e2e
+
+    artifact, _ = tiny_trained
+    loaded, _ = load_adapted(artifact)
+    kw = dict(limit=6, num_beams=4, max_new_tokens=16, batch_size=3)
+    plain, _, plain_slots = evaluate_e2e(loaded.model, loaded.tokenizer, e2e_csv, **kw)
+    ranked, metrics, ranked_slots = evaluate_e2e(loaded.model, loaded.tokenizer, e2e_csv, rerank="ser", **kw)
+    assert len(ranked) == len(plain) == 6
+    for a, b in zip(plain_slots, ranked_slots):
+        errors = [len(x["missing"]) + len(x["wrong"]) + len(x["added"]) for x in (a, b)]
+        assert errors[1] <= errors[0], (a, b)
+        assert b["prediction"] == a["prediction"] or errors[1] < errors[0]  # a change only for fewer errors
+    with pytest.raises(ValueError, match="rerank: must be one of none, ser"):
+        evaluate_e2e(loaded.model, loaded.tokenizer, e2e_csv, rerank="bleu", **kw)
 
 
 def test_batched_decoding_gives_the_same_outputs_as_one_at_a_time(tiny_trained, e2e_csv):

@@ -9,7 +9,7 @@ functions count as much as those at the top.
     checkpoint (resumable state: safetensors + JSON, verified)
     engine (the only DeepSpeed importer)
     train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
-    generate -> metrics -> evaluate -> cli
+    generate -> metrics -> slots -> evaluate -> cli
 """
 
 import ast
@@ -20,7 +20,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
 ORDER = ["errors", "store", "spec", "plan", "jobs", "device", "quant", "lora", "model", "data", "plot", "adapter", "checkpoint",
          "engine",
-         "train", "worker", "launch", "jobrun", "generate", "metrics", "evaluate", "cli"]
+         "train", "worker", "launch", "jobrun", "generate", "metrics", "slots", "evaluate", "cli"]
 
 
 def _imports(path: Path) -> dict[str, set[str]]:

@@ -87,6 +87,7 @@ BAD = [
     ("name: a\ntrain: {micro_batch_size: 100000000}\n", "train.micro_batch_size: must be from 1 to 65536"),
     ("name: a\ntrain: {warmup_steps: -1}\n", "train.warmup_steps: must be >= 0"),
     ("name: a\ncluster: {zero_stage: 4}\n", "cluster.zero_stage: must be 'auto', 1, 2 or 3"),
+    ("name: a\ndata: {split: row}\n", "data.split: must be 'name' or 'mr'"),
     ("name: a\ncluster: {placement: everywhere}\n", "cluster.placement: must be 'pack' or 'spread'"),
     ("name: a\ncluster: {max_failures: 2}\n", "cluster.max_failures: restarts resume from checkpoints"),
     ("name: a\noutput: {dir: ../../elsewhere}\n", "output.dir: must not contain '..'"),
