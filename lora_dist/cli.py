@@ -537,6 +537,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if path and Path(path).exists():
             print(f"error: {flag}: {path} exists; choose a new file", file=sys.stderr)
             return EXIT_BAD_INPUT
+    if args.out and args.slots and Path(args.out).resolve() == Path(args.slots).resolve():
+        print("error: --slots: the same file as --out; choose another", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.rerank == "ser" and args.num_beams < 2:
         print("error: --rerank ser chooses among the beam's candidates; it needs --num-beams of at least 2",
               file=sys.stderr)

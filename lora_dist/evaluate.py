@@ -8,10 +8,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lora_dist.data import E2E_TEMPLATE, read_e2e
+from lora_dist.data import E2E_TEMPLATE, DataError, read_e2e
 from lora_dist.generate import generate
 from lora_dist.metrics import e2e_metrics
-from lora_dist.slots import slot_error_rate, slot_errors
+from lora_dist.slots import parse_mr, slot_error_rate, slot_errors
 
 
 @torch.no_grad()
@@ -81,6 +81,11 @@ def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit
     if rerank not in RERANKS:
         raise ValueError(f"rerank: must be one of {', '.join(RERANKS)}, got {rerank!r}")
     mrs, prompts, refs = e2e_items(csv_path, limit, template)
+    for n, mr in enumerate(mrs, 1):  # before any generation: every MR must be scorable for slots
+        try:
+            parse_mr(mr)
+        except ValueError as e:
+            raise DataError(f"{csv_path}: distinct MR {n}: {e}") from None
     candidates = num_beams if rerank == "ser" else 1
     preds: list[str] = []
     for i in range(0, len(prompts), batch_size):
@@ -96,7 +101,7 @@ def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit
             progress(len(preds), len(prompts))
     per_output = [{"mr": mr, "prediction": p, **slot_errors(mr, p).to_dict()} for mr, p in zip(mrs, preds)]
     ser = slot_error_rate(mrs, preds)
-    metrics: dict[str, float | None] = {**e2e_metrics(preds, refs), "SER": 100 * ser["ser"],
+    metrics: dict[str, float | None] = {**e2e_metrics(preds, refs), "SER": ser["ser"],
                                         **{k: ser[k] for k in ("slots", "missing", "wrong", "added")}}
     return preds, metrics, per_output
 

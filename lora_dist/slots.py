@@ -8,86 +8,99 @@ the MR leaves out). The slot error rate is
 
     SER = (missing + wrong + added) / slots
 
-over every attribute of every MR, as in the E2E challenge's slot-error scripts (Dušek et al.).
-Values are recognised by the surface forms the E2E references use for them (regular
-expressions below, on lower-cased text with hyphens between words read as spaces); the MR's own
-``name`` and ``near`` strings are removed before the other attributes are looked for, so that
-"Café Sicilia" is not a coffee shop and "Burger King" not fast food. ``name`` and ``near`` are
-realised when their string appears (a leading "The" optional); they cannot be wrong or added.
+over every attribute of every MR: the measure of the E2E challenge's slot-error scripts (Dušek et
+al.), computed here by this module's own heuristic. Values are recognised by the surface forms
+the E2E references use for them (regular expressions below, on lower-cased, accent-folded text
+with hyphens between words read as spaces); the MR's own ``name`` and ``near`` strings are
+removed before the other attributes are looked for, so that "Café Sicilia" is not a coffee shop
+and "Burger King" not fast food. ``name`` and ``near`` are realised when their string appears (a
+leading "The" optional); they cannot be wrong or added. A phrasing the patterns do not know
+counts as missing; an entity the MR does not name (a hallucinated "near Café Rouge") can count
+as an added eat type. On the devset's own references it reports 9.1% (bench/RESULTS.md), mostly
+their real omissions.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 # attribute -> class -> patterns. Values of the MR map to a class through CLASS_OF; an attribute
-# is "stated" with every class one of whose patterns matches.
+# is "stated" with every class one of whose patterns matches. Classes are looked for in the order
+# given, and where an attribute is in CONSUME each class's matches are blanked before the next is
+# looked for: "not family friendly" holds "family friendly", "1 out of 5 stars" holds "5 stars",
+# "not highly rated" holds "highly rated", "not expensive" holds "expensive".
 _RATED = r"(?:customer |consumer |user |food |guest )?(?:ratings?|rated|reviews?|reviewed|scores?|stars?)"
+_KIDS = r"(?:family|families|kids?|child|children)(?:'s)? ?(?:friendly|oriented)"
+_WHO = r"(?:families|family|kids|children|child)"
+_PRICE = r"(?:prices?|price range|pricing|costs?|menu)"
+_NOT_RATING = r"(?!\s+(?:customer |consumer |user |food )?(?:ratings?|rated|reviews?|scores?|stars?))"
 PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
     "familyFriendly": {
-        # "no" is looked for first and its matches removed, since "not family friendly" holds
-        # "family friendly"
-        "no": (r"\b(?:not|isn't|isnt|is not|aren't|are not|never) (?:a |very |really |particularly |too |that |so "
-               r"|exactly )?(?:family|kids?|child|children)(?:'s)? ?(?:friendly|oriented)",
-               r"\bnon ?(?:family|kids?|child|children)(?:'s)? ?friendly",
-               r"\bno (?:family|kids?|child|children)(?:'s)? ?friendly",
-               r"\b(?:family|kids?|child|children) ?unfriendly",
-               r"\b(?:isn't|is not|not|aren't|are not) (?:suitable|good|ideal|recommended|appropriate|meant|aimed|"
-               r"geared|great|a place|the place|somewhere|a good place) (?:\w+ ){0,3}?(?:for )?"
-               r"(?:families|family|kids|children|child)",
+        "no": (r"\b(?:not|isn't|isnt|aren't|never)(?: \w+){0,2}? " + _KIDS + r"(?:,? (?:or|nor) " + _KIDS + ")?",
+               r"\bnon ?" + _KIDS, r"\bno " + _KIDS, r"\b(?:family|kids?|child|children) ?unfriendly",
+               r"\b(?:isn't|not|aren't) (?:\w+ ){0,3}?(?:for|to) " + _WHO,
+               r"\bno good for " + _WHO,
                r"\b(?:doesn't|does not|don't|do not|won't|will not) (?:\w+ )?(?:welcome|allow|cater (?:for|to)|accept|"
-               r"accommodate|admit|serve) (?:\w+ )?(?:families|family|kids|children)",
-               r"\bno (?:kids|children|families)", r"\badults? only", r"\bonly for adults",
-               r"\bfor adults", r"\badult (?:audience|crowd|clientele|only)"),
-        "yes": (r"\b(?:family|kids?|child|children)(?:'s)? ?(?:friendly|oriented)",
+               r"accommodate|admit|serve) (?:\w+ )?" + _WHO,
+               r"\b" + _WHO + r" (?:are|is) not (?:welcome|allowed)", r"\bno (?:kids|children|families)\b",
+               r"\badults? only", r"\bonly for adults", r"\bfor adults", r"\badult (?:audience|crowd|clientele)"),
+        "yes": (r"\b" + _KIDS,
                 r"\b(?:welcomes?|welcoming|allows?|caters? (?:for|to)|accepts?|accommodates?|suitable for|good for|"
-                r"great for|ideal for|perfect for|fun for|open to) (?:\w+ )?(?:families|family|kids|children)",
-                r"\bfor (?:the (?:whole |entire )?)?famil(?:y|ies)\b", r"\bfamily (?:place|venue|restaurant|spot)"),
+                r"great for|ideal for|perfect for|fun for|open to|friendly to) (?:\w+ )?" + _WHO,
+                r"\b" + _WHO + r" (?:are|is) (?:welcome|allowed)", r"\bfor (?:the (?:whole |entire )?)?famil(?:y|ies)\b",
+                r"\bfamily (?:place|venue|restaurant|spot)"),
     },
     "priceRange": {
-        "low": (r"\bcheap", r"\binexpensive", r"\blow(?:er)?[ -]?(?:cost|price|priced|prices|pricing|budget)",
-                r"\baffordabl", r"\bless than (?:£|l)?20", r"\bunder (?:£|l)?20", r"\bbudget", r"\bbargain",
-                r"\bnot (?:too |very |that |so )?(?:expensive|pricey|costly)", r"\blow cost"),
-        "mid": (r"\bmoderate(?:ly)?", r"\bmid(?:dle)?[ -]?(?:range|price|priced|prices|cost|level)",
+        "low": (r"\b(?:isn't|not) (?:too |very |that |so |overly )?(?:expensive|pricey|costly)", r"\bcheap",
+                r"\binexpensive", r"\blow(?:er)?[ -]?(?:cost|price|priced|prices|pricing|budget)", r"\baffordabl",
+                r"\b(?:less than|under|below) (?:£|l)?20", r"\bbudget", r"\bbargain",
+                r"\b" + _PRICE + r" (?:is |are )?(?:very |quite |fairly |rather )?(?:low|cheap)\b",
+                r"\bpriced (?:in the )?low"),
+        "mid": (r"\bmoderate(?:ly)?\b" + _NOT_RATING, r"\bmid(?:dle)?[ -]?(?:range|price|priced|prices|cost|level)",
                 r"\bmedium[ -]?(?:price|priced|prices|cost)", r"\baverage[ -]?(?:price|priced|prices|cost|pricing)",
-                r"£?20 ?(?:-|to|and) ?£?25", r"\breasonabl", r"\bfair(?:ly)? price"),
-        "high": (r"(?<!in)(?<!not )(?<!not too )(?<!not very )expensive", r"\bhigh(?:er)?[ -]?(?:cost|price|priced|"
-                 r"prices|pricing|end)", r"\bpricey", r"\bpricy", r"\bcostly", r"\bmore than (?:£|l)?30",
-                 r"\bover (?:£|l)?30", r"\bupscale", r"\bluxur", r"\bpremium", r"\bhigh price range",
+                r"£?20 ?(?:-|to|and) ?£?25", r"\breasonabl", r"\bfair(?:ly)? price",
+                r"\b" + _PRICE + r" (?:is |are )?(?:moderate|average|medium|mid)"),
+        "high": (r"(?<!in)expensive", r"\bhigh(?:er)?[ -]?(?:cost|price|priced|prices|pricing|end)", r"\bpricey",
+                 r"\bpricy", r"\bcostly", r"\b(?:more than|over|above) (?:£|l)?30", r"\bupscale", r"\bluxur",
+                 r"\bpremium", r"\bhighly priced", r"\bpriced (?:in the )?high",
+                 r"\b" + _PRICE + r" (?:is |are )?(?:very |quite |fairly |rather )?high\b",
                  r"£30 ?(?:\+|or more|and (?:up|over|above))"),
     },
     "customer rating": {
-        "low": (r"\b(?:1|one) (?:out of|out|of) (?:5|five)", r"\b(?:1|one)[ -]?starr?(?:ed|s)?\b",
+        "low": (r"\bnot (?:well|highly|very well) (?:rated|regarded|reviewed)",
+                r"\b(?:1|one) (?:out of|out|of) (?:5|five)(?: stars?)?", r"\b(?:1|one)[ -]?starr?(?:ed|s)?\b",
                 r"\blow(?:ly)?[ -]?" + _RATED, r"\b(?:poor(?:ly)?|bad(?:ly)?|terrible|negative|low) " + _RATED,
-                r"\b(?:ratings?|rated|rates?|reviews?|reviewed|scores?) (?:it |them |is |are |of |as |very |quite |rather "
-                r"|pretty ){0,3}(?:low|poor|poorly|bad|badly|terrible|negative)\b", r"\bpoor(?:ly)? rated", r"\bnot (?:well|highly) rated"),
-        "average": (r"\b(?:3|three) (?:out of|out|of) (?:5|five)", r"\b(?:3|three)[ -]?starr?(?:ed|s)?\b",
+                r"\b(?:ratings?|rated|rates?|reviews?|reviewed|scores?) (?:it |them |is |are |of |as |very |quite "
+                r"|rather |pretty ){0,3}(?:low|poor|poorly|bad|badly|terrible|negative)\b"),
+        "average": (r"\b(?:3|three) (?:out of|out|of) (?:5|five)(?: stars?)?", r"\b(?:3|three)[ -]?starr?(?:ed|s)?\b",
                     r"\baverage[ -]?" + _RATED, r"\b(?:mediocre|middling|moderate|okay|ok|decent|fair) " + _RATED,
                     r"\b(?:ratings?|rated|rates?|reviews?|reviewed|scores?) (?:it |them |is |are |of |as |an |a ){0,3}"
                     r"(?:average|mediocre|okay|moderate|decent)\b", r"\baverage(?:ly)? rated"),
-        "high": (r"\b(?:5|five) (?:out of|out|of) (?:5|five)", r"\b(?:5|five)[ -]?starr?(?:ed|s)?\b",
-                 r"\bhigh(?:ly)?[ -]?" + _RATED, r"\b(?:excellent|great|outstanding|top|good|positive|"
-                 r"superb|stellar|glowing|high) " + _RATED,
+        "high": (r"\b(?:5|five) (?:out of|out|of) (?:5|five)(?: stars?)?", r"\b(?:5|five)[ -]?starr?(?:ed|s)?\b",
+                 r"\bhigh(?:ly)?[ -]?" + _RATED,
+                 r"\b(?:excellent|great|outstanding|top|superb|stellar|glowing|high) " + _RATED,
                  r"\b(?:ratings?|rated|rates?|reviews?|reviewed|scores?) (?:it |them |is |are |of |as |very |quite "
-                 r"|rather |pretty ){0,3}(?:high|highly|excellent|great|good|outstanding|top)\b", r"\b(?:highly|well) (?:rated|regarded|"
-                 r"reviewed|recommended)"),
+                 r"|rather |pretty ){0,3}(?:high|highly|excellent|great|outstanding|top)\b",
+                 r"\b(?:highly|well) (?:rated|regarded|reviewed)"),
     },
     "area": {
+        # "outside the city centre" states neither area: blanked first, matched by no class
+        "none": (r"\b(?:outside|not in|away from|out of) (?:of )?(?:the )?(?:city|town) cent(?:re|er)",),
         "city centre": (r"\bcity cent(?:re|er)", r"\bcent(?:re|er) of (?:the )?(?:city|town)", r"\bdowntown",
-                        r"\bcentral", r"\btown cent(?:re|er)", r"\bcity's cent(?:re|er)", r"\bin the centre\b",
-                        r"\bin the center\b"),
+                        r"\bcentral", r"\btown cent(?:re|er)", r"\bcity's cent(?:re|er)", r"\bin the cent(?:re|er)\b"),
         "riverside": (r"\briver", r"\bwaterfront", r"\bwater's edge", r"\bby the water"),
     },
     "eatType": {
-        "coffee shop": (r"\bcoffee ?(?:shop|house)s?", r"\bcaf(?:e|é)s?\b", r"\bcoffee place"),
+        "coffee shop": (r"\bcoffee ?(?:shop|house)s?", r"\bcafes?\b", r"\bcoffee place"),
         "pub": (r"\bpubs?\b", r"\binn\b", r"\btavern", r"\bbar\b"),
         "restaurant": (r"\brestaurants?\b", r"\beatery", r"\bdiner\b", r"\bbistro"),
     },
     "food": {
         "chinese": (r"\bchinese",),
-        "english": (r"\benglish", r"\bbritish"),
+        "english": (r"\benglish", r"\bbritish(?! pounds?)"),
         "fast food": (r"\bfast ?food", r"\bburgers?\b", r"\bfries\b"),
         "french": (r"\bfrench",),
         "indian": (r"\bindian", r"\bcurr(?:y|ies)"),
@@ -95,6 +108,10 @@ PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
         "japanese": (r"\bjapanese", r"\bsushi"),
     },
 }
+# attributes whose classes blank their matches, in order, before the next class is looked for
+CONSUME = {"familyFriendly", "priceRange", "customer rating", "area"}
+# classes that blank what they match and are never a statement
+NEUTRAL = {"area": {"none"}}
 # an MR value -> its class in PATTERNS (values not listed are their own class, lower-cased)
 CLASS_OF = {
     "priceRange": {"cheap": "low", "less than £20": "low", "moderate": "mid", "£20-25": "mid", "high": "high",
@@ -131,8 +148,12 @@ def parse_mr(mr: str) -> dict[str, str]:
 
 
 def _normalise(text: str) -> str:
-    text = text.lower().replace("’", "'")
-    text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", text)  # family-friendly -> family friendly
+    """Lower case, accents folded (café -> cafe, as outputs often spell it), hyphens between words
+    read as spaces (family-friendly), dashes as hyphens (£20–£25), whitespace collapsed."""
+    text = unicodedata.normalize("NFKD", text.lower())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = text.replace("’", "'").replace("–", "-").replace("—", "-")
+    text = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", text)
     return re.sub(r"\s+", " ", text)
 
 
@@ -144,9 +165,10 @@ def _without(text: str, phrase: str) -> tuple[str, bool]:
         variants.add(_normalise(phrase[4:]))
     found = False
     for v in sorted(variants, key=len, reverse=True):
-        if v and v in text:
+        rx = re.compile(r"(?<!\w)" + re.escape(v) + r"(?!\w)")
+        if v and rx.search(text):
             found = True
-            text = text.replace(v, " | ")
+            text = rx.sub(" | ", text)
     return text, found
 
 
@@ -169,7 +191,7 @@ class SlotErrors:
 
     def to_dict(self) -> dict[str, object]:
         return {"slots": self.slots, "missing": list(self.missing), "wrong": list(self.wrong),
-                "added": list(self.added), "ser": self.errors / self.slots if self.slots else 0.0}
+                "added": list(self.added), "ser": 100 * self.errors / self.slots if self.slots else 0.0}
 
 
 def stated(text: str, mr: dict[str, str]) -> dict[str, set[str]]:
@@ -182,10 +204,11 @@ def stated(text: str, mr: dict[str, str]) -> dict[str, set[str]]:
     for attr, classes in _COMPILED.items():
         found: set[str] = set()
         rest = t
-        for cls, rx in classes.items():  # dict order: familyFriendly's "no" before "yes"
+        for cls, rx in classes.items():  # in order (see CONSUME)
             if rx.search(rest):
-                found.add(cls)
-                if attr == "familyFriendly" and cls == "no":
+                if cls not in NEUTRAL.get(attr, ()):
+                    found.add(cls)
+                if attr in CONSUME:
                     rest = rx.sub(" | ", rest)
         out[attr] = found
     return out
@@ -221,7 +244,7 @@ def slot_errors(mr: str | dict[str, str], text: str) -> SlotErrors:
 
 
 def slot_error_rate(mrs: Sequence[str | dict[str, str]], texts: Iterable[str]) -> dict[str, float | int]:
-    """Totals over outputs: slots, missing, wrong, added, and SER = errors / slots."""
+    """Totals over outputs: slots, missing, wrong, added, and ``ser`` = 100 * errors / slots (percent)."""
     total = {"slots": 0, "missing": 0, "wrong": 0, "added": 0}
     for mr, text in zip(mrs, texts, strict=True):
         e = slot_errors(mr, text)
@@ -230,4 +253,4 @@ def slot_error_rate(mrs: Sequence[str | dict[str, str]], texts: Iterable[str]) -
         total["wrong"] += len(e.wrong)
         total["added"] += len(e.added)
     errors = total["missing"] + total["wrong"] + total["added"]
-    return {**total, "ser": errors / total["slots"] if total["slots"] else 0.0}
+    return {**total, "ser": 100 * errors / total["slots"] if total["slots"] else 0.0}

@@ -119,3 +119,17 @@ def test_evaluation_prompts_with_the_template_the_adapter_was_trained_with(tiny_
     assert e2e_references(e2e_csv, limit=1, template="MR: {input} =>")[0][0].startswith("MR: name[Alimentum]")
     del manifest["data"]["prompt_template"]  # an artifact from before the template was recorded
     assert format_prompt(manifest, "name[X]").startswith("Describe the restaurant")
+
+
+def test_an_mr_that_cannot_be_scored_is_refused_before_any_generation(tmp_path, tiny_trained):
+    from lora_dist.data import DataError
+    from lora_dist.evaluate import evaluate_e2e
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("mr,ref\nname[Aromi],Aromi is a pub.\njust some text,A reference.\n")
+    with pytest.raises(DataError, match="distinct MR 2: not an E2E meaning representation"):
+        evaluate_e2e(None, None, bad)  # no model needed: refused before generating
+    artifact, _ = tiny_trained
+    same = run_cli("eval", str(artifact), "--data", str(bad), "--out", str(tmp_path / "p"), "--slots",
+                   str(tmp_path / "p"), cwd=tmp_path, check=False)
+    assert same.returncode == 2 and "--slots: the same file as --out" in same.stderr

@@ -40,6 +40,24 @@ CASES = [
     ("name[The Mill], priceRange[less than £20], familyFriendly[yes]",
      "The Mill is a kid friendly place with food for less than £20.", [], [], []),
     ("name[The Mill], priceRange[high]", "Mill is not expensive.", [], ["priceRange"], []),
+    # phrasings a first version misread (a review's probes)
+    ("name[Cotto], customer rating[1 out of 5]", "Cotto is rated 1 out of 5 stars.", [], [], []),
+    ("name[Cotto], customer rating[low]", "Cotto is not highly rated.", [], [], []),
+    ("name[Cotto], customer rating[average]", "Cotto has a moderate customer rating.", [], [], []),
+    ("name[Cotto], customer rating[average], priceRange[high]", "Cotto has a moderate rating and high prices.",
+     [], [], []),
+    ("name[Cotto], food[Chinese], priceRange[less than £20]",
+     "Cotto serves Chinese food priced less than 20 British Pounds.", [], [], []),
+    ("name[Cotto], familyFriendly[no]", "Cotto is not family-friendly or kid-friendly.", [], [], []),
+    ("name[Cotto], familyFriendly[no]", "Cotto is not a good choice for families.", [], [], []),
+    ("name[Cotto], familyFriendly[no]", "At Cotto children are not welcome.", [], [], []),
+    ("name[Cotto], familyFriendly[yes]", "At Cotto children are welcome.", [], [], []),
+    ("name[Cotto], priceRange[high]", "Cotto's price range is high.", [], [], []),
+    ("name[Cotto], priceRange[£20-25]", "Cotto costs £20–£25.", [], [], []),
+    ("name[Cotto], priceRange[cheap]", "Cotto isn't expensive.", [], [], []),
+    ("name[Cotto], area[riverside]", "Cotto is outside the city centre, by the river.", [], [], []),
+    ("name[Cotto]", "Cotto is highly recommended.", [], [], []),
+    ("name[Cotto], near[Café Sicilia]", "Cotto is near Cafe Sicilia.", [], [], []),  # accents folded
 ]
 
 
@@ -55,9 +73,10 @@ def test_the_rate_is_errors_over_slots_and_each_output_reports_its_own():
     texts = ["The Punter is a moderately priced coffee shop by the riverside near Café Sicilia.",
              "Aromi is a cheap coffee shop by the river."]
     total = slot_error_rate(mrs, texts)
-    assert total == {"slots": 11, "missing": 3, "wrong": 1, "added": 1, "ser": 5 / 11}
+    assert total == {"slots": 11, "missing": 3, "wrong": 1, "added": 1, "ser": pytest.approx(100 * 5 / 11)}
     one = slot_errors(mrs[1], texts[1]).to_dict()
-    assert one == {"slots": 3, "missing": [], "wrong": ["area"], "added": ["priceRange"], "ser": 2 / 3}
+    assert one == {"slots": 3, "missing": [], "wrong": ["area"], "added": ["priceRange"],
+                   "ser": pytest.approx(100 * 2 / 3)}  # percent, as lora-dist eval reports SER
 
 
 def test_a_malformed_mr_is_named():
