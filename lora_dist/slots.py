@@ -50,7 +50,8 @@ PATTERNS: dict[str, dict[str, tuple[str, ...]]] = {
         "yes": (r"\b" + _KIDS,
                 r"\b(?:welcomes?|welcoming|allows?|caters? (?:for|to)|accepts?|accommodates?|suitable for|good for|"
                 r"great for|ideal for|perfect for|fun for|open to|friendly to) (?:\w+ )?" + _WHO,
-                r"\b" + _WHO + r" (?:are|is) (?:welcome|allowed)", r"\bfor (?:the (?:whole |entire )?)?famil(?:y|ies)\b",
+                r"\b" + _WHO + r" (?:are|is) (?:welcome|allowed)",
+                r"\bfor (?:the (?:whole |entire )?)?famil(?:y|ies)\b",
                 r"\bfamily (?:place|venue|restaurant|spot)"),
     },
     "priceRange": {

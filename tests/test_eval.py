@@ -60,7 +60,8 @@ def test_eval_cli_writes_predictions_and_prints_metrics_last(trained, e2e_csv, t
     assert metrics["BLEU"] > 5  # a trained adapter says something about the restaurant
     # each output's slot errors, in MR order, adding up to the totals
     per = [json.loads(x) for x in slots.read_text().splitlines()]
-    assert [p["prediction"] for p in per] == lines and per[0]["mr"] == "name[Alimentum], area[city centre], familyFriendly[no]"
+    assert [p["prediction"] for p in per] == lines
+    assert per[0]["mr"] == "name[Alimentum], area[city centre], familyFriendly[no]"
     for key in ("slots", "missing", "wrong", "added"):
         assert metrics[key] == sum(p[key] if key == "slots" else len(p[key]) for p in per), key
     errors = metrics["missing"] + metrics["wrong"] + metrics["added"]
