@@ -11,7 +11,7 @@ from torch import nn
 from lora_dist.data import E2E_TEMPLATE, DataError, read_e2e
 from lora_dist.generate import generate
 from lora_dist.metrics import e2e_metrics
-from lora_dist.slots import parse_mr, slot_error_rate, slot_errors
+from lora_dist.slots import parse_mr, slot_errors, totals
 
 
 @torch.no_grad()
@@ -81,9 +81,10 @@ def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit
     if rerank not in RERANKS:
         raise ValueError(f"rerank: must be one of {', '.join(RERANKS)}, got {rerank!r}")
     mrs, prompts, refs = e2e_items(csv_path, limit, template)
+    parsed = []
     for n, mr in enumerate(mrs, 1):  # before any generation: every MR must be scorable for slots
         try:
-            parse_mr(mr)
+            parsed.append(parse_mr(mr))
         except ValueError as e:
             raise DataError(f"{csv_path}: distinct MR {n}: {e}") from None
     candidates = num_beams if rerank == "ser" else 1
@@ -95,12 +96,13 @@ def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit
                         num_return_sequences=candidates)
         for j, group in enumerate(outs[k:k + candidates] for k in range(0, len(outs), candidates)):
             group = [_first_line(c) for c in group]
-            mr = mrs[i + j]
-            preds.append(min(group, key=lambda c: slot_errors(mr, c).errors) if len(group) > 1 else group[0])
+            attrs = parsed[i + j]
+            preds.append(min(group, key=lambda c: slot_errors(attrs, c).errors) if len(group) > 1 else group[0])
         if progress:
             progress(len(preds), len(prompts))
-    per_output = [{"mr": mr, "prediction": p, **slot_errors(mr, p).to_dict()} for mr, p in zip(mrs, preds)]
-    ser = slot_error_rate(mrs, preds)
+    scored = [slot_errors(attrs, p) for attrs, p in zip(parsed, preds)]
+    per_output = [{"mr": mr, "prediction": p, **e.to_dict()} for mr, p, e in zip(mrs, preds, scored)]
+    ser = totals(scored)
     metrics: dict[str, float | None] = {**e2e_metrics(preds, refs), "SER": ser["ser"],
                                         **{k: ser[k] for k in ("slots", "missing", "wrong", "added")}}
     return preds, metrics, per_output

@@ -197,10 +197,18 @@ class SlotErrors:
 
 def stated(text: str, mr: dict[str, str]) -> dict[str, set[str]]:
     """Every attribute class ``text`` states (the MR's name and near strings removed first)."""
+    return _read(text, mr)[0]
+
+
+def _read(text: str, mr: dict[str, str]) -> tuple[dict[str, set[str]], set[str]]:
+    """(every attribute class ``text`` states, which of the MR's name and near it realises)."""
     t = _normalise(text)
+    realised = set()
     for attr in STRINGS:
         if attr in mr:
-            t, _ = _without(t, mr[attr])
+            t, found = _without(t, mr[attr])
+            if found:
+                realised.add(attr)
     out: dict[str, set[str]] = {}
     for attr, classes in _COMPILED.items():
         found: set[str] = set()
@@ -212,31 +220,26 @@ def stated(text: str, mr: dict[str, str]) -> dict[str, set[str]]:
                 if attr in CONSUME:
                     rest = rx.sub(" | ", rest)
         out[attr] = found
-    return out
+    return out, realised
 
 
 def slot_errors(mr: str | dict[str, str], text: str) -> SlotErrors:
     """The slot errors of ``text`` as a realisation of ``mr`` (an MR string or its parsed dict)."""
     attrs = parse_mr(mr) if isinstance(mr, str) else dict(mr)
-    said = stated(text, attrs)
-    t = _normalise(text)
+    said, realised = _read(text, attrs)
     missing, wrong, added = [], [], []
     for attr, value in attrs.items():
         if attr in STRINGS:
-            if not _without(t, value)[1]:
+            if attr not in realised:
                 missing.append(attr)
             continue
         if attr not in PATTERNS:
             continue  # an attribute this module has no forms for: counted as a slot, never an error
         own = _classes(attr, value)
         generic = GENERIC.get(attr, set())
-        others = said[attr] - {own} - generic
-        if own in said[attr]:
-            if others:
-                wrong.append(attr)  # stated, and contradicted
-        elif others:
-            wrong.append(attr)
-        else:
+        if said[attr] - {own} - generic:
+            wrong.append(attr)  # another value stated, instead of the MR's or beside it
+        elif own not in said[attr]:
             missing.append(attr)
     for attr, classes in said.items():
         if attr not in attrs and classes - GENERIC.get(attr, set()):
@@ -246,9 +249,13 @@ def slot_errors(mr: str | dict[str, str], text: str) -> SlotErrors:
 
 def slot_error_rate(mrs: Sequence[str | dict[str, str]], texts: Iterable[str]) -> dict[str, float | int]:
     """Totals over outputs: slots, missing, wrong, added, and ``ser`` = 100 * errors / slots (percent)."""
+    return totals(slot_errors(mr, text) for mr, text in zip(mrs, texts, strict=True))
+
+
+def totals(outputs: Iterable[SlotErrors]) -> dict[str, float | int]:
+    """:func:`slot_error_rate` of outputs already scored."""
     total = {"slots": 0, "missing": 0, "wrong": 0, "added": 0}
-    for mr, text in zip(mrs, texts, strict=True):
-        e = slot_errors(mr, text)
+    for e in outputs:
         total["slots"] += e.slots
         total["missing"] += len(e.missing)
         total["wrong"] += len(e.wrong)
