@@ -261,6 +261,11 @@ class TrainSpec(_Section):
     log_every: Annotated[Int, Ge(1)] = 1
     eval_every: Annotated[Int, Ge(0)] = 0  # 0: evaluate before and after training only
     eval_batches: Annotated[Int, Ge(1)] = 8
+    # Early stop: after this many validations (every eval_every steps) without the validation loss
+    # falling below the best by more than early_stop_min_delta, training stops, and the adapter
+    # exported is that of the best validation after step 1 (before training is only the baseline). 0: off.
+    early_stop_patience: Annotated[Int, Ge(0)] = 0
+    early_stop_min_delta: Annotated[Number, Ge(0)] = 0.0  # nats/token
     activation_checkpointing: StrictBool = False
     checkpoint_every: Annotated[Int, Ge(0)] = 0  # LoRA-only resumable checkpoint every N steps (0: none)
     parity_check: StrictBool = False
@@ -469,6 +474,11 @@ def _cross_field_problems(s: JobSpec) -> list[str]:
     if s.train.dtype == "fp16" and s.cluster.gpus_per_worker == 0:
         problems.append("train.dtype: fp16 needs GPU workers (cluster.gpus_per_worker >= 1) for DeepSpeed's "
                         "loss scaling; on CPU use fp32 or bf16")
+    if s.train.early_stop_patience > 0 and s.train.eval_every == 0:
+        problems.append("train.early_stop_patience: counts validations; set train.eval_every > 0")
+    if s.train.early_stop_patience > 0 and s.train.method == "full":
+        problems.append("train.early_stop_patience: keeping the best copy of a full fine-tune would hold a "
+                        "second model; early stop is for train.method: lora")
     if s.cluster.max_failures > 0 and s.train.checkpoint_every == 0:
         problems.append("cluster.max_failures: restarts resume from checkpoints; set train.checkpoint_every > 0")
     return problems

@@ -80,8 +80,11 @@ def micro_batch(data: Dataset, plan: BatchPlan, index: int) -> dict[str, torch.T
 
 
 def val_batches(data: Dataset, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
-    size = spec.train.micro_batch_size
-    items = data.val[: size * spec.train.eval_batches]
+    """``eval_batches`` micro-batches of validation examples, spread evenly over the whole split
+    (examples are in file order, so a prefix would be one or two restaurants of a name split)."""
+    size, n = spec.train.micro_batch_size, len(data.val)
+    want = min(n, size * spec.train.eval_batches)
+    items = [data.val[(i * n) // want] for i in range(want)]
     return [collate(items[i:i + size], data.pad_id) for i in range(0, len(items), size)]
 
 
@@ -225,6 +228,76 @@ class LocalRunner:
         return self.module.state_dict()
 
 
+# --- early stop -----------------------------------------------------------------------------------
+
+BEST_PREFIX = "best/"  # a checkpoint's tensors of the best adapter so far: best/<module>/A, best/<module>/B
+
+
+@dataclass
+class EarlyStop:
+    """train.early_stop_patience: the best validation loss so far, its adapter, and how many
+    validations since it improved. Every rank holds the same figures (validation losses are
+    summed over all ranks), so every rank decides alike; the adapter is on the main process."""
+    patience: int
+    min_delta: float
+    best_step: int | None = None
+    best_val: float = math.inf
+    since: int = 0  # validations since the best
+    stopped_at: int | None = None
+    last_val: float | None = None
+    lora: dict[str, LoraTensors] | None = None  # the best adapter, on the main process
+
+    def observe(self, step: int, value: float, runner: "Runner") -> bool:
+        """Count the validation loss of ``step``; keep the adapter when it is the best by more than
+        min_delta (``runner.gather_lora``: a collective). Returns whether training stops here."""
+        self.last_val = value
+        if value < self.best_val - self.min_delta:
+            self.best_step, self.best_val, self.since = step, value, 0
+            self.lora = runner.gather_lora()
+        else:
+            self.since += 1
+            if self.since >= self.patience:
+                self.stopped_at = step
+        return self.stopped_at is not None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint carries, besides the adapter's tensors (:meth:`tensors`)."""
+        meta = {name: {"r": t.r, "slices": t.slices, "out_features": t.out_features}
+                for name, t in (self.lora or {}).items()}
+        return {"best_step": self.best_step, "best_val": self.best_val, "since": self.since,
+                "stopped_at": self.stopped_at, "last_val": self.last_val, "modules": meta}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in (self.lora or {}).items():
+            out[f"{BEST_PREFIX}{name}/A"], out[f"{BEST_PREFIX}{name}/B"] = t.A, t.B
+        return out
+
+    def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], main: bool) -> None:
+        """Take up a checkpoint's :meth:`state` and best-adapter tensors (kept on the main process)."""
+        self.best_step, self.best_val, self.since = state["best_step"], float(state["best_val"]), int(state["since"])
+        self.stopped_at, self.last_val = state["stopped_at"], state["last_val"]
+        self.lora = {name: LoraTensors(tensors[f"{BEST_PREFIX}{name}/A"], tensors[f"{BEST_PREFIX}{name}/B"], m["r"],
+                                       [tuple(x) for x in m["slices"]], m["out_features"])
+                     for name, m in state["modules"].items()} if main else None
+
+    def fields(self) -> dict[str, Any]:
+        """The manifest's record of it."""
+        return {"best_step": self.best_step, "best_val_loss": self.best_val, "stopped_at": self.stopped_at,
+                "val_loss_last": self.last_val}
+
+
+def early_stop(spec: JobSpec) -> EarlyStop | None:
+    t = spec.train
+    return EarlyStop(t.early_stop_patience, float(t.early_stop_min_delta)) if t.early_stop_patience else None
+
+
+def split_best(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's tensors as (training state, best adapter)."""
+    best = {k: v for k, v in tensors.items() if k.startswith(BEST_PREFIX)}
+    return {k: v for k, v in tensors.items() if k not in best}, best
+
+
 # --- the loop -------------------------------------------------------------------------------------
 
 class Metrics:
@@ -293,6 +366,7 @@ class Loop:
     # skipped or trained twice; at the same count the indices are those of an uninterrupted run.
     resumed_at: int = 0
     index_base: int = 0
+    early: EarlyStop | None = None  # train.early_stop_patience (early_stop(spec))
     plan: BatchPlan = field(init=False)
     lengths: list[int] = field(init=False)  # each training example's tokens
     val: list[dict[str, torch.Tensor]] = field(init=False)  # collated once, reused at every validation
@@ -354,10 +428,12 @@ def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
         ParityError: a step's loss left the reference by more than train.parity_tolerance.
         FloatingPointError: the loss became NaN or infinite.
     """
-    t = loop.spec.train
+    t, early = loop.spec.train, loop.early
     loss, parity_max = float("nan"), None
     loop.runner.module.train()
     for step in range(start, t.max_steps + 1):
+        if early is not None and early.stopped_at is not None:  # resumed from the checkpoint of the stop
+            break
         t0 = time.time()
         out = train_step(loop, step)
         stats = torch.tensor([out.loss, out.tokens, peak_memory_bytes(loop.device), loop.int8_bytes, out.pad_tokens],
@@ -380,12 +456,39 @@ def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr")
         loop.metrics.step(rec)
-        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+        stop = False
+        if early is not None and (step % t.eval_every == 0 or step == t.max_steps):
+            stop = early.observe(step, validate(loop, step), loop.runner)
+        elif t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             validate(loop, step)
         # The last step too: an export that fails then loses no training.
-        if loop.checkpoint and ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps):
+        if loop.checkpoint and ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps
+                                or stop):
             loop.checkpoint(step, loss)
+        if stop:
+            loop.metrics.say(f"early stop at step {step}: the validation loss has not improved for "
+                             f"{early.since} validations, the best {early.best_val:.4f} at step {early.best_step} "
+                             f"(train.early_stop_patience {t.early_stop_patience})")
+            break
     return loss, parity_max
+
+
+def end_validation(loop: Loop) -> float:
+    """The validation loss of what is exported: the best adapter's under early stop (validated
+    already), else the last step's."""
+    if loop.early is not None:
+        e = loop.early
+        loop.metrics.say(f"exporting the adapter of step {e.best_step} (validation loss {e.best_val:.4f}; "
+                         f"the last validation, step {e.stopped_at or loop.spec.train.max_steps}: {e.last_val:.4f})")
+        return e.best_val
+    return validate(loop, loop.spec.train.max_steps)
+
+
+def steps_run(loop: Loop) -> int:
+    """How many steps the job trained: max_steps, or where early stop ended it."""
+    if loop.early is not None and loop.early.stopped_at is not None:
+        return loop.early.stopped_at
+    return loop.spec.train.max_steps
 
 
 def validate(loop: Loop, step: int) -> float:
@@ -405,7 +508,14 @@ def export(loop: Loop, built: LoadedModel, job_id: str, fields: dict[str, Any], 
     """
     spec = loop.spec
     full = spec.train.method == "full"
-    lora = None if full else loop.runner.gather_lora()
+    if loop.early is not None:  # the best adapter, kept when it was validated (every rank decides alike)
+        if loop.early.best_step is None:
+            raise FloatingPointError(f"no validation loss was finite (the last: {loop.early.last_val}); "
+                                     f"there is no adapter to export")
+        lora = loop.early.lora
+        fields = {**fields, **loop.early.fields()}
+    else:
+        lora = None if full else loop.runner.gather_lora()
     full_state = loop.runner.full_state() if full else None
     if not loop.metrics.main:
         return None
@@ -465,12 +575,12 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     work.mkdir(parents=True)
     loop = Loop(spec, LocalRunner(built.model, spec, spec.train.grad_accum), data, placement.device, ranks=[0],
                 world_size=1, metrics=Metrics(work / METRICS_FILE, spec, main=True, stream=stream),
-                int8_bytes=int8_bytes(built.model))
+                int8_bytes=int8_bytes(built.model), early=early_stop(spec))
     try:
         val_before = validate(loop, 0)
         loss, _ = run_steps(loop)
-        val_after = validate(loop, spec.train.max_steps)
-        fields = {"world_size": 1, "zero_stage": 0, "steps": spec.train.max_steps, "final_loss": loss,
+        val_after = end_validation(loop)
+        fields = {"world_size": 1, "zero_stage": 0, "steps": steps_run(loop), "final_loss": loss,
                   "val_loss_before": val_before, "val_loss_after": val_after, "precision": placement.record()}
         location = export(loop, built, job_id, fields, staging=work / "staging")
     finally:

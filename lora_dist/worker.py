@@ -41,8 +41,8 @@ from lora_dist.plan import ModelCounts, Setup, StageChoice, choose_zero_stage, e
 from lora_dist.spec import JobSpec, redacted, spec_digest, spec_from_dict
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, PROBE_FILE, artifact_location, check_job_id, digest_at, \
     is_uri, join, parse_manifest, read_text, verify_artifact, write_storage_probe
-from lora_dist.train import Loop, Metrics, data_line, export, make_schedule, next_index, prepare_data, run_steps, \
-    seed_everything, validate
+from lora_dist.train import Loop, Metrics, data_line, early_stop, end_validation, export, make_schedule, next_index, \
+    prepare_data, run_steps, seed_everything, split_best, steps_run, validate
 
 FINAL_FILE = "final.json"
 
@@ -99,9 +99,9 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
     if resumed_from is None:
         w.val_before = validate(loop, 0)
     loss, parity_max = run_steps(loop, start=1 if resumed_from is None else resumed_from + 1)
-    val_after = validate(loop, w.spec.train.max_steps)
+    val_after = end_validation(loop)
     fields = {"world_size": w.world, "zero_stage": w.stage.stage, "zero_stage_reason": w.stage.reason,
-              "steps": w.spec.train.max_steps,
+              "steps": steps_run(loop),
               "final_loss": loss, "val_loss_before": w.val_before, "val_loss_after": val_after,
               "resumed_from_step": resumed_from, "parity_max_loss_diff": parity_max, "nodes": nodes,
               "node_history": [*w.earlier_nodes, nodes],  # each attempt that trained, oldest first
@@ -112,7 +112,7 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
         loop.metrics.say(f"artifact written: {location}")
         ckpt.remove_all(w.checkpoints)  # the artifact holds what they did
     dist.barrier()
-    _report_final(w, {"step": w.spec.train.max_steps, "loss": loss, "artifact": location,
+    _report_final(w, {"step": steps_run(loop), "loss": loss, "artifact": location,
                       "manifest_digest": digest_at(location) if w.rank == 0 else None})
 
 
@@ -128,7 +128,7 @@ def build_loop(w: Worker, parity_reference: list[float] | None = None
                 world_size=w.world, metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0),
                 int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
                 checkpoint=lambda step, loss: _checkpoint(w, runner.module, loop, step), reference=parity_reference,
-                val_share=(w.rank, w.world))
+                val_share=(w.rank, w.world), early=early_stop(w.spec))
     return built, runner, parts, loop
 
 
@@ -277,7 +277,10 @@ def _resume(w: Worker, engine, loop: Loop) -> int | None:
         return None
     c = ckpt.load(location)  # every rank reads and verifies it: megabytes
     ckpt.check_same_spec(c.state["spec"], redacted(w.spec.to_dict()), f"the checkpoint {location}")
-    eng.restore_train_state(engine, c.tensors, c.state["scalars"])
+    tensors, best = split_best(c.tensors)
+    eng.restore_train_state(engine, tensors, c.state["scalars"])
+    if loop.early is not None:
+        loop.early.restore(c.state["early_stop"], best, main=w.rank == 0)
     loop.resumed_at, loop.index_base = c.step, int(c.state["next_index"])
     w.val_before = c.state.get("val_loss_before")
     w.earlier_nodes = c.state.get("node_history", [])
@@ -304,6 +307,9 @@ def _checkpoint(w: Worker, engine, loop: Loop, step: int) -> None:
         state = {"step": step, "next_index": next_index(loop, step), "world_size": w.world, "scalars": scalars,
                  "rng": rng, "spec": redacted(w.spec.to_dict()), "spec_digest": spec_digest(w.spec.to_dict()),
                  "val_loss_before": w.val_before, "node_history": [*w.earlier_nodes, w.nodes]}
+        if loop.early is not None:  # the best adapter so far, and how long since it improved
+            state["early_stop"] = loop.early.state()
+            tensors = {**tensors, **loop.early.tensors()}
         ckpt.write(w.checkpoints, step, tensors, state, loop.metrics.text(), say=w.say)
     dist.barrier()  # nobody goes on before the checkpoint is complete
 
