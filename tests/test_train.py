@@ -156,6 +156,45 @@ def test_env_var_values_never_reach_the_artifact_or_the_output(tiny_llama_dir, t
     assert wrong.returncode != 0 and "the signature does not match" in wrong.stderr
 
 
+def test_early_stop_exports_the_adapter_of_the_best_validation(tiny_llama_dir, tmp_path):
+    """Validated every step at a learning rate high enough for the validation loss to turn, the
+    run stops 2 validations after its best, and the adapter it exports is the best one: loaded
+    back, it scores the recorded best validation loss (within 1e-5), not the last one."""
+    from lora_dist.adapter import load_adapted
+    from lora_dist.train import Dataset, evaluate, prepare_data, train_local, val_batches
+
+    spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}", f"output.dir={tmp_path}",
+                                *TINY_OVERRIDES, "train.max_steps=12", "train.eval_every=1",
+                                "train.early_stop_patience=2", "train.lr=0.3"])
+    log = io.StringIO()
+    artifact = train_local(spec, job_id="early", stream=log)
+    manifest = store.verify_artifact(artifact)
+    vals = {m["step"]: m["val_loss"] for m in _metrics(artifact) if "val_loss" in m}
+    best, stopped = manifest["best_step"], manifest["stopped_at"]
+    assert stopped is not None and stopped < 12 and manifest["steps"] == stopped, log.getvalue()
+    assert [m["step"] for m in _metrics(artifact) if "loss" in m] == list(range(1, stopped + 1))
+    assert best == min((s for s in vals if s >= 1), key=lambda s: vals[s]) and stopped - best == 2
+    assert vals[best] < vals[stopped] and f"early stop at step {stopped}" in log.getvalue()
+
+    loaded, _ = load_adapted(artifact)
+    data = prepare_data(spec, loaded.tokenizer)
+    batches = val_batches(Dataset(data.train, data.val, data.pad_id, 0, 0), spec)
+    again = evaluate(loaded.model, batches)
+    assert again == pytest.approx(manifest["best_val_loss"], abs=1e-5)
+    assert abs(again - vals[stopped]) > 1e-3
+
+
+def test_early_stop_needs_validations_and_a_lora_run():
+    from lora_dist.spec import SpecError
+
+    with pytest.raises(SpecError, match=r"train\.early_stop_patience: counts validations; set train\.eval_every > 0"):
+        load_spec(MAIN_JOB, [f"data.path={E2E_CSV}", "train.early_stop_patience=3"])
+    with pytest.raises(SpecError, match="early stop is for train.method: lora"):
+        load_spec(MAIN_JOB, [f"data.path={E2E_CSV}", "train.early_stop_patience=3", "train.eval_every=5",
+                             "train.method=full", "model.quantization=none"])
+    assert load_spec(REPO / "jobs" / "smollm2-e2e-quality.yaml", [f"data.path={E2E_CSV}"]).train.early_stop_patience
+
+
 def test_bad_spec_exits_2_with_field_named(tmp_path):
     job = tmp_path / "bad.yaml"
     job.write_text("name: x\nlora: {r: 0}\n")

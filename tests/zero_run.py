@@ -43,6 +43,8 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[dict[str, Any]]) -> 
         Path(job["work_dir"]).mkdir(parents=True, exist_ok=True)
         if job.get("check_partitions"):
             _check_partitions(job, rank, world)
+        elif job.get("lose_after"):
+            _lose_after(job, LocalIO(Path(job["work_dir"]) / f"reports{rank}.jsonl"))
         elif job.get("stop_after") or job.get("check_restore"):
             _stop_or_check(job, LocalIO(Path(job["work_dir"]) / f"reports{rank}.jsonl"))
         else:
@@ -87,6 +89,37 @@ def _check_partitions(job: dict[str, Any], rank: int, world: int) -> None:
               "compared": compared, "dtypes": sorted(dtypes)}
     Path(f"{job['check_partitions']}.{rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
+
+
+class _Lost(Exception):
+    pass
+
+
+def _lose_after(job: dict[str, Any], io: LocalIO) -> None:
+    """``lose_after: k``: run the worker's own loop (validations, early stop, checkpoints on
+    schedule) and end every rank right after the checkpoint of step k, as a job whose workers
+    were all lost there."""
+    from lora_dist import worker as wk
+    from lora_dist.train import run_steps, validate
+
+    w = wk._setup(job, io)
+    _, runner, _, loop = wk.build_loop(w)
+    resumed = wk._resume(w, runner.module, loop)
+    if resumed is None:
+        w.val_before = validate(loop, 0)
+    write = loop.checkpoint
+
+    def checkpoint(step: int, loss: float) -> None:
+        write(step, loss)
+        if step == job["lose_after"]:
+            raise _Lost
+
+    loop.checkpoint = checkpoint
+    try:
+        run_steps(loop, start=(resumed or 0) + 1)
+    except _Lost:
+        return
+    raise AssertionError(f"the run ended before the checkpoint of step {job['lose_after']}")
 
 
 def _stop_or_check(job: dict[str, Any], io: LocalIO) -> None:
