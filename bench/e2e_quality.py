@@ -9,7 +9,14 @@ Rows (same examples in the same order for every trained row):
   * LoRA on the int8 base, ZeRO-3 over 2 workers: the product's path, the main job's settings;
   * full fine-tuning, same steps and batches (one process, accumulation 2).
 
-    python bench/e2e_quality.py [--steps N] [--limit N] [--beams 10]
+    python bench/e2e_quality.py [--steps N] [--limit N] [--beams 10] [--job JOB.yaml] [--rows ...]
+                                [--artifact DIR ...] [--rerank]
+
+``--job`` names the job whose settings (and split) the trained rows use: the main job by default,
+``jobs/smollm2-e2e-quality.yaml`` for the quality job. ``--artifact DIR`` scores an adapter that
+is already trained (a row of its own; refused unless it was trained on the same split).
+``--rerank`` scores every row twice from one beam search: its top candidate, and the candidate
+with the fewest slot errors (``lora-dist eval --rerank ser``).
 
 The held-out MRs are written to a temporary csv for `evaluate_e2e`; nothing is copied into the repo.
 """
@@ -43,15 +50,29 @@ def held_out_csv(out: Path, data_spec) -> Path:
     return out
 
 
-def score(model, tokenizer, csv_path: Path, args) -> dict:
+def score(model, tokenizer, csv_path: Path, args) -> dict[str, dict]:
+    """{rerank: metrics} for the reranks asked for (one beam search for all)."""
     from lora_dist.data import adds_bos
-    from lora_dist.evaluate import evaluate_e2e
+    from lora_dist.evaluate import evaluate_e2e_reranks
 
     t0 = time.time()
-    _, m, _ = evaluate_e2e(model, tokenizer, csv_path, limit=args.limit, num_beams=args.beams,
-                           bos=adds_bos(tokenizer))
-    m["eval_s"] = round(time.time() - t0, 1)
-    return m
+    reranks = ("none", "ser") if args.rerank else ("none",)
+    scored = evaluate_e2e_reranks(model, tokenizer, csv_path, reranks, limit=args.limit, num_beams=args.beams,
+                                  bos=adds_bos(tokenizer))
+    seconds = round(time.time() - t0, 1)
+    return {r: {**m, "eval_s": seconds} for r, (_, m, _) in scored.items()}
+
+
+def same_split(manifest: dict, data_spec, artifact: Path) -> None:
+    """Refuse an artifact trained on another split: it may have seen the held-out MRs."""
+    theirs = manifest["spec"]["data"]
+    for key in ("source", "split", "val_fraction"):
+        ours = getattr(data_spec, key)
+        if theirs.get(key) != ours:
+            raise SystemExit(f"error: --artifact {artifact}: trained with data.{key} {theirs.get(key)!r}, the "
+                             f"benchmark holds out data.{key} {ours!r}; it may have trained on the held-out MRs")
+    if Path(theirs["path"]).name != DATA.name:
+        raise SystemExit(f"error: --artifact {artifact}: trained on {theirs['path']}, not {DATA.name}")
 
 
 def main() -> None:
@@ -63,13 +84,22 @@ def main() -> None:
                     help="override the main job's settings for every trained row (as lora-dist --set)")
     ap.add_argument("--rows", default="base,float,ours,full",
                     help="comma-separated rows to run (base: no adapter, float: LoRA on a float base in one "
-                         "process, ours: int8 ZeRO-3 x2, full: full fine-tuning); default all")
+                         "process, ours: int8 ZeRO-3 x2, full: full fine-tuning); default all; 'none' for "
+                         "--artifact rows only")
+    ap.add_argument("--job", type=Path, default=JOB, help="the job whose settings and split the trained rows use")
+    ap.add_argument("--artifact", type=Path, action="append", default=[],
+                    help="also score this trained artifact (same split as --job); repeatable")
+    ap.add_argument("--rerank", action="store_true",
+                    help="score each row also with the beam candidate of fewest slot errors (--rerank ser)")
     args = ap.parse_args()
-    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    wanted = [r.strip() for r in args.rows.split(",") if r.strip() and r.strip() != "none"]
     unknown = sorted(set(wanted) - {"base", "float", "ours", "full"})
-    if unknown or not wanted:
+    if unknown or not (wanted or args.artifact):
         ap.error(f"--rows: unknown row(s) {unknown or wanted}; expected a comma-separated subset of "
                  "base,float,ours,full")
+    for a in args.artifact:
+        if not (a / "manifest.json").is_file():
+            ap.error(f"--artifact: {a} is not an artifact directory (no manifest.json)")
 
     import ray
 
@@ -79,7 +109,8 @@ def main() -> None:
     from lora_dist.spec import load_spec
     from lora_dist.train import train_local
 
-    base_spec = load_spec(JOB, [f"data.path={DATA}", *args.set])
+    job = args.job.resolve()
+    base_spec = load_spec(job, [f"data.path={DATA}", *args.set])
     steps = args.steps or base_spec.train.max_steps
     common = [f"data.path={DATA}", f"train.max_steps={steps}", *args.set]
     rows = {}
@@ -88,11 +119,23 @@ def main() -> None:
         os.environ["LORA_DIST_OUTPUT_ROOT"] = str(tmp)
         heldout = held_out_csv(tmp / "heldout.csv", base_spec.data)
 
+        def add(name: str, fields: dict, scores: dict[str, dict]) -> None:
+            for r, m in scores.items():
+                rows[name + (" + rerank ser" if r == "ser" else "")] = {**fields, **m}
+
         if "base" in wanted:
             lm = load_model("smollm2-135m", None, "none")
-            rows["SmolLM2-135M, no adapter"] = {"trainable": 0, "train_s": 0,
-                                                **score(lm.model, lm.tokenizer, heldout, args)}
+            add("SmolLM2-135M, no adapter", {"trainable": 0, "train_s": 0}, score(lm.model, lm.tokenizer, heldout, args))
             del lm
+        for a in args.artifact:
+            same_split(json.loads((a / "manifest.json").read_text()), base_spec.data, a)
+            loaded, manifest = load_adapted(a)
+            seed, steps_run = manifest["spec"]["train"]["seed"], manifest["steps"]
+            add(f"{manifest['name']} seed {seed}", {"trainable": manifest["trainable_params"], "train_s": None,
+                                                    "steps": steps_run, "best_step": manifest.get("best_step"),
+                                                    "val_loss": manifest.get("val_loss_after")},
+                score(loaded.model, loaded.tokenizer, heldout, args))
+            del loaded
 
         ga = str(2 * base_spec.train.grad_accum)
         runs = {
@@ -102,29 +145,32 @@ def main() -> None:
                                                               f"train.grad_accum={ga}", "train.lr=2e-5"]),
         }
         runs = {name: run[1:] for name, run in runs.items() if run[0] in wanted}
-        ray.init(num_cpus=2, runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                                                       "TOKENIZERS_PARALLELISM": "false"}})
+        if runs:
+            ray.init(num_cpus=2, runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                                           "TOKENIZERS_PARALLELISM": "false"}})
         for name, (where, extra) in runs.items():
-            spec = load_spec(JOB, [*common, f"output.dir={tmp / name[:8].replace(' ', '_')}", *extra])
+            spec = load_spec(job, [*common, f"output.dir={tmp / name[:8].replace(' ', '_')}", *extra])
             t0 = time.time()
             artifact = train_local(spec) if where == "local" else run_job(spec)
             train_s = time.time() - t0
             loaded, manifest = load_adapted(Path(artifact))
-            rows[name] = {"trainable": manifest["trainable_params"], "train_s": round(train_s),
-                          "val_loss": manifest.get("val_loss_after"),
-                          **score(loaded.model, loaded.tokenizer, heldout, args)}
+            add(name, {"trainable": manifest["trainable_params"], "train_s": round(train_s),
+                       "steps": manifest["steps"], "best_step": manifest.get("best_step"),
+                       "val_loss": manifest.get("val_loss_after")},
+                score(loaded.model, loaded.tokenizer, heldout, args))
             del loaded
-        ray.shutdown()
+        if runs:
+            ray.shutdown()
 
     n_mrs = args.limit or "all"
-    print(f"\nE2E held-out MRs ({n_mrs}) of devset.csv, data.split {base_spec.data.split}, {steps} steps, beam "
-          f"{args.beams}, length penalty 0.9, no-repeat 4-gram")
-    print(f"  {'row':<36} {'trainable':>12} {'BLEU':>6} {'NIST':>6} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>6} "
+    print(f"\nE2E held-out MRs ({n_mrs}) of devset.csv, data.split {base_spec.data.split}, trained rows: "
+          f"{job.name}, {steps} steps; beam {args.beams}, length penalty 0.9, no-repeat 4-gram")
+    print(f"  {'row':<44} {'trainable':>12} {'BLEU':>6} {'NIST':>6} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>6} "
           f"{'SER':>6} {'train s':>8}")
     for name, r in rows.items():
         met = "-" if r["METEOR"] is None else f"{r['METEOR']:.1f}"
-        print(f"  {name:<36} {r['trainable']:>12,} {r['BLEU']:>6.1f} {r['NIST']:>6.2f} {met:>7} {r['ROUGE_L']:>8.1f} "
-              f"{r['CIDEr']:>6.2f} {r['SER']:>5.1f}% {r['train_s']:>8}")
+        print(f"  {name:<44} {r['trainable']:>12,} {r['BLEU']:>6.1f} {r['NIST']:>6.2f} {met:>7} {r['ROUGE_L']:>8.1f} "
+              f"{r['CIDEr']:>6.2f} {r['SER']:>5.1f}% {'-' if r['train_s'] is None else r['train_s']:>8}")
     print(json.dumps(rows))
 
 

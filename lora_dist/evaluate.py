@@ -61,12 +61,13 @@ def e2e_references(csv_path, limit: int | None = None,
 
 RERANKS = ("none", "ser")
 
+Scored = tuple[list[str], dict[str, float | None], list[dict]]  # predictions, metrics, per-output slot errors
+
 
 def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit: int | None = None,
                  num_beams: int = 10,
                  length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
-                 progress=None, batch_size: int = 8, bos: bool = False, rerank: str = "none"
-                 ) -> tuple[list[str], dict[str, float | None], list[dict]]:
+                 progress=None, batch_size: int = 8, bos: bool = False, rerank: str = "none") -> Scored:
     """Generate one output per distinct MR (the paper's decoding by default) and score it: the five
     E2E metrics, and the slot error rate (``slots.py``; ``SER`` in percent, with the counts).
 
@@ -78,8 +79,19 @@ def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit
     Returns:
         (predictions in MR order, metrics, each prediction's slot errors with its MR).
     """
-    if rerank not in RERANKS:
-        raise ValueError(f"rerank: must be one of {', '.join(RERANKS)}, got {rerank!r}")
+    return evaluate_e2e_reranks(model, tokenizer, csv_path, (rerank,), template, limit, num_beams, length_penalty,
+                                no_repeat_ngram_size, max_new_tokens, progress, batch_size, bos)[rerank]
+
+
+def evaluate_e2e_reranks(model, tokenizer, csv_path, reranks: Sequence[str] = RERANKS,
+                         template: str = E2E_TEMPLATE, limit: int | None = None, num_beams: int = 10,
+                         length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
+                         progress=None, batch_size: int = 8, bos: bool = False) -> dict[str, Scored]:
+    """:func:`evaluate_e2e` under each of ``reranks`` from one beam search: the beam's candidates
+    come sorted by score, so its top one is the output without a rerank."""
+    bad = [r for r in reranks if r not in RERANKS]
+    if bad or not reranks:
+        raise ValueError(f"rerank: must be one of {', '.join(RERANKS)}, got {bad or list(reranks)}")
     mrs, prompts, refs = e2e_items(csv_path, limit, template)
     parsed = []
     for n, mr in enumerate(mrs, 1):  # before any generation: every MR must be scorable for slots
@@ -87,8 +99,8 @@ def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit
             parsed.append(parse_mr(mr))
         except ValueError as e:
             raise DataError(f"{csv_path}: distinct MR {n}: {e}") from None
-    candidates = num_beams if rerank == "ser" else 1
-    preds: list[str] = []
+    candidates = num_beams if "ser" in reranks else 1
+    preds: dict[str, list[str]] = {r: [] for r in reranks}
     for i in range(0, len(prompts), batch_size):
         outs = generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
                         num_beams=num_beams, length_penalty=length_penalty,
@@ -97,15 +109,19 @@ def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit
         for j, group in enumerate(outs[k:k + candidates] for k in range(0, len(outs), candidates)):
             group = [_first_line(c) for c in group]
             attrs = parsed[i + j]
-            preds.append(min(group, key=lambda c: slot_errors(attrs, c).errors) if len(group) > 1 else group[0])
+            for r in reranks:  # min keeps the first of equals: ties go to the better beam score
+                preds[r].append(min(group, key=lambda c: slot_errors(attrs, c).errors) if r == "ser" else group[0])
         if progress:
-            progress(len(preds), len(prompts))
-    scored = [slot_errors(attrs, p) for attrs, p in zip(parsed, preds)]
-    per_output = [{"mr": mr, "prediction": p, **e.to_dict()} for mr, p, e in zip(mrs, preds, scored)]
-    ser = totals(scored)
-    metrics: dict[str, float | None] = {**e2e_metrics(preds, refs), "SER": ser["ser"],
-                                        **{k: ser[k] for k in ("slots", "missing", "wrong", "added")}}
-    return preds, metrics, per_output
+            progress(i + len(outs) // candidates, len(prompts))
+    out: dict[str, Scored] = {}
+    for r, chosen in preds.items():
+        scored = [slot_errors(attrs, p) for attrs, p in zip(parsed, chosen)]
+        per_output = [{"mr": mr, "prediction": p, **e.to_dict()} for mr, p, e in zip(mrs, chosen, scored)]
+        ser = totals(scored)
+        metrics: dict[str, float | None] = {**e2e_metrics(chosen, refs), "SER": ser["ser"],
+                                            **{k: ser[k] for k in ("slots", "missing", "wrong", "added")}}
+        out[r] = (chosen, metrics, per_output)
+    return out
 
 
 def _first_line(text: str) -> str:

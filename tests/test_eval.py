@@ -78,7 +78,7 @@ def test_slot_rerank_never_outputs_more_slot_errors_than_the_best_beam(tiny_trai
     """--rerank ser chooses among the beam's candidates: per MR never more slot errors than the
     top beam, which plain decoding outputs (the same search)."""
     from lora_dist.adapter import load_adapted
-    from lora_dist.evaluate import evaluate_e2e
+    from lora_dist.evaluate import evaluate_e2e, evaluate_e2e_reranks
 
     artifact, _ = tiny_trained
     loaded, _ = load_adapted(artifact)
@@ -90,6 +90,9 @@ def test_slot_rerank_never_outputs_more_slot_errors_than_the_best_beam(tiny_trai
         errors = [len(x["missing"]) + len(x["wrong"]) + len(x["added"]) for x in (a, b)]
         assert errors[1] <= errors[0], (a, b)
         assert b["prediction"] == a["prediction"] or errors[1] < errors[0]  # a change only for fewer errors
+    # both from one beam search (bench/e2e_quality.py --rerank): the same outputs and figures
+    both = evaluate_e2e_reranks(loaded.model, loaded.tokenizer, e2e_csv, **kw)
+    assert both["none"][0] == plain and both["ser"][0] == ranked and both["ser"][1] == metrics
     with pytest.raises(ValueError, match="rerank: must be one of none, ser"):
         evaluate_e2e(loaded.model, loaded.tokenizer, e2e_csv, rerank="bleu", **kw)
 
