@@ -25,7 +25,7 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 from lora_dist.spec import DataSpec
 from lora_dist.store import fsync, sha256_file
@@ -304,7 +304,7 @@ class Tokens:
     cache: str | None = None  # "hit" or "miss" (the directory below), None when not cached
 
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 ARRAYS = ("ids", "offsets", "prompt")
 
 
@@ -372,10 +372,20 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
         return tokens
 
 
+T = TypeVar("T")
+
+
+def spread(items: Sequence[T], k: int) -> list[T]:
+    """At most ``k`` of ``items``, evenly spaced in their order (the first kept), all when there are
+    no more: a held-out split is in file order, so a prefix of it would be one or two restaurants."""
+    n = len(items)
+    return [items[(i * n) // k] for i in range(k)] if n > k else list(items)
+
+
 def _tokenize_splits(spec: DataSpec, tokenizer, path: Path, cache: str | None) -> Tokens:
     examples = read_e2e(path) if spec.source == "e2e" else read_jsonl(path)
     train_ex, val_ex = split_examples(examples, spec)
-    val_ex = val_ex[: spec.max_val_examples]
+    val_ex = spread(val_ex, spec.max_val_examples)
     return Tokens(TokenArrays.of(tokenize(train_ex, tokenizer, spec.max_length)),
                   TokenArrays.of(tokenize(val_ex, tokenizer, spec.max_length)),
                   len({e.prompt for e in train_ex}), len({e.prompt for e in val_ex}), cache=cache)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lora_dist.adapter import write_job_artifact
-from lora_dist.data import BatchPlan, TokenArrays, check_packing, collate, collate_packed, tokenized
+from lora_dist.data import BatchPlan, TokenArrays, check_packing, collate, collate_packed, spread, tokenized
 from lora_dist.device import Placement, local_placement
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoraTensors, collect_lora
@@ -82,9 +82,8 @@ def micro_batch(data: Dataset, plan: BatchPlan, index: int) -> dict[str, torch.T
 def val_batches(data: Dataset, spec: JobSpec) -> list[dict[str, torch.Tensor]]:
     """``eval_batches`` micro-batches of validation examples, spread evenly over the whole split
     (examples are in file order, so a prefix would be one or two restaurants of a name split)."""
-    size, n = spec.train.micro_batch_size, len(data.val)
-    want = min(n, size * spec.train.eval_batches)
-    items = [data.val[(i * n) // want] for i in range(want)]
+    size = spec.train.micro_batch_size
+    items = spread(data.val, size * spec.train.eval_batches)
     return [collate(items[i:i + size], data.pad_id) for i in range(0, len(items), size)]
 
 
@@ -247,16 +246,17 @@ class EarlyStop:
     last_val: float | None = None
     lora: dict[str, LoraTensors] | None = None  # the best adapter, on the main process
 
-    def observe(self, step: int, value: float, runner: "Runner") -> bool:
+    def observe(self, step: int, value: float, runner: "Runner", last: bool = False) -> bool:
         """Count the validation loss of ``step``; keep the adapter when it is the best by more than
-        min_delta (``runner.gather_lora``: a collective). Returns whether training stops here."""
+        min_delta (``runner.gather_lora``: a collective). Returns whether training stops early
+        here (never at the ``last`` step: that run went to max_steps)."""
         self.last_val = value
         if value < self.best_val - self.min_delta:
             self.best_step, self.best_val, self.since = step, value, 0
             self.lora = runner.gather_lora()
         else:
             self.since += 1
-            if self.since >= self.patience:
+            if self.since >= self.patience and not last:
                 self.stopped_at = step
         return self.stopped_at is not None
 
@@ -367,6 +367,7 @@ class Loop:
     resumed_at: int = 0
     index_base: int = 0
     early: EarlyStop | None = None  # train.early_stop_patience (early_stop(spec))
+    resumed_loss: float = float("nan")  # the loss of step ``resumed_at`` (its checkpoint's)
     plan: BatchPlan = field(init=False)
     lengths: list[int] = field(init=False)  # each training example's tokens
     val: list[dict[str, torch.Tensor]] = field(init=False)  # collated once, reused at every validation
@@ -429,7 +430,7 @@ def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
         FloatingPointError: the loss became NaN or infinite.
     """
     t, early = loop.spec.train, loop.early
-    loss, parity_max = float("nan"), None
+    loss, parity_max = loop.resumed_loss, None  # a run resumed where it ended trains no step
     loop.runner.module.train()
     for step in range(start, t.max_steps + 1):
         if early is not None and early.stopped_at is not None:  # resumed from the checkpoint of the stop
@@ -458,7 +459,7 @@ def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
         loop.metrics.step(rec)
         stop = False
         if early is not None and (step % t.eval_every == 0 or step == t.max_steps):
-            stop = early.observe(step, validate(loop, step), loop.runner)
+            stop = early.observe(step, validate(loop, step), loop.runner, last=step == t.max_steps)
         elif t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
             validate(loop, step)
         # The last step too: an export that fails then loses no training.

@@ -127,8 +127,8 @@ def build_loop(w: Worker, parity_reference: list[float] | None = None
     loop = Loop(w.spec, runner, data, w.device, ranks=[w.rank],
                 world_size=w.world, metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0),
                 int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
-                checkpoint=lambda step, loss: _checkpoint(w, runner.module, loop, step), reference=parity_reference,
-                val_share=(w.rank, w.world), early=early_stop(w.spec))
+                checkpoint=lambda step, loss: _checkpoint(w, runner.module, loop, step, loss),
+                reference=parity_reference, val_share=(w.rank, w.world), early=early_stop(w.spec))
     return built, runner, parts, loop
 
 
@@ -282,6 +282,7 @@ def _resume(w: Worker, engine, loop: Loop) -> int | None:
     if loop.early is not None:
         loop.early.restore(c.state["early_stop"], best, main=w.rank == 0)
     loop.resumed_at, loop.index_base = c.step, int(c.state["next_index"])
+    loop.resumed_loss = float(c.state.get("loss", float("nan")))
     w.val_before = c.state.get("val_loss_before")
     w.earlier_nodes = c.state.get("node_history", [])
     if c.state["world_size"] == w.world:
@@ -293,7 +294,7 @@ def _resume(w: Worker, engine, loop: Loop) -> int | None:
     return c.step
 
 
-def _checkpoint(w: Worker, engine, loop: Loop, step: int) -> None:
+def _checkpoint(w: Worker, engine, loop: Loop, step: int, loss: float) -> None:
     """Collective: gather the trainable state and every rank's RNG to rank 0, which writes the
     checkpoint (checkpoint.write: verified on read, manifest last, renamed into place)."""
     try:
@@ -304,7 +305,8 @@ def _checkpoint(w: Worker, engine, loop: Loop, step: int) -> None:
     rng: list[Any] = [None] * w.world
     dist.all_gather_object(rng, _get_rng(w))
     if w.rank == 0:
-        state = {"step": step, "next_index": next_index(loop, step), "world_size": w.world, "scalars": scalars,
+        state = {"step": step, "loss": loss, "next_index": next_index(loop, step), "world_size": w.world,
+                 "scalars": scalars,
                  "rng": rng, "spec": redacted(w.spec.to_dict()), "spec_digest": spec_digest(w.spec.to_dict()),
                  "val_loss_before": w.val_before, "node_history": [*w.earlier_nodes, w.nodes]}
         if loop.early is not None:  # the best adapter so far, and how long since it improved

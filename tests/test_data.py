@@ -3,7 +3,8 @@ import json
 import pytest
 
 from lora_dist.data import (E2E_TEMPLATE, IGNORE_INDEX, BatchPlan, DataError, Example, collate, e2e_name, fetch_e2e,
-                            read_e2e, read_jsonl, render, split_by_name, split_by_prompt, split_examples, tokenize)
+                            read_e2e, read_jsonl, render, split_by_name, split_by_prompt, split_examples, spread,
+                            tokenize)
 from lora_dist.store import sha256_file
 
 from conftest import E2E_CSV
@@ -228,7 +229,10 @@ def test_tokenized_splits_are_cached_memory_mapped_and_keyed_by_what_makes_them(
     assert isinstance(warm.train.ids, np.memmap) and isinstance(warm.train.offsets, np.memmap)
     train, val = split_examples(read_e2e(E2E_CSV), spec)
     assert _same(warm.train, tokenize(train, tok, 64))
-    assert _same(warm.val, tokenize(val[:spec.max_val_examples], tok, 64))
+    assert _same(warm.val, tokenize(spread(val, spec.max_val_examples), tok, 64))
+    # capped, the validation side still holds every held-out restaurant (not a prefix of the file)
+    assert len(val) > spec.max_val_examples
+    assert {e.name for e in spread(val, spec.max_val_examples)} == {e.name for e in val}
     assert (warm.n_train_prompts, warm.n_val_prompts) == (cold.n_train_prompts, cold.n_val_prompts)
     assert warm.train.lengths() == [len(t.input_ids) for t in tokenize(train, tok, 64)]
     entries = lambda: sorted(p.name for p in (tmp_path / "tokenized").iterdir() if p.is_dir())  # noqa: E731
