@@ -59,7 +59,7 @@ def score(model, tokenizer, csv_path: Path, args) -> dict[str, dict]:
     reranks = ("none", "ser") if args.rerank else ("none",)
     scored = evaluate_e2e_reranks(model, tokenizer, csv_path, reranks, limit=args.limit, num_beams=args.beams,
                                   bos=adds_bos(tokenizer))
-    seconds = round(time.time() - t0, 1)
+    seconds = round(time.time() - t0, 1)  # of the one beam search both reranks share
     return {r: {**m, "eval_s": seconds} for r, (_, m, _) in scored.items()}
 
 
@@ -71,8 +71,12 @@ def same_split(manifest: dict, data_spec, artifact: Path) -> None:
         if theirs.get(key) != ours:
             raise SystemExit(f"error: --artifact {artifact}: trained with data.{key} {theirs.get(key)!r}, the "
                              f"benchmark holds out data.{key} {ours!r}; it may have trained on the held-out MRs")
-    if Path(theirs["path"]).name != DATA.name:
-        raise SystemExit(f"error: --artifact {artifact}: trained on {theirs['path']}, not {DATA.name}")
+    from lora_dist.store import sha256_file
+
+    trained_on = Path(theirs["path"] or "")
+    if not trained_on.is_file() or sha256_file(trained_on) != sha256_file(DATA):
+        raise SystemExit(f"error: --artifact {artifact}: trained on {theirs['path']}, which is not (or no longer) "
+                         f"the contents of {DATA}: the held-out split would differ")
 
 
 def main() -> None:
@@ -130,8 +134,8 @@ def main() -> None:
         for a in args.artifact:
             same_split(json.loads((a / "manifest.json").read_text()), base_spec.data, a)
             loaded, manifest = load_adapted(a)
-            seed, steps_run = manifest["spec"]["train"]["seed"], manifest["steps"]
-            add(f"{manifest['name']} seed {seed}", {"trainable": manifest["trainable_params"], "train_s": None,
+            seed, steps_run = manifest["spec"]["train"]["seed"], manifest["steps"]  # a row per artifact directory
+            add(f"{a.name} (seed {seed})", {"trainable": manifest["trainable_params"], "train_s": None,
                                                     "steps": steps_run, "best_step": manifest.get("best_step"),
                                                     "val_loss": manifest.get("val_loss_after")},
                 score(loaded.model, loaded.tokenizer, heldout, args))
@@ -165,11 +169,12 @@ def main() -> None:
     n_mrs = args.limit or "all"
     print(f"\nE2E held-out MRs ({n_mrs}) of devset.csv, data.split {base_spec.data.split}, trained rows: "
           f"{job.name}, {steps} steps; beam {args.beams}, length penalty 0.9, no-repeat 4-gram")
-    print(f"  {'row':<44} {'trainable':>12} {'BLEU':>6} {'NIST':>6} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>6} "
+    width = max([36, *map(len, rows)])
+    print(f"  {'row':<{width}} {'trainable':>12} {'BLEU':>6} {'NIST':>6} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>6} "
           f"{'SER':>6} {'train s':>8}")
     for name, r in rows.items():
         met = "-" if r["METEOR"] is None else f"{r['METEOR']:.1f}"
-        print(f"  {name:<44} {r['trainable']:>12,} {r['BLEU']:>6.1f} {r['NIST']:>6.2f} {met:>7} {r['ROUGE_L']:>8.1f} "
+        print(f"  {name:<{width}} {r['trainable']:>12,} {r['BLEU']:>6.1f} {r['NIST']:>6.2f} {met:>7} {r['ROUGE_L']:>8.1f} "
               f"{r['CIDEr']:>6.2f} {r['SER']:>5.1f}% {'-' if r['train_s'] is None else r['train_s']:>8}")
     print(json.dumps(rows))
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora_dist.lora import LoraTensors, collect_lora, freeze_non_lora, lora_parameters
+from lora_dist.lora import LoRALinear, LoraTensors, freeze_non_lora, lora_pair, lora_parameters
 from lora_dist.model import FileHasher, Injection, TensorSource, cached_fingerprint, combine_fingerprint, \
     decoder_blocks, init_lora, load_weights, params_on_meta, prepare, weight_files
 from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS, Int8Linear, row_blocks, quantize_rowwise
@@ -358,10 +358,17 @@ def partition_report(model: nn.Module) -> dict[str, int]:
 
 
 def gather_lora(model: nn.Module, rank: int) -> dict[str, LoraTensors] | None:
-    """Collective: every rank enters; rank 0 gets full copies of every LoRA pair."""
-    params = list(lora_parameters(model).values())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return collect_lora(model) if rank == 0 else None
+    """Collective: every rank enters; rank 0 gets full fp32 CPU copies of every LoRA pair,
+    gathered one module at a time (in the same order on every rank), so that no device holds
+    more than one pair beyond its partition (all of a 175B model's pairs at a high rank would be
+    gigabytes)."""
+    out: dict[str, LoraTensors] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            with deepspeed.zero.GatheredParameters([mod.lora_A, mod.lora_B], modifier_rank=None):
+                if rank == 0:
+                    out[name] = lora_pair(mod)
+    return out if rank == 0 else None
 
 
 def gather_full_state(engine) -> dict[str, torch.Tensor] | None:

@@ -215,10 +215,10 @@ class LoraTensors:
 def collect_lora(model: nn.Module) -> dict[str, LoraTensors]:
     """Copy every LoRA pair out of ``model`` as fp32 CPU tensors (the caller gathers them first
     under ZeRO-3)."""
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
-            out[name] = LoraTensors(mod.lora_A.detach().float().cpu().clone(),
-                                    mod.lora_B.detach().float().cpu().clone(),
-                                    mod.r, list(mod.slices), mod.out_features)
-    return out
+    return {name: lora_pair(mod) for name, mod in model.named_modules() if isinstance(mod, LoRALinear)}
+
+
+def lora_pair(mod: LoRALinear) -> LoraTensors:
+    """One module's LoRA pair as fp32 CPU copies (gathered first under ZeRO-3)."""
+    return LoraTensors(mod.lora_A.detach().float().cpu().clone(), mod.lora_B.detach().float().cpu().clone(),
+                       mod.r, list(mod.slices), mod.out_features)
