@@ -540,6 +540,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out and args.slots and Path(args.out).resolve() == Path(args.slots).resolve():
         print("error: --slots: the same file as --out; choose another", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.rerank is None:  # the default: on unseen restaurants it cut SER 13.3% -> 4.9% (README Results)
+        args.rerank = "ser" if args.num_beams >= 2 else "none"
     if args.rerank == "ser" and args.num_beams < 2:
         print("error: --rerank ser chooses among the beam's candidates; it needs --num-beams of at least 2",
               file=sys.stderr)
@@ -560,7 +562,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.out).write_text("\n".join(preds) + "\n")
     if args.slots:
         Path(args.slots).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in slots))
-    print(json.dumps({**metrics, "mrs": len(preds)}))
+    print(json.dumps({**metrics, "mrs": len(preds), "rerank": args.rerank}))
     return EXIT_OK
 
 
@@ -650,8 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--slots", default=None, metavar="FILE",
                    help="write each prediction's slot errors here as JSON lines (mr, prediction, slots, missing, "
                         "wrong, added, ser), in MR order")
-    e.add_argument("--rerank", choices=("none", "ser"), default="none",
-                   help="ser: output the beam candidate with the fewest slot errors (ties: the higher beam score)")
+    e.add_argument("--rerank", choices=("none", "ser"), default=None,
+                   help="ser: output the beam candidate with the fewest slot errors (ties: the higher beam score); "
+                        "none: the top beam. Default: ser with a beam (--num-beams >= 2), none without")
     e.add_argument("--limit", type=int, default=None, help="only the first N distinct MRs")
     e.add_argument("--num-beams", type=int, default=10)
     e.add_argument("--length-penalty", type=float, default=0.9)

@@ -55,6 +55,7 @@ def test_eval_cli_writes_predictions_and_prints_metrics_last(trained, e2e_csv, t
                    "--num-beams", "2", "--max-new-tokens", "40", "--slots", str(slots), cwd=tmp_path)
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "SER"} <= set(metrics) and metrics["mrs"] == 3
+    assert metrics["rerank"] == "ser"  # the default with a beam
     lines = preds.read_text().splitlines()
     assert len(lines) == 3 and all(lines)
     assert metrics["BLEU"] > 5  # a trained adapter says something about the restaurant
