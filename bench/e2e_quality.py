@@ -129,7 +129,8 @@ def main() -> None:
 
         if "base" in wanted:
             lm = load_model("smollm2-135m", None, "none")
-            add("SmolLM2-135M, no adapter", {"trainable": 0, "train_s": 0}, score(lm.model, lm.tokenizer, heldout, args))
+            add("SmolLM2-135M, no adapter", {"trainable": 0, "train_s": 0},
+                score(lm.model, lm.tokenizer, heldout, args))
             del lm
         for a in args.artifact:
             same_split(json.loads((a / "manifest.json").read_text()), base_spec.data, a)
@@ -174,8 +175,9 @@ def main() -> None:
           f"{'SER':>6} {'train s':>8}")
     for name, r in rows.items():
         met = "-" if r["METEOR"] is None else f"{r['METEOR']:.1f}"
-        print(f"  {name:<{width}} {r['trainable']:>12,} {r['BLEU']:>6.1f} {r['NIST']:>6.2f} {met:>7} {r['ROUGE_L']:>8.1f} "
-              f"{r['CIDEr']:>6.2f} {r['SER']:>5.1f}% {'-' if r['train_s'] is None else r['train_s']:>8}")
+        train_s = "-" if r["train_s"] is None else r["train_s"]
+        print(f"  {name:<{width}} {r['trainable']:>12,} {r['BLEU']:>6.1f} {r['NIST']:>6.2f} {met:>7} "
+              f"{r['ROUGE_L']:>8.1f} {r['CIDEr']:>6.2f} {r['SER']:>5.1f}% {train_s:>8}")
     print(json.dumps(rows))
 
 
