@@ -11,7 +11,7 @@ from torch import nn
 from lora_dist.data import E2E_TEMPLATE, DataError, read_e2e
 from lora_dist.generate import generate
 from lora_dist.metrics import e2e_metrics
-from lora_dist.slots import parse_mr, slot_errors, totals
+from lora_dist.slots import SlotErrors, parse_mr, slot_errors, totals
 
 
 @torch.no_grad()
@@ -100,27 +100,28 @@ def evaluate_e2e_reranks(model, tokenizer, csv_path, reranks: Sequence[str] = RE
         except ValueError as e:
             raise DataError(f"{csv_path}: distinct MR {n}: {e}") from None
     candidates = num_beams if "ser" in reranks else 1
-    preds: dict[str, list[str]] = {r: [] for r in reranks}
+    # each candidate's text and slot errors, scored once: the rerank chooses by them and the totals add them
+    chosen: dict[str, list[tuple[str, SlotErrors]]] = {r: [] for r in reranks}
     for i in range(0, len(prompts), batch_size):
         outs = generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
                         num_beams=num_beams, length_penalty=length_penalty,
                         no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size, bos=bos,
                         num_return_sequences=candidates)
         for j, group in enumerate(outs[k:k + candidates] for k in range(0, len(outs), candidates)):
-            group = [_first_line(c) for c in group]
             attrs = parsed[i + j]
+            scored = [(text, slot_errors(attrs, text)) for text in map(_first_line, group)]
             for r in reranks:  # min keeps the first of equals: ties go to the better beam score
-                preds[r].append(min(group, key=lambda c: slot_errors(attrs, c).errors) if r == "ser" else group[0])
+                chosen[r].append(min(scored, key=lambda c: c[1].errors) if r == "ser" else scored[0])
         if progress:
             progress(i + len(outs) // candidates, len(prompts))
     out: dict[str, Scored] = {}
-    for r, chosen in preds.items():
-        scored = [slot_errors(attrs, p) for attrs, p in zip(parsed, chosen)]
-        per_output = [{"mr": mr, "prediction": p, **e.to_dict()} for mr, p, e in zip(mrs, chosen, scored)]
-        ser = totals(scored)
-        metrics: dict[str, float | None] = {**e2e_metrics(chosen, refs), "SER": ser["ser"],
+    for r, picks in chosen.items():
+        preds = [text for text, _ in picks]
+        per_output = [{"mr": mr, "prediction": text, **e.to_dict()} for mr, (text, e) in zip(mrs, picks)]
+        ser = totals([e for _, e in picks])
+        metrics: dict[str, float | None] = {**e2e_metrics(preds, refs), "SER": ser["ser"],
                                             **{k: ser[k] for k in ("slots", "missing", "wrong", "added")}}
-        out[r] = (chosen, metrics, per_output)
+        out[r] = (preds, metrics, per_output)
     return out
 
 
