@@ -147,7 +147,9 @@ def main() -> None:
             "LoRA, float base, 1 process": ("float", "local", ["model.quantization=none", f"train.grad_accum={ga}"]),
             "LoRA, int8 base, ZeRO-3 x2 (ours)": ("ours", "ray", ["cluster.workers=2"]),
             "full fine-tuning, 1 process": ("full", "local", ["model.quantization=none", "train.method=full",
-                                                              f"train.grad_accum={ga}", "train.lr=2e-5"]),
+                                                              f"train.grad_accum={ga}", "train.lr=2e-5",
+                                                              # a job's early stop keeps LoRA copies only
+                                                              "train.early_stop_patience=0"]),
         }
         runs = {name: run[1:] for name, run in runs.items() if run[0] in wanted}
         if runs:
