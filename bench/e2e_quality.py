@@ -63,6 +63,12 @@ def score(model, tokenizer, csv_path: Path, args) -> dict[str, dict]:
     return {r: {**m, "eval_s": seconds} for r, (_, m, _) in scored.items()}
 
 
+def float_row(spec) -> list[str]:
+    """The overrides that make ``spec`` the float row: a float base in one process, accumulating
+    the ours row's 2 workers' batches (the same examples in the same order)."""
+    return ["model.quantization=none", f"train.grad_accum={2 * spec.train.grad_accum}"]
+
+
 def same_split(manifest: dict, data_spec, artifact: Path) -> None:
     """Refuse an artifact trained on another split: it may have seen the held-out MRs."""
     theirs = manifest["spec"]["data"]
@@ -144,7 +150,7 @@ def main() -> None:
 
         ga = str(2 * base_spec.train.grad_accum)
         runs = {
-            "LoRA, float base, 1 process": ("float", "local", ["model.quantization=none", f"train.grad_accum={ga}"]),
+            "LoRA, float base, 1 process": ("float", "local", float_row(base_spec)),
             "LoRA, int8 base, ZeRO-3 x2 (ours)": ("ours", "ray", ["cluster.workers=2"]),
             "full fine-tuning, 1 process": ("full", "local", ["model.quantization=none", "train.method=full",
                                                               f"train.grad_accum={ga}", "train.lr=2e-5",

@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "jobs" / "data" / "e2e" / "devset.csv"
+from e2e_quality import DATA, REPO, float_row  # the stand-in is exactly the quality benchmark's float row
+
 JOB = REPO / "jobs" / "smollm2-e2e-quality.yaml"
 VAL_LINE = re.compile(r"step (\d+)\s+val_loss ([0-9.]+|nan)")
 
@@ -79,7 +79,6 @@ def main() -> None:
 
     job = args.job.resolve()
     base = load_spec(job, [f"data.path={DATA}", *args.set])
-    ga = base.train.grad_accum * base.cluster.workers  # the job's workers' batches, in one process
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LORA_DIST_OUTPUT_ROOT"] = tmp
@@ -87,8 +86,8 @@ def main() -> None:
             for lr in args.lr:
                 name = f"lr {lr:g} {schedule}"
                 print(f"\n=== {name}", flush=True)
-                spec = load_spec(job, [f"data.path={DATA}", "model.quantization=none", f"train.grad_accum={ga}",
-                                       f"train.lr={lr}", f"train.schedule={schedule}",
+                spec = load_spec(job, [f"data.path={DATA}", *float_row(base), f"train.lr={lr}",
+                                       f"train.schedule={schedule}",
                                        f"output.dir={Path(tmp) / name.replace(' ', '_')}", *args.set])
                 tee = Tee()
                 t0 = time.time()
@@ -98,7 +97,7 @@ def main() -> None:
                                 "best_step": manifest.get("best_step"),
                                 "best_val_loss": manifest.get("val_loss_after"),
                                 "stopped_at": manifest.get("stopped_at"), "seconds": round(time.time() - t0)})
-    print(f"\n{job.name}: float base, 1 process, grad_accum {ga}, {base.train.max_steps} steps, "
+    print(f"\n{job.name}: float base, 1 process, {float_row(base)[1]}, {base.train.max_steps} steps, "
           f"seed {base.train.seed}, warmup {base.train.warmup_steps}; validation loss on data.split "
           f"{base.data.split} (best first)")
     steps = sorted({s for r in results for s in r["val_loss"]})
