@@ -148,12 +148,11 @@ def main() -> None:
                 score(loaded.model, loaded.tokenizer, heldout, args))
             del loaded
 
-        ga = str(2 * base_spec.train.grad_accum)
         runs = {
             "LoRA, float base, 1 process": ("float", "local", float_row(base_spec)),
             "LoRA, int8 base, ZeRO-3 x2 (ours)": ("ours", "ray", ["cluster.workers=2"]),
-            "full fine-tuning, 1 process": ("full", "local", ["model.quantization=none", "train.method=full",
-                                                              f"train.grad_accum={ga}", "train.lr=2e-5",
+            "full fine-tuning, 1 process": ("full", "local", [*float_row(base_spec), "train.method=full",
+                                                              "train.lr=2e-5",
                                                               # a job's early stop keeps LoRA copies only
                                                               "train.early_stop_patience=0"]),
         }

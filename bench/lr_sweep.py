@@ -97,7 +97,7 @@ def main() -> None:
                                 "best_step": manifest.get("best_step"),
                                 "best_val_loss": manifest.get("val_loss_after"),
                                 "stopped_at": manifest.get("stopped_at"), "seconds": round(time.time() - t0)})
-    print(f"\n{job.name}: float base, 1 process, {float_row(base)[1]}, {base.train.max_steps} steps, "
+    print(f"\n{job.name}: float base, 1 process, {' '.join(float_row(base))}, {base.train.max_steps} steps, "
           f"seed {base.train.seed}, warmup {base.train.warmup_steps}; validation loss on data.split "
           f"{base.data.split} (best first)")
     steps = sorted({s for r in results for s in r["val_loss"]})
