@@ -182,9 +182,15 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    base: str = Field("smollm2-135m", min_length=1,
-                      description="a built-in id, a local Hugging Face directory, or a planning shape")
-    quantization: Literal["int8", "none"] = "int8"
+    """The frozen base model."""
+
+    base: str = Field("smollm2-135m", min_length=1, description=(
+        "The base: a built-in id (`smollm2-135m`), a local Hugging Face directory of a dense decoder-only "
+        "causal LM (config.json + safetensors; see docs/how-it-works.md, Base models), or a planning shape "
+        "without weights (`gpt3-175b`, `llama2-7b`, `llama2-70b`: `lora-dist plan` only)."))
+    quantization: Literal["int8", "none"] = Field("int8", description=(
+        "`int8`: every linear layer inside the decoder blocks is stored int8 with a per-row absmax scale; "
+        "`none`: the base stays float."))
 
     @field_validator("base")
     @classmethod
@@ -201,12 +207,17 @@ class ModelSpec(_Section):
 
 
 class LoraSpec(_Section):
-    r: Annotated[Int, Ge(1), Le(4096)] = 8
-    alpha: Annotated[Number, Gt(0)] = 16.0
-    dropout: Annotated[Number, Ge(0), Lt(1)] = 0.05
-    targets: Names = Field(("q_proj", "v_proj"), description="module names, or ('all-linear',)")
-    init: Literal["kaiming", "gaussian"] = "kaiming"
-    use_rslora: StrictBool = False
+    """The LoRA pairs: h = W0 x + (alpha / r) B A x."""
+
+    r: Annotated[Int, Ge(1), Le(4096)] = Field(8, description="The rank of A and B.")
+    alpha: Annotated[Number, Gt(0)] = Field(16.0, description="The scaling: B A x is multiplied by alpha / r.")
+    dropout: Annotated[Number, Ge(0), Lt(1)] = Field(0.05, description="Dropout on the LoRA input.")
+    targets: Names = Field(("q_proj", "v_proj"), description=(
+        "Module names to put LoRA on, or `all-linear` (every linear layer of the decoder blocks). GPT-2's fused "
+        "`c_attn` gets LoRA on its q and v slices only, as in the paper."))
+    init: Literal["kaiming", "gaussian"] = Field("kaiming", description=(
+        "How A starts: `kaiming` (as loralib) or `gaussian` (std 1/r); B always starts at zero."))
+    use_rslora: StrictBool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r.")
 
     @field_validator("targets")
     @classmethod
@@ -220,20 +231,30 @@ class LoraSpec(_Section):
 
 
 class DataSpec(_Section):
-    source: Literal["e2e", "jsonl"] = "e2e"
-    path: Optional[str] = Field(None, description="None: the official E2E release, downloaded and cached")
-    max_length: Annotated[Int, Ge(8), Le(131072)] = 128
-    val_fraction: Annotated[Number, Gt(0), Lt(1)] = 0.1
-    max_val_examples: Annotated[Int, Ge(1)] = 256
-    # padded: micro-batches of consecutive shuffled examples, padded to their longest; grouped:
-    # neighbours in length batched together within windows of the shuffled order; packed: examples
-    # end to end in rows of max_length tokens, attending only within themselves (data.BatchPlan)
-    batching: Literal["padded", "grouped", "packed"] = "grouped"
-    # E2E's train/validation split: name holds out whole restaurants (every MR of a held-out
-    # name[...]: validation on entities never trained on, like E2E's unseen test data); mr holds
-    # out meaning representations, whose restaurants the training side also has. A jsonl source
-    # splits by prompt whatever this says.
-    split: Literal["name", "mr"] = "name"
+    """The training data and how it becomes batches."""
+
+    source: Literal["e2e", "jsonl"] = Field("e2e", description=(
+        "`e2e`: an E2E NLG csv (columns `mr`, `ref`); `jsonl`: one `{\"prompt\", \"completion\"}` object per "
+        "line, the loss on completion tokens only."))
+    path: Optional[str] = Field(None, description=(
+        "The data file, relative to the directory the command runs from. null (e2e only): the official E2E "
+        "release is downloaded and cached."))
+    max_length: Annotated[Int, Ge(8), Le(131072)] = Field(128, description="Tokens per example (longer ones are cut).")
+    val_fraction: Annotated[Number, Gt(0), Lt(1)] = Field(0.1, description=(
+        "The share of prompts (E2E: meaning representations) held out for validation."))
+    max_val_examples: Annotated[Int, Ge(1)] = Field(256, description=(
+        "At most this many held-out examples are kept for validation, spread evenly over the held-out split."))
+    batching: Literal["padded", "grouped", "packed"] = Field("grouped", description=(
+        "How examples become micro-batches (`data.BatchPlan`): `padded`, consecutive shuffled examples padded "
+        "to their longest; `grouped`, neighbours in length batched together within windows of 64 micro-batches "
+        "of the shuffled order; `packed`, examples end to end in rows of `data.max_length` tokens "
+        "(`train.micro_batch_size` rows per micro-batch), each attending only to itself (Llama, Mistral, Qwen2, "
+        "GPT-2 and GPT-NeoX models; refused for others)."))
+    split: Literal["name", "mr"] = Field("name", description=(
+        "E2E's train/validation split. `name` holds out whole restaurants (every MR of a held-out `name[...]`, "
+        "names taken in sha256 order until at least `data.val_fraction` of the MRs is held out), so validation "
+        "measures restaurants never trained on, like E2E's unseen test data; `mr` holds out meaning "
+        "representations, whose restaurants the training side also has. A jsonl source always splits by prompt."))
 
     @field_validator("path")
     @classmethod
@@ -248,44 +269,79 @@ class DataSpec(_Section):
 
 
 class TrainSpec(_Section):
-    method: Literal["lora", "full"] = "lora"  # full: every float weight trains (the baseline)
-    max_steps: Annotated[Int, Ge(1), Le(10_000_000)] = 100
-    micro_batch_size: Annotated[Int, Ge(1), Le(65536)] = 8
-    grad_accum: Annotated[Int, Ge(1), Le(65536)] = 1
-    lr: Annotated[Number, Gt(0), Le(1)] = 2e-4
-    warmup_steps: Annotated[Int, Ge(0)] = 10  # capped at max_steps, so `--set train.max_steps=5` works
-    schedule: Literal["linear", "cosine"] = "linear"
-    weight_decay: Annotated[Number, Ge(0)] = 0.0
-    max_grad_norm: Annotated[Number, Ge(0)] = 1.0  # 0 disables clipping
-    seed: Annotated[Int, Ge(0)] = 42
-    log_every: Annotated[Int, Ge(1)] = 1
-    eval_every: Annotated[Int, Ge(0)] = 0  # 0: evaluate before and after training only
-    eval_batches: Annotated[Int, Ge(1)] = 8
-    # Early stop: after this many validations (every eval_every steps) without the validation loss
-    # falling below the best by more than early_stop_min_delta, training stops, and the adapter
-    # exported is that of the best validation after step 1 (before training is only the baseline). 0: off.
-    early_stop_patience: Annotated[Int, Ge(0)] = 0
-    early_stop_min_delta: Annotated[Number, Ge(0)] = 0.0  # nats/token
-    activation_checkpointing: StrictBool = False
-    checkpoint_every: Annotated[Int, Ge(0)] = 0  # LoRA-only resumable checkpoint every N steps (0: none)
-    parity_check: StrictBool = False
-    parity_steps: Annotated[Int, Ge(1), Le(1000)] = 2
-    parity_tolerance: Annotated[Number, Gt(0)] = 1e-3  # largest allowed |loss difference|, nats/token
-    # compute dtype of the forward and backward, whatever the checkpoint's config.json says; LoRA
-    # master weights and AdamW state stay fp32. auto: bf16 on GPU workers, fp32 on CPU.
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """The optimization: steps, batches, schedule, validation, checkpoints."""
+
+    method: Literal["lora", "full"] = Field("lora", description=(
+        "`lora`: only the LoRA pairs train; `full`: the full fine-tuning baseline, every weight of a float base "
+        "trains (needs `model.quantization: none`)."))
+    max_steps: Annotated[Int, Ge(1), Le(10_000_000)] = Field(100, description="Optimizer steps.")
+    micro_batch_size: Annotated[Int, Ge(1), Le(65536)] = Field(8, description=(
+        "Examples per micro-batch on each worker (`packed`: rows)."))
+    grad_accum: Annotated[Int, Ge(1), Le(65536)] = Field(1, description="Micro-batches per optimizer step.")
+    lr: Annotated[Number, Gt(0), Le(1)] = Field(2e-4, description="AdamW's peak learning rate.")
+    warmup_steps: Annotated[Int, Ge(0)] = Field(10, description=(
+        "transformers' warmup from 0 (the first step's lr is 0), capped at `max_steps - 1` so that "
+        "`--set train.max_steps=5` works."))
+    schedule: Literal["linear", "cosine"] = Field("linear", description="The decay to 0 after warmup.")
+    weight_decay: Annotated[Number, Ge(0)] = Field(0.0, description="AdamW's weight decay.")
+    max_grad_norm: Annotated[Number, Ge(0)] = Field(1.0, description="Gradient clipping norm; 0 disables clipping.")
+    seed: Annotated[Int, Ge(0)] = Field(42, description=(
+        "Seeds the LoRA initialization, the data order and the dropout masks (with the batch index)."))
+    log_every: Annotated[Int, Ge(1)] = Field(1, description="A progress line every N steps.")
+    eval_every: Annotated[Int, Ge(0)] = Field(0, description=(
+        "Validate every N steps; 0: before and after training only."))
+    eval_batches: Annotated[Int, Ge(1)] = Field(8, description=(
+        "Micro-batches of validation examples per validation, spread evenly over the held-out split."))
+    early_stop_patience: Annotated[Int, Ge(0)] = Field(0, description=(
+        "Early stop (0: off; needs `train.eval_every` > 0 and `train.method: lora`): stop after this many "
+        "validations in a row (every `eval_every` steps and at the last step) that do not lower the best "
+        "validation loss by more than `early_stop_min_delta`, and export the adapter of the best validation "
+        "after step 1 (before training is only the baseline). The manifest records `best_step`, "
+        "`best_val_loss`, `stopped_at` and `val_loss_last`; checkpoints carry the best adapter, so a resumed "
+        "job stops where it would have."))
+    early_stop_min_delta: Annotated[Number, Ge(0)] = Field(0.0, description=(
+        "The improvement, in nats/token, that counts as lowering the best validation loss."))
+    activation_checkpointing: StrictBool = Field(False, description=(
+        "Recompute each decoder block's activations in backward: less memory, more compute."))
+    checkpoint_every: Annotated[Int, Ge(0)] = Field(0, description=(
+        "A LoRA-only resumable checkpoint every N steps; a job on Ray also writes one at its last step "
+        "(0: that one only)."))
+    parity_check: StrictBool = Field(False, description=(
+        "Run an unsharded single-process int8 reference on the same batches first, and fail the job if a "
+        "sharded step's loss differs from it by more than `parity_tolerance`."))
+    parity_steps: Annotated[Int, Ge(1), Le(1000)] = Field(2, description="Steps the parity check compares.")
+    parity_tolerance: Annotated[Number, Gt(0)] = Field(1e-3, description=(
+        "The largest allowed |sharded - reference| loss difference, nats/token."))
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description=(
+        "Compute dtype of the forward and backward, whatever the checkpoint's config.json says (auto: bf16 on "
+        "GPU workers, fp32 on CPU). LoRA master weights and AdamW state stay fp32; fp16 needs GPU workers "
+        "(DeepSpeed's dynamic loss scaling)."))
 
 
 class ClusterSpec(_Section):
-    workers: Annotated[Int, Ge(1), Le(4096)] = 1
-    # auto: the cheapest stage whose plan fits the workers' memory (plan.choose_zero_stage): 1 or 2
-    # where the base fits replicated on each worker (no parameter gathers), else 3
-    zero_stage: Literal["auto", 1, 2, 3] = "auto"
-    gpus_per_worker: Annotated[Int, Ge(0), Le(16)] = 0  # 0: CPU workers (gloo, fp32); 1: a GPU each (nccl, bf16)
-    cpus_per_worker: Annotated[Int, Ge(1), Le(1024)] = 1
-    placement: Literal["pack", "spread"] = "pack"
-    max_failures: Annotated[Int, Ge(0), Le(1000)] = 0
-    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Jobs API runtime_env: env_vars, pip")
+    """Where and how wide the job runs."""
+
+    workers: Annotated[Int, Ge(1), Le(4096)] = Field(1, description="Ray Train workers (ranks).")
+    zero_stage: Literal["auto", 1, 2, 3] = Field("auto", description=(
+        "DeepSpeed ZeRO stage. `auto` (`plan.choose_zero_stage`) runs the cheapest stage whose plan fits the "
+        "smallest worker's memory (a GPU's free memory; on CPU the host's available memory shared by the job's "
+        "workers on that node): 1 where the int8 base fits replicated within 90% of it (no parameter gathers), "
+        "2 where it fits only with the gradients partitioned too, else 3. The manifest records `zero_stage` "
+        "and `zero_stage_reason`; `lora-dist plan` shows the choice."))
+    gpus_per_worker: Annotated[Int, Ge(0), Le(16)] = Field(0, description=(
+        "0: CPU workers (gloo); 1: a GPU each (nccl)."))
+    cpus_per_worker: Annotated[Int, Ge(1), Le(1024)] = Field(1, description="CPUs Ray reserves for each worker.")
+    placement: Literal["pack", "spread"] = Field("pack", description=(
+        "Ray's placement of the workers: `pack` them together, or `spread` them one per node where possible."))
+    max_failures: Annotated[Int, Ge(0), Le(1000)] = Field(0, description=(
+        "Worker-group restarts, each resuming from the last complete checkpoint (needs "
+        "`train.checkpoint_every` > 0)."))
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description=(
+        "The Jobs API runtime_env: only `env_vars` and `pip`. Env var names are upper-case "
+        "(`[A-Z][A-Z0-9_]*`) and none that changes what a worker loads or how Ray and lora-dist run (`LD_*`, "
+        "`DYLD_*`, `PYTHON*`, `RAY_*`, `LORA_DIST_*`, `PATH`, `HOME`, ...: `spec.ENV_REFUSED_PREFIXES`, "
+        "`spec.ENV_REFUSED_NAMES`); values are never written to the manifest (names only). pip entries are "
+        "plain requirements (`name[extra]==version`): no URL, path, option or VCS reference."))
 
     @field_validator("runtime_env")
     @classmethod
@@ -297,11 +353,18 @@ class ClusterSpec(_Section):
 
 
 class OutputSpec(_Section):
-    dir: str = Field("runs", min_length=1)
-    adapter_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # A local dir that every node of the cluster mounts at the same path (NFS, a shared volume):
-    # required of a local dir when a job's workers may run on more than one node.
-    shared: StrictBool = False
+    """Where the artifact and the checkpoints go."""
+
+    dir: str = Field("runs", min_length=1, description=(
+        "Where artifacts go, as `<dir>/<name>-<id>/`: a directory, or a storage URI (`s3://`, `gs://`, "
+        "`hdfs://`, `file://`, ...). `..` is refused. A job sent through the Jobs API may write only under the "
+        "cluster's `$LORA_DIST_OUTPUT_ROOT`."))
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
+        "The dtype of the saved adapter tensors."))
+    shared: StrictBool = Field(False, description=(
+        "Declares a local `dir` that every node of the cluster mounts at the same path (NFS, a shared volume): "
+        "required of a local dir when a job's workers may run on more than one node; `submit --address` refuses "
+        "a job with `cluster.workers` > 1 on a plain local directory without it."))
 
     @field_validator("dir")
     @classmethod
@@ -318,13 +381,17 @@ class OutputSpec(_Section):
 
 
 class JobSpec(_Section):
-    name: str
-    model: ModelSpec = ModelSpec()
-    lora: LoraSpec = LoraSpec()
-    data: DataSpec = DataSpec()
-    train: TrainSpec = TrainSpec()
-    cluster: ClusterSpec = ClusterSpec()
-    output: OutputSpec = OutputSpec()
+    """A whole job: its name and one section per concern."""
+
+    name: str = Field(description=(
+        "Names the job and its artifact directory `<output.dir>/<name>-<id>/`: 1-64 letters, digits, `.`, `_` "
+        "or `-`, starting with a letter or digit."))
+    model: ModelSpec = Field(ModelSpec(), description=ModelSpec.__doc__)
+    lora: LoraSpec = Field(LoraSpec(), description=LoraSpec.__doc__)
+    data: DataSpec = Field(DataSpec(), description=DataSpec.__doc__)
+    train: TrainSpec = Field(TrainSpec(), description=TrainSpec.__doc__)
+    cluster: ClusterSpec = Field(ClusterSpec(), description=ClusterSpec.__doc__)
+    output: OutputSpec = Field(OutputSpec(), description=OutputSpec.__doc__)
 
     @field_validator("name")
     @classmethod

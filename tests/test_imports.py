@@ -1,4 +1,4 @@
-"""The package's import graph follows DESIGN's data flow, one way.
+"""The package's import graph follows the data flow of docs/design.md, one way.
 
 Stages, in order; a module may import only modules earlier in this list. Imports inside
 functions count as much as those at the top.
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "store", "spec", "plan", "jobs", "device", "quant", "lora", "model", "data", "plot", "adapter", "checkpoint",
+ORDER = ["errors", "store", "spec", "specdoc", "plan", "jobs", "device", "quant", "lora", "model", "data", "plot", "adapter", "checkpoint",
          "engine",
          "train", "worker", "launch", "jobrun", "generate", "metrics", "slots", "evaluate", "cli"]
 
