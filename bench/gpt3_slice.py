@@ -1,4 +1,4 @@
-"""A GPT-3-width slice trained on this machine (issue 12; DESIGN.md decision 10).
+"""A GPT-3-width slice trained on this machine (issue 12; docs/design.md decision 10).
 
     python bench/gpt3_slice.py [--blocks 1] [--workers 1 2] [--steps 3] [--max-length 64]
 

@@ -1,4 +1,4 @@
-"""The int8 linear before and after it stopped keeping its input (issue 12, DESIGN.md decision 9).
+"""The int8 linear before and after it stopped keeping its input (issue 12, docs/design.md decision 9).
 
     python bench/int8_backward.py [--steps 3]
 

@@ -1,4 +1,4 @@
-"""Resumable checkpoints, the project's own: nothing in them is unpickled (DESIGN decision 12).
+"""Resumable checkpoints, the project's own: nothing in them is unpickled (docs/design.md decision 12).
 
 A checkpoint holds the *trainable* state only, gathered whole (LoRA matrices are megabytes even
 at GPT-3 scale), so it does not depend on how many workers wrote it: a job resumes at another

@@ -1,5 +1,5 @@
 """Where a process computes and in which dtype: the one place every tensor's device and every
-float dtype come from (DESIGN.md decision 8: the same code on CPU and CUDA).
+float dtype come from (docs/design.md decision 8: the same code on CPU and CUDA).
 
 A Ray worker with ``cluster.gpus_per_worker >= 1`` computes on its CUDA device, any other process
 on the CPU; ``train.dtype`` picks the compute dtype (auto: bf16 on CUDA, fp32 on CPU), whatever

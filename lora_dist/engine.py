@@ -42,7 +42,7 @@ def ds_config(spec: JobSpec, world_size: int, placement: Placement, zero: dict[s
     AdamW over LoRA only, clipping, accumulation, precision.
 
     Precision follows ``train.dtype`` (``placement``): fp32 has no fp16/bf16 key (an explicit
-    dtype in zero.Init is ignored on the CPU accelerator, DESIGN.md); bf16 is DeepSpeed's bf16
+    dtype in zero.Init is ignored on the CPU accelerator, docs/design.md); bf16 is DeepSpeed's bf16
     mode and fp16 its fp16 mode with dynamic loss scaling. In both 16-bit modes the model's LoRA
     copy is in the compute dtype and the optimizer holds fp32 master weights and fp32 AdamW
     moments.
@@ -179,7 +179,7 @@ class Loaded:
 
 
 def stream_weights(model: nn.Module, model_dir: Path, injection: Injection, rank: int, world: int) -> Loaded:
-    """Every rank fills its own partitions from safetensors, in parallel (DESIGN.md decision 11).
+    """Every rank fills its own partitions from safetensors, in parallel (docs/design.md decision 11).
 
     ZeRO-3 gives each rank a contiguous range of each flattened parameter. A rank reads only the
     bytes of that range (for an int8 linear, the rows that overlap it: row-wise absmax needs whole

@@ -1,7 +1,7 @@
 """Ray Jobs API client: submit, status, logs, stop, list, fetch; and the local job registry.
 
 Remote jobs (``--address`` or ``RAY_ADDRESS``) go through Ray's Jobs API with token
-authentication (Ray 2.60 turns it on for local clusters; DESIGN.md decision 5). The entrypoint is
+authentication (Ray 2.60 turns it on for local clusters; docs/design.md decision 5). The entrypoint is
 the constant :data:`ENTRYPOINT`; the spec travels as a JSON data file in the job's
 ``working_dir``; only allow-listed ``runtime_env`` keys are passed through. A job (``<name>-<job
 id>``: its Ray Train run, checkpoints and artifact) may be submitted several times: the first

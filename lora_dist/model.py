@@ -1,6 +1,6 @@
 """The model: resolve a base, build its skeleton without weights, stream, quantize, inject LoRA.
 
-No worker ever holds the whole model in 16/32-bit (DESIGN.md decision 3): the Hugging Face
+No worker ever holds the whole model in 16/32-bit (docs/design.md decision 3): the Hugging Face
 architecture is built with every parameter on the meta device, decoder-block linears are
 replaced by :class:`Int8Linear` (or kept float), LoRA wraps the targets, and then tensors are
 streamed one at a time from the safetensors files (positioned reads), each linear weight quantized as
@@ -977,7 +977,7 @@ def _saved_bytes(config, layers: int, lora, quantization: str, method: str, micr
 
 def count_activations(base, lora, quantization: str, micro_batch: int, seq_len: int, dtype: str,
                       method: str = "lora", device: str = "cuda") -> Activations:
-    """Count what autograd saves for backward for one micro-batch (DESIGN.md decision 10).
+    """Count what autograd saves for backward for one micro-batch (docs/design.md decision 10).
 
     A 1-block and a 2-block model of ``base``'s architecture, with the job's quantization and LoRA,
     run forward on the meta device in the compute ``dtype`` (``bf16``, ``fp16``, ``fp32``) under

@@ -4,7 +4,7 @@ Counts (:class:`ModelCounts`) come from ``model.count_model``, which builds the 
 meta device (no weights allocated) with the same quantization and LoRA injection the job would
 apply, so parameter numbers are exact. Activation bytes (:class:`Activations`) come from
 ``model.count_activations``: what autograd saves when a 1- and a 2-block model of the job's
-shape run forward on the meta device (DESIGN.md decision 10). This module is the arithmetic on
+shape run forward on the meta device (docs/design.md decision 10). This module is the arithmetic on
 them, with the ZeRO-3 settings a job runs with (:func:`zero_settings`); only the per-process
 overhead is calibrated, and ``bench/plan_vs_measured.py`` checks the sum against measured peaks.
 It imports no torch, ray or deepspeed (of the package, only ``spec``).

@@ -5,12 +5,12 @@ The frozen base weight W0 (out x in) is stored as
     weight        int8  (out, in)   round(W0 * 127 / absmax_row)
     weight_absmax fp32  (out,)      max |W0[row, :]|
 
-Both are plain ``nn.Parameter``s with ``requires_grad=False`` (DESIGN.md decision 1): DeepSpeed
+Both are plain ``nn.Parameter``s with ``requires_grad=False`` (docs/design.md decision 1): DeepSpeed
 ZeRO-3 partitions and all-gathers them like any other parameter, which bitsandbytes'
 ``Int8Params`` does not survive. Quantization (``int8_vectorwise_quant``) comes from
 bitsandbytes' functional API, which dispatches to its CUDA kernel or its CPU implementation.
 
-The matmul is this module's own autograd function (DESIGN.md decision 9), weight-only int8:
+The matmul is this module's own autograd function (docs/design.md decision 9), weight-only int8:
 
     forward   y      = x · dequant(W)ᵀ (+ bias)    in x's dtype (the compute dtype)
     backward  grad_x = grad_y · dequant(W)
