@@ -15,7 +15,7 @@ first micro-batch (8 x 96 from the job's BatchPlan), side by side in one process
   plus, for the old CUDA path, each int8 linear's input that is not saved anyway (what
   ``MatMul8bitLt`` would hold; counted from the inputs, since this machine has no GPU);
 * the same at GPT-3 width (d_model 12288, micro-batch 1 x 2048, bf16, activation checkpointing,
-  the README's GPT-3 setting), counted on the meta device: what the old CUDA path holds that
+  docs/planning.md's GPT-3 setting), counted on the meta device: what the old CUDA path holds that
   the checkpointed new path does not, x 96 blocks;
 * the loss and the LoRA gradients of the same batch through both forwards on CPU, and the losses
   of a few AdamW steps from the same initial weights: the two paths must agree to 1e-6.
