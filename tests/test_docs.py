@@ -106,3 +106,11 @@ def test_the_spec_page_is_made_without_torch_or_ray():
             "from lora_dist import specdoc\nprint(len(specdoc.render()) > 0)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr[-3000:]
+
+
+def test_the_readme_sdk_example_is_python():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks and "from lora_dist import Client" in blocks[0]
+    assert len(blocks[0].strip().splitlines()) <= 10
+    compile(blocks[0], "README.md", "exec")
