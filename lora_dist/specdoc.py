@@ -10,6 +10,7 @@ meaning is written once, beside its validation, and the page cannot drift from i
 from __future__ import annotations
 
 import sys
+import textwrap
 import typing
 from typing import Any
 
@@ -34,9 +35,9 @@ unknown keys are refused, and all problems are reported at once, each naming its
 a key before validation, so an override is checked exactly like the file; values are parsed as
 YAML. Relative paths resolve against the directory the command runs from.
 
-A job id is bound to its spec: a resubmit with `--job-id` may change only
-{", ".join(f"`{k}`" for k in RESUMABLE_CHANGES)} (where and how wide the job runs and how often it
-reports); any other difference is refused, every differing field named.
+{textwrap.fill("A job id is bound to its spec: a resubmit with `--job-id` may change only "
+              + ", ".join(f"`{k}`" for k in RESUMABLE_CHANGES) + " (where and how wide the job runs and "
+              "how often it reports); any other difference is refused, every differing field named.", 100)}
 """
 
 
