@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
 from lora_dist.lora import LoRALinear
-from lora_dist.model import ModelError, load_model
+from lora_dist.errors import ModelError
+from lora_dist.model import load_model
 from lora_dist.quant import Int8Linear
 from lora_dist.spec import LoraSpec
 
@@ -122,7 +123,7 @@ def test_single_device_load_says_what_it_needs_when_it_does_not_fit(tiny_dirs):
     """eval and generate check the weights against the device's free memory before loading:
     the int8 GPT-3 base (about 175 GB) does not fit this machine, and the error says how much
     it needs and how much there is."""
-    from lora_dist.model import check_fits, weights_bytes
+    from lora_dist.counting import check_fits, weights_bytes
 
     lora = LoraSpec(r=4, targets=("c_attn",))
     with pytest.raises(ModelError, match=r"gpt3-175b with quantization int8 needs 1[6-9]\d\.\d\d GiB .* available"):
