@@ -27,6 +27,7 @@ from lora_dist.quant import Int8Linear
 from lora_dist.spec import LINEAR_TARGET_ALL, SHAPES, LoraSpec
 from lora_dist.weights import load_weights, plan_weights
 
+
 # --- building the skeleton -----------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -145,7 +146,6 @@ def prepare(model: nn.Module, lora: LoraSpec | None, quantization: str, device: 
     return record
 
 
-
 def build_skeleton(config, lora: LoraSpec | None, quantization: str, *, full: bool = False,
                    dtype: torch.dtype | None = None, meta_buffers: bool = False) -> tuple[nn.Module, Injection]:
     """The architecture of ``config`` with every parameter on the meta device (nothing allocated;
@@ -190,7 +190,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     model.config.use_cache = False
 
 
-
 def embeddings_require_grad(model: nn.Module) -> None:
     """Make the input embeddings' output require grad (as PEFT does for k-bit training): with a
     frozen base the first block's input would otherwise not, and a block's full backward hook
@@ -216,7 +215,6 @@ def materialize_lora(model: nn.Module, seed: int, device: torch.device | str = "
     init_lora(model, seed)
 
 
-
 def check_model(base: str, lora: LoraSpec | None, quantization: str) -> Injection:
     """Validate targets and rank against the real architecture, on a meta skeleton (no weights),
     and the base's weight files against it: their format and every tensor's name and shape, from
@@ -229,7 +227,6 @@ def check_model(base: str, lora: LoraSpec | None, quantization: str) -> Injectio
     if base not in SHAPES:
         plan_weights(model, resolve_base(base), injection.transposed).close()  # the file headers only
     return injection
-
 
 
 @dataclass

@@ -63,6 +63,18 @@ def test_injection_counts_per_architecture(tiny_dirs, family, targets, n_lora, n
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
+def test_full_fine_tuning_loads_every_weight_trainable(tiny_dirs, family):
+    """lora=None (train.method: full): the skeleton's trainable set (every weight) survives the
+    streamed load, tied weights counted once, and the values are the ones from_pretrained gives."""
+    lm = load_model(str(tiny_dirs[family]), None, "none", with_tokenizer=False)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[family])
+    params = dict(lm.model.named_parameters())
+    assert all(p.requires_grad for p in params.values()) and not lm.injection.lora
+    assert lm.trainable_params == sum(p.numel() for p in params.values()) == ref.num_parameters()
+    assert all(torch.equal(p, ref.get_parameter(n)) for n, p in params.items())
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
 def test_streamed_model_equals_hugging_face_load(tiny_dirs, family):
     """Fresh LoRA (B = 0) on a float base streamed by us == the model from_pretrained builds."""
     targets = ("c_attn",) if family == "gpt2" else ("query_key_value",) if family == "neox" else ("q_proj", "v_proj")
