@@ -4,7 +4,8 @@ meta device (nothing allocated), for ``plan.py``'s arithmetic.
 :func:`count_model` builds the job's skeleton (``model.build_skeleton``) and counts it;
 :func:`count_activations` runs a 1-block and a 2-block forward on meta under
 ``saved_tensors_hooks`` (:class:`SavedBytes`), with the fused attention real devices run
-(:func:`meta_forward`).
+(:func:`meta_forward`). :func:`check_fits` refuses, from the same counts, a single-process
+model whose weights exceed the device's free memory.
 """
 
 from __future__ import annotations
@@ -22,36 +23,6 @@ from lora_dist.model import build_skeleton, decoder_blocks, embeddings_require_g
 from lora_dist.plan import PERSISTENCE_THRESHOLD, Activations, ModelCounts
 from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS, Int8Linear
 from lora_dist.spec import LoraSpec
-
-def weights_bytes(base: str, lora: LoraSpec | None, quantization: str, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the single-process model's weights take (counted on the meta skeleton): int8 linears
-    at 1 byte plus a 4-byte scale per row, other base parameters in ``dtype``, LoRA pairs in fp32,
-    plus the one row block of float values quantization holds while loading."""
-    c = count_model(base, lora, quantization)
-    block = min(DEQUANT_BLOCK_ELEMENTS, c.largest_linear_params) * 4 if c.quantized_linear_params else 0
-    return (c.quantized_linear_params + 4 * c.quantized_rows + c.float_params * dtype.itemsize
-            + 4 * c.lora_params + block)
-
-
-def check_fits(base: str, lora: LoraSpec | None, quantization: str, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> int:
-    """Refuse, before loading anything, a model whose weights exceed the device's free memory.
-
-    Returns:
-        The bytes the weights need.
-
-    Raises:
-        ModelError: saying how much the weights need and how much the device has.
-    """
-    from lora_dist.device import available_bytes
-
-    need, have = weights_bytes(base, lora, quantization, dtype), available_bytes(device)
-    if need > have:
-        raise ModelError(f"model.base: {base} with quantization {quantization} needs {need / 2**30:.2f} GiB for its "
-                         f"weights (plus activations) on {device}; {have / 2**30:.2f} GiB is available there. "
-                         f"Use a machine with more memory{'' if quantization == 'int8' else ', or quantization int8'}.")
-    return need
-
 
 def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
     """Build ``base`` on the meta device, inject like a job, and count exactly.
@@ -109,6 +80,36 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         block_float_params=parts[2], lora_export_params=exported,
         outside_params=outside_total,
     )
+
+
+def weights_bytes(base: str, lora: LoraSpec | None, quantization: str, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the single-process model's weights take (counted on the meta skeleton): int8 linears
+    at 1 byte plus a 4-byte scale per row, other base parameters in ``dtype``, LoRA pairs in fp32,
+    plus the one row block of float values quantization holds while loading."""
+    c = count_model(base, lora, quantization)
+    block = min(DEQUANT_BLOCK_ELEMENTS, c.largest_linear_params) * 4 if c.quantized_linear_params else 0
+    return (c.quantized_linear_params + 4 * c.quantized_rows + c.float_params * dtype.itemsize
+            + 4 * c.lora_params + block)
+
+
+def check_fits(base: str, lora: LoraSpec | None, quantization: str, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> int:
+    """Refuse, before loading anything, a model whose weights exceed the device's free memory.
+
+    Returns:
+        The bytes the weights need.
+
+    Raises:
+        ModelError: saying how much the weights need and how much the device has.
+    """
+    from lora_dist.device import available_bytes
+
+    need, have = weights_bytes(base, lora, quantization, dtype), available_bytes(device)
+    if need > have:
+        raise ModelError(f"model.base: {base} with quantization {quantization} needs {need / 2**30:.2f} GiB for its "
+                         f"weights (plus activations) on {device}; {have / 2**30:.2f} GiB is available there. "
+                         f"Use a machine with more memory{'' if quantization == 'int8' else ', or quantization int8'}.")
+    return need
 
 
 class SavedBytes:
