@@ -85,7 +85,7 @@ class Injection:
     """What :func:`prepare` did: module paths quantized and wrapped, and which weights are transposed."""
     quantized: list[str]
     lora: list[str]
-    transposed: set[str]  # module paths whose checkpoint weight is (in, out) (GPT-2 Conv1D)
+    transposed: set[str]  # module paths whose stored weight is (in, out) (GPT-2 Conv1D)
 
 
 def prepare(model: nn.Module, lora: LoraSpec | None, quantization: str, device: str | None = "meta") -> Injection:
