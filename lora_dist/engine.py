@@ -111,8 +111,8 @@ def _materialize(unit: nn.Module, placement: Placement, made: dict[int, nn.Param
                 new = made.get(id(p))
                 if new is None:
                     # trainable parameters take the compute dtype: in 16-bit DeepSpeed keeps their
-                    # fp32 master copy in the optimizer; frozen ones keep the skeleton's (float
-                    # weights built in the compute dtype, the int8 linears' fp32 row scales)
+                    # fp32 master copy in the optimizer; frozen ones keep the skeleton's dtype
+                    # (the int8 linears' row scales stay fp32)
                     dtype = placement.dtype if p.requires_grad and p.is_floating_point() else p.dtype
                     new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=placement.device),
                                        requires_grad=p.requires_grad)
