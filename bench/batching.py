@@ -34,7 +34,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from lora_dist.data import BatchPlan, tokenized
-    from lora_dist.model import resolve_base
+    from lora_dist.base import resolve_base
     from lora_dist.spec import cache_root, load_spec
 
     spec = load_spec(REPO / "jobs" / "smollm2-e2e.yaml", [f"data.path={REPO / 'jobs/data/e2e/devset.csv'}"])

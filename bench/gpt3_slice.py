@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from lora_dist.model import resolve_base
+from lora_dist.base import resolve_base
 from lora_dist.spec import cache_root
 
 REPO = Path(__file__).resolve().parents[1]

@@ -78,7 +78,8 @@ def throughput(steps: int = 12) -> None:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from lora_dist.data import BatchPlan
-    from lora_dist.model import load_model, resolve_base
+    from lora_dist.base import resolve_base
+    from lora_dist.model import load_model
     from lora_dist.spec import load_spec
     from lora_dist.train import micro_batch, prepare_data
 

@@ -33,7 +33,8 @@ import torch
 import bitsandbytes as bnb
 from bitsandbytes.autograd._functions import MatmulLtState
 from lora_dist.device import local_placement
-from lora_dist.model import _SavedBytes, decoder_blocks
+from lora_dist.counting import SavedBytes, meta_forward
+from lora_dist.model import decoder_blocks
 from lora_dist.quant import Int8Linear
 from lora_dist.spec import load_spec
 from lora_dist.train import LocalRunner, build_local, global_index, micro_batch, prepare_data, seed_batch
@@ -55,7 +56,7 @@ def block_kept_bytes(model, batch, backward: bool = True) -> tuple[int, int]:
     """(bytes autograd saves while the first decoder block runs its forward, the same plus every
     int8 linear input of that block not saved anyway: what MatMul8bitLt keeps on CUDA)."""
     _, blocks = decoder_blocks(model)
-    counter = _SavedBytes(model)
+    counter = SavedBytes(model)
     inputs: dict[int, int] = {}
     active = [False]
 
@@ -87,23 +88,18 @@ def gpt3_width_kept() -> tuple[int, int]:
     """At GPT-3 width, micro-batch 1 x 2048, bf16, activation checkpointing: (what one block keeps
     for backward with the new linear: its checkpointed input, what the old CUDA path keeps on top:
     the block's distinct int8 linear inputs), counted on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from lora_dist.base import base_config
+    from lora_dist.model import build_skeleton, enable_activation_checkpointing
+    from lora_dist.spec import LoraSpec
 
-    from lora_dist.lora import freeze_non_lora
-    from lora_dist.model import _meta_forward, enable_activation_checkpointing, prepare
-    from lora_dist.spec import SHAPES, LoraSpec
-
-    cfg = dict(SHAPES["gpt3-175b"])
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    config = base_config("gpt3-175b")
     config.num_hidden_layers = 1
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    prepare(model, LoraSpec(r=4, alpha=4, dropout=0.0, targets=("c_attn",)), "int8", device="meta")
-    freeze_non_lora(model)
+    model, _ = build_skeleton(config, LoraSpec(r=4, alpha=4, dropout=0.0, targets=("c_attn",)), "int8",
+                              dtype=torch.bfloat16, meta_buffers=True)
     enable_activation_checkpointing(model)
     model.train()
     ids = torch.zeros(1, 2048, dtype=torch.long, device="meta")
-    with _meta_forward("cuda"):
+    with meta_forward("cuda"):
         saved, with_inputs = block_kept_bytes(model, {"input_ids": ids, "labels": ids, "use_cache": False},
                                               backward=False)
     block_input = 2048 * 12288 * 2  # what a checkpointed block keeps

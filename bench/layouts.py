@@ -172,7 +172,7 @@ def main() -> None:
     ap.add_argument("--refused", action="store_true", help="print the refused checkpoint kinds and their messages")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "tests"))
-    from lora_dist.model import resolve_base
+    from lora_dist.base import resolve_base
 
     tok_dir = args.tokenizer or resolve_base("smollm2-135m")
     work = Path(tempfile.mkdtemp(prefix="lora-dist-layouts-"))

@@ -71,7 +71,8 @@ def rank_main(rank: int, world: int, port: int, cfg: dict) -> None:
 
     from lora_dist import engine as eng
     from lora_dist.device import worker_placement
-    from lora_dist.model import count_model, resolve_base
+    from lora_dist.base import resolve_base
+    from lora_dist.counting import count_model
     from lora_dist.plan import zero_settings
     from lora_dist.spec import spec_from_dict
 
@@ -259,7 +260,7 @@ def main() -> None:
     for model in args.models:
         warm = Path(tempfile.mkdtemp(prefix="lora-dist-load-warm-")) if args.warm else None
         if warm is not None:  # one fingerprint computed here, copied into each run's cache
-            from lora_dist.model import fingerprint
+            from lora_dist.base import fingerprint
 
             os.environ["LORA_DIST_CACHE"] = str(warm)
             fingerprint(Path(spec_for(model, 1, warm)["model"]["base"]))

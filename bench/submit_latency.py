@@ -75,7 +75,7 @@ def main() -> None:
             shutil.rmtree(ray_tmp, ignore_errors=True)
 
         from lora_dist.store import read_manifest
-        from lora_dist.model import resolve_base
+        from lora_dist.base import resolve_base
 
         m = read_manifest(artifact)
         base_bytes = sum(f.stat().st_size for f in resolve_base("smollm2-135m").glob("*.safetensors"))

@@ -71,7 +71,8 @@ def single_process_worker(steps: int, kind: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from lora_dist.data import BatchPlan
-    from lora_dist.model import load_model, resolve_base
+    from lora_dist.base import resolve_base
+    from lora_dist.model import load_model
     from lora_dist.spec import LINEAR_TARGET_ALL
     from lora_dist.train import make_schedule, micro_batch, prepare_data
 
@@ -126,7 +127,8 @@ def profile_step() -> list[tuple[str, float]]:
     from lora_dist import engine as eng
     from lora_dist.data import BatchPlan
     from lora_dist.device import worker_placement
-    from lora_dist.model import count_model, resolve_base
+    from lora_dist.base import resolve_base
+    from lora_dist.counting import count_model
     from lora_dist.plan import zero_settings
     from lora_dist.train import make_schedule, micro_batch, prepare_data
 

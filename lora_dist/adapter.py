@@ -29,10 +29,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from lora_dist.base import fingerprint, resolve_base
+from lora_dist.counting import check_fits
 from lora_dist.data import special_tokens, template_for
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoRALinear, LoraTensors
-from lora_dist.model import LoadedModel, check_fits, fingerprint, load_model, resolve_base
+from lora_dist.model import LoadedModel, load_model
 from lora_dist.plot import loss_curve_png
 from lora_dist.spec import JobSpec, LoraSpec, redacted, spec_digest
 from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,

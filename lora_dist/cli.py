@@ -48,7 +48,7 @@ def _check_model(spec) -> None:
     check_model(spec.model.base, spec.injected_lora, spec.model.quantization)
     if spec.data.batching == "packed":
         from lora_dist.data import check_packing
-        from lora_dist.model import model_type
+        from lora_dist.base import model_type
 
         check_packing(model_type(spec.model.base))
 
@@ -56,7 +56,7 @@ def _check_model(spec) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from lora_dist.model import count_activations, count_model
+    from lora_dist.counting import count_activations, count_model
     from lora_dist.plan import METHODS, Setup, fmt_bytes, make_plan, parse_bytes
     from lora_dist.spec import load_spec
 

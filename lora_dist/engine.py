@@ -11,7 +11,7 @@ rank reading, quantizing and writing only its own partition, with no collective 
 gradients and AdamW state.
 Under ZeRO stages 1 and 2 (``cluster.zero_stage``, or ``auto`` where the base fits every worker:
 ``plan.choose_zero_stage``) the same skeleton gets whole storage on every rank
-(:func:`build_replicated`) and each rank loads the whole checkpoint; nothing is ever gathered.
+(:func:`build_replicated`) and each rank loads all the weight files; nothing is ever gathered.
 :class:`ZeroRunner` is the engine as the training loop (train.py) sees it.
 """
 
@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lora_dist.lora import LoRALinear, LoraTensors, freeze_non_lora, lora_pair, lora_parameters
-from lora_dist.model import FileHasher, Injection, TensorSource, cached_fingerprint, combine_fingerprint, \
-    decoder_blocks, init_lora, load_weights, params_on_meta, prepare, weight_files
+from lora_dist.base import FileHasher, cached_fingerprint, combine_fingerprint, weight_files
+from lora_dist.lora import LoRALinear, LoraTensors, lora_pair, lora_parameters, trainable_parameters
+from lora_dist.model import Injection, build_skeleton, decoder_blocks, embeddings_require_grad, init_lora
+from lora_dist.weights import TensorSource, load_weights
 from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS, Int8Linear, row_blocks, quantize_rowwise
 from lora_dist.device import Placement
 from lora_dist.spec import JobSpec
@@ -84,7 +85,7 @@ class _PartitionOnly(deepspeed.zero.Init):
     zero.Init makes every rank's parameters equal by broadcasting each whole tensor from rank 0
     before partitioning it: a collective per tensor that moves the whole model at start-up (and
     writes every page of each tensor on the receiving ranks). Here the values are uninitialised
-    storage that no one reads: each rank writes its own partitions from the checkpoint
+    storage that no one reads: each rank writes its own partitions from the weight files
     (:func:`stream_weights`; every base parameter is required to be there) and the LoRA pairs are
     set from rank 0 (:func:`init_lora_sharded`). So each parameter is only partitioned.
     """
@@ -95,17 +96,10 @@ class _PartitionOnly(deepspeed.zero.Init):
 
 
 def _skeleton(config_hf, spec: JobSpec, placement: Placement) -> tuple[nn.Module, Injection]:
-    """The architecture with its int8 linears and LoRA pairs, every parameter on the meta device
-    (nothing allocated; a float linear that will be int8 never exists)."""
-    from transformers import AutoModelForCausalLM
-
-    with params_on_meta():  # float parameters in the compute dtype, whatever config.json says
-        model = AutoModelForCausalLM.from_config(config_hf, dtype=placement.dtype)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    injection = prepare(model, None if spec.train.method == "full" else spec.lora, spec.model.quantization,
-                        device="meta")
-    return model, injection
+    """The job's skeleton (``model.build_skeleton``), its float parameters in the compute dtype
+    whatever config.json says."""
+    return build_skeleton(config_hf, spec.lora, spec.model.quantization, full=spec.train.method == "full",
+                          dtype=placement.dtype)
 
 
 def _materialize(unit: nn.Module, placement: Placement, made: dict[int, nn.Parameter]) -> None:
@@ -116,20 +110,14 @@ def _materialize(unit: nn.Module, placement: Placement, made: dict[int, nn.Param
             if p.is_meta:
                 new = made.get(id(p))
                 if new is None:
-                    # trainable (LoRA) parameters take the compute dtype: in 16-bit DeepSpeed keeps
-                    # their fp32 master copy in the optimizer
+                    # trainable parameters take the compute dtype: in 16-bit DeepSpeed keeps their
+                    # fp32 master copy in the optimizer; frozen ones keep the skeleton's dtype
+                    # (the int8 linears' row scales stay fp32)
                     dtype = placement.dtype if p.requires_grad and p.is_floating_point() else p.dtype
                     new = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=placement.device),
                                        requires_grad=p.requires_grad)
                     made[id(p)] = new
                 mod._parameters[name] = new
-
-
-def _set_trainable(model: nn.Module, spec: JobSpec) -> None:
-    if spec.train.method == "full":
-        model.requires_grad_(True)
-    else:
-        freeze_non_lora(model)
 
 
 def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
@@ -156,17 +144,15 @@ def build_sharded(config_hf, spec: JobSpec, config: dict[str, Any],
     for mod in reversed(list(model.modules())):  # children before parents: one module at a time
         if any(p.is_meta for p in mod.parameters(recurse=False)):
             partition(mod)
-    _set_trainable(model, spec)
     return model, injection
 
 
 def build_replicated(config_hf, spec: JobSpec, placement: Placement) -> tuple[nn.Module, Injection]:
     """ZeRO-1 and 2: the whole model (int8 base, float rest, LoRA pairs) on every rank, allocated
-    empty on the device; :func:`stream_weights` then fills it (each rank reading the whole
-    checkpoint: its share is everything) and :func:`init_lora_sharded` sets the LoRA pairs."""
+    empty on the device; :func:`stream_weights` then fills it (each rank reading all the
+    weight files: its share is everything) and :func:`init_lora_sharded` sets the LoRA pairs."""
     model, injection = _skeleton(config_hf, spec, placement)
     _materialize(model, placement, {})
-    _set_trainable(model, spec)
     return model, injection
 
 
@@ -184,7 +170,7 @@ def stream_weights(model: nn.Module, model_dir: Path, injection: Injection, rank
     ZeRO-3 gives each rank a contiguous range of each flattened parameter. A rank reads only the
     bytes of that range (for an int8 linear, the rows that overlap it: row-wise absmax needs whole
     rows), quantizes them a row block at a time and writes its partition directly: no collective
-    per tensor, 1/N of the checkpoint read per rank, and memory while loading near the rank's own
+    per tensor, 1/N of the weight files read per rank, and memory while loading near the rank's own
     share plus one row block. Quantization is per row, so the partitions hold exactly what
     quantizing the whole tensor would give.
 
@@ -197,7 +183,7 @@ def stream_weights(model: nn.Module, model_dir: Path, injection: Injection, rank
     known = [cached_fingerprint(model_dir) if rank == 0 else None]
     dist.broadcast_object_list(known, src=0)
     hasher = FileHasher(files[rank::world]) if known[0] is None else None
-    plan = load_weights(model, model_dir, injection, place=place_own_share)
+    plan = load_weights(model, model_dir, injection.transposed, place=place_own_share)
     fp = known[0]
     if hasher is not None:
         parts: list[Any] = [None] * world
@@ -221,7 +207,7 @@ def _own_range(p: nn.Parameter) -> tuple[torch.Tensor, int, int]:
 
 @torch.no_grad()
 def place_own_share(module: nn.Module, pname: str, source: TensorSource) -> None:
-    """A :data:`model.Placer` that writes only this rank's partition (see :func:`stream_weights`)."""
+    """A :data:`weights.Placer` that writes only this rank's partition (see :func:`stream_weights`)."""
     if isinstance(module, Int8Linear) and pname == "weight":
         _fill_int8(module.weight, module.weight_absmax, source)
         return
@@ -284,7 +270,7 @@ def blocks_as_zero3_leaves(model: nn.Module) -> None:
 
     _, blocks = decoder_blocks(model)
     set_z3_leaf_modules(model, list({type(b) for b in blocks}))
-    model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+    embeddings_require_grad(model)
 
 
 def initialize(model: nn.Module, config: dict[str, Any], scheduler: Callable[[torch.optim.Optimizer], Any]):
@@ -298,7 +284,7 @@ def initialize(model: nn.Module, config: dict[str, Any], scheduler: Callable[[to
     ``_broadcast_model``, not configurable): one pass of the base over the network at start-up,
     redundant since every rank loaded the same values.
     """
-    params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
+    params = list(trainable_parameters(model).values())
     stage = config["zero_optimization"]["stage"]
     if stage == 3:
         blocks_as_zero3_leaves(model)
@@ -386,11 +372,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state
 
 
 def _trainable(engine) -> list[tuple[str, nn.Parameter]]:
-    seen: dict[int, tuple[str, nn.Parameter]] = {}
-    for name, p in engine.module.named_parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen[id(p)] = (name, p)
-    return list(seen.values())
+    return list(trainable_parameters(engine.module).items())
 
 
 class NoTrainState(RuntimeError):

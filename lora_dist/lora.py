@@ -8,7 +8,8 @@
 
 B starts at zero, so a fresh adapter leaves the base model's output unchanged; A is
 Kaiming-uniform (loralib and PEFT) or Gaussian with std 1/r. Only ``lora_A`` and ``lora_B``
-train; freezing, counting, checkpointing and export all filter on those names.
+train (:func:`set_trainable`); freezing, counting, checkpointing and export all filter on those
+names.
 
 A fused projection (GPT-2's ``c_attn`` holds q, k and v) can carry LoRA on some output slices
 only, as the paper did for q and v: each slice gets its own rank-r pair, stacked row-wise in
@@ -188,14 +189,27 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if is_lora_param(n)}
 
 
-def freeze_non_lora(model: nn.Module) -> int:
-    """Set requires_grad on LoRA parameters only; return the number of trainable elements."""
+def set_trainable(model: nn.Module, full: bool = False) -> int:
+    """Make ``model``'s trainable set: the LoRA pairs only, or, for ``train.method: full``
+    (``full``), every float weight outside the int8 linears (an int8 base never trains). Every
+    other parameter gets ``requires_grad=False``.
+
+    Returns:
+        The number of trainable elements (tied weights counted once).
+    """
+    int8 = {id(p) for m in model.modules() if isinstance(m, Int8Linear) for p in m.parameters()}
     count = 0
     for name, p in model.named_parameters():
-        trainable = is_lora_param(name)
+        trainable = (p.is_floating_point() and id(p) not in int8) if full else is_lora_param(name)
         p.requires_grad_(trainable)
         count += p.numel() if trainable else 0
     return count
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable set as :func:`set_trainable` made it, by name, each parameter once (tied
+    weights are one parameter)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Memory and checkpoint planner: exact counts from the architecture, bytes per worker by method.
 
-Counts (:class:`ModelCounts`) come from ``model.count_model``, which builds the model on the
+Counts (:class:`ModelCounts`) come from ``counting.count_model``, which builds the model on the
 meta device (no weights allocated) with the same quantization and LoRA injection the job would
 apply, so parameter numbers are exact. Activation bytes (:class:`Activations`) come from
-``model.count_activations``: what autograd saves when a 1- and a 2-block model of the job's
+``counting.count_activations``: what autograd saves when a 1- and a 2-block model of the job's
 shape run forward on the meta device (docs/design.md decision 10). This module is the arithmetic on
 them, with the ZeRO-3 settings a job runs with (:func:`zero_settings`); only the per-process
 overhead is calibrated, and ``bench/plan_vs_measured.py`` checks the sum against measured peaks.
@@ -87,7 +87,7 @@ class ModelCounts:
 @dataclass(frozen=True)
 class Activations:
     """Bytes autograd saves for backward for one micro-batch, counted (not modelled) by
-    ``model.count_activations``: a 1- and a 2-block model of the job's shape run forward on the
+    ``counting.count_activations``: a 1- and a 2-block model of the job's shape run forward on the
     meta device under ``torch.autograd.graph.saved_tensors_hooks``."""
 
     per_block: int  # one decoder block, no activation checkpointing

@@ -203,7 +203,7 @@ class ModelSpec(_Section):
                              f"a planning shape ({', '.join(SHAPES)}) nor an existing directory")
         if not (bp / "config.json").is_file():
             raise ValueError(f"{bp} has no config.json (expected a Hugging Face model directory)")
-        return base  # its weight files and format: model.check_checkpoint
+        return base  # its weight files and format: base.check_model_dir
 
 
 class LoraSpec(_Section):

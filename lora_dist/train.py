@@ -32,8 +32,9 @@ from lora_dist.adapter import write_job_artifact
 from lora_dist.data import BatchPlan, TokenArrays, check_packing, collate, collate_packed, spread, tokenized
 from lora_dist.device import Placement, local_placement
 from lora_dist.errors import ArtifactError
-from lora_dist.lora import LoraTensors, collect_lora
-from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model, model_type
+from lora_dist.base import model_type
+from lora_dist.lora import LoraTensors, collect_lora, trainable_parameters
+from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
 from lora_dist.spec import JobSpec, SpecError, cache_root
 from lora_dist.store import METRICS_FILE, artifact_location, check_job_id, is_uri, new_job_id, publish, work_dir
 
@@ -105,11 +106,6 @@ def seed_batch(seed: int, index: int) -> None:
 
 
 # --- optimizer, schedule, loss --------------------------------------------------------------------
-
-def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Each trainable parameter once (tied weights are one parameter)."""
-    return [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
-
 
 def make_schedule(optimizer: torch.optim.Optimizer, spec: JobSpec) -> torch.optim.lr_scheduler.LambdaLR:
     """transformers' schedule: linear warmup from 0 over ``warmup_steps``, then linear or cosine
@@ -201,7 +197,7 @@ class LocalRunner:
 
     def __init__(self, model: nn.Module, spec: JobSpec, micro_batches: int) -> None:
         self.module = model
-        self.params = trainable_parameters(model)
+        self.params = list(trainable_parameters(model).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
         self.scheduler = make_schedule(self.optimizer, spec)
         self.max_grad_norm = spec.train.max_grad_norm

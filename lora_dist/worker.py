@@ -35,8 +35,10 @@ from lora_dist import checkpoint as ckpt
 from lora_dist import engine as eng
 from lora_dist.data import check_packing
 from lora_dist.device import Placement, worker_memory, worker_placement
-from lora_dist.model import LoadedModel, count_activations, count_model, enable_activation_checkpointing, \
-    resolve_base
+from lora_dist.base import resolve_base
+from lora_dist.counting import count_activations, count_model
+from lora_dist.lora import trainable_parameters
+from lora_dist.model import LoadedModel, enable_activation_checkpointing
 from lora_dist.plan import ModelCounts, Setup, StageChoice, choose_zero_stage, explicit_stage, zero_settings
 from lora_dist.spec import JobSpec, redacted, spec_digest, spec_from_dict
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, PROBE_FILE, artifact_location, check_job_id, digest_at, \
@@ -222,7 +224,7 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     eng.init_lora_sharded(model, spec.train.seed, w.rank)
     if spec.train.activation_checkpointing:
         enable_activation_checkpointing(model)
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable_parameters(model).values())
     engine = eng.initialize(model, ds_cfg, lambda optimizer: make_schedule(optimizer, spec))
     parts = eng.partition_report(model)
     if w.rank == 0:

@@ -30,7 +30,7 @@ def e2e_csv() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from lora_dist.model import resolve_base
+    from lora_dist.base import resolve_base
 
     return resolve_base("smollm2-135m")
 

@@ -32,7 +32,8 @@ def test_layout_loads_like_from_pretrained(layout_dirs, family):
 
 
 def test_only_the_indexed_files_are_read_and_fingerprinted(layout_dirs, tmp_path):
-    from lora_dist.model import fingerprint, load_model, weight_files
+    from lora_dist.base import fingerprint, weight_files
+    from lora_dist.model import load_model
 
     d = tmp_path / "mistral"
     shutil.copytree(layout_dirs["mistral"], d)
@@ -101,7 +102,7 @@ def test_each_rank_fills_its_own_partitions_exactly(layout_dirs, tmp_path):
     the gathered int8 weights, scales and float tensors equal a whole-tensor single-process load,
     bit for bit; GPT-2's transposed Conv1D included. The fingerprint comes out as the
     single-process one."""
-    from lora_dist.model import fingerprint
+    from lora_dist.base import fingerprint
     from zero_run import job_config, run_ranks
 
     world, jobs = 3, []

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_dist.lora import LoRALinear, freeze_non_lora, is_lora_param, lora_parameters
+from lora_dist.lora import LoRALinear, is_lora_param, lora_parameters, set_trainable, trainable_parameters
 from lora_dist.quant import Int8Linear
 
 
@@ -93,11 +93,27 @@ def test_slices_put_lora_on_q_and_v_rows_only():
 
 def test_only_lora_tensors_train():
     model = nn.Sequential(LoRALinear(nn.Linear(8, 8), r=2, alpha=2), nn.LayerNorm(8))
-    n = freeze_non_lora(model)
+    n = set_trainable(model)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"0.lora_A", "0.lora_B"} == set(lora_parameters(model))
     assert n == 2 * 8 + 8 * 2
     assert is_lora_param("x.lora_A") and not is_lora_param("x.base.weight")
+
+
+def test_full_fine_tuning_trains_every_float_weight_outside_int8_linears():
+    """``train.method: full``: set_trainable(full=True) makes every float parameter trainable,
+    tied weights counted once, and leaves an int8 linear frozen, its float row scales included."""
+    emb = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight  # tied, as tie_word_embeddings does
+    model = nn.ModuleDict({"emb": emb, "head": head, "norm": nn.LayerNorm(8), "q": Int8Linear(8, 4)})
+    model.requires_grad_(False)
+    n = set_trainable(model, full=True)
+    assert list(trainable_parameters(model)) == ["emb.weight", "norm.weight", "norm.bias"]
+    assert n == 10 * 8 + 8 + 8
+    assert not any(p.requires_grad for p in model["q"].parameters())
+    set_trainable(model)  # back to LoRA only: nothing here is LoRA
+    assert trainable_parameters(model) == {}
 
 
 def test_bad_settings_are_rejected():

@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
 from lora_dist.lora import LoRALinear
-from lora_dist.model import ModelError, load_model
+from lora_dist.errors import ModelError
+from lora_dist.model import load_model
 from lora_dist.quant import Int8Linear
 from lora_dist.spec import LoraSpec
 
@@ -59,6 +60,18 @@ def test_injection_counts_per_architecture(tiny_dirs, family, targets, n_lora, n
     # embeddings and the LM head stay float
     assert lm.model.get_input_embeddings().weight.dtype == torch.float32
     assert lm.model.get_output_embeddings().weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_full_fine_tuning_loads_every_weight_trainable(tiny_dirs, family):
+    """lora=None (train.method: full): the skeleton's trainable set (every weight) survives the
+    streamed load, tied weights counted once, and the values are the ones from_pretrained gives."""
+    lm = load_model(str(tiny_dirs[family]), None, "none", with_tokenizer=False)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dirs[family])
+    params = dict(lm.model.named_parameters())
+    assert all(p.requires_grad for p in params.values()) and not lm.injection.lora
+    assert lm.trainable_params == sum(p.numel() for p in params.values()) == ref.num_parameters()
+    assert all(torch.equal(p, ref.get_parameter(n)) for n, p in params.items())
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
@@ -122,7 +135,7 @@ def test_single_device_load_says_what_it_needs_when_it_does_not_fit(tiny_dirs):
     """eval and generate check the weights against the device's free memory before loading:
     the int8 GPT-3 base (about 175 GB) does not fit this machine, and the error says how much
     it needs and how much there is."""
-    from lora_dist.model import check_fits, weights_bytes
+    from lora_dist.counting import check_fits, weights_bytes
 
     lora = LoraSpec(r=4, targets=("c_attn",))
     with pytest.raises(ModelError, match=r"gpt3-175b with quantization int8 needs 1[6-9]\d\.\d\d GiB .* available"):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_dist.model import count_activations, count_model
+from lora_dist.counting import count_activations, count_model
 from lora_dist.plan import AUTO_MEMORY_SHARE, GiB, Activations, ModelCounts, Setup, checkpoint_bytes, \
     choose_zero_stage, make_plan, memory_terms, min_workers, parse_bytes, per_worker_bytes
 from lora_dist.spec import SHAPES, LoraSpec
@@ -178,8 +178,9 @@ def test_activations_counted_on_meta_equal_what_a_real_forward_saves(family):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_dist.lora import freeze_non_lora
-    from lora_dist.model import _SavedBytes, prepare
+    from lora_dist.counting import SavedBytes
+    from lora_dist.lora import set_trainable
+    from lora_dist.model import embeddings_require_grad, prepare
 
     lora = LoraSpec(r=4, alpha=8, dropout=0.1, targets=("all-linear",))
     counted = count_activations(SHAPE_CASES[family], lora, "int8", 3, 24, "fp32", device="cpu")
@@ -190,11 +191,11 @@ def test_activations_counted_on_meta_equal_what_a_real_forward_saves(family):
         config.num_hidden_layers = layers
         model = AutoModelForCausalLM.from_config(config)
         prepare(model, lora, "int8", device="cpu")
-        freeze_non_lora(model)
-        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        set_trainable(model)
+        embeddings_require_grad(model)
         model.train()
         ids = torch.randint(0, 128, (3, 24))
-        counter = _SavedBytes(model)
+        counter = SavedBytes(model)
         with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             model(input_ids=ids, labels=ids, use_cache=False)
         real[layers] = counter.total

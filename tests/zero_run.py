@@ -61,7 +61,9 @@ def _check_partitions(job: dict[str, Any], rank: int, world: int) -> None:
 
     from lora_dist import engine as eng
     from lora_dist.device import worker_placement
-    from lora_dist.model import count_model, load_model, resolve_base, weight_files
+    from lora_dist.base import resolve_base, weight_files
+    from lora_dist.counting import count_model
+    from lora_dist.model import load_model
     from lora_dist.plan import zero_settings
     from lora_dist.spec import spec_from_dict
 
