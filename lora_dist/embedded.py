@@ -205,6 +205,8 @@ class _Supervisor(threading.Thread):
         out = None if self.echo else open(self._log, "a")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
+        if out is not None:
+            env["PYTHONUNBUFFERED"] = "1"  # the log shows each line as it is written
         try:
             proc = subprocess.Popen([sys.executable, "-m", "lora_dist.embedded", str(write), str(os.getpid())],
                                     stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT if out else None,
