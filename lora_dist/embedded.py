@@ -10,9 +10,8 @@ watches and records; a registry under ``<cache>/jobs/`` lets any process find it
 
 Ray's core worker ends a driver whose raylet died with _exit(1), past every Python handler, so
 only a process outside the job can still say what happened: the supervisor is the one watcher
-of the job's Ray and the one writer of its record (``stop`` adds only its request). The record
-(``<run>.json``: state, pid of the submitting process, the job's output.dir, its log, artifact,
-manifest digest) is what ``status``, ``logs``, ``stop``, ``list`` and ``fetch`` read.
+of the job's Ray and the one writer of its record (``stop`` adds only its request) in the
+registry (``registry.py``), which ``status``, ``logs``, ``stop``, ``list`` and ``fetch`` read.
 """
 
 from __future__ import annotations
@@ -30,8 +29,10 @@ from typing import Any, Iterator
 
 from lora_dist.errors import ArtifactError, JobError, JobFailed, ModelError
 from lora_dist.jobs import TERMINAL, JobStatus, progress, quiet_libraries, until_ended
-from lora_dist.spec import JobSpec, SpecError, cache_root, spec_from_dict
-from lora_dist.store import check_job_id, run_name
+from lora_dist.registry import lock_job, new_record, record, registry_dir, require_record, restore_record, \
+    stop_requested
+from lora_dist.spec import JobSpec, SpecError, spec_from_dict
+from lora_dist.store import run_name
 
 RAY_CORE = ("raylet", "gcs_server")
 # After the local Ray is known lost, the job's process gets this long to end by itself (a lost GCS
@@ -69,7 +70,7 @@ class EmbeddedJobs:
         return sid
 
     def status(self, job_id: str) -> JobStatus:
-        r = _read_record(job_id)
+        r = require_record(job_id)
         state = r.get("state", "PENDING")
         if state in ("PENDING", "RUNNING") and not _alive(r.get("pid")):
             state = "FAILED"
@@ -80,7 +81,7 @@ class EmbeddedJobs:
                          r.get("message"), manifest=r.get("manifest_digest") if done else None)
 
     def logs(self, job_id: str, follow: bool) -> Iterator[str]:
-        r = _read_record(job_id)
+        r = require_record(job_id)
         log = Path(r.get("log", ""))
         if not log.is_file():
             return
@@ -150,7 +151,7 @@ class EmbeddedJobs:
     def _interrupt(self, job_id: str) -> int | None:
         """Record the stop request, then SIGINT the job's process (Ray installs signal handlers of
         its own and may turn the interrupt into another error: the record says what it was)."""
-        driver = _read_record(job_id).get("driver_pid")
+        driver = require_record(job_id).get("driver_pid")
         record(job_id, stop_requested=True)
         if driver:
             _signal(driver, signal.SIGINT)
@@ -195,6 +196,7 @@ class _Supervisor(threading.Thread):
             self._finish(*self._watch(proc, report), previous)
         except BaseException as e:  # noqa: BLE001 - a thread has nobody else to tell
             self.error = e
+            record(self.sid, state="FAILED", message=f"its supervisor failed: {type(e).__name__}: {e}"[:300])
         finally:
             os.close(report)
             self.lock.close()
@@ -221,9 +223,16 @@ class _Supervisor(threading.Thread):
         previous = new_record(self.sid, state="RUNNING", pid=os.getpid(), driver_pid=proc.pid, name=spec.name,
                               job=self.job_id, output_dir=spec.output.dir, max_steps=spec.train.max_steps,
                               log=str(self._log), started=time.time(), where="embedded")
-        with proc.stdin:
-            proc.stdin.write(json.dumps({"spec": spec.to_dict(), "job_id": self.job_id, "sid": self.sid,
-                                         "log": str(self._log), "echo": self.echo}))
+        try:
+            with proc.stdin:
+                proc.stdin.write(json.dumps({"spec": spec.to_dict(), "job_id": self.job_id, "sid": self.sid,
+                                             "log": str(self._log), "echo": self.echo}))
+        except BaseException:  # it did not start: as if never submitted
+            proc.kill()
+            proc.wait()
+            os.close(read)
+            restore_record(self.sid, previous)
+            raise
         return proc, read, previous
 
     def _watch(self, proc: subprocess.Popen, report: int) -> tuple[dict | None, str | None, str | None, int]:
@@ -362,6 +371,16 @@ def _kill_all(procs: list) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
 def _signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -487,112 +506,6 @@ def _ended(e: BaseException, sid: str, refused: bool) -> dict[str, Any]:
 
         traceback.print_exception(e)
     return outcome
-
-
-# --- the registry ------------------------------------------------------------------------------------
-
-def registry_dir() -> Path:
-    d = cache_root() / "jobs"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _record_path(job_id: str) -> Path:
-    return registry_dir() / f"{check_job_id(job_id)}.json"
-
-
-def record(job_id: str, **fields: Any) -> None:
-    """Update fields of a job's record (created if missing)."""
-    path = _record_path(job_id)
-    data = json.loads(path.read_text()) if path.is_file() else {"job_id": job_id}
-    data.update(fields)
-    _write_record(path, data)
-
-
-def new_record(job_id: str, **fields: Any) -> dict[str, Any] | None:
-    """Start a job's record afresh and return the one it replaces (None if there was none).
-
-    A resubmit of a job id is a new run: what an earlier run left (its stop request, error,
-    artifact, digest) must not describe this one: a stop request that outlived its run turned
-    the next run's genuine failure into "stopped by the user"."""
-    path = _record_path(job_id)
-    previous = json.loads(path.read_text()) if path.is_file() else None
-    _write_record(path, {"job_id": job_id, **fields})
-    return previous
-
-
-def restore_record(job_id: str, previous: dict[str, Any] | None) -> None:
-    """Put back the record :func:`new_record` replaced (for a submit refused before it ran)."""
-    path = _record_path(job_id)
-    if previous is None:
-        path.unlink(missing_ok=True)
-    else:
-        _write_record(path, previous)
-
-
-def _write_record(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")  # supervisors are threads
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def read_record(job_id: str) -> dict[str, Any] | None:
-    """A job's record, or None."""
-    path = _record_path(job_id)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def lock_job(run: str):
-    """Hold ``<registry>/<run>.lock`` (flock, non-blocking) for as long as the returned file stays
-    open: one process runs a job id at a time. The kernel releases it when the holder exits,
-    however it exits. The holder's pid is written in the file for the refusal message.
-
-    Raises:
-        JobError: another process holds it (naming the job and that process).
-    """
-    import fcntl
-
-    path = registry_dir() / f"{check_job_id(run)}.lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise JobError(f"job {run} is already running on the embedded default (pid {holder} holds {path}); "
-                       f"follow it with `lora-dist logs -f {run}` or end it with `lora-dist stop {run}` "
-                       f"before submitting it again") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-def _read_record(job_id: str) -> dict[str, Any]:
-    path = _record_path(job_id)
-    if not path.is_file():
-        raise JobError(f"no job {job_id} on the embedded default (known: lora-dist list); for a cluster job "
-                       f"pass --address or set RAY_ADDRESS")
-    return json.loads(path.read_text())
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
-def stop_requested(job_id: str) -> bool:
-    try:
-        return bool(_read_record(job_id).get("stop_requested"))
-    except JobError:
-        return False
 
 
 if __name__ == "__main__":

@@ -345,7 +345,8 @@ class Plan:
                  f"per worker on {setup.workers} x {fmt_bytes(self.gpu_memory)} ({setup.device}, {setup.dtype_name} "
                  f"compute), micro-batch {setup.micro_batch} x {setup.seq_len} tokens, activation checkpointing "
                  f"{'on' if setup.activation_checkpointing else 'off'}:",
-                 f"  {'method':<36} {'trainable':>16} {'per worker':>11} {'fits':>5} {'min GPUs':>9} {'checkpoint':>11}"]
+                 f"  {'method':<36} {'trainable':>16} {'per worker':>11} {'fits':>5} {'min GPUs':>9} "
+                 f"{'checkpoint':>11}"]
         for m in METHODS:
             r = self.methods[m]
             lines.append(f"  {METHOD_NAMES[m]:<36} {r['trainable_params']:>16,} {fmt_bytes(r['per_worker_bytes']):>11} "

@@ -64,13 +64,13 @@ def test_multi_node_storage_is_refused_before_submitting(tmp_path, tiny_llama_di
 def test_fetch_checks_the_manifest_digest_the_job_recorded(tmp_path, monkeypatch, tiny_trained):
     """An embedded job's record carries its manifest's digest: status shows it, and fetch refuses
     an artifact whose manifest was replaced since (every file it lists still matching it)."""
-    from lora_dist import embedded
+    from lora_dist import registry
 
     monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path / "cache"))
     art = tmp_path / "runs" / "demo-j2"
     shutil.copytree(tiny_trained[0], art)
     digest = store.manifest_digest(art)
-    embedded.record("demo-j2", state="SUCCEEDED", pid=os.getpid(), name="demo", job="j2", output_dir=str(art.parent),
+    registry.record("demo-j2", state="SUCCEEDED", pid=os.getpid(), name="demo", job="j2", output_dir=str(art.parent),
                 max_steps=4, artifact=str(art), manifest_digest=digest)
     env = {**os.environ, "LORA_DIST_CACHE": str(tmp_path / "cache")}
     st = _cli("status", "demo-j2", cwd=tmp_path, env=env)

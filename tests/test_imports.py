@@ -3,7 +3,7 @@
 Stages, in order; a module may import only modules earlier in this list. Imports inside
 functions count as much as those at the top.
 
-    errors -> store -> spec -> plan -> jobs            no torch: CLI queries, the planner, the job client
+    errors -> store -> spec -> plan -> jobs -> registry   no torch: CLI queries, the planner, the job client
     device (where and in which dtype a process computes)
     quant -> lora -> model -> data -> plot -> adapter  the model and the artifact format
     checkpoint (resumable state: safetensors + JSON, verified)
@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "store", "spec", "plan", "jobs", "device", "quant", "lora", "model", "data", "plot", "adapter", "checkpoint",
-         "engine",
-         "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate",
-         "cli"]
+ORDER = ["errors", "store", "spec", "plan", "jobs", "registry", "device", "quant", "lora", "model", "data", "plot",
+         "adapter", "checkpoint", "engine", "train", "worker", "launch", "jobrun", "embedded", "client", "generate",
+         "metrics", "slots", "evaluate", "cli"]
 
 
 def _imports(path: Path) -> dict[str, set[str]]:
@@ -76,7 +75,7 @@ def test_modules_import_with_ray_train_unimportable():
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
     light = ("import sys\nfor m in ('torch', 'ray', 'deepspeed', 'transformers'): sys.modules[m] = None\n"
              "import lora_dist.errors, lora_dist.store, lora_dist.spec, lora_dist.plan, lora_dist.jobs\n"
-             "import lora_dist.embedded, lora_dist.client\nprint('ok')\n")
+             "import lora_dist.registry, lora_dist.embedded, lora_dist.client\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-3000:]
 

@@ -539,30 +539,31 @@ def test_a_job_id_runs_once_at_a_time_on_the_embedded_default(tmp_path, monkeypa
 def test_status_comes_from_the_jobs_own_records_not_its_log(tmp_path, monkeypatch):
     """A running job's step and loss come from metrics.jsonl in its work directory; a finished
     one's from its artifact's manifest. The log says something else and is not read."""
-    from lora_dist import embedded
+    from lora_dist import registry
+    from lora_dist.embedded import EmbeddedJobs
     from lora_dist.store import FORMAT, MANIFEST_FILE, artifact_location, work_dir
 
     monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path / "cache"))
     out, sid = str(tmp_path / "runs"), "demo-j1"
     log = tmp_path / "demo.log"
     log.write_text("step 99/100  loss 0.1000\nartifact: /elsewhere\n")
-    embedded.record(sid, state="RUNNING", pid=os.getpid(), name="demo", job="j1", output_dir=out, max_steps=100,
+    registry.record(sid, state="RUNNING", pid=os.getpid(), name="demo", job="j1", output_dir=out, max_steps=100,
                 log=str(log))
     work = work_dir(out, "demo", "j1")
     work.mkdir(parents=True)
     (work / "metrics.jsonl").write_text('{"step": 0, "val_loss": 2.5}\n{"step": 1, "loss": 2.25, "lr": 0.1}\n'
                                         '{"step": 2, "loss": 2.0, "lr": 0.1}\n{"step": 2, "val')  # mid-write
-    st = embedded.EmbeddedJobs().status(sid)
+    st = EmbeddedJobs().status(sid)
     assert (st.state, st.step, st.total_steps, st.loss, st.artifact) == ("RUNNING", 2, 100, 2.0, None)
     assert st.line() == "demo-j1  RUNNING  step 2/100  loss 2.0000"
     art = Path(artifact_location(out, "demo", "j1"))
     art.mkdir(parents=True)
     (art / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "files": {}, "steps": 100, "final_loss": 1.25}))
-    embedded.record(sid, state="SUCCEEDED", artifact=str(art))
-    st = embedded.EmbeddedJobs().status(sid)
+    registry.record(sid, state="SUCCEEDED", artifact=str(art))
+    st = EmbeddedJobs().status(sid)
     assert (st.state, st.step, st.loss, st.artifact) == ("SUCCEEDED", 100, 1.25, str(art))
-    embedded.record(sid, state="RUNNING", pid=2**22 + 7)  # the submitting process is gone
-    assert embedded.EmbeddedJobs().status(sid).state == "FAILED"
+    registry.record(sid, state="RUNNING", pid=2**22 + 7)  # the submitting process is gone
+    assert EmbeddedJobs().status(sid).state == "FAILED"
 
 
 def test_the_cluster_side_confines_output_to_its_root_before_running(tmp_path, monkeypatch, capsys):

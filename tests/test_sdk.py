@@ -94,13 +94,13 @@ def test_a_refused_embedded_job_raises_from_wait_and_leaves_no_record(registry, 
 def test_logs_are_lines_and_fetch_checks_the_recorded_digest(registry, tmp_path, tiny_trained):
     """An embedded job's record: logs come back line by line; fetch copies and verifies the
     artifact against the digest recorded when it was published, and refuses when it differs."""
-    from lora_dist import embedded
+    from lora_dist import registry
 
     art = tmp_path / "runs" / "demo-j3"
     shutil.copytree(tiny_trained[0], art)
     log = tmp_path / "demo.log"
     log.write_text("job demo-j3 on an embedded local Ray\nstep 1/4  loss 2.0\nno newline at the end")
-    embedded.record("demo-j3", state="RUNNING", pid=os.getpid(), name="demo", job="j3", output_dir=str(art.parent),
+    registry.record("demo-j3", state="RUNNING", pid=os.getpid(), name="demo", job="j3", output_dir=str(art.parent),
                     max_steps=4, log=str(log))
     job = Client().job("demo-j3")
     assert list(job.logs()) == ["job demo-j3 on an embedded local Ray\n", "step 1/4  loss 2.0\n",
@@ -108,7 +108,7 @@ def test_logs_are_lines_and_fetch_checks_the_recorded_digest(registry, tmp_path,
     with pytest.raises(NoArtifact, match="job demo-j3 is RUNNING: it has no artifact to fetch"):
         job.fetch(tmp_path / "early")
     digest = store.manifest_digest(art)
-    embedded.record("demo-j3", state="SUCCEEDED", artifact=str(art), manifest_digest=digest)
+    registry.record("demo-j3", state="SUCCEEDED", artifact=str(art), manifest_digest=digest)
     assert job.wait(timeout=5).manifest == digest
     assert job.fetch(tmp_path / "ok") == tmp_path / "ok" and (tmp_path / "ok" / store.MANIFEST_FILE).is_file()
     manifest = json.loads((art / store.MANIFEST_FILE).read_text())
