@@ -16,6 +16,7 @@ registry (``registry.py``), which ``status``, ``logs``, ``stop``, ``list`` and `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -364,10 +365,8 @@ def _kill_all(procs: list) -> None:
     import psutil
 
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(procs, timeout=10)
 
 
