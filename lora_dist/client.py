@@ -126,7 +126,8 @@ class Job:
 
         Returns:
             Its final status (SUCCEEDED, FAILED or STOPPED; see ``.message``), or its status as
-            it stands when ``timeout`` ran out.
+            it stands when ``timeout`` ran out. An interrupt (KeyboardInterrupt) leaves the job
+            running, except for an attached client's embedded job, which it stops.
 
         Raises:
             SpecError, ModelError, DataError: a job submitted by this client was refused before it

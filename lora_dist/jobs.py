@@ -1,4 +1,4 @@
-"""Ray Jobs API client: submit, status, logs, stop, list, fetch; and the local job registry.
+"""Ray Jobs API client: submit, status, logs, stop, list, wait; and the JobStatus both backends give.
 
 Remote jobs (``--address`` or ``RAY_ADDRESS``) go through Ray's Jobs API with token
 authentication (Ray 2.60 turns it on for local clusters; DESIGN.md decision 5). The entrypoint is
@@ -9,8 +9,8 @@ submission is ``<name>-<job id>``, a resubmit ``<name>-<job id>.r2``, ``.r3``, .
 either name act on the newest submission of that job. Transient cluster errors (5xx, connection
 refused or reset, "No available agent") are retried for up to :data:`RETRY_BUDGET_S` seconds.
 
-Jobs on the embedded default (no address) are ``embedded.py``'s; both backends answer with the
-:class:`JobStatus` defined here.
+Jobs on the embedded default (no address) are ``embedded.py``'s; ``client.py`` puts both behind one
+interface (the SDK).
 
 Progress comes from the job's own records, never from its log text: ``metrics.jsonl`` in the
 job's work directory while it runs, the artifact's manifest once it has finished (both found
@@ -74,6 +74,8 @@ RESUBMIT_RE = re.compile(r"\.r(\d+)$")
 
 @dataclass
 class JobStatus:
+    """A job as ``status``, ``list`` and :meth:`Job.wait` report it; ``line()`` is how the CLI prints it."""
+
     job_id: str
     state: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
     step: int | None = None

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -464,6 +465,40 @@ def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir)
     st = _cli("status", sid, cwd=tmp_path, env=env)
     assert "FAILED" in st.stdout and "Not a directory" in st.stdout and "stopped" not in st.stdout, st.stdout
 
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_submitting_command_stops_its_embedded_job(tmp_path, e2e_csv, smollm2_dir):
+    """SIGTERM (or Ctrl-C) to a running `lora-dist submit` is passed on to its job, which stops:
+    exit 1, "stopped; no artifact was published", recorded STOPPED, none of its processes left."""
+    import psutil
+
+    env = _private_registry(tmp_path, smollm2_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "lora_dist.cli", "submit", JOB, f"--set=data.path={e2e_csv}",
+                             f"--set=output.dir={tmp_path / 'runs'}", "--set=train.max_steps=500", "--job-id=term",
+                             *[f"--set={o}" for o in QUICK if "max_steps" not in o]],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    submitter, tree = psutil.Process(proc.pid), []
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:  # until it trains
+            if "step " in _cli("status", "smollm2-e2e-term", cwd=tmp_path, env=env).stdout:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(2)
+        tree = submitter.children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "job smollm2-e2e-term stopped; no artifact was published" in err, err[-3000:]
+    st = _cli("status", "smollm2-e2e-term", cwd=tmp_path, env=env)
+    assert st.returncode == 1 and "STOPPED" in st.stdout, st.stdout
+    _, alive = psutil.wait_procs([p for p in tree if _running(p)], timeout=30)
+    for p in alive:
+        p.kill()
+    assert not alive, [p.pid for p in alive]
 
 
 @pytest.mark.slow
