@@ -135,9 +135,9 @@ class EmbeddedJobs:
         routed = self.attached and threading.current_thread() is threading.main_thread()
         old = signal.signal(signal.SIGTERM, signal.default_int_handler) if routed else None
         try:
-            while supervisor.is_alive() and (deadline is None or time.monotonic() < deadline):
-                try:
-                    supervisor.join(0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic())))
+            while not supervisor.done.is_set() and (deadline is None or time.monotonic() < deadline):
+                try:  # not Thread.join: in Python 3.11 an interrupted join marks a running thread stopped
+                    supervisor.done.wait(0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic())))
                 except KeyboardInterrupt:
                     if not self.attached:
                         raise
@@ -145,7 +145,7 @@ class EmbeddedJobs:
         finally:
             if routed:
                 signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
-        if not supervisor.is_alive() and supervisor.error is not None:
+        if supervisor.done.is_set() and supervisor.error is not None:
             raise supervisor.error
         return self.status(job_id)
 
@@ -168,7 +168,7 @@ class _Supervisor(threading.Thread):
         super().__init__(name=f"lora-dist {sid}", daemon=True)
         self.spec, self.job_id, self.sid, self.lock, self.echo = spec, job_id, sid, lock, echo
         self.error: BaseException | None = None  # raised by wait(): a refusal or bad input
-        self._spawned = threading.Event()
+        self.done, self._spawned = threading.Event(), threading.Event()
         self._log = registry_dir() / f"{sid}.log"
 
     def start_job(self) -> None:
@@ -179,7 +179,7 @@ class _Supervisor(threading.Thread):
             self.lock.close()
             raise
         self._spawned.wait()
-        if not self.is_alive() and self.error is not None:
+        if self.done.is_set() and self.error is not None:
             raise self.error
 
     def run(self) -> None:
@@ -190,6 +190,7 @@ class _Supervisor(threading.Thread):
         except BaseException as e:  # noqa: BLE001 - handed to start_job
             self.error = e
             self.lock.close()
+            self.done.set()
             self._spawned.set()
             return
         self._spawned.set()
@@ -201,6 +202,7 @@ class _Supervisor(threading.Thread):
         finally:
             os.close(report)
             self.lock.close()
+            self.done.set()
 
     def _spawn(self) -> tuple[subprocess.Popen, int, dict | None]:
         spec = self.spec

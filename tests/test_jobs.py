@@ -492,8 +492,9 @@ def test_a_signal_to_the_submitting_command_stops_its_embedded_job(tmp_path, e2e
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1 and "job smollm2-e2e-term stopped; no artifact was published" in err, err[-3000:]
     st = _cli("status", "smollm2-e2e-term", cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and "job smollm2-e2e-term stopped; no artifact was published" in err, \
+        (st.stdout, err[-3000:], out[-3000:])
     assert st.returncode == 1 and "STOPPED" in st.stdout, st.stdout
     _, alive = psutil.wait_procs([p for p in tree if _running(p)], timeout=30)
     for p in alive:
