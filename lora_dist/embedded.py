@@ -42,7 +42,7 @@ RAY_LOST_GRACE_S = 15.0
 # ray.shutdown() reaps the raylet and GCS within milliseconds of ending them; one that stays dead
 # and unreaped this long died under the job (killed, out of memory).
 UNREAPED_S = 1.0
-POLL_S = 0.1
+POLL_S = 0.25  # as often as the supervisor looks at the job's processes (its report wakes it at once)
 
 
 class EmbeddedJobs:
