@@ -18,7 +18,7 @@ from lora_dist import Client, store
 from lora_dist.errors import ArtifactError, JobError, ModelError, NoArtifact
 from lora_dist.spec import SpecError, load_spec
 
-from conftest import E2E_CSV, MAIN_JOB, REPO
+from conftest import E2E_CSV, MAIN_JOB, REPO, TINY_OVERRIDES
 
 
 @pytest.fixture
@@ -89,6 +89,24 @@ def test_a_refused_embedded_job_raises_from_wait_and_leaves_no_record(registry, 
     with pytest.raises(JobError, match="no job smollm2-e2e-refused"):
         job.status()
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_resubmit_through_the_job_process_publishes_once_and_refuses_another_spec(registry, tiny_trained,
+                                                                                     tiny_llama_dir):
+    """The job's process reaches the run: a job id that already published from this spec answers
+    SUCCEEDED with that artifact and its digest (nothing runs again); the same id with train.lr
+    changed is refused: SpecError from wait(), naming the field, and the record as it was."""
+    artifact = tiny_trained[0]
+    same = [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}", f"output.dir={artifact.parent}", *TINY_OVERRIDES]
+    client = Client()
+    job = client.submit(MAIN_JOB, same, job_id="tiny")
+    st = job.wait(timeout=300)
+    assert (st.state, st.artifact, st.manifest) == ("SUCCEEDED", str(artifact), store.manifest_digest(artifact)), st
+    assert any("already published" in line for line in job.logs())
+    changed = client.submit(MAIN_JOB, [*same, "train.lr=1e-2"], job_id="tiny")
+    with pytest.raises(SpecError, match="train.lr"):
+        changed.wait(timeout=300)
+    assert client.job("smollm2-e2e-tiny").status() == st
 
 
 def test_logs_are_lines_and_fetch_checks_the_recorded_digest(registry, tmp_path, tiny_trained):
