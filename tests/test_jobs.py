@@ -624,7 +624,7 @@ def test_embedded_ray_offers_the_cpus_the_workers_ask_for(capsys):
     import io
     import os
 
-    from lora_dist.launch import _embedded_cpus
+    from lora_dist.launch import embedded_cpus
     from lora_dist.spec import load_spec
 
     from conftest import MAIN_JOB
@@ -632,5 +632,5 @@ def test_embedded_ray_offers_the_cpus_the_workers_ask_for(capsys):
     cores = os.cpu_count() or 1
     out = io.StringIO()
     spec = load_spec(MAIN_JOB, ["data.path=null", f"cluster.workers={cores + 2}"])
-    assert _embedded_cpus(spec, out) == cores + 2 and "share them" in out.getvalue()
-    assert _embedded_cpus(load_spec(MAIN_JOB, ["data.path=null"]), io.StringIO()) == cores
+    assert embedded_cpus(spec, out) == cores + 2 and "share them" in out.getvalue()
+    assert embedded_cpus(load_spec(MAIN_JOB, ["data.path=null"]), io.StringIO()) == cores
