@@ -22,3 +22,7 @@ class JobFailed(RuntimeError):
 
 class JobError(RuntimeError):
     """A job or artifact location cannot be found, reached or acted on; the message says which and why."""
+
+
+class NoArtifact(ArtifactError):
+    """A job has not published an artifact (yet): it is running, failed or was stopped."""

@@ -1,4 +1,4 @@
-"""Ray Jobs API client: submit, status, logs, stop, list, fetch; and the local job registry.
+"""Ray Jobs API client: submit, status, logs, stop, list, wait; and the JobStatus both backends give.
 
 Remote jobs (``--address`` or ``RAY_ADDRESS``) go through Ray's Jobs API with token
 authentication (Ray 2.60 turns it on for local clusters; docs/design.md decision 5). The entrypoint is
@@ -9,10 +9,8 @@ submission is ``<name>-<job id>``, a resubmit ``<name>-<job id>.r2``, ``.r3``, .
 either name act on the newest submission of that job. Transient cluster errors (5xx, connection
 refused or reset, "No available agent") are retried for up to :data:`RETRY_BUDGET_S` seconds.
 
-Jobs on the embedded default run under the submitting process; they are recorded in a registry
-under ``<cache>/jobs/`` (state, pid, work directory, log file, artifact, manifest digest) so that
-``status``, ``logs``, ``stop``, ``list`` and ``fetch`` work for them too. ``<run>.lock`` there is
-held (flock) by the one process running that job.
+Jobs on the embedded default (no address) are ``embedded.py``'s; ``client.py`` puts both behind one
+interface (the SDK).
 
 Progress comes from the job's own records, never from its log text: ``metrics.jsonl`` in the
 job's work directory while it runs, the artifact's manifest once it has finished (both found
@@ -22,20 +20,20 @@ from the job's output.dir, which a remote submission records in its metadata).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Callable, Iterator
 
 from lora_dist.errors import ArtifactError, JobError
-from lora_dist.spec import JobSpec, cache_root, redacted, runtime_env_problems
-from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, check_job_id, join, parse_manifest, \
-    read_text, run_name, work_dir
+from lora_dist.spec import JobSpec, redacted, runtime_env_problems
+from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, join, parse_manifest, read_text, \
+    run_name, work_dir
 
 ENTRYPOINT = "python -m lora_dist.jobrun job-spec.json"
 SPEC_FILE = "job-spec.json"
@@ -50,6 +48,18 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "erro
               # by ~0.6 GiB on the main job. A fixed threshold returns every tensor above 128 KiB to
               # the OS when freed, so the peak RSS is what the planner counts (RESULTS.md, issue 12).
               "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' own notices out of a job's output (DeepSpeed and bitsandbytes print
+    accelerator notices at import; they are not the user's business)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("transformers", "bitsandbytes", "DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 RAY_PREFIX_RE = re.compile(r"^(\x1b\[[0-9;]*m)?\([A-Za-z]+ pid=\d+(, ip=[0-9.]+)?\)(\x1b\[[0-9;]*m)?\s*")
 # Lines of a job's output that --wait echoes (the rest is Ray's own logging).
 ECHO_RE = re.compile(r"^(step \d+|error|artifact: |manifest: |job |parity|resumed)")
@@ -64,6 +74,8 @@ RESUBMIT_RE = re.compile(r"\.r(\d+)$")
 
 @dataclass
 class JobStatus:
+    """A job as ``status``, ``list`` and :meth:`Job.wait` report it; ``line()`` is how the CLI prints it."""
+
     job_id: str
     state: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
     step: int | None = None
@@ -117,7 +129,7 @@ def progress(output_dir: str | None, name: str | None, job_id: str | None,
 
 # --- remote: the Ray Jobs API ------------------------------------------------------------------
 
-def _enable_token_auth() -> None:
+def enable_token_auth() -> None:
     """Send the cluster token when one is available (Ray reads RAY_AUTH_TOKEN or ~/.ray/auth_token)."""
     if os.environ.get("RAY_AUTH_MODE"):
         return
@@ -190,7 +202,7 @@ def client(address: str, retry: _Retry | None = None):
     """A JobSubmissionClient for ``address`` (http://host:8265 or ray://...)."""
     from ray.job_submission import JobSubmissionClient
 
-    _enable_token_auth()
+    enable_token_auth()
     retry = retry or _Retry(address)
     try:
         return retry.call(JobSubmissionClient, address)
@@ -382,186 +394,28 @@ def list_remote(address: str) -> list[JobStatus]:
     return out
 
 
-def wait_remote(address: str, job_id: str, stream) -> JobStatus:
-    """Follow a job's logs to the end, echoing progress lines; return its final status."""
-    for chunk in logs_remote(address, job_id, follow=True):
-        for line in chunk.splitlines():
-            line = RAY_PREFIX_RE.sub("", line)
-            if ECHO_RE.match(line):
-                print(line, file=stream, flush=True)
-    deadline = time.time() + 60
-    st = status_remote(address, job_id)
-    while st.state not in TERMINAL and time.time() < deadline:
-        time.sleep(1)
-        st = status_remote(address, job_id)
-    return st
+def wait_remote(address: str, job_id: str, stream=None, timeout: float | None = None) -> JobStatus:
+    """The job's status once it has ended (or when ``timeout`` seconds have passed). With
+    ``stream``: follow its logs to the end, echoing progress lines there."""
+    if stream is not None:
+        for chunk in logs_remote(address, job_id, follow=True):
+            for line in chunk.splitlines():
+                line = RAY_PREFIX_RE.sub("", line)
+                if ECHO_RE.match(line):
+                    print(line, file=stream, flush=True)
+        timeout = 60  # the logs have ended; the state follows
+    return until_ended(lambda ref: status_remote(address, ref), job_id, timeout, poll_s=1)
 
 
-# --- the embedded default: a local registry ------------------------------------------------------
-
-def registry_dir() -> Path:
-    d = cache_root() / "jobs"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def _record_path(job_id: str) -> Path:
-    return registry_dir() / f"{check_job_id(job_id)}.json"
-
-
-def record(job_id: str, **fields: Any) -> None:
-    """Update fields of a job's record (created if missing)."""
-    path = _record_path(job_id)
-    data = json.loads(path.read_text()) if path.is_file() else {"job_id": job_id}
-    data.update(fields)
-    _write_record(path, data)
-
-
-def new_record(job_id: str, **fields: Any) -> dict[str, Any] | None:
-    """Start a job's record afresh and return the one it replaces (None if there was none).
-
-    A resubmit of a job id is a new run: what an earlier run left (its stop request, error,
-    artifact, digest) must not describe this one: a stop request that outlived its run turned
-    the next run's genuine failure into "stopped by the user"."""
-    path = _record_path(job_id)
-    previous = json.loads(path.read_text()) if path.is_file() else None
-    _write_record(path, {"job_id": job_id, **fields})
-    return previous
-
-
-def restore_record(job_id: str, previous: dict[str, Any] | None) -> None:
-    """Put back the record :func:`new_record` replaced (for a submit refused before it ran)."""
-    path = _record_path(job_id)
-    if previous is None:
-        path.unlink(missing_ok=True)
-    else:
-        _write_record(path, previous)
-
-
-def _write_record(path: Path, data: dict[str, Any]) -> None:
-    import threading
-
-    tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")  # a job's watch thread writes too
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def read_record(job_id: str) -> dict[str, Any] | None:
-    """A job's record, or None."""
-    path = _record_path(job_id)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def lock_job(run: str):
-    """Hold ``<registry>/<run>.lock`` (flock, non-blocking) for as long as the returned file stays
-    open: one process runs a job id at a time. The kernel releases it when the holder exits,
-    however it exits. The holder's pid is written in the file for the refusal message.
-
-    Raises:
-        JobError: another process holds it (naming the job and that process).
-    """
-    import fcntl
-
-    path = registry_dir() / f"{check_job_id(run)}.lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        f.close()
-        raise JobError(f"job {run} is already running on the embedded default (pid {holder} holds {path}); "
-                       f"follow it with `lora-dist logs -f {run}` or end it with `lora-dist stop {run}` "
-                       f"before submitting it again") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-
-def _read_record(job_id: str) -> dict[str, Any]:
-    path = _record_path(job_id)
-    if not path.is_file():
-        raise JobError(f"no job {job_id} on the embedded default (known: lora-dist list); for a cluster job "
-                       f"pass --address or set RAY_ADDRESS")
-    return json.loads(path.read_text())
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
-def status_local(job_id: str) -> JobStatus:
-    r = _read_record(job_id)
-    state = r.get("state", "PENDING")
-    if state in ("PENDING", "RUNNING") and not _alive(r.get("pid")):
-        state = "FAILED"
-        r["message"] = "the submitting process is gone"
-    step, loss = progress(r.get("output_dir"), r.get("name"), r.get("job"), finished=state == "SUCCEEDED")
-    done = state == "SUCCEEDED"
-    return JobStatus(job_id, state, step, r.get("max_steps"), loss, r.get("artifact") if done else None,
-                     r.get("message"), manifest=r.get("manifest_digest") if done else None)
-
-
-def logs_local(job_id: str, follow: bool) -> Iterator[str]:
-    r = _read_record(job_id)
-    log = Path(r.get("log", ""))
-    if not log.is_file():
-        return
-    with open(log, errors="replace") as f:
-        while True:
-            chunk = f.read()
-            if chunk:
-                yield chunk
-            elif not follow or status_local(job_id).state in TERMINAL:
-                rest = f.read()
-                if rest:
-                    yield rest
-                return
-            else:
-                time.sleep(0.5)
-
-
-def stop_local(job_id: str, timeout: float = 120) -> str:
-    r = _read_record(job_id)
-    st = status_local(job_id)
-    if st.state in TERMINAL:
-        return st.state
-    record(job_id, stop_requested=True)
-    os.kill(r["pid"], signal.SIGINT)  # the submitting process stops Ray and marks the job STOPPED
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        st = status_local(job_id)
-        if st.state in TERMINAL:
-            return st.state
-        time.sleep(0.5)
-    os.kill(r["pid"], signal.SIGKILL)
-    record(job_id, state="STOPPED", message="killed after not stopping in time")
-    return "STOPPED"
-
-
-def stop_requested(job_id: str) -> bool:
-    try:
-        return bool(_read_record(job_id).get("stop_requested"))
-    except JobError:
-        return False
-
-
-def list_local() -> list[JobStatus]:
-    out = []
-    for p in sorted(registry_dir().glob("*.json"), key=lambda p: p.stat().st_mtime):
-        try:
-            out.append(status_local(p.stem))
-        except (JobError, ValueError, KeyError):
-            continue
-    return out
+def until_ended(status: Callable[[str], JobStatus], job_id: str, timeout: float | None,
+                poll_s: float = 0.5) -> JobStatus:
+    """``status(job_id)`` once it is terminal, or as it stands when ``timeout`` seconds have passed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        st = status(job_id)
+        if st.state in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
+            return st
+        time.sleep(poll_s)
 
 
 def _short(e: BaseException) -> str:

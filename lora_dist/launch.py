@@ -51,7 +51,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
         if address is None:
             # address="local": always a Ray of its own, never one that another job or user
             # started on this machine (plain ray.init() joins that one if it finds it)
-            ray.init(address="local", num_cpus=_embedded_cpus(spec, stream), log_to_driver=True,
+            ray.init(address="local", num_cpus=embedded_cpus(spec, stream), log_to_driver=True,
                      runtime_env={"env_vars": dict(WORKER_ENV)})
             started_here = True
         elif address == "auto":  # inside a Jobs API job: its runtime_env already carries WORKER_ENV
@@ -119,7 +119,7 @@ def _parity_reference(spec: JobSpec, stream) -> list[float]:
     return reference
 
 
-def _embedded_cpus(spec: JobSpec, stream) -> int:
+def embedded_cpus(spec: JobSpec, stream) -> int:
     """CPUs the embedded Ray offers: this machine's, or what the job's workers ask for if that is
     more (they then share the cores; without this the job would wait forever for CPUs that a
     single machine does not have)."""
@@ -183,3 +183,21 @@ def _root_message(e: BaseException) -> str:
         e = nxt
     text = str(e).strip().splitlines()
     return text[-1] if text else type(e).__name__
+
+
+def check_model(spec: JobSpec) -> None:
+    """What can be checked before a job starts, beyond its spec: the LoRA targets and rank against
+    the model's architecture (built without weights), and packing against the model type.
+
+    Raises:
+        ModelError: the base cannot be resolved, or the targets or rank do not fit it.
+        DataError: data.batching is packed and the model cannot keep packed examples apart.
+    """
+    from lora_dist.base import model_type
+    from lora_dist.model import check_model as check_architecture
+
+    check_architecture(spec.model.base, spec.injected_lora, spec.model.quantization)
+    if spec.data.batching == "packed":
+        from lora_dist.data import check_packing
+
+        check_packing(model_type(spec.model.base))

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from lora_dist.spec import DTYPE_BYTES, resolve_dtype
 
 GiB = 1 << 30
 METHODS = ("full", "lora_fp16", "lora_int8_zero3")
+METHOD_NAMES = {"full": "full fine-tuning, ZeRO-3", "lora_fp16": "LoRA, replicated fp16 base (paper)",
+                "lora_int8_zero3": "LoRA, int8 base, ZeRO-3 (ours)"}
 STAGES = (1, 2, 3)  # cheapest first: 1 and 2 never gather a parameter, 3 gathers every block twice a step
 # cluster.zero_stage: auto replicates the base only where the plan needs at most this share of a
 # worker's memory (the per-process overhead is calibrated on one machine; plan_vs_measured.py shows
@@ -331,6 +333,39 @@ class Plan:
             "min_gpus": ours["min_gpus"],
             "methods": self.methods,
         }
+
+    def table(self, base: str, lora_r: int, lora_targets: Sequence[str]) -> str:
+        """The plan as ``lora-dist plan`` prints it: the counts, then one row per method."""
+        c, setup, ours, d = self.counts, self.setup, self.methods["lora_int8_zero3"], self.to_dict()
+        lines = [f"{base} ({c.architecture}): {c.total_params:,} parameters; {c.quantized_linear_params:,} in "
+                 f"decoder-block linears (int8), {c.float_params:,} float; LoRA r={lora_r} on "
+                 f"{', '.join(lora_targets)}: {c.lora_params:,} trainable",
+                 f"base weights: fp16 {fmt_bytes(c.total_params * 2)}, ours (int8 linears + fp32 row scales + "
+                 f"{setup.dtype_name} rest) {fmt_bytes(d['base_bytes'])}",
+                 f"per worker on {setup.workers} x {fmt_bytes(self.gpu_memory)} ({setup.device}, {setup.dtype_name} "
+                 f"compute), micro-batch {setup.micro_batch} x {setup.seq_len} tokens, activation checkpointing "
+                 f"{'on' if setup.activation_checkpointing else 'off'}:",
+                 f"  {'method':<36} {'trainable':>16} {'per worker':>11} {'fits':>5} {'min GPUs':>9} "
+                 f"{'checkpoint':>11}"]
+        for m in METHODS:
+            r = self.methods[m]
+            lines.append(f"  {METHOD_NAMES[m]:<36} {r['trainable_params']:>16,} {fmt_bytes(r['per_worker_bytes']):>11} "
+                         f"{'yes' if r['fits'] else 'no':>5} {str(r['min_gpus'] or 'never'):>9} "
+                         f"{fmt_bytes(r['checkpoint_bytes']['deliverable']):>11}")
+        lines.append("  ours, term by term: " + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in ours["terms"].items()))
+        a = self.activations["lora"]
+        lines.append(f"  activations counted on meta: {fmt_bytes(a.per_block)} per block "
+                     f"({fmt_bytes(a.per_block_checkpointed)} checkpointed), {fmt_bytes(a.head)} outside the blocks, "
+                     f"logits gradient {fmt_bytes(a.logits)}")
+        lines.append("  ZeRO-3 settings: " + ", ".join(f"{k} {v:,}" for k, v in d["zero_settings"].items()))
+        lines.append(f"  cluster.zero_stage auto picks {self.auto.stage}: {self.auto.reason.removeprefix('auto: ')} "
+                     f"(a job's workers decide from the memory free when they start)")
+        exported, trained = ours["checkpoint_bytes"]["deliverable"], c.lora_params * setup.adapter_bytes_per_param
+        lines.append(f"  adapter {trained:,} bytes of trained LoRA tensors"
+                     + (f" ({exported:,} bytes in the PEFT-format file: B of a fused projection's q/v slices is "
+                        f"stored full width)" if exported != trained else "")
+                     + f"; resumable LoRA checkpoint {fmt_bytes(ours['checkpoint_bytes']['resumable'])}")
+        return "\n".join(lines)
 
 
 def make_plan(c: ModelCounts, s: Setup, gpu_memory: int, acts: dict[str, Activations]) -> Plan:

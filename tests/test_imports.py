@@ -3,25 +3,27 @@
 Stages, in order; a module may import only modules earlier in this list. Imports inside
 functions count as much as those at the top.
 
-    errors -> store -> spec -> plan -> jobs            no torch: CLI queries, the planner, the job client
+    errors -> store -> spec -> plan -> jobs -> registry   no torch: CLI queries, the planner, the job client
     device (where and in which dtype a process computes)
     quant -> lora -> base -> weights -> model -> counting -> data -> plot -> adapter   the model, the artifact
     checkpoint (resumable state: safetensors + JSON, verified)
     engine (the only DeepSpeed importer)
     train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
+    embedded (the local backend) -> client (the SDK)   no torch at import either: they reach launch
+                                                       only in the job's own process
     generate -> metrics -> slots -> evaluate -> cli
 """
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "store", "spec", "specdoc", "plan", "jobs", "device", "quant", "lora", "base", "weights", "model", "counting",
-         "data", "plot", "adapter", "checkpoint",
-         "engine",
-         "train", "worker", "launch", "jobrun", "generate", "metrics", "slots", "evaluate", "cli"]
+ORDER = ["errors", "store", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant", "lora", "base", "weights",
+         "model", "counting", "data", "plot", "adapter", "checkpoint", "engine", "train", "worker", "launch", "jobrun",
+         "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
 
 
 def _imports(path: Path) -> dict[str, set[str]]:
@@ -72,6 +74,18 @@ def test_modules_import_with_ray_train_unimportable():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
     light = ("import sys\nfor m in ('torch', 'ray', 'deepspeed', 'transformers'): sys.modules[m] = None\n"
-             "import lora_dist.errors, lora_dist.store, lora_dist.spec, lora_dist.plan, lora_dist.jobs\nprint('ok')\n")
+             "import lora_dist.errors, lora_dist.store, lora_dist.spec, lora_dist.plan, lora_dist.jobs\n"
+             "import lora_dist.registry, lora_dist.embedded, lora_dist.client\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_the_sdk_imports_without_torch_or_ray(tmp_path):
+    """`from lora_dist import Client` (a lazy attribute of the package) and what the job queries
+    need of it import neither torch nor ray."""
+    code = ("import sys\nfor m in ('torch', 'ray', 'deepspeed', 'transformers'): sys.modules[m] = None\n"
+            "import lora_dist\nassert 'lora_dist.client' not in sys.modules\n"
+            "from lora_dist import Client, Job, JobStatus\nprint(Client().jobs(), Job.__name__, JobStatus.__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "LORA_DIST_CACHE": str(tmp_path)})
+    assert out.stdout.strip() == "[] Job JobStatus", out.stderr[-3000:]
