@@ -3,9 +3,9 @@
 Stages, in order; a module may import only modules earlier in this list. Imports inside
 functions count as much as those at the top.
 
-    errors -> store -> spec -> plan -> jobs            no torch: CLI queries, the planner, the job client
+    errors -> records -> store -> spec -> plan -> jobs  no torch: CLI queries, the planner, the job client
     device (where and in which dtype a process computes)
-    quant -> lora -> model -> data -> plot -> adapter  the model and the artifact format
+    quant -> lora -> model -> data -> validate -> plot -> adapter  the model and the artifact format
     checkpoint (resumable state: safetensors + JSON, verified)
     engine (the only DeepSpeed importer)
     train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "store", "spec", "plan", "jobs", "device", "quant", "lora", "model", "data", "plot", "adapter", "checkpoint",
+ORDER = ["errors", "records", "store", "spec", "plan", "jobs", "device", "quant", "lora", "model", "data", "validate",
+         "plot", "adapter", "checkpoint",
          "engine",
          "train", "worker", "launch", "jobrun", "generate", "metrics", "slots", "evaluate", "cli"]
 
