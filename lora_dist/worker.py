@@ -306,14 +306,13 @@ def _checkpoint(w: Worker, engine, loop: Loop, step: int, loss: float) -> None:
     rng: list[Any] = [None] * w.world
     dist.all_gather_object(rng, _get_rng(w))
     if w.rank == 0:
-        early = {}
-        if loop.early is not None:  # the best adapter so far, and how long since it improved
-            early = {"early_stop": loop.early.state()}
-            tensors = {**tensors, **loop.early.tensors()}
         state = CheckpointState(step=step, loss=loss, next_index=next_index(loop, step), world_size=w.world,
                                 scalars=scalars, rng=rng, spec=redacted(w.spec.to_dict()),
                                 spec_digest=spec_digest(w.spec.to_dict()), val_loss_before=w.val_before,
-                                node_history=[*w.earlier_nodes, w.nodes], **early)
+                                node_history=[*w.earlier_nodes, w.nodes])
+        if loop.early is not None:  # the best adapter so far, and how long since it improved
+            state = state.updated(early_stop=loop.early.state())
+            tensors = {**tensors, **loop.early.tensors()}
         ckpt.write(w.checkpoints, step, tensors, state, loop.metrics.text(), say=w.say)
     dist.barrier()  # nobody goes on before the checkpoint is complete
 
