@@ -118,3 +118,24 @@ def test_a_record_leaves_out_what_its_writer_did_not_set():
     assert with_none["steps"] == 3 and with_none.get("nodes", []) == []
     with pytest.raises(KeyError):
         with_none["nodes"]
+
+
+def test_the_4eee545_adapter_loads_onto_its_base_and_the_cli_verifies_it(tiny_llama_dir, tmp_path):
+    """The base is the tiny Llama the fixture builds (the same weights: the fingerprint matches);
+    the manifest names where it was then, so the copy is pointed at where it is now."""
+    from conftest import run_cli
+    from lora_dist.adapter import load_adapted
+    from lora_dist.lora import LoRALinear
+    from lora_dist.store import MANIFEST_FILE
+
+    assert "4 files verified" in run_cli("verify", str(ARTIFACT), cwd=tmp_path).stdout
+    copy = tmp_path / "copy"
+    shutil.copytree(ARTIFACT, copy)
+    raw = json.loads((copy / MANIFEST_FILE).read_text())
+    raw["base_model"]["id"] = raw["spec"]["model"]["base"] = str(tiny_llama_dir)
+    del raw["signature"]
+    (copy / MANIFEST_FILE).write_text(json.dumps(raw))
+    loaded, manifest = load_adapted(copy)
+    assert manifest.base_model.fingerprint == raw["base_model"]["fingerprint"]
+    assert sum(isinstance(m, LoRALinear) for m in loaded.model.modules()) == 4  # q_proj, v_proj of 2 blocks
+    assert any(m.lora_B.any() for m in loaded.model.modules() if isinstance(m, LoRALinear))
