@@ -321,27 +321,28 @@ def verify_artifact(artifact: Path, digest: str | None = None) -> Manifest:
     import hmac
 
     artifact = Path(artifact)
-    manifest = _read_manifest_json(artifact)
+    raw = _read_manifest_json(artifact)
     if digest is not None and manifest_digest(artifact) != digest:
         raise ArtifactError(f"{artifact / MANIFEST_FILE}: sha256 is {manifest_digest(artifact)}, expected {digest}: "
                             f"the manifest was replaced")
     key = signing_key()
-    if key is not None:
-        signature = manifest.get("signature")
+    if key is not None:  # over the JSON object as written, before it is read as a record
+        signature = raw.get("signature")
         if not isinstance(signature, str):
             raise ArtifactError(f"{artifact / MANIFEST_FILE}: not signed, and {SIGNING_KEY_ENV} is set")
-        if not hmac.compare_digest(signature, manifest_signature(manifest, key)):
+        if not hmac.compare_digest(signature, manifest_signature(raw, key)):
             raise ArtifactError(f"{artifact / MANIFEST_FILE}: the signature does not match (the manifest was "
                                 f"changed, or signed with another key)")
-    unlisted = sorted(p.name for p in artifact.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest["files"])
+    manifest = Manifest.from_json(raw, str(artifact / MANIFEST_FILE))
+    unlisted = sorted(p.name for p in artifact.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest.files)
     if unlisted:
         raise ArtifactError(f"{artifact}: {unlisted[:5]} not listed in the manifest; an artifact holds only "
                             f"the files its manifest lists")
-    required_files = (FULL_MODEL_FILE,) if manifest.get("kind") == "full" else (ADAPTER_FILE, CONFIG_FILE)
+    required_files = (FULL_MODEL_FILE,) if manifest.kind == "full" else (ADAPTER_FILE, CONFIG_FILE)
     for required in required_files:
-        if required not in manifest["files"]:
+        if required not in manifest.files:
             raise ArtifactError(f"{artifact / MANIFEST_FILE}: does not list {required}")
-    for name, digest in manifest["files"].items():
+    for name, digest in manifest.files.items():
         if Path(name).name != name:
             raise ArtifactError(f"{artifact / MANIFEST_FILE}: file name {name!r} is not a plain name")
         f = artifact / name
@@ -349,7 +350,7 @@ def verify_artifact(artifact: Path, digest: str | None = None) -> Manifest:
             raise ArtifactError(f"{f}: missing")
         if sha256_file(f) != digest:
             raise ArtifactError(f"{f}: sha256 mismatch (modified or truncated)")
-    return Manifest.from_json(manifest, str(artifact / MANIFEST_FILE))
+    return manifest
 
 
 # --- moving artifacts -----------------------------------------------------------------------------
