@@ -7,8 +7,8 @@
         manifest.json               sha256 of every file, base fingerprint, settings, versions
 
 The directory is written under a hidden ``.partial`` name and renamed into place only when
-every file and the manifest are complete, so a failed or stopped job never leaves something
-that looks like a finished artifact. Loading verifies every sha256 and the base fingerprint.
+every file and the manifest are complete (store.atomic_dir), so a failed or stopped job never
+leaves something that looks like a finished artifact. Loading verifies every sha256 and the base fingerprint.
 
 A slice-wise LoRA on a fused projection (GPT-2 ``c_attn``: q and v only) is exported exactly as
 a PEFT LoRA of rank r * n_slices whose B is block-structured: PEFT computes
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -36,9 +35,10 @@ from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoRALinear, LoraTensors
 from lora_dist.model import LoadedModel, load_model
 from lora_dist.plot import loss_curve_png
+from lora_dist.records import BaseModelRecord, DataRecord, Manifest
 from lora_dist.spec import JobSpec, LoraSpec, redacted, spec_digest
 from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,
-                             fsync, manifest_signature, sha256_file, signing_key, verify_artifact)
+                             atomic_dir, manifest_signature, sha256_file, signing_key, verify_artifact)
 
 PEFT_PREFIX = "base_model.model."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -136,7 +136,7 @@ def peft_config(lora: dict[str, LoraTensors], r: int, alpha: float, dropout: flo
 # --- writing and verifying -----------------------------------------------------------------------
 
 def write_artifact(final_dir: Path, lora: dict[str, LoraTensors], config: dict[str, Any],
-                   manifest: dict[str, Any], dtype: str = "float32",
+                   manifest: Manifest, dtype: str = "float32",
                    extra_files: Iterable[Path] = ()) -> Path:
     """Write the artifact atomically to ``final_dir`` and return it.
 
@@ -144,7 +144,7 @@ def write_artifact(final_dir: Path, lora: dict[str, LoraTensors], config: dict[s
         final_dir: where the finished artifact appears; must not exist yet.
         lora: gathered LoRA tensors (see :func:`collect_lora`).
         config: PEFT adapter config (see :func:`peft_config`).
-        manifest: fields to record; ``files`` and ``format`` are filled in here.
+        manifest: what to record; what the files are (``kind``, ``files``, ...) is filled in here.
         dtype: tensor dtype of the saved adapter.
         extra_files: files copied in and listed in the manifest (metrics.jsonl, plots).
 
@@ -153,7 +153,7 @@ def write_artifact(final_dir: Path, lora: dict[str, LoraTensors], config: dict[s
     """
     from safetensors.torch import save_file
 
-    check_trained(lora, manifest.get("steps", 0))
+    check_trained(lora, manifest.steps or 0)
 
     def payload(d: Path) -> dict[str, Any]:
         tensors = {k: v.to(DTYPES[dtype]) for k, v in to_peft_tensors(lora).items()}
@@ -164,46 +164,29 @@ def write_artifact(final_dir: Path, lora: dict[str, LoraTensors], config: dict[s
     return _publish(final_dir, manifest, extra_files, payload)
 
 
-def _fsync_dir_and_files(d: Path) -> None:
-    for f in d.iterdir():
-        if f.is_file():
-            fsync(f)
-    fsync(d)
-
-
-def _publish(final_dir: Path, manifest: dict[str, Any], extra_files: Iterable[Path],
+def _publish(final_dir: Path, manifest: Manifest, extra_files: Iterable[Path],
              payload: Callable[[Path], dict[str, Any]]) -> Path:
-    """Write an artifact under a hidden ``.partial`` name and rename it into place when complete:
-    ``payload(dir)`` writes the model files, extra files are copied in, the manifest (sha256 of
-    every file) comes last. On any failure the partial directory is removed."""
+    """Write an artifact aside and rename it into place when complete (store.atomic_dir):
+    ``payload(dir)`` writes the model files and returns what the manifest says of them, extra
+    files are copied in, the manifest (sha256 of every file, signed where a key is set) comes last."""
     if final_dir.exists():
         raise ArtifactError(f"{final_dir} already exists; an artifact is never overwritten")
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = final_dir.parent / f".{final_dir.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
+    with atomic_dir(final_dir) as partial:
         fields = payload(partial)
         for f in extra_files:
             shutil.copyfile(f, partial / Path(f).name)
         files = sorted(p.name for p in partial.iterdir() if p.is_file())
-        full = {"format": FORMAT, **manifest, **fields,
-                "files": {name: sha256_file(partial / name) for name in files}}
+        body = manifest.updated(format=FORMAT, **fields,
+                                files={name: sha256_file(partial / name) for name in files}).to_json()
         key = signing_key()
         if key is not None:
-            full["signature"] = manifest_signature(full, key)
-        (partial / MANIFEST_FILE).write_text(json.dumps(full, indent=2) + "\n")
-        _fsync_dir_and_files(partial)  # on disk before the rename makes it look complete
-        os.rename(partial, final_dir)
-        fsync(final_dir.parent)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+            body["signature"] = manifest_signature(body, key)
+        (partial / MANIFEST_FILE).write_text(json.dumps(body, indent=2) + "\n")
     return final_dir
 
 
 def write_full_artifact(final_dir: Path, state_dict: dict[str, torch.Tensor], base_dir: Path,
-                        manifest: dict[str, Any], tie_word_embeddings: bool,
+                        manifest: Manifest, tie_word_embeddings: bool,
                         extra_files: Iterable[Path] = ()) -> Path:
     """Write a fully fine-tuned model (the baseline ``train.method: full``) as a Hugging Face
     directory plus the same manifest, atomically like :func:`write_artifact`."""
@@ -239,27 +222,27 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
         fields: run results for the manifest (steps, losses, world_size, zero_stage, ...).
         metrics_file: the run's metrics.jsonl.
     """
-    manifest = {
-        "name": spec.name,
-        "job_id": job_id,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base_model": {"id": spec.model.base, "fingerprint": built.fingerprint,
-                       "architecture": type(built.model).__name__},
-        "quantization": spec.model.quantization,
-        "quantized_modules": len(built.injection.quantized),
-        "lora": spec.lora.model_dump(mode="json"),
-        "trainable_params": built.trainable_params,
-        "data": {"source": spec.data.source, "path": spec.data.path, "max_length": spec.data.max_length,
-                 "prompt_template": template_for(spec.data.source),
-                 "special_tokens": special_tokens(built.tokenizer)},
-        "spec": redacted(spec.to_dict()),  # env var values (often secrets) never reach the manifest
-        "spec_digest": spec_digest(spec.to_dict()),  # what this job id is bound to (spec.bound_fields)
-        "versions": versions(),
+    manifest = Manifest(
+        name=spec.name,
+        job_id=job_id,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        base_model=BaseModelRecord(id=spec.model.base, fingerprint=built.fingerprint,
+                                   architecture=type(built.model).__name__),
+        quantization=spec.model.quantization,
+        quantized_modules=len(built.injection.quantized),
+        lora=spec.lora.model_dump(mode="json"),
+        trainable_params=built.trainable_params,
+        data=DataRecord(source=spec.data.source, path=spec.data.path, max_length=spec.data.max_length,
+                        prompt_template=template_for(spec.data.source),
+                        special_tokens=special_tokens(built.tokenizer)),
+        spec=redacted(spec.to_dict()),  # env var values (often secrets) never reach the manifest
+        spec_digest=spec_digest(spec.to_dict()),  # what this job id is bound to (spec.bound_fields)
+        versions=versions(),
         **fields,
-    }
+    )
     extra_files = [metrics_file, loss_curve_png(metrics_file, metrics_file.parent / LOSS_CURVE_FILE)]
     if spec.train.method == "full":
-        manifest["method"] = "full"
+        manifest = manifest.updated(method="full")
         tied = bool(getattr(built.model.config, "tie_word_embeddings", False))
         return write_full_artifact(dest, full_state, built.model_dir, manifest, tied, extra_files=extra_files)
     config = peft_config(lora, spec.lora.r, spec.lora.alpha, spec.lora.dropout, spec.lora.use_rslora,
@@ -287,7 +270,7 @@ def versions() -> dict[str, str]:
 
 
 def load_adapted(artifact: Path, quantization: str | None = None,
-                 check_base: bool = True) -> tuple[LoadedModel, dict[str, Any]]:
+                 check_base: bool = True) -> tuple[LoadedModel, Manifest]:
     """Verify an artifact, rebuild its base with LoRA, and load the adapter into it.
 
     Only the manifest's LoRA settings are needed to rebuild the model: the training run's data
@@ -299,24 +282,26 @@ def load_adapted(artifact: Path, quantization: str | None = None,
         check_base: compare the base model's fingerprint with the manifest's.
 
     Returns:
-        (LoadedModel, manifest).
+        (LoadedModel, its Manifest).
 
     Raises:
         ArtifactError: a file fails its sha256, or the base model is not the one trained on.
     """
     manifest = verify_artifact(artifact)
-    if manifest.get("kind") == "full":  # a fully fine-tuned model is its own base
+    if manifest.kind == "full":  # a fully fine-tuned model is its own base
         check_fits(str(artifact), None, quantization or "none")
         return load_model(str(artifact), None, quantization or "none"), manifest
-    base_id = manifest["base_model"]["id"]
+    base = manifest.base_model
+    if base is None or manifest.spec is None or manifest.quantization is None:
+        raise ArtifactError(f"{artifact}: its manifest does not record the base model, spec and quantization "
+                            f"an adapter is loaded onto")
     if check_base:
-        got = fingerprint(resolve_base(base_id))
-        want = manifest["base_model"]["fingerprint"]
-        if got != want:
-            raise ArtifactError(f"{artifact}: trained on base {base_id!r} with fingerprint {want}, but that base "
-                                f"now has fingerprint {got}: the adapter does not belong to these weights")
-    lora = LoraSpec.model_validate(manifest["spec"]["lora"])
-    check_fits(base_id, lora, quantization or manifest["quantization"])
-    loaded = load_model(base_id, lora, quantization or manifest["quantization"])
+        got = fingerprint(resolve_base(base.id))
+        if got != base.fingerprint:
+            raise ArtifactError(f"{artifact}: trained on base {base.id!r} with fingerprint {base.fingerprint}, but "
+                                f"that base now has fingerprint {got}: the adapter does not belong to these weights")
+    lora = LoraSpec.model_validate(manifest.spec["lora"])
+    check_fits(base.id, lora, quantization or manifest.quantization)
+    loaded = load_model(base.id, lora, quantization or manifest.quantization)
     load_into(loaded.model, read_lora_tensors(artifact))
     return loaded, manifest

@@ -21,17 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from lora_dist.errors import ArtifactError
+from lora_dist.records import CheckpointState
 from lora_dist.spec import spec_differences, spec_digest
-from lora_dist.store import fsync, is_uri, join, read_bytes, run_name
+from lora_dist.store import atomic_dir, is_uri, join, list_dir, read_bytes, remove_tree, run_name, upload
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "state.json"
@@ -51,7 +49,7 @@ def checkpoints_dir(output_dir: str, name: str, job_id: str) -> str:
 class Checkpoint:
     location: str  # the step directory (path or URI)
     step: int
-    state: dict[str, Any]
+    state: CheckpointState
     tensors: dict[str, Any]  # name -> torch.Tensor (CPU)
     metrics: str  # metrics.jsonl text
 
@@ -60,54 +58,15 @@ class SpecChanged(ValueError):
     """A job id was resubmitted with a spec that trains something else."""
 
 
-# --- storage: a local directory or a URI ------------------------------------------------------
-
-def _fs(location: str):
-    import pyarrow.fs as pafs
-
-    return pafs.FileSystem.from_uri(location)
-
-
 def _list_steps(root: str) -> list[tuple[int, str]]:
     """(step, location) of every step-NNNNNNNN directory under ``root``, newest first."""
-    if is_uri(root):
-        import pyarrow.fs as pafs
-
-        fs, base = _fs(root)
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-        except (OSError, ValueError):
-            return []
-        names = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
-    else:
-        names = [p.name for p in Path(root).iterdir() if p.is_dir()] if Path(root).is_dir() else []
-    steps = [(int(m.group(1)), join(root, n)) for n in names if (m := STEP_RE.match(n))]
+    steps = [(int(m.group(1)), join(root, n)) for n in list_dir(root, dirs_only=True) if (m := STEP_RE.match(n))]
     return sorted(steps, reverse=True)
-
-
-def _list_files(location: str) -> list[str]:
-    if is_uri(location):
-        import pyarrow.fs as pafs
-
-        fs, base = _fs(location)
-        return [i.base_name for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))]
-    return [p.name for p in Path(location).iterdir()] if Path(location).is_dir() else []
-
-
-def _remove(location: str) -> None:
-    if is_uri(location):
-        fs, base = _fs(location)
-        try:
-            fs.delete_dir(base)
-        except (OSError, ValueError):
-            pass
-    else:
-        shutil.rmtree(location, ignore_errors=True)
 
 
 # --- writing --------------------------------------------------------------------------------------
 
-def write(root: str, step: int, tensors: dict[str, Any], state: dict[str, Any], metrics_text: str,
+def write(root: str, step: int, tensors: dict[str, Any], state: CheckpointState, metrics_text: str,
           say: Callable[[str], None] = lambda s: None) -> str:
     """Write a complete checkpoint of ``step`` under ``root`` (the main process only) and drop all
     but the newest :data:`KEEP` complete ones.
@@ -124,38 +83,28 @@ def write(root: str, step: int, tensors: dict[str, Any], state: dict[str, Any], 
 
     name = f"step-{step:08d}"
     files = {STATE_TENSORS: save({k: v.contiguous() for k, v in tensors.items()}),
-             STATE_JSON: json.dumps(state, sort_keys=True).encode(),
+             STATE_JSON: json.dumps(state.to_json(), sort_keys=True).encode(),
              METRICS: metrics_text.encode()}
     manifest = {"format": FORMAT, "step": step,
                 "files": {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}}
     files[MANIFEST] = json.dumps(manifest, sort_keys=True).encode()  # last
     dest = join(root, name)
     if is_uri(root):
-        fs, base = _fs(dest)
-        fs.create_dir(base, recursive=True)
-        for n, data in files.items():
-            with fs.open_output_stream(f"{base}/{n}") as o:
-                o.write(data)
+        upload(files, dest)
     else:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-        for n, data in files.items():
-            (tmp / n).write_bytes(data)
-            fsync(tmp / n)
-        fsync(tmp)
-        if Path(dest).exists():  # a retry that re-reached this step: the new one replaces it whole
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-        fsync(Path(root))
+        # a retry that re-reached this step: the new one replaces it whole
+        with atomic_dir(Path(dest), replace=True) as tmp:
+            for n, data in files.items():
+                (tmp / n).write_bytes(data)
     for _, old in _list_steps(root)[KEEP:]:
-        _remove(old)
+        remove_tree(old)
     say(f"checkpoint of step {step} written: {dest}")
     return dest
 
 
 def remove_all(root: str) -> None:
     """Drop a job's checkpoints (once its artifact is published, they are not needed)."""
-    _remove(root)
+    remove_tree(root)
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -176,7 +125,7 @@ def _read_verified(location: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
             set(manifest.get("files") or {}) != {STATE_TENSORS, STATE_JSON, METRICS}:
         raise ArtifactError(f"{join(location, MANIFEST)}: not a {FORMAT} manifest")
-    unlisted = sorted(set(_list_files(location)) - set(manifest["files"]) - {MANIFEST})
+    unlisted = sorted(set(list_dir(location)) - set(manifest["files"]) - {MANIFEST})
     if unlisted:
         raise ArtifactError(f"{location}: {unlisted[:5]} not listed in its manifest; nothing unlisted is read")
     data = {}
@@ -212,17 +161,25 @@ def load(location: str) -> Checkpoint:
     from safetensors.torch import load as load_tensors
 
     manifest, data = _read_verified(location)
-    state = json.loads(data[STATE_JSON])
-    return Checkpoint(location, int(manifest["step"]), state, load_tensors(data[STATE_TENSORS]),
-                      data[METRICS].decode())
+    return Checkpoint(location, int(manifest["step"]), _state(data[STATE_JSON], location),
+                      load_tensors(data[STATE_TENSORS]), data[METRICS].decode())
 
 
-def latest_state(root: str) -> dict[str, Any] | None:
+def latest_state(root: str) -> CheckpointState | None:
     """state.json of the newest complete checkpoint under ``root`` (no tensors read), or None."""
     location = latest(root)
     if location is None:
         return None
-    return json.loads(read_bytes(join(location, STATE_JSON)) or b"{}")
+    return _state(read_bytes(join(location, STATE_JSON)) or b"{}", location)
+
+
+def _state(raw: bytes, location: str) -> CheckpointState:
+    where = join(location, STATE_JSON)
+    try:
+        parsed = json.loads(raw)
+    except ValueError as e:
+        raise ArtifactError(f"{where}: not valid JSON ({e})") from None
+    return CheckpointState.from_json(parsed, where)
 
 
 def check_same_spec(recorded: dict[str, Any], spec_dict: dict[str, Any], what: str) -> None:

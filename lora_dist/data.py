@@ -18,7 +18,6 @@ import json
 import os
 import random
 import re
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Sequence, TypeVar
 
 from lora_dist.spec import DataSpec
-from lora_dist.store import fsync, sha256_file
+from lora_dist.store import atomic_dir, atomic_file, sha256_file
 
 E2E_URL = "https://github.com/tuetschek/e2e-dataset/releases/download/v1.0.0/e2e-dataset.zip"
 E2E_TRAIN_MEMBER = "e2e-dataset/trainset.csv"
@@ -134,9 +133,7 @@ def fetch_e2e(cache_dir: Path, url: str | None = None, timeout: float = 60.0) ->
         raise DataError(f"data.path is not set, so the E2E training set is downloaded from {url}, and that "
                         f"failed ({e}). Offline? Point data.path at a local copy of the E2E csv, e.g. "
                         f"--set data.path=jobs/data/e2e/devset.csv") from None
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    atomic_file(target, data)
     return target
 
 
@@ -394,22 +391,14 @@ def _tokenize_splits(spec: DataSpec, tokenizer, path: Path, cache: str | None) -
 def _write_tokens(final: Path, key: dict, tokens: Tokens) -> None:
     import numpy as np
 
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # an unreadable earlier copy (_read_tokens said None) is replaced
+    with atomic_dir(final, replace=True) as tmp:
         for split in ("train", "val"):
             for a in ARRAYS:
                 np.save(tmp / f"{split}.{a}.npy", getattr(getattr(tokens, split), a))
         meta = {"key": key, "n_train_prompts": tokens.n_train_prompts, "n_val_prompts": tokens.n_val_prompts,
                 "train": len(tokens.train), "val": len(tokens.val)}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        for f in [*tmp.iterdir(), tmp]:
-            fsync(f)
-        shutil.rmtree(final, ignore_errors=True)  # an unreadable earlier copy (_read_tokens said None)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_tokens(final: Path, key: dict) -> Tokens | None:

@@ -8,27 +8,31 @@ import torch
 
 from lora_dist.adapter import load_adapted
 from lora_dist.data import prompt_ids, render, template_for
+from lora_dist.records import Manifest
 
 
-def prompt_template(manifest: dict) -> str:
+def prompt_template(manifest: Manifest) -> str:
     """The prompt template the artifact was trained with, as its manifest records it (artifacts
     from before the record trained with the template their data source had then, which is
     :func:`template_for`'s)."""
-    data = manifest.get("data", {})
-    return data.get("prompt_template") or template_for(data.get("source", "e2e"))
+    data = manifest.data
+    if data is None:
+        return template_for("e2e")
+    return data.prompt_template or template_for(data.source)
 
 
-def uses_bos(manifest: dict) -> bool:
+def uses_bos(manifest: Manifest) -> bool:
     """Whether the artifact was trained with BOS before each prompt (artifacts from before the
     record never were)."""
-    return bool(manifest.get("data", {}).get("special_tokens", {}).get("bos", False))
+    tokens = manifest.data.special_tokens if manifest.data is not None else None
+    return bool((tokens or {}).get("bos", False))
 
 
-def format_prompt(manifest: dict, text: str, raw: bool = False) -> str:
+def format_prompt(manifest: Manifest, text: str, raw: bool = False) -> str:
     """Apply the training run's prompt template (E2E: the meaning representation goes in a template)."""
     if raw:
         return text
-    source = manifest.get("data", {}).get("source")
+    source = manifest.data.source if manifest.data is not None else None
     return render(prompt_template(manifest), text.strip() if source == "e2e" else text)
 
 

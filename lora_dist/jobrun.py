@@ -23,8 +23,9 @@ from pathlib import Path
 from lora_dist.errors import JobError, JobFailed
 from lora_dist.jobs import ARTIFACT_PREFIX, MANIFEST_PREFIX
 from lora_dist.launch import run_job
-from lora_dist.spec import SpecError, check_output_root, load_spec, spec_from_dict
+from lora_dist.spec import SpecError, load_spec, spec_from_dict
 from lora_dist.store import check_job_id, digest_at, new_job_id
+from lora_dist.validate import validate_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             payload = json.loads(path.read_text())
             spec, job_id = spec_from_dict(payload["spec"], source=str(path)), check_job_id(payload["job_id"])
-        check_output_root(spec)
+        validate_job(spec, "cluster")
     except (SpecError, JobError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

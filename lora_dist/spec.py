@@ -21,7 +21,12 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, \
     field_validator
 
+from lora_dist import store as _store
 from lora_dist.store import URI_SCHEMES, is_uri
+
+# The cache root lives in store.py; jobs.py and model.py import it from here until they import it
+# from there (then this line goes, with multi_node_storage_problem at the end of this module).
+cache_root = _store.cache_root
 
 BUILTIN_MODELS = ("smollm2-135m",)
 # Public architectures without weights here: `lora-dist plan` only (exact counts on the meta device).
@@ -642,54 +647,7 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
     return dtype
 
 
-def output_root() -> Path:
-    """Where a cluster's local artifacts may go: $LORA_DIST_OUTPUT_ROOT, else the current directory."""
-    return Path(os.environ.get("LORA_DIST_OUTPUT_ROOT") or os.getcwd()).expanduser().resolve()
-
-
-def cache_root() -> Path:
-    """This machine's cache: the converted base model, fingerprints, the embedded-job registry."""
-    return Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora-dist")).expanduser()
-
-
 def multi_node_storage_problem(spec: JobSpec) -> str | None:
-    """Why ``spec`` cannot run with workers on several nodes, or None.
-
-    Checkpoints, metrics and the artifact live under output.dir, and a restarted worker may land
-    on any node: a plain local directory is seen by one node only, so a multi-node job needs a
-    storage URI or a local dir declared ``output.shared: true`` (mounted by every node; workers
-    check that they all see it before training).
-    """
-    if spec.cluster.workers > 1 and not is_uri(spec.output.dir) and not spec.output.shared:
-        return (f"output.dir: {spec.output.dir} is a local directory, and this job's {spec.cluster.workers} "
-                f"workers may run on different nodes of the cluster, which would not see each other's "
-                f"checkpoints: use a storage URI (s3://..., gs://...), or set output.shared: true if every "
-                f"node mounts {spec.output.dir} at the same path")
-    return None
-
-
-def check_output_root(spec: JobSpec) -> None:
-    """Reject a local output.dir, or a ``file://`` one, outside the output root (other storage
-    URIs, on the scheme allow-list, are the storage's business: its credentials decide).
-
-    The cluster side of a Jobs API submission calls this (``jobrun``): a spec sent to a shared
-    cluster writes only under that cluster's ``LORA_DIST_OUTPUT_ROOT``. A job on the embedded
-    default runs as the user on the user's machine and may write to any directory it can.
-
-    Raises:
-        SpecError: naming output.dir and the root.
-    """
-    local = spec.output.dir
-    if is_uri(local):
-        scheme, rest = local.split("://", 1)
-        if scheme.lower() != "file":
-            return
-        local = "/" + rest.lstrip("/")  # file:///a/b and file://a/b (no host) both name /a/b
-    root = output_root()
-    target = Path(local).expanduser().resolve()
-    if target != root and root not in target.parents:
-        why = ("" if os.environ.get("LORA_DIST_OUTPUT_ROOT") else
-               "; LORA_DIST_OUTPUT_ROOT is not set here, so the root is the working directory: start Ray with "
-               "it set, e.g. LORA_DIST_OUTPUT_ROOT=/mnt/shared ray start ...")
-        raise SpecError([f"output.dir: {target} is outside the output root {root} (use a directory under it, "
-                         f"or a storage URI{why})"])
+    """store.multi_node_storage_problem of ``spec``, for cli.py until it calls
+    ``validate.validate_job(spec, "remote")`` (then this goes)."""
+    return _store.multi_node_storage_problem(spec.output.dir, spec.cluster.workers, spec.output.shared)

@@ -7,6 +7,11 @@ through pyarrow's filesystems, which Ray already depends on.
 
     <output.dir>/<name>-<job id>/          the artifact (appears only when complete)
     <output.dir>/.<name>-<job id>.work/    a running job's metrics (local output.dir only)
+
+Everything the package writes to a local directory appears whole or not at all: it is written
+aside and renamed into place (:func:`atomic_dir`, :func:`atomic_file`). The roots a job's files
+go under are here too: this machine's cache (:func:`cache_root`) and, on a cluster, the output
+root a submitted job's local output.dir must be under (:func:`output_root_problem`).
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lora_dist.errors import ArtifactError, JobError
+from lora_dist.records import ADAPTER_FORMAT as FORMAT
+from lora_dist.records import Manifest
 
 URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 URI_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
@@ -33,7 +41,6 @@ FULL_MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
-FORMAT = "lora-dist-adapter/1"
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -77,6 +84,8 @@ def work_dir(output_dir: str, name: str, job_id: str) -> Path:
     return Path(output_dir).expanduser() / f".{run_name(name, job_id)}.work"
 
 
+# --- a local directory or file: whole or not at all -----------------------------------------------
+
 def fsync(path: Path) -> None:
     """Flush a file or directory to disk (before a rename that makes something look complete)."""
     fd = os.open(path, os.O_RDONLY)
@@ -85,6 +94,127 @@ def fsync(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+@contextmanager
+def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Write a directory aside, then rename it into place: ``final`` appears complete or not at all.
+
+    Yields a hidden sibling (``.<name>.<pid>.partial``: one per process, so that processes writing
+    the same ``final`` do not share it) to fill. When the block ends, its files and the directory
+    are flushed to disk, it is renamed to ``final`` and the parent flushed, so that a crash
+    leaves either no ``final`` or a complete one. If the block raises, the partial directory is
+    removed and ``final`` untouched.
+
+    Args:
+        final: the directory to create.
+        replace: drop an existing ``final`` just before the rename (else the rename fails on one).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.parent / f".{final.name}.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # a stale one of a crashed earlier attempt
+    partial.mkdir()
+    try:
+        yield partial
+        for f in partial.iterdir():
+            if f.is_file():
+                fsync(f)
+        fsync(partial)  # on disk before the rename makes it look complete
+        if replace and final.exists():
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        fsync(final.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def atomic_file(target: Path, data: bytes) -> None:
+    """Write a file aside, then rename it over ``target``: readers see the old file or the new one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        fsync(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync(target.parent)
+
+
+# --- a path or a URI: the one filesystem layer ---------------------------------------------------
+
+def filesystem(uri: str):
+    """(pyarrow filesystem, path on it) of a storage URI."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
+def read_bytes(location: str) -> bytes | None:
+    """The bytes of a file at a path or URI; None where it does not exist or cannot be reached."""
+    try:
+        if not is_uri(location):
+            return Path(location).read_bytes()
+        fs, path = filesystem(location)
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, ValueError):
+        return None
+
+
+def read_text(location: str) -> str | None:
+    """The text of a file at a path or URI; None where it does not exist or cannot be reached."""
+    data = read_bytes(location)
+    return None if data is None else data.decode(errors="replace")
+
+
+def list_dir(location: str, dirs_only: bool = False) -> list[str]:
+    """The names in a directory at a path or URI (only subdirectories with ``dirs_only``); none
+    where it does not exist or cannot be reached."""
+    if not is_uri(location):
+        d = Path(location)
+        return [p.name for p in d.iterdir() if p.is_dir() or not dirs_only] if d.is_dir() else []
+    import pyarrow.fs as pafs
+
+    try:
+        fs, base = filesystem(location)
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except (OSError, ValueError):
+        return []
+    return [i.base_name for i in infos if i.type == pafs.FileType.Directory or not dirs_only]
+
+
+def remove_tree(location: str) -> None:
+    """Remove a directory at a path or URI, and everything in it; nothing where there is none."""
+    if not is_uri(location):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    try:
+        fs, base = filesystem(location)
+        fs.delete_dir(base)
+    except (OSError, ValueError):
+        pass
+
+
+def upload(files: dict[str, bytes | Path], uri: str) -> None:
+    """Write ``files`` (name -> bytes, or a local file streamed) into a directory at a URI, in
+    their order: object stores have no rename, so whoever needs "complete or not at all" writes
+    the file that says complete last."""
+    fs, base = filesystem(uri)
+    fs.create_dir(base, recursive=True)
+    for name, data in files.items():
+        with fs.open_output_stream(f"{base}/{name}") as o:
+            if isinstance(data, bytes):
+                o.write(data)
+            else:
+                with open(data, "rb") as f:
+                    shutil.copyfileobj(f, o, 1 << 22)
+
+
+# --- a job's work directory ---------------------------------------------------------------------
 
 PROBE_FILE = "storage-probe"
 
@@ -108,26 +238,41 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def read_manifest(artifact: Path) -> dict[str, Any]:
-    """The parsed manifest of a local artifact directory.
+def read_manifest(artifact: Path) -> Manifest:
+    """The manifest of a local artifact directory.
 
     Raises:
         ArtifactError: not a directory, no manifest, or not a lora-dist manifest.
     """
-    path = Path(artifact) / MANIFEST_FILE
-    if not Path(artifact).is_dir():
+    return Manifest.from_json(_read_manifest_json(Path(artifact)), str(Path(artifact) / MANIFEST_FILE))
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """A manifest from its JSON text (read from a path or URI); ``where`` names it in errors.
+
+    Raises:
+        ArtifactError: not JSON, or not a lora-dist manifest.
+    """
+    return Manifest.from_json(_manifest_json(text, where), where)
+
+
+def _read_manifest_json(artifact: Path) -> dict[str, Any]:
+    path = artifact / MANIFEST_FILE
+    if not artifact.is_dir():
         raise ArtifactError(f"{artifact}: not a directory")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing: not a complete lora-dist artifact")
-    return parse_manifest(path.read_text(), str(path))
+    return _manifest_json(path.read_text(), str(path))
 
 
-def parse_manifest(text: str, where: str) -> dict[str, Any]:
+def _manifest_json(text: str, where: str) -> dict[str, Any]:
+    """The manifest's JSON object as written (its signature is over exactly this)."""
     try:
         manifest = json.loads(text)
     except ValueError as e:
         raise ArtifactError(f"{where}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
+            not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{where}: not a {FORMAT} manifest")
     return manifest
 
@@ -156,27 +301,13 @@ def manifest_digest(artifact: Path) -> str:
     return "sha256:" + sha256_file(Path(artifact) / MANIFEST_FILE)
 
 
-def read_bytes(location: str) -> bytes | None:
-    """The bytes of a file at a path or URI; None where it does not exist or cannot be reached."""
-    try:
-        if not is_uri(location):
-            return Path(location).read_bytes()
-        import pyarrow.fs as pafs
-
-        fs, path = pafs.FileSystem.from_uri(location)
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except (OSError, ValueError):
-        return None
-
-
 def digest_at(artifact_location: str) -> str | None:
     """:func:`manifest_digest` of an artifact at a path or URI; None where it cannot be read."""
     data = read_bytes(join(str(artifact_location), MANIFEST_FILE))
     return None if data is None else "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def verify_artifact(artifact: Path, digest: str | None = None) -> dict[str, Any]:
+def verify_artifact(artifact: Path, digest: str | None = None) -> Manifest:
     """Check every file listed in the manifest against its sha256; return the manifest.
 
     The directory must hold nothing the manifest does not list. With ``digest``, the manifest
@@ -190,27 +321,28 @@ def verify_artifact(artifact: Path, digest: str | None = None) -> dict[str, Any]
     import hmac
 
     artifact = Path(artifact)
-    manifest = read_manifest(artifact)
+    raw = _read_manifest_json(artifact)
     if digest is not None and manifest_digest(artifact) != digest:
         raise ArtifactError(f"{artifact / MANIFEST_FILE}: sha256 is {manifest_digest(artifact)}, expected {digest}: "
                             f"the manifest was replaced")
     key = signing_key()
-    if key is not None:
-        signature = manifest.get("signature")
+    if key is not None:  # over the JSON object as written, before it is read as a record
+        signature = raw.get("signature")
         if not isinstance(signature, str):
             raise ArtifactError(f"{artifact / MANIFEST_FILE}: not signed, and {SIGNING_KEY_ENV} is set")
-        if not hmac.compare_digest(signature, manifest_signature(manifest, key)):
+        if not hmac.compare_digest(signature, manifest_signature(raw, key)):
             raise ArtifactError(f"{artifact / MANIFEST_FILE}: the signature does not match (the manifest was "
                                 f"changed, or signed with another key)")
-    unlisted = sorted(p.name for p in artifact.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest["files"])
+    manifest = Manifest.from_json(raw, str(artifact / MANIFEST_FILE))
+    unlisted = sorted(p.name for p in artifact.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest.files)
     if unlisted:
         raise ArtifactError(f"{artifact}: {unlisted[:5]} not listed in the manifest; an artifact holds only "
                             f"the files its manifest lists")
-    required_files = (FULL_MODEL_FILE,) if manifest.get("kind") == "full" else (ADAPTER_FILE, CONFIG_FILE)
+    required_files = (FULL_MODEL_FILE,) if manifest.kind == "full" else (ADAPTER_FILE, CONFIG_FILE)
     for required in required_files:
-        if required not in manifest["files"]:
+        if required not in manifest.files:
             raise ArtifactError(f"{artifact / MANIFEST_FILE}: does not list {required}")
-    for name, digest in manifest["files"].items():
+    for name, digest in manifest.files.items():
         if Path(name).name != name:
             raise ArtifactError(f"{artifact / MANIFEST_FILE}: file name {name!r} is not a plain name")
         f = artifact / name
@@ -221,12 +353,6 @@ def verify_artifact(artifact: Path, digest: str | None = None) -> dict[str, Any]
     return manifest
 
 
-def read_text(location: str) -> str | None:
-    """The text of a file at a path or URI; None where it does not exist or cannot be reached."""
-    data = read_bytes(location)
-    return None if data is None else data.decode(errors="replace")
-
-
 # --- moving artifacts -----------------------------------------------------------------------------
 
 def publish(local_artifact: Path, uri: str) -> str:
@@ -235,18 +361,12 @@ def publish(local_artifact: Path, uri: str) -> str:
     Raises:
         JobError: an artifact of that name already exists there.
     """
-    import pyarrow.fs as pafs
-
-    fs, base = pafs.FileSystem.from_uri(uri.rstrip("/"))
-    dest = f"{base}/{local_artifact.name}"
-    if fs.get_file_info(f"{dest}/{MANIFEST_FILE}").type != pafs.FileType.NotFound:
-        raise JobError(f"{join(uri, local_artifact.name)} already exists; an artifact is never overwritten")
-    fs.create_dir(dest, recursive=True)
-    files = sorted(p for p in local_artifact.iterdir() if p.is_file())
-    for f in sorted(files, key=lambda p: p.name == MANIFEST_FILE):
-        with fs.open_output_stream(f"{dest}/{f.name}") as o:
-            o.write(f.read_bytes())
-    return join(uri, local_artifact.name)
+    dest = join(uri, local_artifact.name)
+    if read_bytes(join(dest, MANIFEST_FILE)) is not None:
+        raise JobError(f"{dest} already exists; an artifact is never overwritten")
+    files = sorted((p for p in local_artifact.iterdir() if p.is_file()), key=lambda p: p.name == MANIFEST_FILE)
+    upload({f.name: f for f in files}, dest)
+    return dest
 
 
 def fetch(location: str, out: Path, digest: str | None = None) -> Path:
@@ -260,30 +380,74 @@ def fetch(location: str, out: Path, digest: str | None = None) -> Path:
     """
     if out.exists():
         raise JobError(f"{out} already exists; fetch never overwrites (choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    if read_bytes(join(location, MANIFEST_FILE)) is None:
+        if is_uri(location):
+            raise JobError(f"{location}: no {MANIFEST_FILE}: not a complete artifact")
+        raise JobError(f"{Path(location)}: no {MANIFEST_FILE}: not a complete artifact (or not reachable from here)")
+    with atomic_dir(out) as partial:
         if is_uri(location):
             import pyarrow.fs as pafs
 
-            fs, path = pafs.FileSystem.from_uri(location)
-            if fs.get_file_info(f"{path}/{MANIFEST_FILE}").type == pafs.FileType.NotFound:
-                raise JobError(f"{location}: no {MANIFEST_FILE}: not a complete artifact")
-            partial.mkdir()  # pyarrow copies into an existing directory only
             pafs.copy_files(location, str(partial), destination_filesystem=pafs.LocalFileSystem())
         else:
-            src = Path(location)
-            if not (src / MANIFEST_FILE).is_file():
-                raise JobError(f"{src}: no {MANIFEST_FILE}: not a complete artifact (or not reachable from here)")
-            shutil.copytree(src, partial)
+            shutil.copytree(location, partial, dirs_exist_ok=True)
         try:
             verify_artifact(partial, digest=digest)
         except ArtifactError as e:
             raise ArtifactError(f"{location}: {e}; the artifact was changed since it was published, and nothing "
                                 f"was fetched") from None
-        os.rename(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out
+
+
+# --- the roots a job's files go under -------------------------------------------------------------
+
+def output_root() -> Path:
+    """Where a cluster's local artifacts may go: $LORA_DIST_OUTPUT_ROOT, else the current directory."""
+    return Path(os.environ.get("LORA_DIST_OUTPUT_ROOT") or os.getcwd()).expanduser().resolve()
+
+
+def cache_root() -> Path:
+    """This machine's cache: the converted base model, fingerprints, the embedded-job registry."""
+    return Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora-dist")).expanduser()
+
+
+def multi_node_storage_problem(output_dir: str, workers: int, shared: bool) -> str | None:
+    """Why a job of ``workers`` workers cannot write to ``output_dir`` from several nodes, or None.
+
+    Checkpoints, metrics and the artifact live under output.dir, and a restarted worker may land
+    on any node: a plain local directory is seen by one node only, so a multi-node job needs a
+    storage URI or a local dir declared ``output.shared: true`` (mounted by every node; workers
+    check that they all see it before training).
+    """
+    if workers > 1 and not is_uri(output_dir) and not shared:
+        return (f"output.dir: {output_dir} is a local directory, and this job's {workers} "
+                f"workers may run on different nodes of the cluster, which would not see each other's "
+                f"checkpoints: use a storage URI (s3://..., gs://...), or set output.shared: true if every "
+                f"node mounts {output_dir} at the same path")
+    return None
+
+
+def output_root_problem(output_dir: str) -> str | None:
+    """Why ``output_dir`` is not under the output root, or None: a local output.dir, or a
+    ``file://`` one, must be under it (other storage URIs, on the scheme allow-list, are the
+    storage's business: its credentials decide).
+
+    The cluster side of a Jobs API submission checks this (``jobrun``): a spec sent to a shared
+    cluster writes only under that cluster's ``LORA_DIST_OUTPUT_ROOT``. A job on the embedded
+    default runs as the user on the user's machine and may write to any directory it can.
+    """
+    local = output_dir
+    if is_uri(local):
+        scheme, rest = local.split("://", 1)
+        if scheme.lower() != "file":
+            return None
+        local = "/" + rest.lstrip("/")  # file:///a/b and file://a/b (no host) both name /a/b
+    root = output_root()
+    target = Path(local).expanduser().resolve()
+    if target == root or root in target.parents:
+        return None
+    why = ("" if os.environ.get("LORA_DIST_OUTPUT_ROOT") else
+           "; LORA_DIST_OUTPUT_ROOT is not set here, so the root is the working directory: start Ray with "
+           "it set, e.g. LORA_DIST_OUTPUT_ROOT=/mnt/shared ray start ...")
+    return (f"output.dir: {target} is outside the output root {root} (use a directory under it, "
+            f"or a storage URI{why})")

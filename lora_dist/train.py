@@ -29,14 +29,16 @@ import torch
 from torch import nn
 
 from lora_dist.adapter import write_job_artifact
-from lora_dist.data import BatchPlan, TokenArrays, check_packing, collate, collate_packed, spread, tokenized
+from lora_dist.data import BatchPlan, TokenArrays, collate, collate_packed, spread, tokenized
 from lora_dist.device import Placement, local_placement
 from lora_dist.errors import ArtifactError
-from lora_dist.base import model_type
 from lora_dist.lora import LoraTensors, collect_lora, trainable_parameters
 from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
-from lora_dist.spec import JobSpec, SpecError, cache_root
-from lora_dist.store import METRICS_FILE, artifact_location, check_job_id, is_uri, new_job_id, publish, work_dir
+from lora_dist.records import EarlyStopState, LoraShape
+from lora_dist.spec import JobSpec
+from lora_dist.store import METRICS_FILE, artifact_location, cache_root, check_job_id, is_uri, new_job_id, publish, \
+    work_dir
+from lora_dist.validate import validate_job
 
 
 class ParityError(RuntimeError):
@@ -256,12 +258,12 @@ class EarlyStop:
                 self.stopped_at = step
         return self.stopped_at is not None
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> EarlyStopState:
         """What a checkpoint carries, besides the adapter's tensors (:meth:`tensors`)."""
-        meta = {name: {"r": t.r, "slices": t.slices, "out_features": t.out_features}
-                for name, t in (self.lora or {}).items()}
-        return {"best_step": self.best_step, "best_val": self.best_val, "since": self.since,
-                "stopped_at": self.stopped_at, "last_val": self.last_val, "modules": meta}
+        shapes = {name: LoraShape(r=t.r, slices=t.slices, out_features=t.out_features)
+                  for name, t in (self.lora or {}).items()}
+        return EarlyStopState(best_step=self.best_step, best_val=self.best_val, since=self.since,
+                              stopped_at=self.stopped_at, last_val=self.last_val, modules=shapes)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -269,13 +271,13 @@ class EarlyStop:
             out[f"{BEST_PREFIX}{name}/A"], out[f"{BEST_PREFIX}{name}/B"] = t.A, t.B
         return out
 
-    def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], main: bool) -> None:
+    def restore(self, state: EarlyStopState, tensors: dict[str, torch.Tensor], main: bool) -> None:
         """Take up a checkpoint's :meth:`state` and best-adapter tensors (kept on the main process)."""
-        self.best_step, self.best_val, self.since = state["best_step"], float(state["best_val"]), int(state["since"])
-        self.stopped_at, self.last_val = state["stopped_at"], state["last_val"]
-        self.lora = {name: LoraTensors(tensors[f"{BEST_PREFIX}{name}/A"], tensors[f"{BEST_PREFIX}{name}/B"], m["r"],
-                                       [tuple(x) for x in m["slices"]], m["out_features"])
-                     for name, m in state["modules"].items()} if main else None
+        self.best_step, self.best_val, self.since = state.best_step, state.best_val, state.since
+        self.stopped_at, self.last_val = state.stopped_at, state.last_val
+        self.lora = {name: LoraTensors(tensors[f"{BEST_PREFIX}{name}/A"], tensors[f"{BEST_PREFIX}{name}/B"], m.r,
+                                       list(m.slices), m.out_features)
+                     for name, m in state.modules.items()} if main else None
 
     def fields(self) -> dict[str, Any]:
         """The manifest's record of it."""
@@ -415,11 +417,17 @@ def train_step(loop: Loop, step: int) -> StepOut:
     return StepOut(float(loss_sum) / (ga * len(loop.ranks)), tokens, positions - tokens, lr)
 
 
-def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
+class RunResult(NamedTuple):
+    """What :func:`run_steps` ends with."""
+    loss: float  # the last step's loss over all ranks (a run resumed at its end: its checkpoint's)
+    parity_max: float | None  # the largest difference from the parity reference; None without one
+
+
+def run_steps(loop: Loop, start: int = 1) -> RunResult:
     """Steps ``start``..max_steps: train, record, check, validate and checkpoint on schedule.
 
     Returns:
-        (the last step's loss over all ranks, the largest parity difference or None).
+        The last step's loss over all ranks and the largest parity difference.
 
     Raises:
         ParityError: a step's loss left the reference by more than train.parity_tolerance.
@@ -467,7 +475,7 @@ def run_steps(loop: Loop, start: int = 1) -> tuple[float, float | None]:
                              f"{early.since} validations, the best {early.best_val:.4f} at step {early.best_step} "
                              f"(train.early_stop_patience {t.early_stop_patience})")
             break
-    return loss, parity_max
+    return RunResult(loss, parity_max)
 
 
 def end_validation(loop: Loop) -> float:
@@ -528,8 +536,6 @@ def build_local(spec: JobSpec, placement: Placement) -> LoadedModel:
     """The model of ``spec`` in this process: int8 or float base in the compute dtype, LoRA
     injected and initialised in fp32."""
     seed_everything(spec.train.seed)
-    if spec.data.batching == "packed":
-        check_packing(model_type(spec.model.base))
     built = load_model(spec.model.base, spec.injected_lora, spec.model.quantization, seed=spec.train.seed,
                        dtype=placement.dtype)
     if spec.train.activation_checkpointing:
@@ -555,10 +561,8 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     final = artifact_location(spec.output.dir, spec.name, job_id)
     if not is_uri(final) and Path(final).exists():
         raise ArtifactError(f"{final} already exists; an artifact is never overwritten")
-    try:
-        placement = local_placement(spec)
-    except ValueError as e:
-        raise SpecError([str(e)]) from None
+    validate_job(spec, "train")
+    placement = local_placement(spec)
     t0 = time.time()
     built = build_local(spec, placement)
     print(f"model {spec.model.base}: {len(built.injection.quantized)} int8 linears, {len(built.injection.lora)} "
@@ -575,9 +579,9 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
                 int8_bytes=int8_bytes(built.model), early=early_stop(spec))
     try:
         val_before = validate(loop, 0)
-        loss, _ = run_steps(loop)
+        run = run_steps(loop)
         val_after = end_validation(loop)
-        fields = {"world_size": 1, "zero_stage": 0, "steps": steps_run(loop), "final_loss": loss,
+        fields = {"world_size": 1, "zero_stage": 0, "steps": steps_run(loop), "final_loss": run.loss,
                   "val_loss_before": val_before, "val_loss_after": val_after, "precision": placement.record()}
         location = export(loop, built, job_id, fields, staging=work / "staging")
     finally:
@@ -588,6 +592,7 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
 def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
     """The first ``steps`` losses of an unsharded single-process run on the batches that a
     ``world_size``-worker run sees: the parity guard's reference."""
+    validate_job(spec, "build")
     placement = local_placement(spec)
     built = build_local(spec, placement)
     data = prepare_data(spec, built.tokenizer)

@@ -33,18 +33,19 @@ import torch.distributed as dist
 
 from lora_dist import checkpoint as ckpt
 from lora_dist import engine as eng
-from lora_dist.data import check_packing
 from lora_dist.device import Placement, worker_memory, worker_placement
 from lora_dist.base import resolve_base
 from lora_dist.counting import count_activations, count_model
 from lora_dist.lora import trainable_parameters
 from lora_dist.model import LoadedModel, enable_activation_checkpointing
 from lora_dist.plan import ModelCounts, Setup, StageChoice, choose_zero_stage, explicit_stage, zero_settings
+from lora_dist.records import CheckpointState
 from lora_dist.spec import JobSpec, redacted, spec_digest, spec_from_dict
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, PROBE_FILE, artifact_location, check_job_id, digest_at, \
     is_uri, join, parse_manifest, read_text, verify_artifact, write_storage_probe
 from lora_dist.train import Loop, Metrics, data_line, early_stop, end_validation, export, make_schedule, next_index, \
     prepare_data, run_steps, seed_everything, split_best, steps_run, validate
+from lora_dist.validate import validate_job
 
 FINAL_FILE = "final.json"
 
@@ -100,12 +101,12 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
     resumed_from = _resume(w, runner.module, loop)
     if resumed_from is None:
         w.val_before = validate(loop, 0)
-    loss, parity_max = run_steps(loop, start=1 if resumed_from is None else resumed_from + 1)
+    run = run_steps(loop, start=1 if resumed_from is None else resumed_from + 1)
     val_after = end_validation(loop)
     fields = {"world_size": w.world, "zero_stage": w.stage.stage, "zero_stage_reason": w.stage.reason,
               "steps": steps_run(loop),
-              "final_loss": loss, "val_loss_before": w.val_before, "val_loss_after": val_after,
-              "resumed_from_step": resumed_from, "parity_max_loss_diff": parity_max, "nodes": nodes,
+              "final_loss": run.loss, "val_loss_before": w.val_before, "val_loss_after": val_after,
+              "resumed_from_step": resumed_from, "parity_max_loss_diff": run.parity_max, "nodes": nodes,
               "node_history": [*w.earlier_nodes, nodes],  # each attempt that trained, oldest first
               "int8_partition_bytes": parts["int8_local_bytes"], "int8_full_bytes": parts["int8_full_bytes"],
               "precision": w.placement.record(), "zero_settings": w.zero}
@@ -114,7 +115,7 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
         loop.metrics.say(f"artifact written: {location}")
         ckpt.remove_all(w.checkpoints)  # the artifact holds what they did
     dist.barrier()
-    _report_final(w, {"step": steps_run(loop), "loss": loss, "artifact": location,
+    _report_final(w, {"step": steps_run(loop), "loss": run.loss, "artifact": location,
                       "manifest_digest": digest_at(location) if w.rank == 0 else None})
 
 
@@ -182,10 +183,10 @@ def _published(w: Worker) -> dict[str, Any] | None:
     if text is None:
         return None
     manifest = parse_manifest(text, location)
-    ckpt.check_same_spec(manifest.get("spec") or {}, redacted(w.spec.to_dict()), f"the artifact {location}")
+    ckpt.check_same_spec(manifest.spec or {}, redacted(w.spec.to_dict()), f"the artifact {location}")
     if not is_uri(location):
         verify_artifact(Path(location))
-    return {"step": manifest.get("steps"), "loss": manifest.get("final_loss"), "artifact": location,
+    return {"step": manifest.steps, "loss": manifest.final_loss, "artifact": location,
             "manifest_digest": digest_at(location)}
 
 
@@ -209,8 +210,7 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     spec, t0 = w.spec, time.time()
     model_dir = resolve_base(spec.model.base)
     hf_config = AutoConfig.from_pretrained(model_dir)
-    if spec.data.batching == "packed":
-        check_packing(hf_config.model_type)
+    validate_job(spec, "build")
     full = spec.train.method == "full"
     counts = count_model(spec.model.base, spec.injected_lora, spec.model.quantization)
     w.zero = zero_settings(counts, "full" if full else "lora_int8_zero3")
@@ -278,19 +278,20 @@ def _resume(w: Worker, engine, loop: Loop) -> int | None:
         loop.metrics.start()
         return None
     c = ckpt.load(location)  # every rank reads and verifies it: megabytes
-    ckpt.check_same_spec(c.state["spec"], redacted(w.spec.to_dict()), f"the checkpoint {location}")
+    state = c.state
+    ckpt.check_same_spec(state.spec, redacted(w.spec.to_dict()), f"the checkpoint {location}")
     tensors, best = split_best(c.tensors)
-    eng.restore_train_state(engine, tensors, c.state["scalars"])
+    eng.restore_train_state(engine, tensors, state.scalars)
     if loop.early is not None:
-        loop.early.restore(c.state["early_stop"], best, main=w.rank == 0)
-    loop.resumed_at, loop.index_base = c.step, int(c.state["next_index"])
-    loop.resumed_loss = float(c.state.get("loss", float("nan")))
-    w.val_before = c.state.get("val_loss_before")
-    w.earlier_nodes = c.state.get("node_history", [])
-    if c.state["world_size"] == w.world:
-        _set_rng(c.state["rng"][w.rank], w)
+        loop.early.restore(state.early_stop, best, main=w.rank == 0)
+    loop.resumed_at, loop.index_base = c.step, state.next_index
+    loop.resumed_loss = state.loss
+    w.val_before = state.val_loss_before
+    w.earlier_nodes = state.node_history
+    if state.world_size == w.world:
+        _set_rng(state.rng[w.rank], w)
     loop.metrics.resumed(c.step, c.metrics)
-    written = c.state["world_size"]
+    written = state.world_size
     loop.metrics.say(f"resumed from the checkpoint of step {c.step}"
                      + (f" (written by {written} workers, now {w.world})" if written != w.world else ""))
     return c.step
@@ -307,12 +308,12 @@ def _checkpoint(w: Worker, engine, loop: Loop, step: int, loss: float) -> None:
     rng: list[Any] = [None] * w.world
     dist.all_gather_object(rng, _get_rng(w))
     if w.rank == 0:
-        state = {"step": step, "loss": loss, "next_index": next_index(loop, step), "world_size": w.world,
-                 "scalars": scalars,
-                 "rng": rng, "spec": redacted(w.spec.to_dict()), "spec_digest": spec_digest(w.spec.to_dict()),
-                 "val_loss_before": w.val_before, "node_history": [*w.earlier_nodes, w.nodes]}
+        state = CheckpointState(step=step, loss=loss, next_index=next_index(loop, step), world_size=w.world,
+                                scalars=scalars, rng=rng, spec=redacted(w.spec.to_dict()),
+                                spec_digest=spec_digest(w.spec.to_dict()), val_loss_before=w.val_before,
+                                node_history=[*w.earlier_nodes, w.nodes])
         if loop.early is not None:  # the best adapter so far, and how long since it improved
-            state["early_stop"] = loop.early.state()
+            state = state.updated(early_stop=loop.early.state())
             tensors = {**tensors, **loop.early.tensors()}
         ckpt.write(w.checkpoints, step, tensors, state, loop.metrics.text(), say=w.say)
     dist.barrier()  # nobody goes on before the checkpoint is complete

@@ -12,6 +12,7 @@ from lora_dist.adapter import load_adapted, write_artifact
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoRALinear, collect_lora
 from lora_dist.model import load_model
+from lora_dist.records import Manifest
 from lora_dist.spec import LoraSpec
 from lora_dist.store import verify_artifact
 
@@ -72,7 +73,7 @@ def test_gpt2_fused_qv_export_is_exact_in_peft(tmp_path):
             torch.nn.init.normal_(m.lora_B, std=0.5)
     lora = collect_lora(lm.model)
     config = adapter.peft_config(lora, 4, 8.0, 0.0, False, "kaiming", str(base_dir), fan_in_fan_out=True)
-    art = write_artifact(tmp_path / "art", lora, config, {"steps": 1})
+    art = write_artifact(tmp_path / "art", lora, config, Manifest(steps=1))
     ids = torch.randint(2, 128, (2, 16))
     with torch.no_grad():
         ours = lm.model(input_ids=ids).logits
@@ -84,11 +85,11 @@ def test_export_refuses_untrained_or_misshapen_adapter(tmp_path, tiny_llama_dir)
     lm = load_model(str(tiny_llama_dir), LoraSpec(r=2, targets=("v_proj",)), "int8", with_tokenizer=False)
     lora = collect_lora(lm.model)
     with pytest.raises(ArtifactError, match="all zero after training"):
-        write_artifact(tmp_path / "a", lora, {}, {"steps": 10})
+        write_artifact(tmp_path / "a", lora, {}, Manifest(steps=10))
     name = next(iter(lora))
     lora[name].A = torch.empty(0)  # what a partitioned (not gathered) ZeRO-3 tensor looks like
     with pytest.raises(ArtifactError, match="wrong shape"):
-        write_artifact(tmp_path / "b", lora, {}, {"steps": 0})
+        write_artifact(tmp_path / "b", lora, {}, Manifest(steps=0))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert not list(tmp_path.glob(".*partial"))
 

@@ -17,11 +17,17 @@ import torch
 
 from lora_dist import checkpoint as ckpt
 from lora_dist.errors import ArtifactError
+from lora_dist.records import CheckpointState
+
+
+def _state(step: int, spec: dict) -> CheckpointState:
+    return CheckpointState(step=step, next_index=step, world_size=1, scalars={"optimizer_step": float(step)},
+                           rng=[{}], spec=spec, spec_digest="sha256:0")
 
 
 def _write(root: Path, step: int) -> str:
     tensors = {"param/x": torch.full((2, 3), float(step)), "exp_avg/x": torch.zeros(2, 3)}
-    return ckpt.write(str(root), step, tensors, {"step": step, "spec": {"name": "a"}}, f'{{"step": {step}}}\n')
+    return ckpt.write(str(root), step, tensors, _state(step, {"name": "a"}), f'{{"step": {step}}}\n')
 
 
 def test_a_checkpoint_round_trips_and_keeps_the_newest_two(tmp_path):
@@ -29,7 +35,8 @@ def test_a_checkpoint_round_trips_and_keeps_the_newest_two(tmp_path):
         _write(tmp_path, step)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000006"]
     c = ckpt.load(ckpt.latest(str(tmp_path)))
-    assert c.step == 6 and c.state["step"] == 6 and c.metrics == '{"step": 6}\n'
+    assert c.step == 6 and c.state == _state(6, {"name": "a"}) and c.metrics == '{"step": 6}\n'
+    assert ckpt.latest_state(str(tmp_path)) == c.state
     assert torch.equal(c.tensors["param/x"], torch.full((2, 3), 6.0))
 
 
@@ -97,7 +104,7 @@ def test_a_job_resumes_at_another_worker_count(tmp_path, tiny_llama_dir):
         assert r["compute_copy_diff"] == 0.0, r
         assert r["optimizer_step"] == r["saved_optimizer_step"] == 2.0
         assert r["index_base"] == r["saved_next_index"] == 2 * 2  # 2 steps x 2 workers x grad_accum 1
-        assert r["lr"] == pytest.approx(saved.state["scalars"]["scheduler"]["_last_lr"][0])
+        assert r["lr"] == pytest.approx(saved.state.scalars["scheduler"]["_last_lr"][0])
 
     # A newer checkpoint torn by its writer's death is skipped for step 2.
     shutil.copytree(root / "step-00000002", root / "step-00000003")
@@ -109,8 +116,8 @@ def test_a_job_resumes_at_another_worker_count(tmp_path, tiny_llama_dir):
     assert "checkpoint of step 3 skipped" in logs[0] and "written by 2 workers, now 1" in logs[0], logs[0][-3000:]
     artifact = Path(artifact_location(str(out), "elastic", "elastic"))
     manifest = verify_artifact(artifact)
-    assert manifest["resumed_from_step"] == 2 and manifest["world_size"] == 1
-    assert manifest["zero_stage"] == 1 and manifest["zero_stage_reason"].startswith("auto: "), manifest
+    assert manifest.resumed_from_step == 2 and manifest.world_size == 1
+    assert manifest.zero_stage == 1 and manifest.zero_stage_reason.startswith("auto: "), manifest
     history = [json.loads(x) for x in (artifact / METRICS_FILE).read_text().splitlines()]
     assert [m["step"] for m in history if "loss" in m] == [1, 2, 3, 4], history
     assert all(m["loss"] != 9.0 for m in history if "loss" in m)  # the lost attempt's records are gone
@@ -148,19 +155,19 @@ def test_early_stop_exports_the_best_adapter_and_survives_a_restart(tmp_path, ti
     manifest = verify_artifact(whole)
     vals = {m["step"]: m["val_loss"] for m in map(json.loads, (whole / METRICS_FILE).read_text().splitlines())
             if "val_loss" in m}
-    best, stopped = manifest["best_step"], manifest["stopped_at"]
-    assert stopped is not None and stopped < 12 and manifest["steps"] == stopped, manifest
+    best, stopped = manifest.best_step, manifest.stopped_at
+    assert stopped is not None and stopped < 12 and manifest.steps == stopped, manifest
     assert best == min((s for s in vals if 1 <= s <= stopped), key=lambda s: vals[s]) and stopped - best == 2
-    assert manifest["best_val_loss"] == manifest["val_loss_after"] == vals[best] < vals[stopped]
+    assert manifest.best_val_loss == manifest.val_loss_after == vals[best] < vals[stopped]
     assert best == 2, vals  # the case the restart below is about: lost one validation after the best
 
     saved = ckpt.load(ckpt.latest(ckpt.checkpoints_dir(str(out), "lost", "lost")))
-    assert saved.step == 3 and saved.state["early_stop"]["best_step"] == best
-    assert saved.state["early_stop"]["since"] == 1
+    assert saved.step == 3 and saved.state.early_stop.best_step == best
+    assert saved.state.early_stop.since == 1
     logs = run_ranks([job("lost")], 2)
     assert "resumed from the checkpoint of step 3" in logs[0] and f"early stop at step {stopped}" in logs[0]
     resumed = verify_artifact(Path(artifact_location(str(out), "lost", "lost")))
-    assert (resumed["best_step"], resumed["stopped_at"], resumed["resumed_from_step"]) == (best, stopped, 3)
+    assert (resumed.best_step, resumed.stopped_at, resumed.resumed_from_step) == (best, stopped, 3)
     a = read_lora_tensors(whole)
     b = read_lora_tensors(Path(artifact_location(str(out), "lost", "lost")))
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
@@ -178,7 +185,7 @@ def test_a_resubmit_of_a_published_job_returns_its_artifact_without_running(tiny
     from lora_dist.store import read_manifest
 
     artifact, _ = tiny_trained
-    spec = spec_from_dict(read_manifest(artifact)["spec"])
+    spec = spec_from_dict(read_manifest(artifact).spec)
     log = io.StringIO()
     assert run_job(spec, job_id="tiny", stream=log) == artifact
     assert "already published" in log.getvalue()
@@ -199,7 +206,7 @@ def test_a_changed_spec_cannot_continue_a_checkpoint(tiny_llama_dir, tmp_path):
     spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}",
                                 f"output.dir={tmp_path / 'runs'}"]).with_absolute_paths()
     root = ckpt.checkpoints_dir(spec.output.dir, spec.name, "j1")
-    ckpt.write(root, 3, {"param/x": torch.zeros(1)}, {"step": 3, "spec": redacted(spec.to_dict())}, "")
+    ckpt.write(root, 3, {"param/x": torch.zeros(1)}, _state(3, redacted(spec.to_dict())), "")
     changed = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}",
                                    f"output.dir={tmp_path / 'runs'}", "train.max_steps=999"])
     with pytest.raises(SpecError, match=r"train\.max_steps: \d+ -> 999.*use a new --job-id"):
@@ -232,7 +239,7 @@ def test_the_same_spec_and_seed_give_a_byte_identical_adapter(tiny_trained, tmp_
     from lora_dist.train import train_local
 
     first, _ = tiny_trained
-    spec = spec_from_dict(read_manifest(first)["spec"])
+    spec = spec_from_dict(read_manifest(first).spec)
     again = spec.model_copy(update={"output": spec.output.model_copy(update={"dir": str(tmp_path)})})
     second = train_local(again, job_id="tiny", stream=io.StringIO())
     assert (second / ADAPTER_FILE).read_bytes() == (first / ADAPTER_FILE).read_bytes()

@@ -118,11 +118,11 @@ def test_evaluation_prompts_with_the_template_the_adapter_was_trained_with(tiny_
 
     artifact, _ = tiny_trained
     manifest = read_manifest(artifact)
-    manifest["data"]["prompt_template"] = "MR: {input} =>"  # as if trained with another template
+    manifest = manifest.updated(data=manifest.data.updated(prompt_template="MR: {input} =>"))  # as if trained
     assert prompt_template(manifest) == "MR: {input} =>"
     assert format_prompt(manifest, " name[X] ") == "MR: name[X] =>"
     assert e2e_references(e2e_csv, limit=1, template="MR: {input} =>")[0][0].startswith("MR: name[Alimentum]")
-    del manifest["data"]["prompt_template"]  # an artifact from before the template was recorded
+    manifest = manifest.updated(data=manifest.data.updated(prompt_template=None))  # from before the record
     assert format_prompt(manifest, "name[X]").startswith("Describe the restaurant")
 
 

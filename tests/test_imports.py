@@ -3,9 +3,9 @@
 Stages, in order; a module may import only modules earlier in this list. Imports inside
 functions count as much as those at the top.
 
-    errors -> store -> spec -> plan -> jobs -> registry   no torch: CLI queries, the planner, the job client
+    errors -> records -> store -> spec -> plan -> jobs -> registry   no torch: CLI queries, the planner, the job client
     device (where and in which dtype a process computes)
-    quant -> lora -> base -> weights -> model -> counting -> data -> plot -> adapter   the model, the artifact
+    quant -> lora -> base -> weights -> model -> counting -> data -> validate -> plot -> adapter   the model, the artifact
     checkpoint (resumable state: safetensors + JSON, verified)
     engine (the only DeepSpeed importer)
     train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "store", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant", "lora", "base", "weights",
-         "model", "counting", "data", "plot", "adapter", "checkpoint", "engine", "train", "worker", "launch", "jobrun",
-         "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
+ORDER = ["errors", "records", "store", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant", "lora", "base",
+         "weights", "model", "counting", "data", "validate", "plot", "adapter", "checkpoint", "engine", "train", "worker",
+         "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
 
 
 def _imports(path: Path) -> dict[str, set[str]]:

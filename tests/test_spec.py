@@ -137,20 +137,21 @@ def test_runtime_env_keys_come_from_an_allow_list(tmp_path):
 
 def test_cluster_output_root_confines_local_output_dirs(tmp_path, monkeypatch):
     """The check the cluster side (jobrun) applies; the embedded default does not (test_train)."""
-    from lora_dist.spec import check_output_root
+    from lora_dist.validate import validate_job
+
     monkeypatch.chdir(tmp_path)
-    check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: runs}\n")))
-    check_output_root(load_spec(_write(tmp_path, f"name: a\noutput: {{dir: {tmp_path}/deep/runs}}\n")))
-    check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: 's3://bucket/runs'}\n")))
+    validate_job(load_spec(_write(tmp_path, "name: a\noutput: {dir: runs}\n")), "cluster")
+    validate_job(load_spec(_write(tmp_path, f"name: a\noutput: {{dir: {tmp_path}/deep/runs}}\n")), "cluster")
+    validate_job(load_spec(_write(tmp_path, "name: a\noutput: {dir: 's3://bucket/runs'}\n")), "cluster")
     with pytest.raises(SpecError, match="output.dir: /etc/runs is outside the output root"):
-        check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: /etc/runs}\n")))
+        validate_job(load_spec(_write(tmp_path, "name: a\noutput: {dir: /etc/runs}\n")), "cluster")
     # a file:// URI is a local path: confined the same way, whatever its spelling
-    check_output_root(load_spec(_write(tmp_path, f"name: a\noutput: {{dir: 'file://{tmp_path}/runs'}}\n")))
+    validate_job(load_spec(_write(tmp_path, f"name: a\noutput: {{dir: 'file://{tmp_path}/runs'}}\n")), "cluster")
     for uri in ("file:///etc/cron.d", "file://etc/cron.d", "FILE:///etc/cron.d", f"file://{tmp_path}/../../etc"):
         with pytest.raises(SpecError, match="is outside the output root|must not contain '..'"):
-            check_output_root(load_spec(_write(tmp_path, f"name: a\noutput: {{dir: '{uri}'}}\n")))
+            validate_job(load_spec(_write(tmp_path, f"name: a\noutput: {{dir: '{uri}'}}\n")), "cluster")
     monkeypatch.setenv("LORA_DIST_OUTPUT_ROOT", "/etc")
-    check_output_root(load_spec(_write(tmp_path, "name: a\noutput: {dir: /etc/runs}\n")))
+    validate_job(load_spec(_write(tmp_path, "name: a\noutput: {dir: /etc/runs}\n")), "cluster")
     with pytest.raises(SpecError, match="URI scheme 'ftp' is not supported"):
         load_spec(_write(tmp_path, "name: a\noutput: {dir: 'ftp://host/runs'}\n"))
 

@@ -41,7 +41,7 @@ def _artifact(root: Path) -> Path:
 
 def test_verify_names_the_modified_or_missing_file(tmp_path):
     art = _artifact(tmp_path)
-    assert verify_artifact(art)["steps"] == 3
+    assert verify_artifact(art).steps == 3
     (art / CONFIG_FILE).write_text('{"r": 9}')
     with pytest.raises(ArtifactError, match="adapter_config.json: sha256 mismatch"):
         verify_artifact(art)
@@ -62,7 +62,7 @@ def test_publish_to_a_uri_then_fetch_verifies_and_never_overwrites(tmp_path):
     with pytest.raises(JobError, match="already exists"):
         publish(art, uri)
     out = fetch(location, tmp_path / "fetched")
-    assert verify_artifact(out)["files"] == verify_artifact(art)["files"]
+    assert verify_artifact(out).files == verify_artifact(art).files
     with pytest.raises(JobError, match="already exists"):
         fetch(location, tmp_path / "fetched")
 
@@ -106,7 +106,7 @@ def test_a_rewritten_manifest_fails_against_its_recorded_digest_and_signature(tm
     (art / MANIFEST_FILE).write_text(json.dumps(manifest))
     recorded = manifest_digest(art)
     monkeypatch.setenv(SIGNING_KEY_ENV, "k1")
-    assert verify_artifact(art, digest=recorded)["format"] == FORMAT
+    assert verify_artifact(art, digest=recorded).format == FORMAT
     (art / ADAPTER_FILE).write_bytes(b"\x01" * 64)  # the attack: a new adapter, its sha256 rewritten
     manifest["files"][ADAPTER_FILE] = sha256_file(art / ADAPTER_FILE)
     (art / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -125,3 +125,59 @@ def test_a_rewritten_manifest_fails_against_its_recorded_digest_and_signature(tm
         verify_artifact(art)
     monkeypatch.delenv(SIGNING_KEY_ENV)
     assert verify_artifact(art)  # no key, no digest: only the files against the manifest
+
+
+def test_a_directory_written_aside_appears_whole_or_not_at_all(tmp_path):
+    from lora_dist.store import atomic_dir
+
+    final = tmp_path / "out" / "d"
+    with atomic_dir(final) as d:
+        assert d.parent == final.parent and d.name.startswith(".d.") and not final.exists()
+        (d / "a").write_text("1")
+    assert (final / "a").read_text() == "1" and [p.name for p in final.parent.iterdir()] == ["d"]
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final, replace=True) as d:
+            (d / "b").write_text("2")
+            raise RuntimeError("the writer fails")
+    assert [p.name for p in final.iterdir()] == ["a"] and [p.name for p in final.parent.iterdir()] == ["d"]
+    with pytest.raises(OSError):  # an existing one is replaced only when asked
+        with atomic_dir(final) as d:
+            (d / "b").write_text("2")
+    with atomic_dir(final, replace=True) as d:
+        (d / "b").write_text("2")
+    assert [p.name for p in final.iterdir()] == ["b"] and [p.name for p in final.parent.iterdir()] == ["d"]
+
+
+def test_a_file_written_aside_replaces_the_old_one_whole(tmp_path):
+    from lora_dist.store import atomic_file
+
+    target = tmp_path / "c" / "f.csv"
+    atomic_file(target, b"old")
+    atomic_file(target, b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in target.parent.iterdir()] == ["f.csv"]
+
+
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_one_filesystem_layer_for_paths_and_uris(tmp_path, as_uri):
+    from lora_dist.store import list_dir, read_bytes, remove_tree, upload
+
+    root = tmp_path.as_uri() if as_uri else str(tmp_path)
+    assert list_dir(f"{root}/none") == [] and read_bytes(f"{root}/none/x") is None
+    upload({"a": b"1", "b": b"2"}, f"{root}/d/e") if as_uri else (tmp_path / "d" / "e").mkdir(parents=True)
+    (tmp_path / "d" / "f").write_bytes(b"3")
+    assert sorted(list_dir(f"{root}/d")) == ["e", "f"] and list_dir(f"{root}/d", dirs_only=True) == ["e"]
+    assert read_bytes(f"{root}/d/f") == b"3"
+    remove_tree(f"{root}/d")
+    remove_tree(f"{root}/d")  # nothing there: nothing to do
+    assert list_dir(root) == []
+
+
+def test_the_cluster_output_root_and_the_cache_root_come_from_the_environment(tmp_path, monkeypatch):
+    from lora_dist.store import cache_root, output_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORA_DIST_OUTPUT_ROOT", raising=False)
+    assert output_root() == tmp_path.resolve()
+    monkeypatch.setenv("LORA_DIST_OUTPUT_ROOT", str(tmp_path / "o"))
+    monkeypatch.setenv("LORA_DIST_CACHE", str(tmp_path / "c"))
+    assert output_root() == (tmp_path / "o").resolve() and cache_root() == tmp_path / "c"

@@ -3,6 +3,7 @@ point end to end on SmolLM2 with E2E data (slow)."""
 
 import io
 import json
+import math
 import os
 from pathlib import Path
 
@@ -22,12 +23,12 @@ def _metrics(artifact: Path) -> list[dict]:
 def test_single_process_run_records_every_step_and_writes_a_verified_artifact(tiny_trained):
     artifact, log = tiny_trained
     manifest = store.verify_artifact(artifact)
-    assert set(manifest["files"]) == {store.ADAPTER_FILE, store.CONFIG_FILE, store.METRICS_FILE,
+    assert set(manifest.files) == {store.ADAPTER_FILE, store.CONFIG_FILE, store.METRICS_FILE,
                                       store.LOSS_CURVE_FILE}
-    assert manifest["world_size"] == 1 and manifest["zero_stage"] == 0 and manifest["steps"] == 4
+    assert manifest.world_size == 1 and manifest.zero_stage == 0 and manifest.steps == 4
     # r=4 on all 7 linears of 2 blocks, r * (in + out) each: q, o 64x64; k, v 64->32; gate, up, down 64<->128
-    assert manifest["trainable_params"] == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
-    assert manifest["data"]["prompt_template"] == "Describe the restaurant in one sentence.\nAttributes: {input}\nDescription:"
+    assert manifest.trainable_params == 2 * 4 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
+    assert manifest.data.prompt_template == "Describe the restaurant in one sentence.\nAttributes: {input}\nDescription:"
     steps = [m for m in _metrics(artifact) if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4]
     for m in steps:  # the same record on every path: loss, lr, throughput, memory, int8 bytes
@@ -75,8 +76,8 @@ def test_the_reference_at_world_size_n_averages_every_ranks_batches(tiny_llama_d
     """The parity reference: one process over the batches of N workers. Its first loss is the
     mean of each rank's first batch under the fresh (B = 0) adapter, computed here directly."""
     from lora_dist.device import local_placement
-    from lora_dist.train import Loop, Metrics, build_local, global_index, micro_batch, prepare_data, \
-        reference_losses, seed_batch, train_step, LocalRunner
+    from lora_dist.train import Loop, Metrics, RunResult, build_local, global_index, micro_batch, prepare_data, \
+        reference_losses, run_steps, seed_batch, train_step, LocalRunner
 
     spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}", *TINY_OVERRIDES])
     losses = reference_losses(spec, world_size=2, steps=2)
@@ -98,6 +99,11 @@ def test_the_reference_at_world_size_n_averages_every_ranks_batches(tiny_llama_d
     batches = [micro_batch(data, loop.plan, global_index(1, 0, rank, 1, 2)) for rank in (0, 1)]
     assert out.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
     assert out.pad_tokens == sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+    # the loop goes on from there, checked against the reference, and says how it ended
+    loop.reference = losses
+    run = run_steps(loop, start=2)
+    assert isinstance(run, RunResult) and run.parity_max is not None and run.parity_max < 1e-5
+    assert math.isfinite(run.loss) and run.loss != losses[1]  # the last step's: step 4, not step 2
 
 
 def test_validation_split_across_ranks_sums_to_the_whole(tiny_llama_dir):
@@ -132,7 +138,7 @@ def test_a_local_output_dir_may_be_any_writable_directory(tiny_llama_dir, tmp_pa
             *[f"--set={o}" for o in TINY_OVERRIDES], "--set=train.max_steps=1"]
     proc = run_cli("train", str(MAIN_JOB), *args, cwd=cwd)
     artifact = Path(proc.stdout.strip().splitlines()[-1])
-    assert artifact.parent == elsewhere and store.verify_artifact(artifact)["steps"] == 1
+    assert artifact.parent == elsewhere and store.verify_artifact(artifact).steps == 1
 
 
 def test_env_var_values_never_reach_the_artifact_or_the_output(tiny_llama_dir, tmp_path):
@@ -145,10 +151,10 @@ def test_env_var_values_never_reach_the_artifact_or_the_output(tiny_llama_dir, t
     proc = run_cli("train", str(MAIN_JOB), *args, cwd=tmp_path, env=env)
     artifact = Path(proc.stdout.strip().splitlines()[-1])
     manifest = store.verify_artifact(artifact)
-    assert manifest["spec"]["cluster"]["runtime_env"]["env_vars"] == {"MY_SERVICE_TOKEN": "<redacted>"}
+    assert manifest.spec["cluster"]["runtime_env"]["env_vars"] == {"MY_SERVICE_TOKEN": "<redacted>"}
     assert "s3cr3t" not in proc.stdout + proc.stderr
     assert not [f.name for f in artifact.iterdir() if b"s3cr3t" in f.read_bytes()]
-    assert manifest["signature"].startswith("hmac-sha256:")
+    assert manifest.signature.startswith("hmac-sha256:")
     digest = store.manifest_digest(artifact)
     checked = run_cli("verify", str(artifact), f"--digest={digest}", cwd=tmp_path, env=env)
     assert f"manifest {digest} (signature checked)" in checked.stdout
@@ -170,8 +176,8 @@ def test_early_stop_exports_the_adapter_of_the_best_validation(tiny_llama_dir, t
     artifact = train_local(spec, job_id="early", stream=log)
     manifest = store.verify_artifact(artifact)
     vals = {m["step"]: m["val_loss"] for m in _metrics(artifact) if "val_loss" in m}
-    best, stopped = manifest["best_step"], manifest["stopped_at"]
-    assert stopped is not None and stopped < 12 and manifest["steps"] == stopped, log.getvalue()
+    best, stopped = manifest.best_step, manifest.stopped_at
+    assert stopped is not None and stopped < 12 and manifest.steps == stopped, log.getvalue()
     assert [m["step"] for m in _metrics(artifact) if "loss" in m] == list(range(1, stopped + 1))
     assert best == min((s for s in vals if s >= 1), key=lambda s: vals[s]) and stopped - best == 2
     assert vals[best] < vals[stopped] and f"early stop at step {stopped}" in log.getvalue()
@@ -180,7 +186,7 @@ def test_early_stop_exports_the_adapter_of_the_best_validation(tiny_llama_dir, t
     data = prepare_data(spec, loaded.tokenizer)
     batches = val_batches(Dataset(data.train, data.val, data.pad_id, 0, 0), spec)
     again = evaluate(loaded.model, batches)
-    assert again == pytest.approx(manifest["best_val_loss"], abs=1e-5)
+    assert again == pytest.approx(manifest.best_val_loss, abs=1e-5)
     assert abs(again - vals[stopped]) > 1e-3
 
 
@@ -227,8 +233,8 @@ def test_full_finetuning_baseline_writes_a_loadable_model(tmp_path, tiny_llama_d
     artifact = train_local(spec, stream=io.StringIO())
     loaded, manifest = load_adapted(artifact)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    assert manifest["kind"] == "full" and manifest["method"] == "full"
-    assert manifest["trainable_params"] == sum(p.numel() for p in base.parameters())  # tied embedding once
+    assert manifest.kind == "full" and manifest.method == "full"
+    assert manifest.trainable_params == sum(p.numel() for p in base.parameters())  # tied embedding once
     w_new = loaded.model.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(w_new, base.model.layers[0].self_attn.q_proj.weight)
     ids = torch.tensor([[1, 2, 3]])
@@ -250,11 +256,11 @@ def test_bf16_compute_keeps_lora_in_fp32_and_records_the_dtypes(tmp_path, tiny_l
     assert built.model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert {d for n, d in dtypes.items() if n.endswith("weight_absmax")} == {torch.float32}
     manifest = store.verify_artifact(train_local(spec, stream=io.StringIO()))
-    assert manifest["precision"]["compute_dtype"] == "bf16" and manifest["precision"]["lora_master_dtype"] == "fp32"
+    assert manifest.precision["compute_dtype"] == "bf16" and manifest.precision["lora_master_dtype"] == "fp32"
     fp32 = store.verify_artifact(train_local(load_spec(MAIN_JOB, common + [f"output.dir={tmp_path / 'fp32'}"]),
                                              stream=io.StringIO()))
-    assert fp32["precision"]["compute_dtype"] == "fp32"
-    assert abs(manifest["final_loss"] - fp32["final_loss"]) < 0.05 * fp32["final_loss"]
+    assert fp32.precision["compute_dtype"] == "fp32"
+    assert abs(manifest.final_loss - fp32.final_loss) < 0.05 * fp32.final_loss
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_lora_gradients(tiny_llama_dir):
@@ -288,18 +294,18 @@ def test_short_run_lowers_validation_loss_and_writes_artifact(trained):
     assert lines[-1] == str(artifact) and artifact.is_dir()
     assert any(line.startswith("step 1/12") and "tok/s" in line for line in lines)  # progress shown
     manifest = store.verify_artifact(artifact)
-    print(f"validation loss {manifest['val_loss_before']:.4f} -> {manifest['val_loss_after']:.4f} in 12 steps")
+    print(f"validation loss {manifest.val_loss_before:.4f} -> {manifest.val_loss_after:.4f} in 12 steps")
     # Stated margin: 12 steps of r=8 LoRA on E2E lower held-out loss by at least 0.3 nats/token
     # (SmolLM2 starts near 2.46 on these validation batches; a measured run ended at 1.77).
-    assert manifest["val_loss_after"] < manifest["val_loss_before"] - 0.3, manifest
-    assert manifest["trainable_params"] == 2_442_240  # r=8 on the 7 linears of 30 blocks
-    assert manifest["quantization"] == "int8" and manifest["world_size"] == 1 and manifest["zero_stage"] == 0
-    assert manifest["steps"] == 12 and manifest["lora"]["targets"] == ["all-linear"]
-    assert manifest["base_model"]["id"] == "smollm2-135m"
-    assert manifest["base_model"]["fingerprint"].startswith("sha256:")
-    assert manifest["adapter_bytes"] == (artifact / store.ADAPTER_FILE).stat().st_size
-    assert manifest["adapter_bytes"] < 2_442_240 * 4 + 64_000  # fp32 A and B plus the header
-    assert {"torch", "transformers", "bitsandbytes"} <= set(manifest["versions"])
+    assert manifest.val_loss_after < manifest.val_loss_before - 0.3, manifest
+    assert manifest.trainable_params == 2_442_240  # r=8 on the 7 linears of 30 blocks
+    assert manifest.quantization == "int8" and manifest.world_size == 1 and manifest.zero_stage == 0
+    assert manifest.steps == 12 and manifest.lora["targets"] == ["all-linear"]
+    assert manifest.base_model.id == "smollm2-135m"
+    assert manifest.base_model.fingerprint.startswith("sha256:")
+    assert manifest.adapter_bytes == (artifact / store.ADAPTER_FILE).stat().st_size
+    assert manifest.adapter_bytes < 2_442_240 * 4 + 64_000  # fp32 A and B plus the header
+    assert {"torch", "transformers", "bitsandbytes"} <= set(manifest.versions)
     assert [m["step"] for m in _metrics(artifact) if "loss" in m] == list(range(1, 13))
 
 
@@ -322,7 +328,7 @@ def test_an_adapter_trained_on_jsonl_data_serves_eval_and_generate(tmp_path, tin
                    "--set=train.max_steps=3", "--set=train.eval_batches=1", cwd=REPO)
     artifact = Path(proc.stdout.strip().splitlines()[-1])
     manifest = store.verify_artifact(artifact)
-    assert manifest["data"]["source"] == "jsonl" and manifest["data"]["prompt_template"] == "{input}"
+    assert manifest.data.source == "jsonl" and manifest.data.prompt_template == "{input}"
     gen = run_cli("generate", str(artifact), "--prompt", "Translate to French: thank you",
                   "--max-new-tokens", "8", cwd=tmp_path)
     assert gen.stdout.strip(), gen.stderr
@@ -362,9 +368,9 @@ def per_mode(tmp_path_factory, tiny_llama_dir):
 @pytest.mark.parametrize("mode", MODES)
 def test_each_batching_mode_keeps_the_sharded_loss_on_the_unsharded_one(per_mode, mode):
     manifest = store.verify_artifact(per_mode[mode])
-    assert manifest["spec"]["data"]["batching"] == mode
-    print(f"{mode}: largest |sharded - unsharded| loss {manifest['parity_max_loss_diff']:.2e}")
-    assert manifest["parity_max_loss_diff"] is not None and manifest["parity_max_loss_diff"] < 1e-4
+    assert manifest.spec["data"]["batching"] == mode
+    print(f"{mode}: largest |sharded - unsharded| loss {manifest.parity_max_loss_diff:.2e}")
+    assert manifest.parity_max_loss_diff is not None and manifest.parity_max_loss_diff < 1e-4
     steps = [m for m in _metrics(per_mode[mode]) if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2] and all(m["tokens"] > 0 for m in steps)
 
@@ -375,13 +381,13 @@ def test_zero_stage_auto_replicates_a_base_that_fits_and_keeps_the_loss(per_mode
     base whole on each rank, no parameter gathers), says why in the manifest, and trains the
     same losses as the single-process reference."""
     manifest = store.verify_artifact(per_mode["auto"])
-    assert manifest["zero_stage"] == 1, manifest["zero_stage_reason"]
-    assert manifest["zero_stage_reason"].startswith("auto: the base replicated on each of 2 worker(s)")
-    assert manifest["int8_partition_bytes"] == manifest["int8_full_bytes"]  # replicated: the whole base per rank
-    assert manifest["parity_max_loss_diff"] is not None and manifest["parity_max_loss_diff"] < 1e-4
+    assert manifest.zero_stage == 1, manifest.zero_stage_reason
+    assert manifest.zero_stage_reason.startswith("auto: the base replicated on each of 2 worker(s)")
+    assert manifest.int8_partition_bytes == manifest.int8_full_bytes  # replicated: the whole base per rank
+    assert manifest.parity_max_loss_diff is not None and manifest.parity_max_loss_diff < 1e-4
     sharded = store.verify_artifact(per_mode["grouped"])
-    assert sharded["zero_stage"] == 3 and sharded["zero_stage_reason"] == "cluster.zero_stage: 3 in the spec"
-    assert sharded["int8_partition_bytes"] < sharded["int8_full_bytes"]
+    assert sharded.zero_stage == 3 and sharded.zero_stage_reason == "cluster.zero_stage: 3 in the spec"
+    assert sharded.int8_partition_bytes < sharded.int8_full_bytes
 
 
 @pytest.mark.slow

@@ -1,0 +1,80 @@
+"""Every check a job passes before anything starts, beyond the spec's own (spec.load_spec), in one
+place. Which checks an entry point makes depends on where it runs:
+
+    where    who                                                  checks
+    train    lora-dist train (train.train_local): one process     fp16, model, packing
+    submit   a job handed to the embedded local Ray               model, packing
+    remote   lora-dist submit --address (the client side)         nodes, model, packing
+    cluster  jobrun: the cluster side of the Jobs API             output root
+    build    a process about to build the model and train:        packing
+             a Ray worker, the parity reference
+
+    fp16         train.dtype fp16 needs DeepSpeed's loss scaling on GPU workers: never in one process
+                 (device.local_placement); a spec asking for it without GPUs is refused by the spec
+    model        lora.targets and lora.r against the architecture, and the checkpoint's tensors
+                 against it, on a skeleton without weights (model.check_model)
+    packing      data.batching: packed only where attention keeps packed examples apart
+                 (data.check_packing)
+    nodes        a job of several workers writes where every node sees it (store.multi_node_storage_problem)
+    output root  a local output.dir under the cluster's $LORA_DIST_OUTPUT_ROOT (store.output_root_problem)
+
+Imports nothing heavy until a check that needs it runs: ``lora-dist submit --address`` checks the
+spec without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lora_dist.spec import JobSpec, SpecError
+from lora_dist.store import multi_node_storage_problem, output_root_problem
+
+Where = Literal["train", "submit", "remote", "cluster", "build"]
+CHECKS: dict[str, tuple[str, ...]] = {
+    "train": ("fp16", "model", "packing"),
+    "submit": ("model", "packing"),
+    "remote": ("nodes", "model", "packing"),
+    "cluster": ("output_root",),
+    "build": ("packing",),
+}
+
+
+def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None:
+    """Make the checks of ``where`` (see the module's table) on a validated spec.
+
+    Args:
+        spec: the job spec (spec.load_spec has checked it on its own).
+        where: which entry point asks.
+        source: the spec's file, named in a SpecError.
+
+    Raises:
+        SpecError: output.dir outside the output root or not seen by every node, or train.dtype
+            fp16 in one process.
+        ModelError: lora.targets or lora.r do not fit the model, or its checkpoint does not.
+        DataError: data.batching packed on a model whose packed examples would attend to each other.
+    """
+    checks = CHECKS[where]
+    problems = []
+    if "output_root" in checks:
+        problems.append(output_root_problem(spec.output.dir))
+    if "nodes" in checks:
+        problems.append(multi_node_storage_problem(spec.output.dir, spec.cluster.workers, spec.output.shared))
+    if "fp16" in checks:
+        from lora_dist.device import local_placement
+
+        try:
+            local_placement(spec)
+        except ValueError as e:
+            problems.append(str(e))
+    problems = [p for p in problems if p]
+    if problems:
+        raise SpecError(problems, source)
+    if "model" in checks:
+        from lora_dist.model import check_model
+
+        check_model(spec.model.base, spec.injected_lora, spec.model.quantization)
+    if "packing" in checks and spec.data.batching == "packed":
+        from lora_dist.data import check_packing
+        from lora_dist.model import model_type
+
+        check_packing(model_type(spec.model.base))
