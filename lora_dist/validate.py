@@ -11,7 +11,7 @@ place. Which checks an entry point makes depends on where it runs:
 
     fp16         train.dtype fp16 needs DeepSpeed's loss scaling on GPU workers: never in one process
                  (device.local_placement); a spec asking for it without GPUs is refused by the spec
-    model        lora.targets and lora.r against the architecture, and the checkpoint's tensors
+    model        lora.targets and lora.r against the architecture, and the stored weights
                  against it, on a skeleton without weights (model.check_model)
     packing      data.batching: packed only where attention keeps packed examples apart
                  (data.check_packing)
@@ -50,7 +50,7 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
     Raises:
         SpecError: output.dir outside the output root or not seen by every node, or train.dtype
             fp16 in one process.
-        ModelError: lora.targets or lora.r do not fit the model, or its checkpoint does not.
+        ModelError: lora.targets or lora.r do not fit the model, or its weight files do not.
         DataError: data.batching packed on a model whose packed examples would attend to each other.
     """
     checks = CHECKS[where]
@@ -75,6 +75,6 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
         check_model(spec.model.base, spec.injected_lora, spec.model.quantization)
     if "packing" in checks and spec.data.batching == "packed":
         from lora_dist.data import check_packing
-        from lora_dist.model import model_type
+        from lora_dist.base import model_type
 
         check_packing(model_type(spec.model.base))
