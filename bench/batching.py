@@ -35,7 +35,8 @@ def main() -> None:
 
     from lora_dist.data import BatchPlan, tokenized
     from lora_dist.base import resolve_base
-    from lora_dist.spec import cache_root, load_spec
+    from lora_dist.spec import load_spec
+    from lora_dist.store import cache_root
 
     spec = load_spec(REPO / "jobs" / "smollm2-e2e.yaml", [f"data.path={REPO / 'jobs/data/e2e/devset.csv'}"])
     tok = AutoTokenizer.from_pretrained(resolve_base(spec.model.base))

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from lora_dist.base import resolve_base
-from lora_dist.spec import cache_root
+from lora_dist.store import cache_root
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "jobs" / "data" / "e2e" / "devset.csv"

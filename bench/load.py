@@ -174,7 +174,7 @@ def llama_1b_sharded() -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from lora_dist.spec import cache_root
+    from lora_dist.store import cache_root
 
     d = cache_root() / "bench" / "llama-1b-bf16-sharded"
     if (d / "model.safetensors.index.json").is_file():

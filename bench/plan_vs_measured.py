@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt3_slice import DATA, REPO, cli, write_slice  # noqa: E402
 
 from lora_dist.base import resolve_base  # noqa: E402
-from lora_dist.spec import cache_root  # noqa: E402
+from lora_dist.store import cache_root  # noqa: E402
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                 num_key_value_heads=16, vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=2048)

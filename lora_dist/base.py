@@ -15,15 +15,12 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from lora_dist.errors import ModelError
-from lora_dist.spec import SHAPES, cache_root
-from lora_dist.store import sha256_file
+from lora_dist.spec import SHAPES
+from lora_dist.store import atomic_dir, atomic_file, cache_root, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +67,9 @@ def _smollm2_dir() -> Path:
         # The weights are dequantized to fp32 on load; drop the GGUF marker so they save as plain tensors.
         del model.config.quantization_config
         model.hf_quantizer = None
-        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-135m.", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:  # a half-written conversion is never taken as done
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            os.rename(tmp, target)  # atomic: a half-written conversion is never taken as done
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         log.info("converted in %.1f s", time.time() - t0)
     return target
 
@@ -219,10 +211,7 @@ def combine_fingerprint(model_dir: Path, file_digests: dict[str, str]) -> str:
         except (OSError, ValueError):
             cache = {}
         cache[_fingerprint_key(files)] = digest
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
+        atomic_file(cache_file, json.dumps(cache).encode())
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
     return digest

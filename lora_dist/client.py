@@ -23,7 +23,7 @@ from lora_dist.embedded import EmbeddedJobs
 from lora_dist.errors import NoArtifact
 from lora_dist.jobs import JobStatus, enable_token_auth, list_remote, logs_remote, status_remote, stop_remote, \
     submit_remote, wait_remote
-from lora_dist.spec import JobSpec, SpecError, apply_overrides, load_spec, multi_node_storage_problem, spec_from_dict
+from lora_dist.spec import JobSpec, apply_overrides, load_spec, spec_from_dict
 from lora_dist.store import check_job_id, fetch, new_job_id
 
 
@@ -178,12 +178,9 @@ class RayJobsAPI:
         self.address, self.attached = address, attached
 
     def submit(self, spec: JobSpec, job_id: str, source: str | None = None) -> str:
-        problem = multi_node_storage_problem(spec)  # a cluster may have several nodes; one machine does not
-        if problem:
-            raise SpecError([f"{problem} (submitting to {self.address})"], source=source)
-        from lora_dist.launch import check_model
+        from lora_dist.validate import validate_job
 
-        check_model(spec)
+        validate_job(spec, "remote", source)  # a cluster may have several nodes; one machine does not
         return submit_remote(spec.with_absolute_paths(), job_id, self.address)
 
     def status(self, job_id: str) -> JobStatus:

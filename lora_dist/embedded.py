@@ -465,15 +465,16 @@ def _die_with(parent: int) -> None:
 
 def _run(payload: dict[str, Any]) -> dict[str, Any]:
     """Check the model, run the job; how it ended, as the supervisor records it."""
-    from lora_dist.launch import check_model, run_job
+    from lora_dist.launch import run_job
     from lora_dist.store import digest_at
+    from lora_dist.validate import validate_job
 
     sid, job_id = payload["sid"], payload["job_id"]
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     out, err = sys.stdout, sys.stderr
     try:
         spec = spec_from_dict(payload["spec"])
-        check_model(spec)
+        validate_job(spec, "submit")
     except BaseException as e:  # noqa: BLE001 - sorted by _ended
         return _ended(e, sid, refused=True)
     print(f"job {sid} on an embedded local Ray (lora-dist status {sid})", flush=True)

@@ -183,21 +183,3 @@ def _root_message(e: BaseException) -> str:
         e = nxt
     text = str(e).strip().splitlines()
     return text[-1] if text else type(e).__name__
-
-
-def check_model(spec: JobSpec) -> None:
-    """What can be checked before a job starts, beyond its spec: the LoRA targets and rank against
-    the model's architecture (built without weights), and packing against the model type.
-
-    Raises:
-        ModelError: the base cannot be resolved, or the targets or rank do not fit it.
-        DataError: data.batching is packed and the model cannot keep packed examples apart.
-    """
-    from lora_dist.base import model_type
-    from lora_dist.model import check_model as check_architecture
-
-    check_architecture(spec.model.base, spec.injected_lora, spec.model.quantization)
-    if spec.data.batching == "packed":
-        from lora_dist.data import check_packing
-
-        check_packing(model_type(spec.model.base))

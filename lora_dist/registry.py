@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 from lora_dist.errors import JobError
-from lora_dist.spec import cache_root
-from lora_dist.store import check_job_id
+from lora_dist.store import atomic_file, cache_root, check_job_id
 
 
 def registry_dir() -> Path:
@@ -60,9 +58,7 @@ def restore_record(job_id: str, previous: dict[str, Any] | None) -> None:
 
 
 def _write_record(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}-{threading.get_ident()}.tmp")  # supervisors are threads
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    atomic_file(path, json.dumps(data).encode())  # supervisors are threads: atomic_file's name has the thread's id
 
 
 def read_record(job_id: str) -> dict[str, Any] | None:

@@ -21,12 +21,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, \
     field_validator
 
-from lora_dist import store as _store
 from lora_dist.store import URI_SCHEMES, is_uri
-
-# The cache root lives in store.py; jobs.py and model.py import it from here until they import it
-# from there (then this line goes, with multi_node_storage_problem at the end of this module).
-cache_root = _store.cache_root
 
 BUILTIN_MODELS = ("smollm2-135m",)
 # Public architectures without weights here: `lora-dist plan` only (exact counts on the meta device).
@@ -645,9 +640,3 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"train.dtype: must be one of auto, bf16, fp16, fp32, got {dtype!r}")
     return dtype
-
-
-def multi_node_storage_problem(spec: JobSpec) -> str | None:
-    """store.multi_node_storage_problem of ``spec``, for cli.py until it calls
-    ``validate.validate_job(spec, "remote")`` (then this goes)."""
-    return _store.multi_node_storage_problem(spec.output.dir, spec.cluster.workers, spec.output.shared)

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -133,7 +134,7 @@ def atomic_file(target: Path, data: bytes) -> None:
     """Write a file aside, then rename it over ``target``: readers see the old file or the new one."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # threads too
     try:
         tmp.write_bytes(data)
         fsync(tmp)
