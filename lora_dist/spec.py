@@ -402,9 +402,14 @@ class JobSpec(_Section):
         return name
 
     @property
+    def full(self) -> bool:
+        """train.method full: every float weight trains and no LoRA is injected (the baseline)."""
+        return self.train.method == "full"
+
+    @property
     def injected_lora(self) -> LoraSpec | None:
         """The LoRA settings a job injects; None for full fine-tuning (every weight trains)."""
-        return None if self.train.method == "full" else self.lora
+        return None if self.full else self.lora
 
     def with_absolute_paths(self) -> "JobSpec":
         """The same spec with data.path and output.dir made absolute against the current directory:
