@@ -36,7 +36,8 @@ from lora_dist.lora import LoRALinear, LoraTensors
 from lora_dist.model import LoadedModel, load_model
 from lora_dist.plot import loss_curve_png
 from lora_dist.records import BaseModelRecord, DataRecord, Manifest
-from lora_dist.spec import JobSpec, LoraSpec, redacted, spec_digest
+from lora_dist.runtime_env import redacted
+from lora_dist.spec import JobSpec, LoraSpec, spec_digest
 from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,
                              atomic_dir, manifest_signature, sha256_file, signing_key, verify_artifact)
 

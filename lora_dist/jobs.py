@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from lora_dist.errors import ArtifactError, JobError
-from lora_dist.spec import JobSpec, redacted, runtime_env_problems
+from lora_dist.runtime_env import redacted, runtime_env_problems
+from lora_dist.spec import JobSpec
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, join, parse_manifest, read_text, \
     run_name, work_dir
 

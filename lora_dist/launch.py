@@ -16,7 +16,8 @@ from typing import Any
 
 from lora_dist.errors import JobFailed
 from lora_dist.jobs import WORKER_ENV
-from lora_dist.spec import JobSpec, SpecError, redacted
+from lora_dist.runtime_env import redacted
+from lora_dist.spec import JobSpec, SpecError
 from lora_dist.store import MANIFEST_FILE, artifact_location, check_job_id, is_uri, join, new_job_id, parse_manifest, \
     read_text, run_name, work_dir, write_storage_probe
 

@@ -21,6 +21,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, \
     field_validator
 
+from lora_dist.runtime_env import runtime_env_problems
 from lora_dist.store import URI_SCHEMES, is_uri
 
 BUILTIN_MODELS = ("smollm2-135m",)
@@ -36,70 +37,8 @@ SHAPES: dict[str, dict[str, Any]] = {
                    "tie_word_embeddings": False},
 }
 LINEAR_TARGET_ALL = "all-linear"
-RUNTIME_ENV_KEYS = ("env_vars", "pip")
-# runtime_env.env_vars: upper-case names, none that changes what a process loads or how Ray and
-# lora-dist behave (a spec may configure the job, not the interpreter, the loader or the cluster).
-ENV_NAME_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,127}$")
-ENV_REFUSED_PREFIXES = ("LD_", "DYLD_", "PYTHON", "RAY_", "LORA_DIST_", "MALLOC_", "GLIBC_", "BASH_", "PERL",
-                        "RUBY", "NODE_", "JAVA_", "_JAVA_", "PIP_", "UV_", "CONDA_", "VIRTUAL_ENV", "OMP_PLACES")
-ENV_REFUSED_NAMES = ("PATH", "HOME", "SHELL", "ENV", "IFS", "TMPDIR", "USER", "LOGNAME", "CUDA_VISIBLE_DEVICES",
-                     "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                     "TORCH_EXTENSIONS_DIR")
-# runtime_env.pip: a plain requirement (name, optional extras, optional version clauses); no URL,
-# path, option or VCS reference.
-PIP_REQUIREMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*\])?"
-                                r"((==|!=|<=|>=|~=|<|>)[A-Za-z0-9.*+!_-]+)?(,(==|!=|<=|>=|~=|<|>)[A-Za-z0-9.*+!_-]+)*$")
 MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes
 MAX_SPEC_NODES = 10_000  # YAML nodes after expanding aliases: bounds an alias bomb
-
-
-def runtime_env_problems(env: Mapping[str, Any]) -> list[str]:
-    """What is wrong with a ``cluster.runtime_env``, one message per problem (empty: allowed).
-
-    Keys: ``env_vars`` and ``pip`` only. Env var names must match ``[A-Z][A-Z0-9_]*`` and not
-    start with ``LD_``, ``PYTHON``, ``RAY_``, ``LORA_DIST_`` (and the like) nor be ``PATH``,
-    ``HOME`` and the like; values are strings. pip entries are plain requirement strings
-    (``name[extra]==version``).
-    """
-    if not isinstance(env, Mapping):
-        return [f"must be a mapping with keys {', '.join(RUNTIME_ENV_KEYS)}"]
-    problems = []
-    bad = sorted(str(k) for k in set(env) - set(RUNTIME_ENV_KEYS))
-    if bad:
-        problems.append(f"keys {bad} are not allowed (allowed: {', '.join(RUNTIME_ENV_KEYS)})")
-    env_vars = env.get("env_vars", {})
-    if not isinstance(env_vars, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
-                                                    for k, v in env_vars.items()):
-        problems.append("env_vars must map names to string values")
-    else:
-        for name in sorted(env_vars):
-            if not ENV_NAME_RE.match(name):
-                problems.append(f"env_vars: {name[:64]!r} is not an allowed name (upper-case letters, digits, '_')")
-            elif name in ENV_REFUSED_NAMES or name.startswith(ENV_REFUSED_PREFIXES):
-                problems.append(f"env_vars: {name} is refused: it changes what the worker processes load or how "
-                                f"Ray and lora-dist run (refused: {', '.join(p + '*' for p in ENV_REFUSED_PREFIXES[:5])}, "
-                                f"PATH, HOME, ...)")
-    pip = env.get("pip", [])
-    if not isinstance(pip, list) or not all(isinstance(x, str) for x in pip):
-        problems.append("pip must be a list of requirement strings")
-    else:
-        for req in pip:
-            if not PIP_REQUIREMENT_RE.match(req.replace(" ", "")):
-                problems.append(f"pip: {req[:80]!r} is not a plain requirement (name[extra]==version; no URL, "
-                                f"path, option or VCS reference)")
-    return problems
-
-
-def redacted(spec_dict: dict[str, Any]) -> dict[str, Any]:
-    """A spec mapping with runtime_env's env var values removed (names kept): values are often
-    secrets, and never reach manifests, logs or status."""
-    cluster = dict(spec_dict.get("cluster") or {})
-    env = dict(cluster.get("runtime_env") or {})
-    if isinstance(env.get("env_vars"), Mapping):
-        env["env_vars"] = {k: "<redacted>" for k in env["env_vars"]}
-        cluster["runtime_env"] = env
-        return {**spec_dict, "cluster": cluster}
-    return spec_dict
 
 
 # Fields a resumed job may change: where and how wide it runs (a job resumes at another worker

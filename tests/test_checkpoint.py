@@ -201,7 +201,8 @@ def test_a_changed_spec_cannot_continue_a_checkpoint(tiny_llama_dir, tmp_path):
 
     from conftest import E2E_CSV, MAIN_JOB
     from lora_dist.launch import run_job
-    from lora_dist.spec import SpecError, load_spec, redacted
+    from lora_dist.runtime_env import redacted
+    from lora_dist.spec import SpecError, load_spec
 
     spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}",
                                 f"output.dir={tmp_path / 'runs'}"]).with_absolute_paths()

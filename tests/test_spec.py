@@ -157,7 +157,7 @@ def test_cluster_output_root_confines_local_output_dirs(tmp_path, monkeypatch):
 
 
 def test_runtime_env_allows_plain_names_and_requirements_only():
-    from lora_dist.spec import redacted, runtime_env_problems
+    from lora_dist.runtime_env import redacted, runtime_env_problems
 
     assert runtime_env_problems({"env_vars": {"WANDB_PROJECT": "x", "NCCL_DEBUG": "INFO"},
                                  "pip": ["sentencepiece==0.2.0", "tiktoken>=0.7,<1", "peft[dev]"]}) == []
