@@ -139,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out and args.slots and Path(args.out).resolve() == Path(args.slots).resolve():
         print("error: --slots: the same file as --out; choose another", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.rerank is None:  # the default: on unseen restaurants it cut SER 13.3% -> 4.9% (README Results)
+    if args.rerank is None:  # the default: fewer slot errors on unseen restaurants (docs/results.md)
         args.rerank = "ser" if args.num_beams >= 2 else "none"
     if args.rerank == "ser" and args.num_beams < 2:
         print("error: --rerank ser chooses among the beam's candidates; it needs --num-beams of at least 2",

@@ -45,9 +45,9 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "erro
               # Ray Train V2 re-emits print() through logging, so every progress line showed twice.
               "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
               # glibc raises its mmap threshold after large frees (up to 32 MiB), after which freed
-              # activation tensors stay in the heap: a CPU worker's RSS then exceeded what it holds
-              # by ~0.6 GiB on the main job. A fixed threshold returns every tensor above 128 KiB to
-              # the OS when freed, so the peak RSS is what the planner counts (RESULTS.md, issue 12).
+              # activation tensors stay in the heap, and a CPU worker's RSS exceeds what it holds. A
+              # fixed threshold returns every tensor above 128 KiB to the OS when freed, so the peak
+              # RSS is what the planner counts (the measurement: bench/RESULTS.md, issue 12).
               "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 

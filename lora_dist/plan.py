@@ -47,8 +47,8 @@ PERSISTENCE_THRESHOLD = 100_000
 # that the planner imports no torch; tests/test_plan.py checks the two agree).
 DEQUANT_BLOCK_ELEMENTS = 1 << 26
 # Fixed per-worker overhead, calibrated once per device kind by bench/plan_vs_measured.py (the main
-# job at N=1 on CPU, 2026-11-29: measured peak RSS 3,112,312,832 bytes less every other term, with
-# nothing gathered at N=1 (see memory_terms)):
+# job's measured peak RSS at N=1, where nothing is gathered (see memory_terms), less every other
+# term; the run is in bench/RESULTS.md, 2026-11-29):
 # the Python process with torch, transformers, deepspeed and ray imported, the tokenizer and the
 # data. On CUDA the CUDA context and NCCL buffers take its place (not calibrated: no GPU on the
 # calibration machine; bench/gpu_check.sh prints the figure).

@@ -16,8 +16,8 @@ removed before the other attributes are looked for, so that "Café Sicilia" is n
 and "Burger King" not fast food. ``name`` and ``near`` are realised when their string appears (a
 leading "The" optional); they cannot be wrong or added. A phrasing the patterns do not know
 counts as missing; an entity the MR does not name (a hallucinated "near Café Rouge") can count
-as an added eat type. On the devset's own references it reports 9.1% (bench/RESULTS.md), mostly
-their real omissions.
+as an added eat type. What it reports on the devset's own references, mostly their real
+omissions, is in docs/results.md.
 """
 
 from __future__ import annotations
