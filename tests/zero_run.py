@@ -168,8 +168,8 @@ def _stop_or_check(job: dict[str, Any], io: LocalIO) -> None:
                                 .abs().max()) for n, p in trainable)
     result = {"rank": w.rank, "resumed": resumed, "max_abs_diff": worst, "compute_copy_diff": compute,
               "lr": runner.lr(), "zero_stage": w.stage.stage,
-              "optimizer_step": scalars["optimizer_step"], "saved_optimizer_step": saved.state["scalars"]["optimizer_step"],
-              "index_base": loop.index_base, "saved_next_index": saved.state["next_index"]}
+              "optimizer_step": scalars["optimizer_step"], "saved_optimizer_step": saved.state.scalars["optimizer_step"],
+              "index_base": loop.index_base, "saved_next_index": saved.state.next_index}
     Path(f"{job['check_restore']}.{w.rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
 
