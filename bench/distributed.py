@@ -37,8 +37,8 @@ def one(job: Path, out: Path, workers: int, steps: int, extra: list[str]) -> dic
     recs = [json.loads(x) for x in (artifact / METRICS_FILE).read_text().splitlines()]
     steps_recs = [r for r in recs if "loss" in r][1:]  # step 1 includes one-time warm-up
     return {
-        "workers": workers, "method": manifest.get("method", "lora"), "quantization": manifest["quantization"],
-        "trainable_params": manifest["trainable_params"],
+        "workers": workers, "method": manifest.method or "lora", "quantization": manifest.quantization,
+        "trainable_params": manifest.trainable_params,
         "s_per_step": statistics.mean(r["step_s"] for r in steps_recs),
         "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in steps_recs),
         "peak_memory_gib": [round(b / 2**30, 2) for b in steps_recs[-1]["peak_memory_bytes"]],

@@ -141,10 +141,10 @@ def main() -> None:
         for a in args.artifact:
             same_split(json.loads((a / "manifest.json").read_text()), base_spec.data, a)
             loaded, manifest = load_adapted(a)
-            seed, steps_run = manifest["spec"]["train"]["seed"], manifest["steps"]  # a row per artifact directory
-            add(f"{a.name} (seed {seed})", {"trainable": manifest["trainable_params"], "train_s": None,
-                                                    "steps": steps_run, "best_step": manifest.get("best_step"),
-                                                    "val_loss": manifest.get("val_loss_after")},
+            seed, steps_run = manifest.spec["train"]["seed"], manifest.steps  # a row per artifact directory
+            add(f"{a.name} (seed {seed})", {"trainable": manifest.trainable_params, "train_s": None,
+                                                    "steps": steps_run, "best_step": manifest.best_step,
+                                                    "val_loss": manifest.val_loss_after},
                 score(loaded.model, loaded.tokenizer, heldout, args))
             del loaded
 
@@ -166,9 +166,9 @@ def main() -> None:
             artifact = train_local(spec) if where == "local" else run_job(spec)
             train_s = time.time() - t0
             loaded, manifest = load_adapted(Path(artifact))
-            add(name, {"trainable": manifest["trainable_params"], "train_s": round(train_s),
-                       "steps": manifest["steps"], "best_step": manifest.get("best_step"),
-                       "val_loss": manifest.get("val_loss_after")},
+            add(name, {"trainable": manifest.trainable_params, "train_s": round(train_s),
+                       "steps": manifest.steps, "best_step": manifest.best_step,
+                       "val_loss": manifest.val_loss_after},
                 score(loaded.model, loaded.tokenizer, heldout, args))
             del loaded
         if runs:

@@ -92,8 +92,8 @@ def state_of(out: Path, job_id: str) -> str:
         try:
             m = verify_artifact(a)
             history = [json.loads(x)["step"] for x in (a / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-            once = history == sorted(set(history)) == list(range(1, m["steps"] + 1))
-            art = (f"artifact verifies (resumed from step {m.get('resumed_from_step')}, world {m['world_size']}, "
+            once = history == sorted(set(history)) == list(range(1, m.steps + 1))
+            art = (f"artifact verifies (resumed from step {m.resumed_from_step}, world {m.world_size}, "
                    f"each step once: {once})")
         except ArtifactError as e:
             art = f"artifact FAILS verify: {str(e)[:80]}"
@@ -166,7 +166,7 @@ def remove_node(out: Path) -> tuple[str, str, str, bool]:
         cluster.shutdown()
     from lora_dist.store import read_manifest
 
-    nodes = len(set(read_manifest(artifact(out, jid))["nodes"])) if artifact(out, jid).exists() else 0
+    nodes = len(set(read_manifest(artifact(out, jid)).nodes)) if artifact(out, jid).exists() else 0
     return (f"node with rank 1 removed at step {removed[0] if removed else '?'} (2 nodes, spread)",
             f"{outcome}; final run on {nodes} node(s)", state_of(out, jid), outcome == "SUCCEEDED" and bool(removed))
 

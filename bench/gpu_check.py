@@ -79,6 +79,7 @@ def throughput(steps: int = 12) -> None:
 
     from lora_dist.data import BatchPlan
     from lora_dist.base import resolve_base
+    from lora_dist.lora import trainable_parameters
     from lora_dist.model import load_model
     from lora_dist.spec import load_spec
     from lora_dist.train import micro_batch, prepare_data
@@ -93,8 +94,7 @@ def throughput(steps: int = 12) -> None:
     batches = [{k: v.to(dev) for k, v in micro_batch(data, plan, i).items()} for i in range(steps)]
 
     def bench(model, name: str) -> float:
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-4)
         torch.cuda.reset_peak_memory_stats()
         tokens, t = 0, 0.0
         for i, b in enumerate(batches):

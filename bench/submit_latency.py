@@ -83,9 +83,9 @@ def main() -> None:
         print(f"  {'where':<30} {'first training step':>20} {'verified artifact':>18}")
         for name, f, v in rows:
             print(f"  {name:<30} {f:>20.1f} {v:>18.1f}")
-        print(f"\nadapter_model.safetensors {m['adapter_bytes']:,} bytes; whole artifact "
+        print(f"\nadapter_model.safetensors {m.adapter_bytes:,} bytes; whole artifact "
               f"{sum(p.stat().st_size for p in artifact.iterdir()):,} bytes; base model weights (fp32 safetensors) "
-              f"{base_bytes:,} bytes: ratio 1:{base_bytes / m['adapter_bytes']:.0f}")
+              f"{base_bytes:,} bytes: ratio 1:{base_bytes / m.adapter_bytes:.0f}")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def single_process_worker(steps: int, kind: str) -> None:
 
     from lora_dist.data import BatchPlan
     from lora_dist.base import resolve_base
+    from lora_dist.lora import trainable_parameters
     from lora_dist.model import load_model
     from lora_dist.spec import LINEAR_TARGET_ALL
     from lora_dist.train import make_schedule, micro_batch, prepare_data
@@ -94,7 +95,7 @@ def single_process_worker(steps: int, kind: str) -> None:
     # padded batches of shuffled examples: what the Hugging Face Trainer does by default
     # (group_by_length off, the collator padding each batch to its longest)
     plan = BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(trainable_parameters(model).values())
     opt = torch.optim.AdamW(params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     sched = make_schedule(opt, spec)
     model.train()

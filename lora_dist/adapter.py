@@ -242,7 +242,7 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
         **fields,
     )
     extra_files = [metrics_file, loss_curve_png(metrics_file, metrics_file.parent / LOSS_CURVE_FILE)]
-    if spec.train.method == "full":
+    if spec.full:
         manifest = manifest.updated(method="full")
         tied = bool(getattr(built.model.config, "tie_word_embeddings", False))
         return write_full_artifact(dest, full_state, built.model_dir, manifest, tied, extra_files=extra_files)

@@ -170,8 +170,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     manifest = verify_artifact(Path(args.artifact), digest=args.digest)
     signed = ("signature checked" if signing_key() is not None
-              else "signed; set " + SIGNING_KEY_ENV + " to check" if "signature" in manifest else "unsigned")
-    print(f"ok: {len(manifest['files'])} files verified in {args.artifact}, nothing unlisted; manifest "
+              else "signed; set " + SIGNING_KEY_ENV + " to check" if manifest.signature is not None else "unsigned")
+    print(f"ok: {len(manifest.files)} files verified in {args.artifact}, nothing unlisted; manifest "
           f"{manifest_digest(Path(args.artifact))} ({signed})")
     return EXIT_OK
 

@@ -98,7 +98,7 @@ class _PartitionOnly(deepspeed.zero.Init):
 def _skeleton(config_hf, spec: JobSpec, placement: Placement) -> tuple[nn.Module, Injection]:
     """The job's skeleton (``model.build_skeleton``), its float parameters in the compute dtype
     whatever config.json says."""
-    return build_skeleton(config_hf, spec.lora, spec.model.quantization, full=spec.train.method == "full",
+    return build_skeleton(config_hf, spec.lora, spec.model.quantization, full=spec.full,
                           dtype=placement.dtype)
 
 

@@ -113,7 +113,7 @@ def progress(output_dir: str | None, name: str | None, job_id: str | None,
         if text:
             try:
                 manifest = parse_manifest(text, output_dir)
-                return manifest.get("steps"), manifest.get("final_loss")
+                return manifest.steps, manifest.final_loss
             except ArtifactError:
                 return None, None
     step = loss = None

@@ -95,14 +95,14 @@ def published_or_resumable(spec: JobSpec, job_id: str, stream) -> Path | str | N
     try:
         text = read_text(join(location, MANIFEST_FILE))
         if text is not None:
-            check_same_spec(parse_manifest(text, location).get("spec") or {}, mine, f"the artifact {location}")
+            check_same_spec(parse_manifest(text, location).spec or {}, mine, f"the artifact {location}")
             print(f"job {run_name(spec.name, job_id)} already published {location} from this spec; nothing to run",
                   file=stream, flush=True)
             return location if is_uri(location) else Path(location)
         state = latest_state(checkpoints_dir(spec.output.dir, spec.name, job_id))
         if state is not None:
-            check_same_spec(state.get("spec") or {}, mine, f"the checkpoint of step {state.get('step')}")
-            print(f"job {run_name(spec.name, job_id)} resumes from its checkpoint of step {state.get('step')}",
+            check_same_spec(state.spec, mine, f"the checkpoint of step {state.step}")
+            print(f"job {run_name(spec.name, job_id)} resumes from its checkpoint of step {state.step}",
                   file=stream, flush=True)
     except SpecChanged as e:
         raise SpecError([str(e)]) from None

@@ -47,17 +47,6 @@ class Record(BaseModel):
         """A copy with ``fields`` set (validated)."""
         return type(self).model_validate({**self.to_json(), **fields})
 
-    # The JSON view by key (``manifest["steps"]``, ``state.get("spec")``) for the readers that
-    # still index the parsed JSON: cli.py, jobs.py and launch.py until they use fields, and
-    # scripts (bench/). A key the writer did not set is missing, as it was from the dict.
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.model_fields_set:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self.model_fields_set else default
-
 
 # --- the artifact's manifest.json -----------------------------------------------------------------
 

@@ -479,7 +479,7 @@ def _cross_field_problems(s: JobSpec) -> list[str]:
     problems = []
     if s.data.source == "jsonl" and s.data.path is None:
         problems.append("data.path: required for source 'jsonl' (a file of {\"prompt\", \"completion\"} lines)")
-    if s.train.method == "full" and s.model.quantization != "none":
+    if s.full and s.model.quantization != "none":
         problems.append("train.method: 'full' trains every weight, which an int8 base cannot; "
                         "set model.quantization: none")
     if s.train.dtype == "fp16" and s.cluster.gpus_per_worker == 0:
@@ -487,7 +487,7 @@ def _cross_field_problems(s: JobSpec) -> list[str]:
                         "loss scaling; on CPU use fp32 or bf16")
     if s.train.early_stop_patience > 0 and s.train.eval_every == 0:
         problems.append("train.early_stop_patience: counts validations; set train.eval_every > 0")
-    if s.train.early_stop_patience > 0 and s.train.method == "full":
+    if s.train.early_stop_patience > 0 and s.full:
         problems.append("train.early_stop_patience: keeping the best copy of a full fine-tune would hold a "
                         "second model; early stop is for train.method: lora")
     if s.cluster.max_failures > 0 and s.train.checkpoint_every == 0:

@@ -512,7 +512,6 @@ def export(loop: Loop, built: LoadedModel, job_id: str, fields: dict[str, Any], 
         The artifact's location on the main process, None elsewhere.
     """
     spec = loop.spec
-    full = spec.train.method == "full"
     if loop.early is not None:  # the best adapter, kept when it was validated (every rank decides alike)
         if loop.early.best_step is None:
             raise FloatingPointError(f"no validation loss was finite (the last: {loop.early.last_val}); "
@@ -520,8 +519,8 @@ def export(loop: Loop, built: LoadedModel, job_id: str, fields: dict[str, Any], 
         lora = loop.early.lora
         fields = {**fields, **loop.early.fields()}
     else:
-        lora = None if full else loop.runner.gather_lora()
-    full_state = loop.runner.full_state() if full else None
+        lora = None if spec.full else loop.runner.gather_lora()
+    full_state = loop.runner.full_state() if spec.full else None
     if not loop.metrics.main:
         return None
     out = spec.output.dir

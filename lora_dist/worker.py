@@ -212,9 +212,8 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     model_dir = resolve_base(spec.model.base)
     hf_config = AutoConfig.from_pretrained(model_dir)
     validate_job(spec, "build")
-    full = spec.train.method == "full"
     counts = count_model(spec.model.base, spec.injected_lora, spec.model.quantization)
-    w.zero = zero_settings(counts, "full" if full else "lora_int8_zero3")
+    w.zero = zero_settings(counts, "full" if spec.full else "lora_int8_zero3")
     w.stage = _choose_stage(w, counts)
     ds_cfg = eng.ds_config(spec, w.world, w.placement, w.zero, w.stage.stage)
     if w.stage.stage == 3:
@@ -250,7 +249,7 @@ def _choose_stage(w: Worker, counts: ModelCounts) -> StageChoice:
         dist.all_gather_object(nodes, w.ray_io.node_id())
     memory: list[Any] = [None] * w.world
     dist.all_gather_object(memory, worker_memory(w.placement, nodes.count(nodes[w.rank])))
-    method = "full" if spec.train.method == "full" else "lora"
+    method = "full" if spec.full else "lora"
     setup = Setup(workers=w.world, micro_batch=spec.train.micro_batch_size, seq_len=spec.data.max_length,
                   device=w.placement.device.type, dtype=w.placement.dtype_name,
                   activation_checkpointing=spec.train.activation_checkpointing)

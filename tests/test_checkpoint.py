@@ -215,6 +215,22 @@ def test_a_changed_spec_cannot_continue_a_checkpoint(tiny_llama_dir, tmp_path):
     assert Path(root, "step-00000003").is_dir()  # the checkpoint is untouched
 
 
+def test_the_same_spec_is_told_which_checkpoint_it_resumes_from(tiny_llama_dir, tmp_path):
+    import io
+
+    from conftest import E2E_CSV, MAIN_JOB
+    from lora_dist.launch import published_or_resumable
+    from lora_dist.spec import load_spec, redacted
+
+    spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}",
+                                f"output.dir={tmp_path / 'runs'}"]).with_absolute_paths()
+    ckpt.write(ckpt.checkpoints_dir(spec.output.dir, spec.name, "j1"), 3, {"param/x": torch.zeros(1)},
+               _state(3, redacted(spec.to_dict())), "")
+    said = io.StringIO()
+    assert published_or_resumable(spec, "j1", said) is None  # the job runs, from its checkpoint
+    assert said.getvalue() == f"job {spec.name}-j1 resumes from its checkpoint of step 3\n"
+
+
 @pytest.mark.parametrize("entry", ["run_job", "train_local"])
 def test_a_job_id_that_is_a_path_is_refused_on_every_entry(tmp_path, entry):
     """A job id names directories (artifact, work dir, checkpoints): '../../x' must never reach one."""

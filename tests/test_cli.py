@@ -85,6 +85,23 @@ def test_fetch_checks_the_manifest_digest_the_job_recorded(tmp_path, monkeypatch
     assert not (tmp_path / "bad").exists()
 
 
+def test_verify_says_whether_the_manifest_is_signed(tmp_path, monkeypatch, capsys):
+    """A signed artifact without the key is 'signed; set ... to check', not 'unsigned'."""
+    from lora_dist.cli import main
+    from test_records import ARTIFACT, SIGNING_KEY
+
+    monkeypatch.delenv(store.SIGNING_KEY_ENV, raising=False)
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(ARTIFACT, unsigned)
+    raw = json.loads((unsigned / store.MANIFEST_FILE).read_text())
+    (unsigned / store.MANIFEST_FILE).write_text(json.dumps({k: v for k, v in raw.items() if k != "signature"}))
+    assert main(["verify", str(ARTIFACT)]) == 0 and main(["verify", str(unsigned)]) == 0
+    monkeypatch.setenv(store.SIGNING_KEY_ENV, SIGNING_KEY)
+    assert main(["verify", str(ARTIFACT)]) == 0
+    said = [line.rsplit("(", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert said == [f"signed; set {store.SIGNING_KEY_ENV} to check)", "unsigned)", "signature checked)"], said
+
+
 def test_job_queries_answer_without_importing_torch_or_ray(tmp_path):
     """`list`, `status` and `verify` are instant: no torch, no ray at import."""
     code = ("import sys; from lora_dist.cli import main; rc_list = main(['list']); "

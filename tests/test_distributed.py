@@ -61,24 +61,24 @@ def uninterrupted(tmp_path_factory, e2e_csv, smollm2_dir):
 def test_two_worker_zero3_job_shards_the_int8_base(uninterrupted):
     artifact, proc = uninterrupted
     manifest = store.verify_artifact(artifact)
-    assert manifest["world_size"] == 2 and manifest["zero_stage"] == 3 and manifest["quantization"] == "int8"
-    assert manifest["trainable_params"] == 2_442_240  # r=8 on the 7 linears of 30 blocks
+    assert manifest.world_size == 2 and manifest.zero_stage == 3 and manifest.quantization == "int8"
+    assert manifest.trainable_params == 2_442_240  # r=8 on the 7 linears of 30 blocks
     # each rank holds half of the int8 base (ZeRO pads a partition to an even split at most)
-    assert manifest["int8_full_bytes"] == SMOLLM2_INT8_BYTES
-    assert abs(manifest["int8_partition_bytes"] - SMOLLM2_INT8_BYTES / 2) <= 2 * 210
+    assert manifest.int8_full_bytes == SMOLLM2_INT8_BYTES
+    assert abs(manifest.int8_partition_bytes - SMOLLM2_INT8_BYTES / 2) <= 2 * 210
     metrics = [json.loads(line) for line in (artifact / store.METRICS_FILE).read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 5))
     for m in steps:
         assert len(m["peak_memory_bytes"]) == 2 and len(m["int8_partition_bytes"]) == 2
         assert all(abs(b - SMOLLM2_INT8_BYTES / 2) <= 2 * 210 for b in m["int8_partition_bytes"])
-    assert manifest["val_loss_after"] < manifest["val_loss_before"]
+    assert manifest.val_loss_after < manifest.val_loss_before
     assert "step 4/4" in proc.stdout  # progress reached the driver's console
     # what the job ran with: the compute dtype policy and ZeRO settings sized from the model
-    assert manifest["precision"] == {"compute_dtype": "fp32", "lora_master_dtype": "fp32",
+    assert manifest.precision == {"compute_dtype": "fp32", "lora_master_dtype": "fp32",
                                      "optimizer_state_dtype": "fp32", "base_weight_dtype": "int8",
                                      "base_scale_dtype": "fp32", "device": "cpu"}
-    zero = manifest["zero_settings"]
+    zero = manifest.zero_settings
     block = SMOLLM2_INT8_BYTES // 30 + 2 * 576  # one decoder block: its int8 weights and two norms
     assert zero["stage3_prefetch_bucket_size"] >= block and zero["reduce_bucket_size"] == 2_442_240
 
@@ -86,11 +86,11 @@ def test_two_worker_zero3_job_shards_the_int8_base(uninterrupted):
 def test_parity_guard_matches_unsharded_reference(uninterrupted):
     artifact, proc = uninterrupted
     manifest = store.read_manifest(artifact)
-    print(f"parity: largest |sharded - unsharded| loss difference {manifest['parity_max_loss_diff']:.3e}")
+    print(f"parity: largest |sharded - unsharded| loss difference {manifest.parity_max_loss_diff:.3e}")
     # The job's guard fails above 1e-3 nats/token (train.parity_tolerance). Measured differences
     # are ~1e-6 (float summation order); LoRA dropout masks drawn from per-process RNG streams
     # instead of per batch had made them 1.8e-3 at step 2, so this asserts well below the guard.
-    assert manifest["parity_max_loss_diff"] is not None and manifest["parity_max_loss_diff"] < 1e-4
+    assert manifest.parity_max_loss_diff is not None and manifest.parity_max_loss_diff < 1e-4
     assert "parity reference losses" in proc.stdout
 
 
@@ -130,7 +130,7 @@ def test_killed_worker_is_replaced_and_training_resumes_exactly(uninterrupted, t
     assert proc.returncode == 0, stdout[-6000:]
     artifact = Path(stdout.strip().splitlines()[-1])
     manifest = store.verify_artifact(artifact)
-    resumed = manifest["resumed_from_step"]
+    resumed = manifest.resumed_from_step
     assert resumed in (2, 4) and resumed <= killed_at, (resumed, killed_at)
     history = [json.loads(x) for x in (artifact / store.METRICS_FILE).read_text().splitlines()]
     assert [m["step"] for m in history if "loss" in m] == list(range(1, 5))  # each step once

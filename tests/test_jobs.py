@@ -192,7 +192,7 @@ def test_submit_wait_fetch_verify_through_the_jobs_api(head, tmp_path, e2e_csv, 
     fetched = tmp_path / "fetched"
     f = _cli("fetch", sid, "--address", address, "--out", str(fetched), cwd=tmp_path, env=env)
     assert f.returncode == 0, f.stderr
-    assert store.verify_artifact(fetched)["files"] == store.verify_artifact(artifact)["files"]
+    assert store.verify_artifact(fetched).files == store.verify_artifact(artifact).files
     again = _cli("fetch", sid, "--address", address, "--out", str(fetched), cwd=tmp_path, env=env)
     assert again.returncode != 0 and "already exists" in again.stderr  # never overwrites silently
     v = _cli("verify", str(fetched), cwd=tmp_path, env=env)

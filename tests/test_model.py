@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig
 
-from lora_dist.lora import LoRALinear
+from lora_dist.lora import LoRALinear, is_lora_param
 from lora_dist.errors import ModelError
 from lora_dist.model import load_model
 from lora_dist.quant import Int8Linear
@@ -56,7 +56,7 @@ def test_injection_counts_per_architecture(tiny_dirs, family, targets, n_lora, n
     if n_params is not None:
         assert lm.trainable_params == n_params
     trainable = [n for n, p in lm.model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert trainable and all(is_lora_param(n) for n in trainable)
     # embeddings and the LM head stay float
     assert lm.model.get_input_embeddings().weight.dtype == torch.float32
     assert lm.model.get_output_embeddings().weight.dtype == torch.float32

@@ -114,10 +114,10 @@ def test_a_record_leaves_out_what_its_writer_did_not_set():
         Manifest(kind="lora")  # adapter | full
     with pytest.raises(ValueError):
         with_none.steps = 4  # frozen
-    # the JSON view by key, for code outside the package that indexes the parsed JSON
-    assert with_none["steps"] == 3 and with_none.get("nodes", []) == []
-    with pytest.raises(KeyError):
-        with_none["nodes"]
+    # readers use fields: a key the writer did not set is None, and there is no view by key
+    assert with_none.steps == 3 and with_none.nodes is None and not hasattr(with_none, "get")
+    with pytest.raises(TypeError):
+        with_none["steps"]
 
 
 def test_the_4eee545_adapter_loads_onto_its_base_and_the_cli_verifies_it(tiny_llama_dir, tmp_path):

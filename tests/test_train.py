@@ -246,13 +246,14 @@ def test_bf16_compute_keeps_lora_in_fp32_and_records_the_dtypes(tmp_path, tiny_l
     whatever config.json says; LoRA weights (and so AdamW state) in fp32; the manifest says so;
     the loss stays near the fp32 run's."""
     from lora_dist.device import local_placement
+    from lora_dist.lora import is_lora_param
     from lora_dist.train import build_local, train_local
 
     common = [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}", *TINY_OVERRIDES, "train.max_steps=2"]
     spec = load_spec(MAIN_JOB, common + [f"output.dir={tmp_path}", "train.dtype=bf16"])
     built = build_local(spec, local_placement(spec))
     dtypes = {n: p.dtype for n, p in built.model.named_parameters()}
-    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if is_lora_param(n)} == {torch.float32}
     assert built.model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert {d for n, d in dtypes.items() if n.endswith("weight_absmax")} == {torch.float32}
     manifest = store.verify_artifact(train_local(spec, stream=io.StringIO()))
@@ -264,7 +265,7 @@ def test_bf16_compute_keeps_lora_in_fp32_and_records_the_dtypes(tmp_path, tiny_l
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_lora_gradients(tiny_llama_dir):
-    from lora_dist.lora import LoRALinear
+    from lora_dist.lora import LoRALinear, trainable_parameters
     from lora_dist.model import enable_activation_checkpointing, load_model
     from lora_dist.spec import LoraSpec
 
@@ -280,7 +281,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_lora_gradients(tiny_ll
         ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
         loss = m(input_ids=ids, labels=ids).loss
         loss.backward()
-        runs.append((loss.item(), [p.grad.clone() for n, p in m.named_parameters() if p.requires_grad]))
+        runs.append((loss.item(), [p.grad.clone() for p in trainable_parameters(m).values()]))
     assert abs(runs[0][0] - runs[1][0]) < 1e-6
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[0][1], runs[1][1]))
 

@@ -143,16 +143,16 @@ def test_losing_a_host_mid_run_resumes_on_the_other(lab):
     assert proc.returncode == 0, stdout[-5000:] + stderr[-5000:]
     artifact = lab.a.to_outside(stdout.strip().splitlines()[-1])
     manifest = store.verify_artifact(artifact)
-    assert manifest["world_size"] == 2
-    assert manifest["zero_stage"] == 1 and manifest["zero_stage_reason"].startswith("auto: "), manifest
-    resumed = manifest["resumed_from_step"]
+    assert manifest.world_size == 2
+    assert manifest.zero_stage == 1 and manifest.zero_stage_reason.startswith("auto: "), manifest
+    resumed = manifest.resumed_from_step
     assert resumed in (2, 4) and resumed <= killed_at, (resumed, killed_at)
     assert f"resumed from the checkpoint of step {resumed}" in stdout
     # the restarted group ran where it could: both workers on host A
-    assert manifest["nodes"] == [nodes[lab.a.ip]] * 2, (manifest["nodes"], nodes)
+    assert manifest.nodes == [nodes[lab.a.ip]] * 2, (manifest.nodes, nodes)
     # the first attempt, as its checkpoint recorded it: one worker on each host
-    first = manifest["node_history"][0]
-    assert len(first) == 2 and set(first) == {nodes[lab.a.ip], nodes[lab.b.ip]}, (manifest["node_history"], nodes)
-    assert manifest["node_history"][-1] == manifest["nodes"]
+    first = manifest.node_history[0]
+    assert len(first) == 2 and set(first) == {nodes[lab.a.ip], nodes[lab.b.ip]}, (manifest.node_history, nodes)
+    assert manifest.node_history[-1] == manifest.nodes
     history = [json.loads(x) for x in (artifact / store.METRICS_FILE).read_text().splitlines()]
     assert [m["step"] for m in history if "loss" in m] == list(range(1, 5))  # each step once

@@ -63,6 +63,7 @@ def _check_partitions(job: dict[str, Any], rank: int, world: int) -> None:
     from lora_dist.device import worker_placement
     from lora_dist.base import resolve_base, weight_files
     from lora_dist.counting import count_model
+    from lora_dist.lora import is_lora_param
     from lora_dist.model import load_model
     from lora_dist.plan import zero_settings
     from lora_dist.spec import spec_from_dict
@@ -79,7 +80,7 @@ def _check_partitions(job: dict[str, Any], rank: int, world: int) -> None:
                           with_tokenizer=False).model.named_parameters())
     worst, compared, dtypes = 0.0, 0, set()
     for name, p in model.named_parameters():
-        if "lora_" in name:
+        if is_lora_param(name):
             continue
         with deepspeed.zero.GatheredParameters([p]):
             full = p.data.detach().clone()
@@ -138,6 +139,7 @@ def _stop_or_check(job: dict[str, Any], io: LocalIO) -> None:
     from lora_dist import checkpoint as ckpt
     from lora_dist import engine as eng
     from lora_dist import worker as wk
+    from lora_dist.lora import trainable_parameters
     from lora_dist.train import train_step, validate
 
     w = wk._setup(job, io)
@@ -161,15 +163,15 @@ def _stop_or_check(job: dict[str, Any], io: LocalIO) -> None:
         assert set(tensors) == set(saved.tensors), set(tensors) ^ set(saved.tensors)
         worst = max(float((tensors[k] - saved.tensors[k]).abs().max()) for k in tensors)
     # the copy the forward computes with, besides the optimizer's fp32 master
-    trainable = [(n, p) for n, p in runner.module.module.named_parameters() if p.requires_grad]
+    trainable = list(trainable_parameters(runner.module.module).items())
     with deepspeed.zero.GatheredParameters([p for _, p in trainable]):
         if w.rank == 0:
             compute = max(float((p.detach().float().cpu().reshape(-1) - saved.tensors[f"param/{n}"].reshape(-1))
                                 .abs().max()) for n, p in trainable)
     result = {"rank": w.rank, "resumed": resumed, "max_abs_diff": worst, "compute_copy_diff": compute,
               "lr": runner.lr(), "zero_stage": w.stage.stage,
-              "optimizer_step": scalars["optimizer_step"], "saved_optimizer_step": saved.state["scalars"]["optimizer_step"],
-              "index_base": loop.index_base, "saved_next_index": saved.state["next_index"]}
+              "optimizer_step": scalars["optimizer_step"], "saved_optimizer_step": saved.state.scalars["optimizer_step"],
+              "index_base": loop.index_base, "saved_next_index": saved.state.next_index}
     Path(f"{job['check_restore']}.{w.rank}.json").write_text(json.dumps(result))
     torch.distributed.barrier()
 
