@@ -8,6 +8,7 @@ the checkpoint's ``config.json`` says. LoRA master weights and AdamW state are f
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,13 @@ def local_placement(spec: JobSpec) -> Placement:
         raise ValueError("train.dtype: fp16 needs DeepSpeed's loss scaling on GPU workers (`lora-dist submit` "
                          "with cluster.gpus_per_worker >= 1); a single CPU process trains in fp32 or bf16")
     return Placement(torch.device("cpu"), name)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak: allocated device memory on CUDA, peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def available_bytes(device: torch.device | str = "cpu") -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import resource
 import shutil
 import sys
 import time
@@ -30,7 +29,7 @@ from torch import nn
 
 from lora_dist.adapter import write_job_artifact
 from lora_dist.data import BatchPlan, TokenArrays, collate, collate_packed, spread, tokenized
-from lora_dist.device import Placement, local_placement
+from lora_dist.device import Placement, local_placement, peak_memory_bytes
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoraTensors, collect_lora, trainable_parameters
 from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
@@ -160,13 +159,6 @@ def evaluate(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], devic
     stats = torch.tensor([total, count], dtype=torch.float64, device=device)
     total, count = (float(x) for x in torch.stack(gather(stats)).sum(0).tolist())
     return total / max(count, 1)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """This process's peak: allocated device memory on CUDA, peak RSS on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 # --- runners: who owns the optimizer step ---------------------------------------------------------

@@ -220,7 +220,8 @@ def test_the_same_spec_is_told_which_checkpoint_it_resumes_from(tiny_llama_dir, 
 
     from conftest import E2E_CSV, MAIN_JOB
     from lora_dist.launch import published_or_resumable
-    from lora_dist.spec import load_spec, redacted
+    from lora_dist.runtime_env import redacted
+    from lora_dist.spec import load_spec
 
     spec = load_spec(MAIN_JOB, [f"model.base={tiny_llama_dir}", f"data.path={E2E_CSV}",
                                 f"output.dir={tmp_path / 'runs'}"]).with_absolute_paths()
