@@ -8,7 +8,8 @@
 
 The directory is written under a hidden ``.partial`` name and renamed into place only when
 every file and the manifest are complete (store.atomic_dir), so a failed or stopped job never
-leaves something that looks like a finished artifact. Loading verifies every sha256 and the base fingerprint.
+leaves something that looks like a finished artifact. Loading verifies every sha256 and the base
+fingerprint.
 
 A slice-wise LoRA on a fused projection (GPT-2 ``c_attn``: q and v only) is exported exactly as
 a PEFT LoRA of rank r * n_slices whose B is block-structured: PEFT computes

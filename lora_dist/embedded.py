@@ -266,7 +266,7 @@ class _Supervisor(threading.Thread):
                 if not _running(p):
                     dead.setdefault(pid, now)
                     if lost is None and _zombie(p) and now - dead[pid] >= UNREAPED_S:
-                        lost, lost_at = f"its {name} (pid {pid}) exited: killed, or out of memory", now
+                        lost, lost_at = _exited(name, pid), now
             if proc.poll() is not None:
                 break
             if lost_at is not None and now - lost_at > RAY_LOST_GRACE_S:
@@ -275,7 +275,7 @@ class _Supervisor(threading.Thread):
                 break
         text += _read_all(report)
         first = min(dead, key=dead.get) if dead else None
-        gone = f"its {tracked[first][1]} (pid {first}) exited: killed, or out of memory" if first else None
+        gone = _exited(tracked[first][1], first) if first else None
         try:
             outcome = json.loads(text) if text.strip() else None
         except ValueError:  # cut off mid-line: it was killed while reporting
@@ -317,6 +317,10 @@ class _Supervisor(threading.Thread):
                 f.write(text + "\n")
         except OSError:
             pass
+
+
+def _exited(name: str, pid: int) -> str:
+    return f"its {name} (pid {pid}) exited: killed, or out of memory"
 
 
 def _read_all(fd: int) -> str:
