@@ -39,7 +39,7 @@ JOB = REPO / "jobs" / "smollm2-e2e.yaml"
 def held_out_csv(out: Path, data_spec) -> Path:
     """The validation side of the trained rows' split (``data.split``: by default whole
     restaurants the adapters never saw) as an E2E csv."""
-    from lora_dist.data import read_e2e, split_examples
+    from lora_dist.sources import read_e2e, split_examples
 
     _, val = split_examples(read_e2e(DATA), data_spec)
     with open(out, "w", newline="") as f:

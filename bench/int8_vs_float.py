@@ -12,7 +12,9 @@ import argparse
 import json
 import time
 
-from lora_dist.data import read_e2e, split_by_prompt, tokenize, collate
+from lora_dist.data import tokenize, collate
+
+from lora_dist.sources import read_e2e, split_by_prompt
 from lora_dist.evaluate import logit_agreement
 from lora_dist.model import load_model
 from lora_dist.spec import LoraSpec

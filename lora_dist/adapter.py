@@ -31,7 +31,8 @@ from torch import nn
 
 from lora_dist.base import fingerprint, resolve_base
 from lora_dist.counting import check_fits
-from lora_dist.data import special_tokens, template_for
+from lora_dist.data import special_tokens
+from lora_dist.sources import template_for
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoRALinear, LoraTensors
 from lora_dist.model import LoadedModel, load_model

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _error_exit(e: BaseException) -> int | None:
     """Print ``e`` as the user's error and return its exit code; None for an error that is a bug."""
-    from lora_dist.data import DataError
+    from lora_dist.sources import DataError
     from lora_dist.errors import ArtifactError, JobError, JobFailed, ModelError
     from lora_dist.spec import SpecError
 

@@ -396,7 +396,7 @@ def _signal(pid: int, signum: int) -> None:
 # --- errors that cross from the job's process --------------------------------------------------------
 
 def _bad_input() -> tuple[type, ...]:
-    from lora_dist.data import DataError
+    from lora_dist.sources import DataError
 
     return SpecError, ModelError, DataError, JobError
 

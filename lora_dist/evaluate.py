@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from lora_dist.data import E2E_TEMPLATE, DataError, read_e2e
+from lora_dist.sources import E2E_TEMPLATE, DataError, read_e2e
 from lora_dist.generate import generate
 from lora_dist.metrics import e2e_metrics
 from lora_dist.slots import SlotErrors, parse_mr, slot_errors, totals

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from lora_dist.adapter import load_adapted
-from lora_dist.data import prompt_ids, render, template_for
+from lora_dist.data import prompt_ids
+from lora_dist.sources import render, template_for
 from lora_dist.records import Manifest
 
 

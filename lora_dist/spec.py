@@ -172,9 +172,12 @@ class LoraSpec(_Section):
 class DataSpec(_Section):
     """The training data and how it becomes batches."""
 
-    source: Literal["e2e", "jsonl"] = Field("e2e", description=(
-        "`e2e`: an E2E NLG csv (columns `mr`, `ref`); `jsonl`: one `{\"prompt\", \"completion\"}` object per "
-        "line, the loss on completion tokens only."))
+    source: Literal["e2e", "jsonl", "chat", "alpaca", "text"] = Field("e2e", description=(
+        "`e2e`: an E2E NLG csv (columns `mr`, `ref`); `jsonl`: `prompt` and `completion` columns, the loss on "
+        "completion tokens only; `chat`: OpenAI's fine-tuning format (a `messages` list of `role`/`content` "
+        "turns), rendered with the tokenizer's chat template, the loss on assistant turns; `alpaca`: "
+        "`instruction`, `input`, `output`; `text`: continued pretraining on a `text` column, the loss on "
+        "every token."))
     path: Optional[str] = Field(None, description=(
         "The data file, relative to the directory the command runs from. null (e2e only): the official E2E "
         "release is downloaded and cached."))
@@ -477,8 +480,8 @@ def spec_from_dict(raw: Mapping[str, Any], source: str | None = None) -> JobSpec
 def _cross_field_problems(s: JobSpec) -> list[str]:
     """The checks that involve two fields; each message names the field to change."""
     problems = []
-    if s.data.source == "jsonl" and s.data.path is None:
-        problems.append("data.path: required for source 'jsonl' (a file of {\"prompt\", \"completion\"} lines)")
+    if s.data.source != "e2e" and s.data.path is None:
+        problems.append(f"data.path: required for source {s.data.source!r} (only e2e downloads its data)")
     if s.full and s.model.quantization != "none":
         problems.append("train.method: 'full' trains every weight, which an int8 base cannot; "
                         "set model.quantization: none")

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from lora_dist.adapter import write_job_artifact
-from lora_dist.data import BatchPlan, TokenArrays, collate, collate_packed, spread, tokenized
+from lora_dist.data import BatchPlan, TokenArrays, collate, collate_packed, tokenized
+from lora_dist.sources import spread
 from lora_dist.device import Placement, local_placement, peak_memory_bytes
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoraTensors, collect_lora, trainable_parameters

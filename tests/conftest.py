@@ -45,7 +45,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    from lora_dist.data import E2E_TEMPLATE, render
+    from lora_dist.sources import E2E_TEMPLATE, render
 
     d = tmp_path_factory.mktemp("tiny-llama")
     with open(E2E_CSV, newline="", encoding="utf-8") as f:

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from lora_dist.data import (E2E_TEMPLATE, IGNORE_INDEX, BatchPlan, DataError, Example, collate, e2e_name, fetch_e2e,
-                            read_e2e, read_jsonl, render, split_by_name, split_by_prompt, split_examples, spread,
-                            tokenize)
+from lora_dist.data import IGNORE_INDEX, BatchPlan, collate, tokenize
+from lora_dist.sources import (E2E_TEMPLATE, DataError, Example, e2e_name, fetch_e2e, read_e2e, read_jsonl, render,
+                                split_by_name, split_by_prompt, split_examples, spread)
 from lora_dist.store import sha256_file
 
 from conftest import E2E_CSV

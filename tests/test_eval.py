@@ -127,7 +127,7 @@ def test_evaluation_prompts_with_the_template_the_adapter_was_trained_with(tiny_
 
 
 def test_an_mr_that_cannot_be_scored_is_refused_before_any_generation(tmp_path, tiny_trained):
-    from lora_dist.data import DataError
+    from lora_dist.sources import DataError
     from lora_dist.evaluate import evaluate_e2e
 
     bad = tmp_path / "bad.csv"

@@ -69,7 +69,9 @@ def test_prompts_get_bos_where_the_tokenizer_adds_one(tiny_llama_dir, tmp_path):
     from tokenizers import processors
     from transformers import AutoTokenizer
 
-    from lora_dist.data import Example, adds_bos, special_tokens, tokenize
+    from lora_dist.data import adds_bos, special_tokens, tokenize
+
+    from lora_dist.sources import Example
     from lora_dist.generate import encode_prompts
 
     plain = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -144,7 +146,9 @@ def test_packed_rows_keep_their_examples_apart_where_packing_is_allowed(layout_d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_dist.data import PACKING_MODEL_TYPES, DataError, Tokenized, check_packing, collate, collate_packed
+    from lora_dist.data import PACKING_MODEL_TYPES, Tokenized, check_packing, collate, collate_packed
+
+    from lora_dist.sources import DataError
 
     model = AutoModelForCausalLM.from_pretrained(layout_dirs[family], dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(0)

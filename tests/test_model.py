@@ -116,7 +116,8 @@ def test_smollm2_int8_counts_and_answers(smollm2_dir):
 
 @pytest.mark.slow
 def test_int8_base_agrees_with_float_base_on_held_out_e2e(e2e_csv, smollm2_dir):
-    from lora_dist.data import collate, read_e2e, split_by_prompt, tokenize
+    from lora_dist.data import collate, tokenize
+    from lora_dist.sources import read_e2e, split_by_prompt
     from lora_dist.evaluate import logit_agreement
 
     lora = LoraSpec(r=8, targets=("q_proj", "v_proj"))

@@ -80,7 +80,7 @@ BAD = [
     ("name: a\nmodel: {quantization: int4}\n", "model.quantization: must be 'int8' or 'none'"),
     ("name: a\nmodel: {base: /no/such/dir}\n", "model.base: '/no/such/dir' is neither"),
     ("name: a\ndata: {path: /no/such/file.csv}\n", "data.path: file not found"),
-    ("name: a\ndata: {source: parquet}\n", "data.source: must be 'e2e' or 'jsonl'"),
+    ("name: a\ndata: {source: parquet}\n", "data.source: must be 'e2e', 'jsonl', 'chat', 'alpaca' or 'text'"),
     ("name: a\ndata: {source: jsonl}\n", "data.path: required for source 'jsonl'"),
     ("name: a\ntrain: {lr: -0.1}\n", "train.lr: must be in (0, 1]"),
     ("name: a\ntrain: {max_steps: 0}\n", "train.max_steps: must be from 1"),

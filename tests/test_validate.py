@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import E2E_CSV, MAIN_JOB
-from lora_dist.data import DataError
+from lora_dist.sources import DataError
 from lora_dist.errors import ModelError
 from lora_dist.spec import SpecError, load_spec
 from lora_dist.validate import CHECKS, validate_job
