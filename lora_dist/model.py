@@ -22,6 +22,7 @@ from torch import nn
 from lora_dist.base import SUPPORTED, FileHasher, base_config, cached_fingerprint, combine_fingerprint, \
     resolve_base, weight_files
 from lora_dist.errors import ModelError
+from lora_dist.hub import split_ref
 from lora_dist.lora import LoRALinear, set_trainable, trainable_parameters
 from lora_dist.quant import Int8Linear
 from lora_dist.spec import LINEAR_TARGET_ALL, SHAPES, LoraSpec
@@ -218,13 +219,13 @@ def materialize_lora(model: nn.Module, seed: int, device: torch.device | str = "
 def check_model(base: str, lora: LoraSpec | None, quantization: str) -> Injection:
     """Validate targets and rank against the real architecture, on a meta skeleton (no weights),
     and the base's weight files against it: their format and every tensor's name and shape, from
-    the file headers alone.
+    the file headers alone (not a hub id's, whose weights only the job downloads: from its config alone).
 
     Raises:
         ModelError: naming lora.targets, lora.r, or what the weight files lack.
     """
     model, injection = build_skeleton(base_config(base), lora, quantization, meta_buffers=True)
-    if base not in SHAPES:
+    if base not in SHAPES and not split_ref(base):
         plan_weights(model, resolve_base(base), injection.transposed).close()  # the file headers only
     return injection
 

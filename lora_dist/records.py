@@ -54,6 +54,8 @@ class BaseModelRecord(Record):
     id: str  # model.base as the spec named it
     fingerprint: str  # of the base's weights (model.fingerprint): the adapter belongs to these
     architecture: str  # the transformers class trained
+    revision: str | None = None  # a hub id's model.revision (bases of other kinds: unset)
+    commit: str | None = None  # the commit that revision resolved to: what loading the adapter loads
 
 
 class DataRecord(Record):

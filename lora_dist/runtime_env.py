@@ -19,6 +19,9 @@ ENV_REFUSED_PREFIXES = ("LD_", "DYLD_", "PYTHON", "RAY_", "LORA_DIST_", "MALLOC_
 ENV_REFUSED_NAMES = ("PATH", "HOME", "SHELL", "ENV", "IFS", "TMPDIR", "USER", "LOGNAME", "CUDA_VISIBLE_DEVICES",
                      "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
                      "TORCH_EXTENSIONS_DIR")
+# Tokens: Ray stores a job's runtime_env and shows it on its dashboard. A cluster's processes read
+# them from their own environment or login (`hf auth login`), never from a job.
+ENV_SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # runtime_env.pip: a plain requirement (name, optional extras, optional version clauses); no URL,
 # path, option or VCS reference.
 PIP_REQUIREMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._-]+(,[A-Za-z0-9._-]+)*\])?"
@@ -30,7 +33,8 @@ def runtime_env_problems(env: Mapping[str, Any]) -> list[str]:
 
     Keys: ``env_vars`` and ``pip`` only. Env var names must match ``[A-Z][A-Z0-9_]*`` and not
     start with ``LD_``, ``PYTHON``, ``RAY_``, ``LORA_DIST_`` (and the like) nor be ``PATH``,
-    ``HOME`` and the like; values are strings. pip entries are plain requirement strings
+    ``HOME`` and the like, nor a token (``HF_TOKEN``); values are strings. ``HF_HOME``,
+    ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are how a job points its workers at a hub cache or mirror. pip entries are plain requirement strings
     (``name[extra]==version``).
     """
     if not isinstance(env, Mapping):
@@ -47,6 +51,10 @@ def runtime_env_problems(env: Mapping[str, Any]) -> list[str]:
         for name in sorted(env_vars):
             if not ENV_NAME_RE.match(name):
                 problems.append(f"env_vars: {name[:64]!r} is not an allowed name (upper-case letters, digits, '_')")
+            elif name in ENV_SECRET_NAMES:
+                problems.append(f"env_vars: {name} is refused: Ray stores a job's runtime_env and shows it on its "
+                                f"dashboard; set {name} in the environment of the cluster's nodes, or log them in "
+                                f"(`hf auth login`)")
             elif name in ENV_REFUSED_NAMES or name.startswith(ENV_REFUSED_PREFIXES):
                 problems.append(f"env_vars: {name} is refused: it changes what the worker processes load or how "
                                 f"Ray and lora-dist run (refused: {', '.join(p + '*' for p in ENV_REFUSED_PREFIXES[:5])}, "

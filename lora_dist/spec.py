@@ -19,8 +19,9 @@ from typing import Annotated, Any, Literal, Mapping, Optional
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, \
-    field_validator
+    ValidationInfo, field_validator
 
+from lora_dist.hub import DEFAULT_REVISION, is_hub_id, revision_problem
 from lora_dist.runtime_env import runtime_env_problems
 from lora_dist.store import URI_SCHEMES, is_uri
 
@@ -124,9 +125,11 @@ class ModelSpec(_Section):
     """The frozen base model."""
 
     base: str = Field("smollm2-135m", min_length=1, description=(
-        "The base: a built-in id (`smollm2-135m`), a local Hugging Face directory of a dense decoder-only "
-        "causal LM (config.json + safetensors; see docs/how-it-works.md, Base models), or a planning shape "
-        "without weights (`gpt3-175b`, `llama2-7b`, `llama2-70b`: `lora-dist plan` only)."))
+        "The base: a built-in id (`smollm2-135m`), a Hugging Face hub id `ORG/NAME` or a local directory of a "
+        "dense decoder-only causal LM (config.json + safetensors; see docs/how-it-works.md, Base models), or a "
+        "planning shape without weights (`gpt3-175b`, `llama2-7b`, `llama2-70b`: `lora-dist plan` only)."))
+    revision: str = Field(DEFAULT_REVISION, exclude_if=lambda v: v == DEFAULT_REVISION, description=(
+        "A hub id's branch, tag or commit; the manifest records the commit it resolved to."))
     quantization: Literal["int8", "none"] = Field("int8", description=(
         "`int8`: every linear layer inside the decoder blocks is stored int8 with a per-row absmax scale; "
         "`none`: the base stays float."))
@@ -134,15 +137,22 @@ class ModelSpec(_Section):
     @field_validator("base")
     @classmethod
     def _base_exists(cls, base: str) -> str:
-        if base in BUILTIN_MODELS or base in SHAPES:
+        if base in BUILTIN_MODELS or base in SHAPES or is_hub_id(base):
             return base
         bp = Path(base).expanduser()
         if not bp.is_dir():
             raise ValueError(f"{base!r} is neither a built-in id ({', '.join(BUILTIN_MODELS)}), "
-                             f"a planning shape ({', '.join(SHAPES)}) nor an existing directory")
+                             f"a planning shape ({', '.join(SHAPES)}), a hub id (ORG/NAME) nor an existing directory")
         if not (bp / "config.json").is_file():
             raise ValueError(f"{bp} has no config.json (expected a Hugging Face model directory)")
         return base  # its weight files and format: base.check_model_dir
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, revision: str, info: ValidationInfo) -> str:
+        if problem := revision_problem(revision, info.data.get("base")):
+            raise ValueError(problem)
+        return revision
 
 
 class LoraSpec(_Section):

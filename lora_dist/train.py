@@ -32,6 +32,7 @@ from lora_dist.data import BatchPlan, TokenArrays, collate, collate_packed, toke
 from lora_dist.sources import spread
 from lora_dist.device import Placement, local_placement, peak_memory_bytes
 from lora_dist.errors import ArtifactError
+from lora_dist.hub import hub_ref
 from lora_dist.lora import LoraTensors, collect_lora, trainable_parameters
 from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
 from lora_dist.records import EarlyStopState, LoraShape
@@ -528,7 +529,7 @@ def build_local(spec: JobSpec, placement: Placement) -> LoadedModel:
     """The model of ``spec`` in this process: int8 or float base in the compute dtype, LoRA
     injected and initialised in fp32."""
     seed_everything(spec.train.seed)
-    built = load_model(spec.model.base, spec.injected_lora, spec.model.quantization, seed=spec.train.seed,
+    built = load_model(hub_ref(spec.model), spec.injected_lora, spec.model.quantization, seed=spec.train.seed,
                        dtype=placement.dtype)
     if spec.train.activation_checkpointing:
         enable_activation_checkpointing(built.model)

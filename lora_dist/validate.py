@@ -12,7 +12,8 @@ place. Which checks an entry point makes depends on where it runs:
     fp16         train.dtype fp16 needs DeepSpeed's loss scaling on GPU workers: never in one process
                  (device.local_placement); a spec asking for it without GPUs is refused by the spec
     model        lora.targets and lora.r against the architecture, and the stored weights
-                 against it, on a skeleton without weights (model.check_model)
+                 against it, on a skeleton without weights (model.check_model); a hub id from
+                 its config.json alone (no weights are downloaded before the job runs)
     packing      data.batching: packed only where attention keeps packed examples apart
                  (data.check_packing)
     nodes        a job of several workers writes where every node sees it (store.multi_node_storage_problem)
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from lora_dist.hub import hub_ref
 from lora_dist.spec import JobSpec, SpecError
 from lora_dist.store import multi_node_storage_problem, output_root_problem
 
@@ -72,9 +74,9 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
     if "model" in checks:
         from lora_dist.model import check_model
 
-        check_model(spec.model.base, spec.injected_lora, spec.model.quantization)
+        check_model(hub_ref(spec.model), spec.injected_lora, spec.model.quantization)
     if "packing" in checks and spec.data.batching == "packed":
         from lora_dist.data import check_packing
         from lora_dist.base import model_type
 
-        check_packing(model_type(spec.model.base))
+        check_packing(model_type(hub_ref(spec.model)))

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from lora_dist import checkpoint as ckpt
 from lora_dist import engine as eng
 from lora_dist.device import Placement, worker_memory, worker_placement
+from lora_dist import hub
 from lora_dist.base import resolve_base
 from lora_dist.counting import count_activations, count_model
 from lora_dist.lora import trainable_parameters
@@ -70,6 +71,7 @@ class Worker:
     stage: StageChoice | None = None  # the ZeRO stage it runs (cluster.zero_stage, auto resolved) and why
     val_before: float | None = None  # the validation loss before step 1 (carried by checkpoints)
     nodes: list[Any] = field(default_factory=list)  # each rank's Ray node in this attempt
+    base: str = ""  # model.base as resolved for every rank: a hub id pinned to one commit (hub.pin)
     earlier_nodes: list[list[Any]] = field(default_factory=list)  # those of the attempts it resumes
 
     @property
@@ -209,10 +211,13 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     from transformers import AutoConfig, AutoTokenizer
 
     spec, t0 = w.spec, time.time()
-    model_dir = resolve_base(spec.model.base)
+    # A hub id's branch resolves once, on rank 0: every rank loads that one commit (each node's
+    # first rank downloads it, the others wait on a lock in the cache: hub.snapshot).
+    w.base = _broadcast(w, hub.pin(hub.hub_ref(spec.model)) if w.rank == 0 else None)
+    model_dir = resolve_base(w.base, say=w.say)
     hf_config = AutoConfig.from_pretrained(model_dir)
     validate_job(spec, "build")
-    counts = count_model(spec.model.base, spec.injected_lora, spec.model.quantization)
+    counts = count_model(w.base, spec.injected_lora, spec.model.quantization)
     w.zero = zero_settings(counts, "full" if spec.full else "lora_int8_zero3")
     w.stage = _choose_stage(w, counts)
     ds_cfg = eng.ds_config(spec, w.world, w.placement, w.zero, w.stage.stage)
@@ -253,7 +258,7 @@ def _choose_stage(w: Worker, counts: ModelCounts) -> StageChoice:
     setup = Setup(workers=w.world, micro_batch=spec.train.micro_batch_size, seq_len=spec.data.max_length,
                   device=w.placement.device.type, dtype=w.placement.dtype_name,
                   activation_checkpointing=spec.train.activation_checkpointing)
-    acts = {method: count_activations(spec.model.base, spec.injected_lora, spec.model.quantization,
+    acts = {method: count_activations(w.base, spec.injected_lora, spec.model.quantization,
                                       setup.micro_batch, setup.seq_len, setup.dtype_name, method=method,
                                       device=setup.device)}
     choice = choose_zero_stage(counts, method, setup, acts, min(memory))

@@ -3,7 +3,7 @@
 Stages, in order; a module may import only modules earlier in this list. Imports inside
 functions count as much as those at the top.
 
-    errors -> records -> store -> runtime_env -> spec -> specdoc -> plan -> jobs -> registry   no torch: the queries,
+    errors -> records -> store -> runtime_env -> hub -> spec -> specdoc -> plan -> jobs -> registry   no torch: the queries,
                                                        the planner, the job client
     device (where and in which dtype a process computes)
     quant -> lora -> base -> weights -> model -> counting -> data -> validate -> plot -> adapter   the model, the artifact
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "records", "store", "runtime_env", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant",
+ORDER = ["errors", "records", "store", "runtime_env", "hub", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant",
          "lora", "base", "weights", "model", "counting", "sources", "data", "validate", "plot", "adapter", "checkpoint", "engine",
          "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
 
