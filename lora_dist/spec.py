@@ -126,7 +126,7 @@ class ModelSpec(_Section):
 
     base: str = Field("smollm2-135m", min_length=1, description=(
         "The base: a built-in id (`smollm2-135m`), a Hugging Face hub id `ORG/NAME` or a local directory of a "
-        "dense decoder-only causal LM (config.json + safetensors; see docs/how-it-works.md, Base models), or a "
+        "dense decoder-only causal LM (config.json + safetensors; docs/how-it-works.md: Base models, Hub models), or a "
         "planning shape without weights (`gpt3-175b`, `llama2-7b`, `llama2-70b`: `lora-dist plan` only)."))
     revision: str = Field(DEFAULT_REVISION, exclude_if=lambda v: v == DEFAULT_REVISION, description=(
         "A hub id's branch, tag or commit; the manifest records the commit it resolved to."))

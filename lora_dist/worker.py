@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 from lora_dist import checkpoint as ckpt
 from lora_dist import engine as eng
-from lora_dist.device import Placement, worker_memory, worker_placement
 from lora_dist import hub
+from lora_dist.device import Placement, worker_memory, worker_placement
 from lora_dist.base import resolve_base
 from lora_dist.counting import count_activations, count_model
 from lora_dist.lora import trainable_parameters

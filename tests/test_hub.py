@@ -76,10 +76,11 @@ def test_a_hub_id_and_its_revision_are_spec_fields(tmp_path, tiny_llama_dir):
     # a local directory and the built-in id are no hub ids
     assert split_ref(str(tiny_llama_dir)) is None and split_ref("smollm2-135m") is None
     for bad, says in ((["model.revision=v1"], "model.revision: 'v1' applies to a hub id (ORG/NAME) only"),
-                      ([f"model.base={REPO_ID}", "model.revision=../x"], "model.revision: must be a branch, tag or commit"),
+                      ([f"model.base={REPO_ID}", "model.revision=../x"], "model.revision: must be a branch, tag"),
                       (["model.base=/no/such/dir"], "a hub id (ORG/NAME) nor an existing directory")):
-        with pytest.raises(SpecError, match=r"(?s)" + says.replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(SpecError) as e:
             load_spec(MAIN_JOB, bad)
+        assert says in str(e.value), str(e.value)
 
 
 def test_a_token_is_refused_in_runtime_env():
@@ -166,7 +167,7 @@ def test_a_job_trains_on_a_hub_id_and_its_adapter_loads_the_commit_it_trained_on
     hf_home = tmp_path / "hf"
     lay_out(hf_home, REPO_ID, C1, files_of(tiny_llama_dir))
     env = env_for(hf_home, tmp_path)
-    common = [f"--set=model.base={REPO_ID}", f"--set=data.path={E2E_CSV}", f"--set=lora.targets=[q_proj,v_proj]",
+    common = [f"--set=model.base={REPO_ID}", f"--set=data.path={E2E_CSV}", "--set=lora.targets=[q_proj,v_proj]",
               *[f"--set={o}" for o in TINY_OVERRIDES], "--set=train.max_steps=1"]
     proc = run_cli("train", str(MAIN_JOB), *common, f"--set=output.dir={tmp_path / 'runs'}", cwd=REPO, env=env)
     artifact = Path(proc.stdout.strip().splitlines()[-1])
