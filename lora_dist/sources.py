@@ -291,7 +291,12 @@ def read_splits(spec: DataSpec, train_file: DataFile) -> tuple[list[Example], li
     """
     examples = read_examples(train_file, spec)
     val = val_file(spec)
-    return split_examples(examples, spec) if val is None else (examples, read_examples(val, spec))
+    if val is not None:
+        return examples, read_examples(val, spec)
+    try:
+        return split_examples(examples, spec)
+    except DataError as e:
+        raise train_file.error(f"{e} (or give validation data of its own: data.val_path)") from None
 
 
 def check_data(spec: DataSpec, cache_dir: Path) -> tuple[list[Example], list[Example]]:
