@@ -296,7 +296,8 @@ def read_splits(spec: DataSpec, train_file: DataFile) -> tuple[list[Example], li
     try:
         return split_examples(examples, spec)
     except DataError as e:
-        raise train_file.error(f"{e} (or give validation data of its own: data.val_path)") from None
+        raise train_file.error(f"{str(e).removeprefix('data: ')} (or give validation data of its own: "
+                               f"data.val_path)") from None
 
 
 def check_data(spec: DataSpec, cache_dir: Path) -> tuple[list[Example], list[Example]]:
