@@ -115,7 +115,8 @@ class DataFile:
         local = local_path(self.location)
         if self.kind == "hf":
             ds = _hub_dataset(self.location[len(HF_PREFIX):].strip("/"), self.revision, self.split, self.field)
-            return "hf:" + ds._fingerprint
+            # the prepared files' paths hold the commit they were made from
+            return "hf:" + _combine({"fingerprint": ds._fingerprint, "files": [c["filename"] for c in ds.cache_files]})
         if local is not None and local.is_file():
             return sha256_file(local)
         if local is not None:

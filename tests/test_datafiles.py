@@ -233,3 +233,48 @@ def test_val_path_and_columns_train_a_step(tiny_llama_dir, tmp_path):
                              f"data.path={write(rows[:40], tmp_path / 't.parquet')}",
                              f"data.val_path={write(rows[40:], tmp_path / 'v.jsonl')}")
     assert "40 train examples" in log and f"{len(rows) - 40} validation" in log
+
+
+def hub_cache(home: Path, repo: str, rows: list[dict], commit: str = "c0ffee" * 6 + "c0ff") -> None:
+    """A hub dataset ``repo`` in ``home``'s datasets cache, as ``datasets`` lays out one it has
+    downloaded and prepared (HF_HOME/datasets/ORG___NAME/default/0.0.0/COMMIT): prepared here by
+    datasets' own parquet builder, then moved to where the hub builder would have put it."""
+    import shutil
+
+    from datasets import Dataset
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    org, name = repo.split("/")
+    work = home / "prepare"
+    work.mkdir(parents=True)
+    Dataset.from_list(rows).to_parquet(str(work / "train.parquet"))
+    builder = Parquet(cache_dir=str(work / "cache"), dataset_name=name, hash=commit,
+                      data_files={"train": str(work / "train.parquet")})
+    builder.download_and_prepare()
+    target = home / "datasets" / f"{org}___{name}" / "default" / "0.0.0" / commit
+    target.parent.mkdir(parents=True)
+    shutil.move(builder.cache_dir, target)
+    info = json.loads((target / "dataset_info.json").read_text())
+    (target / "dataset_info.json").write_text(json.dumps({**info, "config_name": "default"}))
+    shutil.rmtree(work)
+
+
+@pytest.mark.slow
+def test_a_hub_dataset_is_read_offline_from_the_datasets_cache(tiny_llama_dir, tmp_path):
+    """hf://datasets/ORG/NAME through `lora-dist data` with HF_HUB_OFFLINE=1 and a cache that has it
+    (the download itself cannot run here); a dataset the cache lacks is named with what to do."""
+    import os
+
+    from conftest import run_cli
+
+    hub_cache(tmp_path / "home", "acme/qa", _qa_rows())
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+           "LORA_DIST_CACHE": str(tmp_path / "cache")}
+    args = ["data", str(MAIN_JOB), f"--set=model.base={tiny_llama_dir}", "--set=data.source=jsonl"]
+    proc = run_cli(*args, "--set=data.path=hf://datasets/acme/qa", cwd=tmp_path, env=env)
+    assert "data: hf://datasets/acme/qa (source jsonl)" in proc.stdout and "examples: " in proc.stdout
+    again = run_cli(*args, "--set=data.path=hf://datasets/acme/qa", cwd=tmp_path, env=env)
+    assert "tokenization cache hit" in again.stdout
+    missing = run_cli(*args, "--set=data.path=hf://datasets/acme/nope", cwd=tmp_path, env=env, check=False)
+    assert missing.returncode == 2 and "data.path: hf://datasets/acme/nope (revision main, split 'train') cannot " \
+                                       "be loaded" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
