@@ -185,7 +185,7 @@ class DataFile:
             fs, path = self._fs()
             return io.TextIOWrapper(fs.open(path, "rb"), encoding="utf-8", newline="")
         except OSError as e:
-            raise self.error(f"cannot read ({e})") from None
+            raise DataError(f"{self.field}: cannot read {self.location}: {e}") from None
 
     def _jsonl_rows(self) -> Iterator[tuple[int, Any]]:
         try:

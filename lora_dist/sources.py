@@ -91,8 +91,9 @@ def _check_columns(f: DataFile, names: Mapping[str, str], required: Sequence[str
 
 
 def _string_fields(f: DataFile, n: int, row: Any, required: Sequence[str], optional: Sequence[str] = ()) -> list[str]:
-    """The row's ``required`` (non-empty) and ``optional`` string fields ("" when absent), or a
-    DataError naming the file, the line and what is wrong."""
+    """The row's ``required`` and ``optional`` string fields ("" when absent), the last required
+    one (the text trained on) non-empty; or a DataError naming the file, the line and what is
+    wrong."""
     what = (f"expected an object with string fields {' and '.join(map(repr, required))} (non-empty)"
             + (f", and {' '.join(map(repr, optional))} a string if present" if optional else ""))
     if not isinstance(row, Mapping):
@@ -105,7 +106,7 @@ def _string_fields(f: DataFile, n: int, row: Any, required: Sequence[str], optio
         if not isinstance(value, str):
             problem = "missing" if value is None else f"{type(value).__name__}, not a string"
             raise DataError(f"{f.field}: {f.location} {f.where(n)}: {what}; {name!r} is {problem}")
-        if not value and name in required:
+        if not value and name == required[-1]:
             raise DataError(f"{f.field}: {f.location} {f.where(n)}: {what}; {name!r} is empty")
         out.append(value)
     return out

@@ -278,3 +278,13 @@ def test_a_hub_dataset_is_read_offline_from_the_datasets_cache(tiny_llama_dir, t
     missing = run_cli(*args, "--set=data.path=hf://datasets/acme/nope", cwd=tmp_path, env=env, check=False)
     assert missing.returncode == 2 and "data.path: hf://datasets/acme/nope (revision main, split 'train') cannot " \
                                        "be loaded" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
+
+
+def test_a_prompt_may_be_empty_the_completion_may_not(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "", "completion": " x"}) + "\n")
+    spec = DataSpec(source="jsonl", path=str(f))
+    assert read_examples(data_location(spec), spec) == [Example("", " x")]
+    f.write_text(json.dumps({"prompt": "x", "completion": ""}) + "\n")
+    with pytest.raises(DataError, match="d.jsonl line 1: expected an object .*; 'completion' is empty"):
+        read_examples(data_location(spec), spec)
