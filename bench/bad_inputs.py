@@ -1,6 +1,7 @@
 """The bad-input table: each case through `lora-dist submit --address <unreachable>`, which must
 refuse it with exit code 2 and one message naming the field (at most MAX_MESSAGE characters,
-whatever the input), before contacting any cluster.
+whatever the input), before contacting any cluster. A bad data file (DATA_FILES, written in the
+directory the cases run in) is named with its row and the problem.
 
     python bench/bad_inputs.py            # print the table
     python bench/bad_inputs.py --check    # exit 1 unless every case gets its expected message
@@ -23,6 +24,22 @@ DATA = REPO / "jobs" / "data" / "e2e" / "devset.csv"
 GOOD = f"name: ok\ndata: {{path: {DATA}}}\n"
 
 MAX_MESSAGE = 2000  # characters: an error message must fit a terminal, whatever the input
+
+GOOD_ROW = '{"prompt": "Q: 1+1?", "completion": " 2"}\n'
+DATA_FILES = {
+    "no-columns.csv": "a,b\n1,2\n",
+    "empty.jsonl": "\n",
+    "not-json.jsonl": GOOD_ROW + "{prompt: 1}\n",
+    "wrong-type.jsonl": GOOD_ROW + '{"prompt": "Q: 2+2?", "completion": 4}\n',
+    "good.jsonl": GOOD_ROW + '{"prompt": "Q: 2+2?", "completion": " 4"}\n',
+    "one-prompt.jsonl": GOOD_ROW * 3,
+    "alpaca.jsonl": '{"instruction": "Add.", "input": "1 and 1"}\n',
+}
+
+
+def jsonl_job(path: str, extra: str = "") -> str:
+    return f"name: ok\ndata: {{source: jsonl, path: {path}{extra}}}\n"
+
 
 # (case, YAML, --set overrides, expected text in the message)
 CASES = [
@@ -72,7 +89,28 @@ CASES = [
     ("spec over 1 MiB", GOOD + "# " + "x" * (1 << 20) + "\n", [], "a job spec is at most 1,048,576"),
     ("non-finite weight decay", GOOD + "train: {weight_decay: .inf}\n", [], "train.weight_decay: must be a finite"),
     ("NaN learning rate", GOOD + "train: {lr: .nan}\n", [], "train.lr: must be a finite number"),
-    ("data.path is a directory", "name: ok\ndata: {path: /tmp}\n", [], "data.path: /tmp is not a regular file"),
+    ("data.path a directory not from save_to_disk", "name: ok\ndata: {path: /tmp}\n", [],
+     "data.path: /tmp: a directory, but not one written by datasets' save_to_disk"),
+    ("CSV without the E2E columns", "name: ok\ndata: {path: no-columns.csv}\n", [],
+     "data.path: no-columns.csv must be a csv with columns 'mr' and 'ref', found ['a', 'b']"),
+    ("CSV without the source's columns", jsonl_job("no-columns.csv"), [],
+     "data.path: no-columns.csv: no columns 'prompt', 'completion' (its columns: a, b)"),
+    ("empty JSONL", jsonl_job("empty.jsonl"), [], "data.path: empty.jsonl has no examples"),
+    ("non-JSON line", jsonl_job("not-json.jsonl"), [], "data.path: not-json.jsonl line 2: not JSON"),
+    ("wrong type in a row", jsonl_job("wrong-type.jsonl"), [],
+     "data.path: wrong-type.jsonl line 2: expected an object with string fields 'prompt' and 'completion' "
+     "(non-empty); 'completion' is int, not a string"),
+    ("row without a required column", "name: ok\ndata: {source: alpaca, path: alpaca.jsonl}\n", [],
+     "data.path: alpaca.jsonl line 1: expected an object with string fields 'instruction' and 'output'"),
+    ("missing val_path", jsonl_job("good.jsonl", ", val_path: missing.jsonl"), [], "data.val_path: file not found"),
+    ("empty validation split", jsonl_job("good.jsonl", ", val_path: empty.jsonl"), [],
+     "data.val_path: empty.jsonl has no examples"),
+    ("a split with one side empty", jsonl_job("one-prompt.jsonl"), [],
+     "data.path: one-prompt.jsonl: need at least 2 distinct prompts to split"),
+    ("unknown data.columns key", jsonl_job("good.jsonl", ", columns: {question: prompt}"), [],
+     "data.columns: ['question'] are not columns of source 'jsonl' (prompt, completion)"),
+    ("storage URI without its filesystem", jsonl_job("'s3://bucket/data.jsonl'"), [],
+     "data.path: s3://bucket/data.jsonl: cannot open this URI"),
     ("unsupported URI scheme", GOOD + "output: {dir: 'ftp://host/runs'}\n", [], "output.dir: URI scheme 'ftp'"),
     ("negative max_steps", GOOD + "train: {max_steps: -1}\n", [], "train.max_steps: must be"),
     ("dropout above 1", GOOD + "lora: {dropout: 1.5}\n", [], "lora.dropout: must be"),
@@ -101,6 +139,8 @@ def main() -> int:
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
+        for name, text in DATA_FILES.items():
+            Path(tmp, name).write_text(text)
         for name, text, overrides, expected in CASES:
             code, message = run_case(text, overrides, Path(tmp))
             ok = code == 2 and expected in message and len(message) <= MAX_MESSAGE

@@ -63,6 +63,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from lora_dist.datareport import data_report
+    from lora_dist.spec import load_spec
+
+    spec = load_spec(args.job, args.set)
+    print(data_report(spec, show=args.show, say=lambda text: print(text, file=sys.stderr, flush=True)))
+    return EXIT_OK
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     client = _client(args)
     job = client.submit(args.job, args.set, job_id=args.job_id)
@@ -206,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--activation-checkpointing", action="store_true", help="plan with activation checkpointing")
     pl.add_argument("--json", action="store_true", help="the same numbers as JSON with stable keys")
     pl.set_defaults(func=cmd_plan)
+
+    d = sub.add_parser("data", help="read and tokenize the job's data as the job will, and report on it")
+    job_args(d)
+    d.add_argument("--show", type=int, default=2, metavar="N", help="render N examples, trained spans marked")
+    d.set_defaults(func=cmd_data)
 
     s = sub.add_parser("submit", help="run a job on Ray: embedded local Ray, or a cluster with --address")
     job_args(s)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from lora_dist.sources import DataError, Example, data_file, read_e2e, read_jsonl, split_examples, spread, \
-    template_for
+from lora_dist.datafiles import DataFile
+from lora_dist.sources import DataError, Example, data_file, read_splits, split_key, spread, template_for, val_file
 from lora_dist.spec import DataSpec
-from lora_dist.store import atomic_dir, sha256_file
+from lora_dist.store import atomic_dir
 
 IGNORE_INDEX = -100
 
@@ -130,9 +130,11 @@ class Tokens:
     n_train_prompts: int
     n_val_prompts: int
     cache: str | None = None  # "hit" or "miss" (the directory below), None when not cached
+    over_length: int = 0  # examples (train and validation) longer than data.max_length before the cut
+    longest: int = 0  # the longest example's tokens before the cut
 
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 ARRAYS = ("ids", "offsets", "prompt")
 
 
@@ -147,8 +149,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(spec: DataSpec, data_sha256: str, tokenizer) -> dict:
-    """What the tokenized dataset is a function of (its cache directory is named by its sha256)."""
-    return {"format": CACHE_FORMAT, "data_sha256": data_sha256, "source": spec.source,
+    """What the tokenized dataset is a function of (its cache directory is named by its sha256).
+    ``data_sha256``: the content digest of data.path, and of data.val_path after it when set."""
+    return {"format": CACHE_FORMAT, "data_sha256": data_sha256, "source": spec.source, "columns": spec.columns,
             "template": template_for(spec.source), "tokenizer": tokenizer_fingerprint(tokenizer),
             "max_length": spec.max_length, "val_fraction": spec.val_fraction, "max_val_examples": spec.max_val_examples,
             "split": spec.split if spec.source == "e2e" else "prompt"}
@@ -166,7 +169,8 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
 
     say = say or (lambda text: None)
     path = data_file(spec, cache_dir)
-    key = cache_key(spec, sha256_file(path), tokenizer)
+    val = val_file(spec)
+    key = cache_key(spec, path.digest() + (f"+{val.digest()}" if val is not None else ""), tokenizer)
     final = cache_dir / "tokenized" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -192,13 +196,29 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
 
 
 
-def _tokenize_splits(spec: DataSpec, tokenizer, path: Path, cache: str | None) -> Tokens:
-    examples = read_e2e(path) if spec.source == "e2e" else read_jsonl(path)
-    train_ex, val_ex = split_examples(examples, spec)
+def _tokenize_splits(spec: DataSpec, tokenizer, path: DataFile, cache: str | None) -> Tokens:
+    train_ex, val_ex = read_splits(spec, path)
     val_ex = spread(val_ex, spec.max_val_examples)
+    key = split_key(spec.source)
+    over, longest = _over_length(train_ex + val_ex, tokenizer, spec.max_length)
     return Tokens(TokenArrays.of(tokenize(train_ex, tokenizer, spec.max_length)),
                   TokenArrays.of(tokenize(val_ex, tokenizer, spec.max_length)),
-                  len({e.prompt for e in train_ex}), len({e.prompt for e in val_ex}), cache=cache)
+                  len({key(e) for e in train_ex}), len({key(e) for e in val_ex}), cache=cache, over_length=over,
+                  longest=longest)
+
+
+def _over_length(examples: Sequence[Example], tokenizer, max_length: int) -> tuple[int, int]:
+    """(examples longer than ``max_length`` tokens, the longest's tokens), measured as
+    :func:`tokenize` builds them, uncut (a chunk at a time: memory stays a chunk's)."""
+    over = longest = 0
+    for at in range(0, len(examples), TOKENIZE_CHUNK):
+        try:
+            lengths = [len(t.input_ids) for t in tokenize(examples[at:at + TOKENIZE_CHUNK], tokenizer, 1 << 62)]
+        except DataError:  # no example of this chunk has a token to learn: none is counted
+            continue
+        over += sum(n > max_length for n in lengths)
+        longest = max([longest, *lengths])
+    return over, longest
 
 
 def _write_tokens(final: Path, key: dict, tokens: Tokens) -> None:
@@ -210,7 +230,8 @@ def _write_tokens(final: Path, key: dict, tokens: Tokens) -> None:
             for a in ARRAYS:
                 np.save(tmp / f"{split}.{a}.npy", getattr(getattr(tokens, split), a))
         meta = {"key": key, "n_train_prompts": tokens.n_train_prompts, "n_val_prompts": tokens.n_val_prompts,
-                "train": len(tokens.train), "val": len(tokens.val)}
+                "train": len(tokens.train), "val": len(tokens.val), "over_length": tokens.over_length,
+                "longest": tokens.longest}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
 
@@ -231,7 +252,8 @@ def _read_tokens(final: Path, key: dict) -> Tokens | None:
                     or (n and (np.diff(offsets) <= 0).any())):
                 return None
             splits[split] = TokenArrays(ids, offsets, prompt)
-        return Tokens(splits["train"], splits["val"], meta["n_train_prompts"], meta["n_val_prompts"], cache="hit")
+        return Tokens(splits["train"], splits["val"], meta["n_train_prompts"], meta["n_val_prompts"], cache="hit",
+                      over_length=meta["over_length"], longest=meta["longest"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

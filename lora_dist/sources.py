@@ -1,19 +1,20 @@
-"""Where a run's examples come from: the data file read into (prompt, completion) examples, and the
-train/validation split.
+"""Where a run's examples come from: the data's rows (:mod:`lora_dist.datafiles`, any format) read
+into (prompt, completion) examples, and the train/validation split.
 
-Sources: the E2E NLG csv (``mr``, ``ref``) and prompt/completion JSONL. Train/validation are split
-by prompt, never by row, so no prompt is on both sides; E2E is split by restaurant by default
-(``data.split: name``: every MR of a held-out ``name[...]`` is held out, so validation measures
-restaurants the adapter never saw) or by meaning representation (``data.split: mr``).
-:mod:`lora_dist.data` turns the examples into tokens and batches.
+Sources: the E2E NLG csv (``mr``, ``ref``), prompt/completion rows (``jsonl``), Alpaca rows
+(``instruction``, ``input``, ``output``) and plain text (``text``: the loss on every token);
+``data.columns`` maps a file's column names onto the source's. Train/validation are split by
+prompt (text: by text), never by row, so no prompt is on both sides; E2E is split by restaurant
+by default (``data.split: name``: every MR of a held-out ``name[...]`` is held out, so validation
+measures restaurants the adapter never saw) or by meaning representation (``data.split: mr``);
+``data.val_path`` replaces the split with a file of its own. :mod:`lora_dist.data` turns the
+examples into tokens and batches.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
-import json
 import os
 import re
 import urllib.error
@@ -21,9 +22,10 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from lora_dist.spec import DataSpec
+from lora_dist.datafiles import DataError, DataFile
+from lora_dist.spec import SOURCE_COLUMNS, DataSpec
 from lora_dist.store import atomic_file
 
 
@@ -34,11 +36,10 @@ E2E_TRAIN_MEMBER = "e2e-dataset/trainset.csv"
 # evaluation use that record, so changing a template here never re-prompts an old adapter.
 E2E_TEMPLATE = "Describe the restaurant in one sentence.\nAttributes: {input}\nDescription:"
 PLAIN_TEMPLATE = "{input}"
-
-
-
-class DataError(ValueError):
-    """The data file is missing, unreadable or not in the expected form."""
+# Stanford Alpaca's prompt; a row's input, when it has one, follows its instruction (ALPACA_INPUT).
+ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{input}\n\n### Response:\n")
+ALPACA_INPUT = "\n\n### Input:\n"
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Example:
 
 def template_for(source: str) -> str:
     """The prompt template a run on ``data.source`` trains with."""
-    return E2E_TEMPLATE if source == "e2e" else PLAIN_TEMPLATE
+    return {"e2e": E2E_TEMPLATE, "alpaca": ALPACA_TEMPLATE}.get(source, PLAIN_TEMPLATE)
 
 
 def render(template: str, text: str) -> str:
@@ -72,47 +73,109 @@ def e2e_name(mr: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+def _names(spec: DataSpec | None, source: str) -> dict[str, str]:
+    """The source's column -> the file's column (``data.columns``, else the same name)."""
+    columns = spec.columns if spec is not None else {}
+    return {c: columns.get(c, c) for c in SOURCE_COLUMNS[source]}
+
+
+def _check_columns(f: DataFile, names: Mapping[str, str], required: Sequence[str]) -> None:
+    """Refuse a file whose declared columns (a CSV header, a table's features) lack a ``required``
+    source column (``names`` maps each onto the file's)."""
+    found = f.columns()
+    missing = [c for c in required if found is not None and names[c] not in found]
+    if missing:
+        raise f.error(f"no column{'s' if len(missing) > 1 else ''} {', '.join(repr(names[c]) for c in missing)} (its columns: "
+                      f"{', '.join(found) or 'none'}); data.columns maps yours onto the source's, e.g. "
+                      f"{{{missing[0]}: {found[0] if found else 'COLUMN'}}}")
+
+
+def _string_fields(f: DataFile, n: int, row: Any, required: Sequence[str], optional: Sequence[str] = ()) -> list[str]:
+    """The row's ``required`` and ``optional`` string fields ("" when absent), the last required
+    one (the text trained on) non-empty; or a DataError naming the file, the line and what is
+    wrong."""
+    what = (f"expected an object with string fields {' and '.join(map(repr, required))} (non-empty)"
+            + (f", and {' '.join(map(repr, optional))} a string if present" if optional else ""))
+    if not isinstance(row, Mapping):
+        raise DataError(f"{f.field}: {f.location} {f.where(n)}: {what}; got {type(row).__name__}")
+    out = []
+    for name in (*required, *optional):
+        value = row.get(name)
+        if value is None and name in optional:
+            value = ""
+        if not isinstance(value, str):
+            problem = "missing" if value is None else f"{type(value).__name__}, not a string"
+            raise DataError(f"{f.field}: {f.location} {f.where(n)}: {what}; {name!r} is {problem}")
+        if not value and name == required[-1]:
+            raise DataError(f"{f.field}: {f.location} {f.where(n)}: {what}; {name!r} is empty")
+        out.append(value)
+    return out
+
+
+def _examples(f: DataFile, spec: DataSpec | None, source: str, template: str | None = None) -> list[Example]:
+    """Every row of ``f`` as an example of ``source``.
+
+    Raises:
+        DataError: naming the file, and the line or row, when a row or the file is not what the
+            source reads, or when no row is an example.
+    """
+    names = _names(spec, source)
+    template = template if template is not None else template_for(source)
+    out: list[Example] = []
+    if source == "e2e":
+        mr_col, ref_col = names["mr"], names["ref"]
+        found = f.columns()
+        if found is not None and not {mr_col, ref_col} <= set(found):
+            kind = "a csv" if f.kind == "csv" else "a table"
+            raise DataError(f"{f.field}: {f.location} must be {kind} with columns {mr_col!r} and {ref_col!r}, "
+                            f"found {found}")
+        for _, row in f.rows():  # a row without both is skipped, as the E2E release has some
+            mr, ref = (row.get(mr_col), row.get(ref_col)) if isinstance(row, Mapping) else (None, None)
+            if isinstance(mr, str) and isinstance(ref, str) and mr and ref.strip():
+                out.append(Example(e2e_prompt(mr, template), " " + ref.strip(), mr.strip(), e2e_name(mr)))
+        if not out:
+            raise DataError(f"{f.field}: {f.location} has no rows with both {mr_col!r} and {ref_col!r}")
+        return out
+    # the source's (required, optional) columns, and the example their values make
+    make: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[list[str]], Example]]] = {
+        "jsonl": (("prompt", "completion"), (), lambda v: Example(v[0], v[1])),
+        "alpaca": (("instruction", "output"), ("input",),
+                   lambda v: Example(render(template, v[0] + (ALPACA_INPUT + v[2] if v[2].strip() else "")), v[1])),
+        "text": (("text",), (), lambda v: Example("", v[0])),
+    }
+    if source not in make:
+        raise DataError(f"data.source: {source!r} is not read by sources.read_examples")
+    required, optional, build = make[source]
+    _check_columns(f, names, required)
+    file_required, file_optional = [names[c] for c in required], [names[c] for c in optional]
+    for n, row in f.rows():
+        out.append(build(_string_fields(f, n, row, file_required, file_optional)))
+    if not out:
+        raise DataError(f"{f.field}: {f.location} has no examples")
+    return out
+
+
 def read_e2e(path: Path, template: str = E2E_TEMPLATE) -> list[Example]:
     """Read an E2E csv with columns ``mr`` and ``ref`` (one row per reference), each MR prompted
     through ``template``."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or not {"mr", "ref"} <= set(reader.fieldnames):
-                raise DataError(f"data.path: {path} must be a csv with columns 'mr' and 'ref', "
-                                f"found {reader.fieldnames}")
-            rows = [(r["mr"], r["ref"]) for r in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"data.path: cannot read {path}: {e}") from None
-    out = [Example(e2e_prompt(mr, template), " " + ref.strip(), mr.strip(), e2e_name(mr)) for mr, ref in rows
-           if mr and ref and ref.strip()]
-    if not out:
-        raise DataError(f"data.path: {path} has no rows with both 'mr' and 'ref'")
-    return out
+    return _examples(DataFile(str(path), default="csv"), None, "e2e", template)
 
 
 def read_jsonl(path: Path) -> list[Example]:
     """Read ``{"prompt": str, "completion": str}`` lines."""
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"data.path: {path} line {n}: not JSON ({e.msg})") from None
-                if (not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str)
-                        or not isinstance(obj.get("completion"), str) or not obj["completion"]):
-                    raise DataError(f"data.path: {path} line {n}: expected an object with string fields "
-                                    f"'prompt' and 'completion' (non-empty)")
-                out.append(Example(obj["prompt"], obj["completion"]))
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"data.path: cannot read {path}: {e}") from None
-    if not out:
-        raise DataError(f"data.path: {path} has no examples")
-    return out
+    return _examples(DataFile(str(path)), None, "jsonl")
+
+
+def data_location(spec: DataSpec, field: str = "data.path") -> DataFile:
+    """The location ``data.path`` (or ``data.val_path``) names, read in the source's own format
+    when the file's name says none."""
+    return DataFile(getattr(spec, field.split(".")[1]), field, default="csv" if spec.source == "e2e" else "jsonl",
+                    revision=spec.revision, split=spec.hf_split)
+
+
+def read_examples(f: DataFile, spec: DataSpec) -> list[Example]:
+    """Every row of ``f`` as an example of ``data.source``, columns named by ``data.columns``."""
+    return _examples(f, spec, spec.source)
 
 
 def fetch_e2e(cache_dir: Path, url: str | None = None, timeout: float = 60.0) -> Path:
@@ -135,13 +198,23 @@ def fetch_e2e(cache_dir: Path, url: str | None = None, timeout: float = 60.0) ->
     return target
 
 
-def split_by_prompt(examples: Sequence[Example], val_fraction: float) -> tuple[list[Example], list[Example]]:
-    """Split so that every prompt (meaning representation) lands wholly on one side.
+def prompt_of(e: Example) -> str:
+    return e.prompt
+
+
+def text_of(e: Example) -> str:
+    return e.completion
+
+
+def split_by_prompt(examples: Sequence[Example], val_fraction: float,
+                    key: Callable[[Example], str] = prompt_of) -> tuple[list[Example], list[Example]]:
+    """Split so that every prompt (meaning representation; ``key`` says what else) lands wholly on
+    one side.
 
     A prompt goes to validation when the first 8 hex digits of sha256(prompt), read as a fraction,
     fall below ``val_fraction``: stable across runs, machines and file order.
     """
-    prompts = sorted({e.prompt for e in examples})
+    prompts = sorted({key(e) for e in examples})
     if len(prompts) < 2:
         raise DataError(f"data: need at least 2 distinct prompts to split train/validation, got {len(prompts)}")
     val_prompts = {p for p in prompts if int(hashlib.sha256(p.encode()).hexdigest()[:8], 16) / 16**8 < val_fraction}
@@ -149,8 +222,8 @@ def split_by_prompt(examples: Sequence[Example], val_fraction: float) -> tuple[l
         val_prompts = {min(prompts, key=lambda p: hashlib.sha256(p.encode()).hexdigest())}
     if len(val_prompts) == len(prompts):
         val_prompts.discard(max(val_prompts))
-    train = [e for e in examples if e.prompt not in val_prompts]
-    val = [e for e in examples if e.prompt in val_prompts]
+    train = [e for e in examples if key(e) not in val_prompts]
+    val = [e for e in examples if key(e) in val_prompts]
     return train, val
 
 
@@ -185,22 +258,56 @@ def split_by_name(examples: Sequence[Example], val_fraction: float) -> tuple[lis
 
 
 def split_examples(examples: Sequence[Example], spec: DataSpec) -> tuple[list[Example], list[Example]]:
-    """Train and validation examples as ``data.split`` says (JSONL always splits by prompt)."""
+    """Train and validation examples as ``data.split`` says (other sources split by prompt, text by
+    text)."""
     if spec.source == "e2e" and spec.split == "name":
         return split_by_name(examples, spec.val_fraction)
-    return split_by_prompt(examples, spec.val_fraction)
+    return split_by_prompt(examples, spec.val_fraction, split_key(spec.source))
 
 
+def split_key(source: str) -> Callable[[Example], str]:
+    """What a source's examples are split (and counted) by: the prompt, or a text source's text."""
+    return text_of if source == "text" else prompt_of
 
 
-def data_file(spec: DataSpec, cache_dir: Path) -> Path:
-    """The file a run reads: ``data.path``, or the official E2E release downloaded once."""
+def data_file(spec: DataSpec, cache_dir: Path) -> DataFile:
+    """What a run reads: ``data.path``, or the official E2E release downloaded once."""
+    f = data_location(spec) if spec.path is not None else DataFile(str(fetch_e2e(cache_dir)), default="csv")
+    f.check()
+    return f
+
+
+def val_file(spec: DataSpec) -> DataFile | None:
+    """``data.val_path``'s location, None when validation is split from ``data.path``."""
+    return data_location(spec, "data.val_path") if spec.val_path is not None else None
+
+
+def read_splits(spec: DataSpec, train_file: DataFile) -> tuple[list[Example], list[Example]]:
+    """The run's train and validation examples: ``data.path`` split, or every example of
+    ``data.path`` and of ``data.val_path``.
+
+    Raises:
+        DataError: naming the file and row, when either is not data of ``data.source``, or a side
+            has no examples.
+    """
+    examples = read_examples(train_file, spec)
+    val = val_file(spec)
+    if val is not None:
+        return examples, read_examples(val, spec)
+    try:
+        return split_examples(examples, spec)
+    except DataError as e:
+        raise train_file.error(f"{str(e).removeprefix('data: ')} (or give validation data of its own: "
+                               f"data.val_path)") from None
+
+
+def check_data(spec: DataSpec, cache_dir: Path) -> tuple[list[Example], list[Example]]:
+    """Read and split the data as a run will (no tokenizer): what ``submit`` and ``train`` check
+    before anything is sent or built. Without ``data.path`` the official E2E release is the data,
+    and nothing is read."""
     if spec.path is None:
-        return fetch_e2e(cache_dir)
-    path = Path(spec.path).expanduser()
-    if not path.is_file():
-        raise DataError(f"data.path: file not found: {path.resolve()}")
-    return path
+        return [], ([] if spec.val_path is None else read_examples(val_file(spec), spec))
+    return read_splits(spec, data_file(spec, cache_dir))
 
 
 T = TypeVar("T")

@@ -21,6 +21,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, \
     ValidationInfo, field_validator
 
+from lora_dist.datafiles import location_problem
 from lora_dist.hub import DEFAULT_REVISION, is_hub_id, revision_problem
 from lora_dist.runtime_env import runtime_env_problems
 from lora_dist.store import URI_SCHEMES, is_uri
@@ -40,6 +41,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 LINEAR_TARGET_ALL = "all-linear"
 MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes
 MAX_SPEC_NODES = 10_000  # YAML nodes after expanding aliases: bounds an alias bomb
+SOURCE_COLUMNS = {"e2e": ("mr", "ref"), "jsonl": ("prompt", "completion"), "chat": ("messages",),
+                  "alpaca": ("instruction", "input", "output"), "text": ("text",)}
 
 
 # Fields a resumed job may change: where and how wide it runs (a job resumes at another worker
@@ -189,8 +192,13 @@ class DataSpec(_Section):
         "`instruction`, `input`, `output`; `text`: continued pretraining on a `text` column, the loss on "
         "every token."))
     path: Optional[str] = Field(None, description=(
-        "The data file, relative to the directory the command runs from. null (e2e only): the official E2E "
-        "release is downloaded and cached."))
+        "The data: a `.jsonl`, `.json`, `.csv` or `.parquet` file, a `save_to_disk` directory, a storage URI "
+        "or `hf://datasets/ORG/NAME`; relative to the directory the command runs from. null (e2e only): the "
+        "official E2E release is downloaded and cached."))
+    val_path: Optional[str] = Field(None, description="Validation data of its own (then `data.path` is not split).")
+    columns: dict[str, str] = Field({}, description="The file's column names for the source's: `{prompt: question}`.")
+    revision: Optional[str] = Field(None, description="`hf://datasets/...`: the branch, tag or commit (default main).")
+    hf_split: str = Field("train", description="`hf://datasets/...` or a `save_to_disk` DatasetDict: the split read.")
     max_length: Annotated[Int, Ge(8), Le(131072)] = Field(128, description="Tokens per example (longer ones are cut).")
     val_fraction: Annotated[Number, Gt(0), Lt(1)] = Field(0.1, description=(
         "The share of prompts (E2E: meaning representations) held out for validation."))
@@ -208,15 +216,12 @@ class DataSpec(_Section):
         "measures restaurants never trained on, like E2E's unseen test data; `mr` holds out meaning "
         "representations, whose restaurants the training side also has. A jsonl source always splits by prompt."))
 
-    @field_validator("path")
+    @field_validator("path", "val_path")
     @classmethod
     def _path_exists(cls, path: str | None) -> str | None:
-        if path is not None and Path(path).expanduser().exists() and not Path(path).expanduser().is_file():
-            raise ValueError(f"{Path(path).expanduser().resolve()} is not a regular file (a directory, device or "
-                             f"pipe cannot be read as training data)")
-        if path is not None and not Path(path).expanduser().is_file():
-            raise ValueError(f"file not found: {Path(path).expanduser().resolve()} (relative paths resolve "
-                             f"against the current directory)")
+        problem = location_problem(path) if path is not None else None
+        if problem:
+            raise ValueError(problem)
         return path
 
 
@@ -367,8 +372,8 @@ class JobSpec(_Section):
         """The same spec with data.path and output.dir made absolute against the current directory:
         what crosses to workers, whose working directory is not the user's. URIs stay as they are."""
         data, output = self.data, self.output
-        if data.path is not None:
-            data = data.model_copy(update={"path": str(Path(data.path).expanduser().resolve())})
+        data = data.model_copy(update={k: str(Path(v).expanduser().resolve()) for k in ("path", "val_path")
+                                       if (v := getattr(data, k)) is not None and not is_uri(v)})
         if not is_uri(output.dir):
             output = output.model_copy(update={"dir": str(Path(output.dir).expanduser().resolve())})
         return self.model_copy(update={"data": data, "output": output})
@@ -492,6 +497,9 @@ def _cross_field_problems(s: JobSpec) -> list[str]:
     problems = []
     if s.data.source != "e2e" and s.data.path is None:
         problems.append(f"data.path: required for source {s.data.source!r} (only e2e downloads its data)")
+    if set(s.data.columns) - set(SOURCE_COLUMNS[s.data.source]):
+        problems.append(f"data.columns: {sorted(set(s.data.columns) - set(SOURCE_COLUMNS[s.data.source]))} are not "
+                        f"columns of source {s.data.source!r} ({', '.join(SOURCE_COLUMNS[s.data.source])})")
     if s.full and s.model.quantization != "none":
         problems.append("train.method: 'full' trains every weight, which an int8 base cannot; "
                         "set model.quantization: none")

@@ -2,9 +2,9 @@
 place. Which checks an entry point makes depends on where it runs:
 
     where    who                                                  checks
-    train    lora-dist train (train.train_local): one process     fp16, model, packing
-    submit   a job handed to the embedded local Ray               model, packing
-    remote   lora-dist submit --address (the client side)         nodes, model, packing
+    train    lora-dist train (train.train_local): one process     fp16, model, packing, data
+    submit   a job handed to the embedded local Ray               model, packing, data
+    remote   lora-dist submit --address (the client side)         nodes, model, packing, data
     cluster  jobrun: the cluster side of the Jobs API             output root
     build    a process about to build the model and train:        packing
              a Ray worker, the parity reference
@@ -16,6 +16,8 @@ place. Which checks an entry point makes depends on where it runs:
                  its config.json alone (no weights are downloaded before the job runs)
     packing      data.batching: packed only where attention keeps packed examples apart
                  (data.check_packing)
+    data         the data read and split as the run will, every row checked, no tokenizer
+                 (sources.check_data): a bad file is named with its row before anything starts
     nodes        a job of several workers writes where every node sees it (store.multi_node_storage_problem)
     output root  a local output.dir under the cluster's $LORA_DIST_OUTPUT_ROOT (store.output_root_problem)
 
@@ -33,9 +35,9 @@ from lora_dist.store import multi_node_storage_problem, output_root_problem
 
 Where = Literal["train", "submit", "remote", "cluster", "build"]
 CHECKS: dict[str, tuple[str, ...]] = {
-    "train": ("fp16", "model", "packing"),
-    "submit": ("model", "packing"),
-    "remote": ("nodes", "model", "packing"),
+    "train": ("fp16", "model", "packing", "data"),
+    "submit": ("model", "packing", "data"),
+    "remote": ("nodes", "model", "packing", "data"),
     "cluster": ("output_root",),
     "build": ("packing",),
 }
@@ -53,7 +55,8 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
         SpecError: output.dir outside the output root or not seen by every node, or train.dtype
             fp16 in one process.
         ModelError: lora.targets or lora.r do not fit the model, or its weight files do not.
-        DataError: data.batching packed on a model whose packed examples would attend to each other.
+        DataError: data.batching packed on a model whose packed examples would attend to each other,
+            or data that is not what data.source reads (naming the file, the row and the problem).
     """
     checks = CHECKS[where]
     problems = []
@@ -80,3 +83,8 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
         from lora_dist.base import model_type
 
         check_packing(model_type(hub_ref(spec.model)))
+    if "data" in checks:
+        from lora_dist.sources import check_data
+        from lora_dist.store import cache_root
+
+        check_data(spec.data, cache_root())

@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "records", "store", "runtime_env", "hub", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant",
-         "lora", "base", "weights", "model", "counting", "sources", "data", "validate", "plot", "adapter", "checkpoint", "engine",
+ORDER = ["errors", "records", "store", "datafiles", "runtime_env", "hub", "spec", "specdoc", "plan", "jobs", "registry",
+         "device", "quant", "lora", "base", "weights", "model", "counting", "sources", "data", "datareport", "validate",
+         "plot", "adapter", "checkpoint", "engine",
          "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
 
 
