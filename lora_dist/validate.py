@@ -2,11 +2,11 @@
 place. Which checks an entry point makes depends on where it runs:
 
     where    who                                                  checks
-    train    lora-dist train (train.train_local): one process     fp16, model, packing
-    submit   a job handed to the embedded local Ray               model, packing
+    train    lora-dist train (train.train_local): one process     fp16, model, packing, tracking
+    submit   a job handed to the embedded local Ray               model, packing, tracking
     remote   lora-dist submit --address (the client side)         nodes, model, packing
     cluster  jobrun: the cluster side of the Jobs API             output root
-    build    a process about to build the model and train:        packing
+    build    a process about to build the model and train:        packing, tracking
              a Ray worker, the parity reference
 
     fp16         train.dtype fp16 needs DeepSpeed's loss scaling on GPU workers: never in one process
@@ -17,6 +17,7 @@ place. Which checks an entry point makes depends on where it runs:
                  (data.check_packing)
     nodes        a job of several workers writes where every node sees it (store.multi_node_storage_problem)
     output root  a local output.dir under the cluster's $LORA_DIST_OUTPUT_ROOT (store.output_root_problem)
+    tracking     tracking.mlflow / tracking.tensorboard need their package here (tracking.missing_packages)
 
 Imports nothing heavy until a check that needs it runs: ``lora-dist submit --address`` checks the
 spec without torch.
@@ -31,11 +32,11 @@ from lora_dist.store import multi_node_storage_problem, output_root_problem
 
 Where = Literal["train", "submit", "remote", "cluster", "build"]
 CHECKS: dict[str, tuple[str, ...]] = {
-    "train": ("fp16", "model", "packing"),
-    "submit": ("model", "packing"),
+    "train": ("fp16", "model", "packing", "tracking"),
+    "submit": ("model", "packing", "tracking"),
     "remote": ("nodes", "model", "packing"),
     "cluster": ("output_root",),
-    "build": ("packing",),
+    "build": ("packing", "tracking"),
 }
 
 
@@ -66,6 +67,10 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
             local_placement(spec)
         except ValueError as e:
             problems.append(str(e))
+    if "tracking" in checks:
+        from lora_dist.tracking import missing_packages
+
+        problems += missing_packages(spec.tracking)
     problems = [p for p in problems if p]
     if problems:
         raise SpecError(problems, source)

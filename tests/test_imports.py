@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "records", "store", "runtime_env", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant",
-         "lora", "base", "weights", "model", "counting", "sources", "data", "validate", "plot", "adapter", "checkpoint", "engine",
-         "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
+ORDER = ["errors", "records", "store", "runtime_env", "tracking", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant",
+         "lora", "base", "weights", "model", "counting", "sources", "data", "epochs", "validate", "plot", "adapter", "checkpoint", "engine",
+         "progress", "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
 
 
 def _imports(path: Path) -> dict[str, set[str]]:
