@@ -24,7 +24,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
 ORDER = ["errors", "records", "store", "runtime_env", "tracking", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant",
          "lora", "base", "weights", "model", "counting", "sources", "data", "epochs", "validate", "plot", "adapter", "checkpoint", "engine",
-         "progress", "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
+         "progress", "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "evaldata", "cli"]
 
 
 def _imports(path: Path) -> dict[str, set[str]]:
