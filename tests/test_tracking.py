@@ -213,3 +213,50 @@ def test_max_steps_and_epochs_together_exit_2_naming_both(tmp_path):
                   check=False)
     assert out.returncode == 2, out.stderr
     assert "train.max_steps, train.epochs: set one of them, not both" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_sharded_job_by_epochs_is_tracked_and_resumed_at_another_worker_count(tmp_path, tiny_llama_dir):
+    """The worker's own code (tests/zero_run.py: real DeepSpeed ZeRO-3, 2 ranks, no Ray): a job
+    by epochs, lost after its step-2 checkpoint (its run ends FAILED), then resumed by one worker:
+    it keeps the steps its first start derived for two, and continues the same run, whose loss
+    history is then the artifact's metrics.jsonl."""
+    from mlflow import MlflowClient
+    from zero_run import job_config, run_ranks
+
+    from lora_dist.records import Manifest
+    from lora_dist.sources import read_jsonl, split_examples
+    from lora_dist.spec import spec_from_dict
+    from lora_dist.store import MANIFEST_FILE, artifact_location
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"name[Pub {i}]", "completion": f" Pub {i} is a pub."}) + "\n"
+                            for i in range(40)))
+    store, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "runs"
+
+    def job(world: int, **mode) -> dict:
+        return {**job_config("by-epochs", tiny_llama_dir, ("q_proj", "v_proj"), out, world, extra=(
+            "data.source=jsonl", f"data.path={data}", "train.max_steps=null", "train.epochs=1",
+            "train.checkpoint_every=2", f"tracking.mlflow={store}")), **mode}
+
+    spec = spec_from_dict(job(2)["spec"])
+    expected = math.ceil(len(split_examples(read_jsonl(data), spec.data)[0]) / 2 / 2)  # 2 per micro-batch, 2 ranks
+    client = MlflowClient(tracking_uri=store)
+
+    logs = run_ranks([job(2, lose_after=2)], 2)
+    assert f"train.epochs: 1 = {expected} steps at 2 workers x 2 x 1" in logs[0], logs[0][-3000:]
+    (run,) = client.search_runs([client.get_experiment_by_name("by-epochs").experiment_id])
+    assert run.info.status == "FAILED" and [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+
+    logs = run_ranks([job(1)], 1)
+    assert "as the job's first start fixed them" in logs[0] and "continues" in logs[0], logs[0][-3000:]
+    artifact = Path(artifact_location(str(out), "by-epochs", "by-epochs"))
+    manifest = Manifest.model_validate_json((artifact / MANIFEST_FILE).read_text())
+    assert manifest.resumed_from_step == 2 and manifest.steps == expected
+    assert (manifest.epoch_plan.workers, manifest.epoch_plan.steps) == (2, expected)
+    losses = [(r["step"], r["loss"]) for r in _history(artifact) if "loss" in r]
+    assert [s for s, _ in losses] == list(range(1, expected + 1))
+    (run,) = client.search_runs([client.get_experiment_by_name("by-epochs").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["cluster.workers"] == "2"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")) == losses
+    assert run.data.tags["manifest_digest"] == digest_at(str(artifact))
