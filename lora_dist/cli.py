@@ -139,9 +139,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out and args.slots and Path(args.out).resolve() == Path(args.slots).resolve():
         print("error: --slots: the same file as --out; choose another", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from lora_dist.evaldata import artifact_source, evaluate_file, table, write_result
+    from lora_dist.evaldata import evaluate_file, is_e2e_csv, table, write_result
 
-    if artifact_source(Path(args.artifact)) != "e2e":  # loss per token and perplexity, base and adapter
+    if not is_e2e_csv(data):  # another source's file: loss per token and perplexity, base and adapter
         result = evaluate_file(Path(args.artifact), data, batch_size=args.batch_size)
         print(table(result), file=sys.stderr)
         print(write_result(result, args.out))
@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="E2E metrics and slot error rate: one output per distinct MR, scored against "
                                     "all its references and its MR; other sources: loss and perplexity on --data")
     e.add_argument("artifact", help="artifact directory")
-    e.add_argument("--data", required=True, help="E2E csv (mr, ref); for an adapter of another source, a file of "
-                                                 "that source: loss per token and perplexity, base and adapter")
+    e.add_argument("--data", required=True, help="E2E csv (mr, ref); any other file is read as the adapter's "
+                                                 "source and scored: loss per token and perplexity, base and adapter")
     e.add_argument("--out", default=None, help="write the predictions here, one per line, in MR order (other "
                                                "sources: the JSON)")
     e.add_argument("--slots", default=None, metavar="FILE",

@@ -1,6 +1,7 @@
-"""``lora-dist eval ARTIFACT --data FILE`` for an adapter trained on a source other than E2E: the
-mean cross-entropy per trained token and its perplexity on every example of FILE, for the base
-alone and with the adapter.
+"""``lora-dist eval ARTIFACT --data FILE`` where FILE is not an E2E csv: the mean cross-entropy per
+trained token and its perplexity on every example of FILE, for the base alone and with the adapter.
+An E2E csv (columns ``mr`` and ``ref``) keeps eval's generation and E2E metrics, whatever source
+the adapter was trained on (:func:`is_e2e_csv`).
 
 FILE is read and tokenized as training read and tokenized the artifact's data (its manifest's
 ``data`` section, with FILE as ``data.path``: the same source, template, columns and
@@ -12,6 +13,7 @@ or float), without loading it twice.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from contextlib import contextmanager
@@ -28,17 +30,17 @@ from lora_dist.lora import LoRALinear
 from lora_dist.records import Manifest
 from lora_dist.sources import DataError, Example, read_e2e, read_jsonl
 from lora_dist.spec import DataSpec
-from lora_dist.store import MANIFEST_FILE, parse_manifest
 from lora_dist.train import token_loss
 
 
-def artifact_source(artifact: Path) -> str:
-    """The data source an artifact was trained on, from its manifest (``e2e`` when unrecorded)."""
-    path = artifact / MANIFEST_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{artifact}: no {MANIFEST_FILE}: not an artifact directory")
-    manifest = parse_manifest(path.read_text(), str(artifact))
-    return manifest.data.source if manifest.data is not None else "e2e"
+def is_e2e_csv(path: Path) -> bool:
+    """Whether ``path`` is an E2E csv (a header with ``mr`` and ``ref``): eval generates and scores it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return {"mr", "ref"} <= {h.strip() for h in header}
 
 
 def data_spec(manifest: Manifest, data: Path) -> DataSpec:

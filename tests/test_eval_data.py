@@ -61,10 +61,20 @@ def test_eval_data_reports_the_base_and_the_adapter_on_the_file(jsonl_adapter, t
         assert result[row]["perplexity"] == pytest.approx(math.exp(result[row]["loss"]))
 
 
-def test_eval_data_names_a_file_that_is_not_of_the_adapters_source(jsonl_adapter, capsys):
+def test_eval_data_names_a_file_that_is_not_of_the_adapters_source(jsonl_adapter, capsys, tmp_path):
+    artifact, _ = jsonl_adapter
+    other = tmp_path / "questions.csv"
+    other.write_text("question,answer\nwhat,that\n")
+    assert main(["eval", str(artifact), "--data", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert str(other) in err and "line 1: not JSON" in err
+
+
+def test_an_e2e_csv_keeps_the_e2e_evaluation_for_any_adapter(jsonl_adapter, capsys):
     from conftest import E2E_CSV
 
     artifact, _ = jsonl_adapter
-    assert main(["eval", str(artifact), "--data", str(E2E_CSV)]) == 2
-    err = capsys.readouterr().err
-    assert str(E2E_CSV) in err and "line 1: not JSON" in err
+    assert main(["eval", str(artifact), "--data", str(E2E_CSV), "--limit", "1", "--num-beams", "1",
+                 "--max-new-tokens", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mrs"] == 1 and "BLEU" in result and "base" not in result
