@@ -150,6 +150,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out and args.slots and Path(args.out).resolve() == Path(args.slots).resolve():
         print("error: --slots: the same file as --out; choose another", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from lora_dist.evaldata import evaluate_file, is_e2e_csv, table, write_result
+
+    if not is_e2e_csv(data):  # another source's file: loss per token and perplexity, base and adapter
+        result = evaluate_file(Path(args.artifact), data, batch_size=args.batch_size)
+        print(table(result), file=sys.stderr)
+        print(write_result(result, args.out))
+        return EXIT_OK
     if args.rerank is None:  # the default: fewer slot errors on unseen restaurants (docs/results.md)
         args.rerank = "ser" if args.num_beams >= 2 else "none"
     if args.rerank == "ser" and args.num_beams < 2:
@@ -258,10 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     e = sub.add_parser("eval", help="E2E metrics and slot error rate: one output per distinct MR, scored against "
-                                    "all its references and its MR")
+                                    "all its references and its MR; other sources: loss and perplexity on --data")
     e.add_argument("artifact", help="artifact directory")
-    e.add_argument("--data", required=True, help="E2E csv (mr, ref)")
-    e.add_argument("--out", default=None, help="write the predictions here, one per line, in MR order")
+    e.add_argument("--data", required=True, help="E2E csv (mr, ref); any other file is read as the adapter's "
+                                                 "source and scored: loss per token and perplexity, base and adapter")
+    e.add_argument("--out", default=None, help="write the predictions here, one per line, in MR order (other "
+                                               "sources: the JSON)")
     e.add_argument("--slots", default=None, metavar="FILE",
                    help="write each prediction's slot errors here as JSON lines (mr, prediction, slots, missing, "
                         "wrong, added, ser), in MR order")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -429,3 +430,13 @@ class BatchPlan:
     def indices(self, i: int) -> list[int]:
         """The examples of micro-batch ``i``."""
         return [j for row in self.rows(i) for j in row]
+
+    def micro_batches(self, examples: int, exact_windows: int = 64) -> float:
+        """How many micro-batches the first ``examples`` positions make (train.epochs' arithmetic):
+        ``examples / micro_batch_size``, or packed the windows' micro-batches in proportion (the
+        first ``exact_windows`` windows packed and counted, any further ones at their mean)."""
+        if self.mode != "packed":
+            return examples / self.size
+        windows = examples / (self.size * GROUP_WINDOW)
+        counted = max(1, min(math.ceil(windows), exact_windows))
+        return sum(len(self._window(w)) for w in range(counted)) / counted * windows

@@ -90,7 +90,7 @@ class JobStatus:
     def line(self) -> str:
         parts = [f"{self.job_id}  {self.state}"]
         if self.step is not None:
-            parts.append(f"step {self.step}/{self.total_steps}")
+            parts.append(f"step {self.step}" + (f"/{self.total_steps}" if self.total_steps else ""))
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if self.artifact:
@@ -278,7 +278,7 @@ def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
         try:
             return retry.call(c.submit_job, entrypoint=ENTRYPOINT, submission_id=submission_id, runtime_env=env,
                               metadata={METADATA_TAG: "1", "name": spec.name, "job_id": job_id,
-                                        "max_steps": str(spec.train.max_steps),
+                                        "max_steps": str(spec.train.max_steps or ""),  # train.epochs: not known yet
                                         "output_dir": spec.output.dir})
         except Exception as e:
             raise JobError(f"submitting {submission_id} (job {run_name(spec.name, job_id)}) to {address} failed: "

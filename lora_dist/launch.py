@@ -112,7 +112,7 @@ def published_or_resumable(spec: JobSpec, job_id: str, stream) -> Path | str | N
 def _parity_reference(spec: JobSpec, stream) -> list[float]:
     from lora_dist.train import reference_losses
 
-    steps = min(spec.train.parity_steps, spec.train.max_steps)
+    steps = min(spec.train.parity_steps, spec.train.max_steps or spec.train.parity_steps)  # epochs: capped there
     print(f"parity check: unsharded int8 reference for {steps} steps on the batches of "
           f"{spec.cluster.workers} workers", file=stream, flush=True)
     reference = reference_losses(spec, spec.cluster.workers, steps)

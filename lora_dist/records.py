@@ -66,6 +66,17 @@ class DataRecord(Record):
     special_tokens: dict[str, Any] | None = None  # data.special_tokens: bos, bos_token, eos_token
 
 
+class EpochPlan(Record):
+    """train.epochs as the steps they take (epochs.planned_steps), fixed at the job's first start:
+    a resumed job keeps them, whatever its worker count, so that its schedule is the one it began."""
+    epochs: float
+    steps: int
+    micro_batches_per_epoch: float  # data.BatchPlan.micro_batches over one pass of the training examples
+    workers: int
+    micro_batch_size: int
+    grad_accum: int
+
+
 class Manifest(Record):
     """``manifest.json``: sha256 of every file, the base's fingerprint, the settings and the run's
     results. Only ``format`` and ``files`` are always there; the rest as the writer set them (a
@@ -104,6 +115,7 @@ class Manifest(Record):
     int8_full_bytes: int | None = None
     precision: dict[str, str] | None = None  # device.Placement.record
     zero_settings: dict[str, Any] | None = None
+    epoch_plan: EpochPlan | None = None  # train.epochs
     # train.early_stop_patience (train.EarlyStop.fields)
     best_step: int | None = None
     best_val_loss: float | None = None
@@ -153,3 +165,4 @@ class CheckpointState(Record):
     val_loss_before: float | None = None
     node_history: list[list[Any]] = []  # each attempt's nodes, this one last
     early_stop: EarlyStopState | None = None  # with train.early_stop_patience
+    epoch_plan: EpochPlan | None = None  # with train.epochs

@@ -14,17 +14,18 @@ import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Optional
+from typing import Annotated, Any, Literal, Mapping, Optional, get_args
 
 import yaml
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, \
-    ValidationInfo, field_validator
+    ValidationInfo, field_validator, model_validator
 
 from lora_dist.datafiles import location_problem
 from lora_dist.hub import DEFAULT_REVISION, is_hub_id, revision_problem
 from lora_dist.runtime_env import runtime_env_problems
 from lora_dist.store import URI_SCHEMES, is_uri
+from lora_dist.tracking import MlflowUri, absolute_target
 
 BUILTIN_MODELS = ("smollm2-135m",)
 # Public architectures without weights here: `lora-dist plan` only (exact counts on the meta device).
@@ -50,7 +51,8 @@ SOURCE_COLUMNS = {"e2e": ("mr", "ref"), "jsonl": ("prompt", "completion"), "chat
 # trained, and a job id is bound to it (spec_digest).
 RESUMABLE_CHANGES = ("cluster.workers", "cluster.zero_stage", "cluster.placement", "cluster.max_failures",
                      "cluster.cpus_per_worker", "cluster.runtime_env", "train.log_every", "train.checkpoint_every",
-                     "train.parity_check", "train.parity_steps", "train.parity_tolerance")
+                     "train.parity_check", "train.parity_steps", "train.parity_tolerance", "tracking.mlflow",
+                     "tracking.experiment", "tracking.tensorboard")
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -231,7 +233,11 @@ class TrainSpec(_Section):
     method: Literal["lora", "full"] = Field("lora", description=(
         "`lora`: only the LoRA pairs train; `full`: the full fine-tuning baseline, every weight of a float base "
         "trains (needs `model.quantization: none`)."))
-    max_steps: Annotated[Int, Ge(1), Le(10_000_000)] = Field(100, description="Optimizer steps.")
+    max_steps: Optional[Annotated[Int, Ge(1), Le(10_000_000)]] = Field(100, description=(
+        "Optimizer steps; or set `train.epochs` instead (not both)."))
+    epochs: Optional[Annotated[Number, Gt(0), Le(1_000_000)]] = Field(None, description=(
+        "Passes over the training examples, instead of `max_steps`: the steps they take at the job's worker count "
+        "and batches (`epochs.planned_steps`) are printed at start and recorded (manifest `epoch_plan`)."))
     micro_batch_size: Annotated[Int, Ge(1), Le(65536)] = Field(8, description=(
         "Examples per micro-batch on each worker (`packed`: rows)."))
     grad_accum: Annotated[Int, Ge(1), Le(65536)] = Field(1, description="Micro-batches per optimizer step.")
@@ -273,6 +279,14 @@ class TrainSpec(_Section):
         "Compute dtype of the forward and backward, whatever the checkpoint's config.json says (auto: bf16 on "
         "GPU workers, fp32 on CPU). LoRA master weights and AdamW state stay fp32; fp16 needs GPU workers "
         "(DeepSpeed's dynamic loss scaling)."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_from_epochs(cls, raw: Any) -> Any:
+        # train.epochs given without max_steps: max_steps has no default then (spec.to_dict keeps the null)
+        if isinstance(raw, dict) and raw.get("epochs") is not None and "max_steps" not in raw:
+            return {**raw, "max_steps": None}
+        return raw
 
 
 class ClusterSpec(_Section):
@@ -337,6 +351,16 @@ class OutputSpec(_Section):
         return d
 
 
+class TrackingSpec(_Section):
+    """Experiment tracking on the main process (lora_dist.tracking): the spec, metrics.jsonl, the artifact."""
+
+    mlflow: Optional[MlflowUri] = Field(None, description=(
+        "An MLflow tracking URI: `sqlite:///PATH`, a server `http(s)://HOST[:PORT]` or a `file:PATH` store "
+        "(relative paths resolve against the current directory); credentials go in MLFLOW_TRACKING_* env vars."))
+    experiment: Optional[str] = Field(None, min_length=1, description="The MLflow experiment (default: the job's name).")
+    tensorboard: Optional[str] = Field(None, min_length=1, description="A directory or storage URI for event files.")
+
+
 class JobSpec(_Section):
     """A whole job: its name and one section per concern."""
 
@@ -349,6 +373,7 @@ class JobSpec(_Section):
     train: TrainSpec = Field(TrainSpec(), description=TrainSpec.__doc__)
     cluster: ClusterSpec = Field(ClusterSpec(), description=ClusterSpec.__doc__)
     output: OutputSpec = Field(OutputSpec(), description=OutputSpec.__doc__)
+    tracking: TrackingSpec = Field(TrackingSpec(), description=TrackingSpec.__doc__)
 
     @field_validator("name")
     @classmethod
@@ -376,7 +401,9 @@ class JobSpec(_Section):
                                        if (v := getattr(data, k)) is not None and not is_uri(v)})
         if not is_uri(output.dir):
             output = output.model_copy(update={"dir": str(Path(output.dir).expanduser().resolve())})
-        return self.model_copy(update={"data": data, "output": output})
+        t = self.tracking
+        tracking = t.model_copy(update={k: absolute_target(getattr(t, k)) for k in ("mlflow", "tensorboard")})
+        return self.model_copy(update={"data": data, "output": output, "tracking": tracking})
 
     def to_dict(self) -> dict[str, Any]:
         """A plain mapping (lists for tuples) that ``spec_from_dict`` turns back into this spec."""
@@ -511,6 +538,11 @@ def _cross_field_problems(s: JobSpec) -> list[str]:
     if s.train.early_stop_patience > 0 and s.full:
         problems.append("train.early_stop_patience: keeping the best copy of a full fine-tune would hold a "
                         "second model; early stop is for train.method: lora")
+    if s.train.epochs is not None and s.train.max_steps is not None:
+        problems.append("train.max_steps, train.epochs: set one of them, not both (over a spec that sets "
+                        "max_steps: --set train.max_steps=null --set train.epochs=N)")
+    if s.train.epochs is None and s.train.max_steps is None:
+        problems.append("train.max_steps: required unless train.epochs is set")
     if s.cluster.max_failures > 0 and s.train.checkpoint_every == 0:
         problems.append("cluster.max_failures: restarts resume from checkpoints; set train.checkpoint_every > 0")
     return problems
@@ -579,7 +611,8 @@ def _model_at(loc: list[str]) -> type[BaseModel]:
 
 def _range(loc: list[str]) -> str:
     """A field's allowed range from its declared bounds: 'from 1 to 4096', 'in (0, 1]', '>= 0'."""
-    metadata = _model_at(loc[:-1]).model_fields[loc[-1]].metadata
+    info = _model_at(loc[:-1]).model_fields[loc[-1]]  # an Optional field: its Annotated's bounds
+    metadata = info.metadata or [m for a in get_args(info.annotation) for m in getattr(a, "__metadata__", ())]
     lo = next(((m.ge, "[") for m in metadata if isinstance(m, Ge)), None) or \
         next(((m.gt, "(") for m in metadata if isinstance(m, Gt)), None)
     hi = next(((m.le, "]") for m in metadata if isinstance(m, Le)), None) or \

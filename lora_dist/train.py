@@ -14,7 +14,6 @@ which makes it the unsharded reference for that run. Batches are a pure function
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -34,11 +33,14 @@ from lora_dist.device import Placement, local_placement, peak_memory_bytes
 from lora_dist.errors import ArtifactError
 from lora_dist.hub import hub_ref
 from lora_dist.lora import LoraTensors, collect_lora, trainable_parameters
+from lora_dist.epochs import epoch_at, plan_line, planned_steps
 from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
-from lora_dist.records import EarlyStopState, LoraShape
+from lora_dist.progress import Metrics
+from lora_dist.records import EarlyStopState, EpochPlan, LoraShape
 from lora_dist.spec import JobSpec
-from lora_dist.store import METRICS_FILE, artifact_location, cache_root, check_job_id, is_uri, new_job_id, publish, \
-    work_dir
+from lora_dist.store import METRICS_FILE, artifact_location, cache_root, check_job_id, digest_at, is_uri, \
+    new_job_id, publish, work_dir
+from lora_dist.tracking import tracked
 from lora_dist.validate import validate_job
 
 
@@ -110,9 +112,10 @@ def seed_batch(seed: int, index: int) -> None:
 
 # --- optimizer, schedule, loss --------------------------------------------------------------------
 
-def make_schedule(optimizer: torch.optim.Optimizer, spec: JobSpec) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(optimizer: torch.optim.Optimizer, spec: JobSpec,
+                  max_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """transformers' schedule: linear warmup from 0 over ``warmup_steps``, then linear or cosine
-    decay to zero at ``max_steps``.
+    decay to zero at ``max_steps`` (the run's: train.max_steps, or the steps of train.epochs).
 
     As in transformers, the first warmup step's learning rate is 0. Warmup is capped at
     max_steps - 1, so that a short run (``--set train.max_steps=1``) still takes a step.
@@ -120,8 +123,9 @@ def make_schedule(optimizer: torch.optim.Optimizer, spec: JobSpec) -> torch.opti
     from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
     t = spec.train
+    total = max_steps or t.max_steps
     make = get_cosine_schedule_with_warmup if t.schedule == "cosine" else get_linear_schedule_with_warmup
-    return make(optimizer, num_warmup_steps=min(t.warmup_steps, t.max_steps - 1), num_training_steps=t.max_steps)
+    return make(optimizer, num_warmup_steps=min(t.warmup_steps, total - 1), num_training_steps=total)
 
 
 def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -191,11 +195,11 @@ class LocalRunner:
     process stands in for); each is scaled by its inverse, so a step's gradient is their mean.
     """
 
-    def __init__(self, model: nn.Module, spec: JobSpec, micro_batches: int) -> None:
+    def __init__(self, model: nn.Module, spec: JobSpec, micro_batches: int, max_steps: int | None = None) -> None:
         self.module = model
         self.params = list(trainable_parameters(model).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
-        self.scheduler = make_schedule(self.optimizer, spec)
+        self.scheduler = make_schedule(self.optimizer, spec, max_steps)
         self.max_grad_norm = spec.train.max_grad_norm
         self.scale = 1.0 / micro_batches
 
@@ -292,52 +296,6 @@ def split_best(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 # --- the loop -------------------------------------------------------------------------------------
 
-class Metrics:
-    """``metrics.jsonl`` (one JSON record per line) and the progress lines, on the main process."""
-
-    def __init__(self, path: Path, spec: JobSpec, main: bool, stream=sys.stdout) -> None:
-        self.path, self.spec, self.main, self.stream = path, spec, main, stream
-        self.t0, self.first_step = time.time(), 1
-
-    def record(self, rec: dict[str, Any]) -> None:
-        if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-    def say(self, text: str) -> None:
-        if self.main:
-            print(text, file=self.stream, flush=True)
-
-    def step(self, rec: dict[str, Any]) -> None:
-        self.record(rec)
-        total, step = self.spec.train.max_steps, rec["step"]
-        if step % self.spec.train.log_every == 0 or step == total:
-            eta = (time.time() - self.t0) / (step - self.first_step + 1) * (total - step)
-            pad = rec.get("pad_tokens", 0) / max(1, rec.get("tokens", 0) + rec.get("pad_tokens", 0))
-            self.say(f"step {step}/{total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
-                     f"real tok/s {rec['tokens_per_s']:.0f} (pad {100 * pad:.0f}%)  "
-                     f"mem/rank {max(rec['peak_memory_bytes']) / 2**30:.2f} GiB  eta {eta:.0f}s")
-
-    def text(self) -> str:
-        """The history so far (main process; a checkpoint carries it, so that a job resumed on
-        another node keeps it)."""
-        return self.path.read_text() if self.main and self.path.is_file() else ""
-
-    def start(self) -> None:
-        """A run from step 1: drop what an earlier attempt that left no checkpoint recorded, so
-        that the history holds each step once."""
-        if self.main:
-            self.path.write_text("")
-
-    def resumed(self, step: int, history: str) -> None:
-        """Continue after ``step`` with ``history`` (the checkpoint's records up to it), marked."""
-        self.first_step = step + 1
-        if self.main:
-            kept = [line for line in history.splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-            kept.append(json.dumps({"step": step, "resumed_from": step}))
-            self.path.write_text("\n".join(kept) + "\n")
-
-
 @dataclass
 class Loop:
     """Everything :func:`run_steps` needs; the caller decides what each piece is."""
@@ -360,15 +318,28 @@ class Loop:
     index_base: int = 0
     early: EarlyStop | None = None  # train.early_stop_patience (early_stop(spec))
     resumed_loss: float = float("nan")  # the loss of step ``resumed_at`` (its checkpoint's)
-    plan: BatchPlan = field(init=False)
+    plan: BatchPlan | None = None  # batch_plan(spec, data) when None
+    max_steps: int = 0  # the last step: train.max_steps when 0, else the steps of train.epochs (planned_steps)
+    epoch_plan: EpochPlan | None = None  # train.epochs: what max_steps was derived from
     lengths: list[int] = field(init=False)  # each training example's tokens
+    per_epoch: float = field(init=False)  # micro-batches per pass over the training examples
     val: list[dict[str, torch.Tensor]] = field(init=False)  # collated once, reused at every validation
 
     def __post_init__(self) -> None:
         self.lengths = self.data.train.lengths()
-        self.plan = BatchPlan(len(self.data.train), self.spec.train.micro_batch_size, self.spec.train.seed,
-                              lengths=self.lengths, mode=self.spec.data.batching, capacity=self.spec.data.max_length)
+        self.plan = self.plan or batch_plan(self.spec, self.data, self.lengths)
+        self.max_steps = self.max_steps or self.spec.train.max_steps
+        self.per_epoch = self.epoch_plan.micro_batches_per_epoch if self.epoch_plan else \
+            self.plan.micro_batches(self.plan.n)
+        self.metrics.total = self.max_steps
         self.val = val_batches(self.data, self.spec)
+
+
+def batch_plan(spec: JobSpec, data: Dataset, lengths: list[int] | None = None) -> BatchPlan:
+    """The run's micro-batches (data.BatchPlan over the training examples)."""
+    return BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed,
+                     lengths=data.train.lengths() if lengths is None else lengths, mode=spec.data.batching,
+                     capacity=spec.data.max_length)
 
 
 def batch_index(loop: Loop, step: int, micro: int, rank: int) -> int:
@@ -418,7 +389,7 @@ class RunResult(NamedTuple):
 
 
 def run_steps(loop: Loop, start: int = 1) -> RunResult:
-    """Steps ``start``..max_steps: train, record, check, validate and checkpoint on schedule.
+    """Steps ``start``..``loop.max_steps``: train, record, check, validate and checkpoint on schedule.
 
     Returns:
         The last step's loss over all ranks and the largest parity difference.
@@ -430,7 +401,8 @@ def run_steps(loop: Loop, start: int = 1) -> RunResult:
     t, early = loop.spec.train, loop.early
     loss, parity_max = loop.resumed_loss, None  # a run resumed where it ended trains no step
     loop.runner.module.train()
-    for step in range(start, t.max_steps + 1):
+    last = loop.max_steps
+    for step in range(start, last + 1):
         if early is not None and early.stopped_at is not None:  # resumed from the checkpoint of the stop
             break
         t0 = time.time()
@@ -444,7 +416,8 @@ def run_steps(loop: Loop, start: int = 1) -> RunResult:
                "real_tokens_per_s": tokens / seconds,
                "tokens_per_s": tokens / seconds,  # the same figure under its first name (real tokens)
                "step_s": seconds, "peak_memory_bytes": [int(r[2]) for r in ranks],
-               "int8_partition_bytes": [int(r[3]) for r in ranks]}
+               "int8_partition_bytes": [int(r[3]) for r in ranks],
+               "epoch": round(epoch_at(next_index(loop, step), loop.per_epoch), 4)}
         if loop.reference is not None and step <= len(loop.reference):
             rec["parity_diff"] = diff = abs(loss - loop.reference[step - 1])
             parity_max = max(parity_max or 0.0, diff)
@@ -456,12 +429,12 @@ def run_steps(loop: Loop, start: int = 1) -> RunResult:
             raise FloatingPointError(f"loss became {loss} at step {step}; lower train.lr")
         loop.metrics.step(rec)
         stop = False
-        if early is not None and (step % t.eval_every == 0 or step == t.max_steps):
-            stop = early.observe(step, validate(loop, step), loop.runner, last=step == t.max_steps)
-        elif t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+        if early is not None and (step % t.eval_every == 0 or step == last):
+            stop = early.observe(step, validate(loop, step), loop.runner, last=step == last)
+        elif t.eval_every and step % t.eval_every == 0 and step < last:
             validate(loop, step)
         # The last step too: an export that fails then loses no training.
-        if loop.checkpoint and ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.max_steps
+        if loop.checkpoint and ((t.checkpoint_every and step % t.checkpoint_every == 0) or step == last
                                 or stop):
             loop.checkpoint(step, loss)
         if stop:
@@ -478,16 +451,16 @@ def end_validation(loop: Loop) -> float:
     if loop.early is not None:
         e = loop.early
         loop.metrics.say(f"exporting the adapter of step {e.best_step} (validation loss {e.best_val:.4f}; "
-                         f"the last validation, step {e.stopped_at or loop.spec.train.max_steps}: {e.last_val:.4f})")
+                         f"the last validation, step {e.stopped_at or loop.max_steps}: {e.last_val:.4f})")
         return e.best_val
-    return validate(loop, loop.spec.train.max_steps)
+    return validate(loop, loop.max_steps)
 
 
 def steps_run(loop: Loop) -> int:
     """How many steps the job trained: max_steps, or where early stop ended it."""
     if loop.early is not None and loop.early.stopped_at is not None:
         return loop.early.stopped_at
-    return loop.spec.train.max_steps
+    return loop.max_steps
 
 
 def validate(loop: Loop, step: int) -> float:
@@ -555,31 +528,50 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     if not is_uri(final) and Path(final).exists():
         raise ArtifactError(f"{final} already exists; an artifact is never overwritten")
     validate_job(spec, "train")
+    say = lambda text: print(text, file=stream, flush=True)  # noqa: E731
+    with tracked(spec, job_id, main=True, say=say) as tracker:
+        location = _train_here(spec, job_id, say, stream, tracker)
+        tracker.artifact(location, digest_at(location))
+    return location if is_uri(location) else Path(location)
+
+
+def _train_here(spec: JobSpec, job_id: str, say: Callable[[str], None], stream, tracker) -> str:
+    """train_local's build, data, loop and export; returns the artifact's location."""
     placement = local_placement(spec)
     t0 = time.time()
     built = build_local(spec, placement)
-    print(f"model {spec.model.base}: {len(built.injection.quantized)} int8 linears, {len(built.injection.lora)} "
-          f"LoRA modules, {built.trainable_params:,} trainable parameters (loaded in {time.time() - t0:.1f} s)",
-          file=stream, flush=True)
+    say(f"model {spec.model.base}: {len(built.injection.quantized)} int8 linears, {len(built.injection.lora)} "
+        f"LoRA modules, {built.trainable_params:,} trainable parameters (loaded in {time.time() - t0:.1f} s)")
     t0 = time.time()
-    data = prepare_data(spec, built.tokenizer, say=lambda text: print(text, file=stream, flush=True))
-    print(data_line(data, time.time() - t0), file=stream, flush=True)
+    data = prepare_data(spec, built.tokenizer, say=say)
+    say(data_line(data, time.time() - t0))
+    plan = batch_plan(spec, data)
+    steps, epoch_plan = planned_steps(spec, plan, 1)
+    if epoch_plan is not None:
+        say(plan_line(epoch_plan, spec.data.batching))
     work = work_dir(spec.output.dir, spec.name, job_id)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    loop = Loop(spec, LocalRunner(built.model, spec, spec.train.grad_accum), data, placement.device, ranks=[0],
-                world_size=1, metrics=Metrics(work / METRICS_FILE, spec, main=True, stream=stream),
-                int8_bytes=int8_bytes(built.model), early=early_stop(spec))
+    loop = Loop(spec, LocalRunner(built.model, spec, spec.train.grad_accum, steps), data, placement.device,
+                ranks=[0], world_size=1,
+                metrics=Metrics(work / METRICS_FILE, spec, main=True, stream=stream, tracker=tracker),
+                int8_bytes=int8_bytes(built.model), early=early_stop(spec), plan=plan, max_steps=steps,
+                epoch_plan=epoch_plan)
     try:
         val_before = validate(loop, 0)
         run = run_steps(loop)
         val_after = end_validation(loop)
         fields = {"world_size": 1, "zero_stage": 0, "steps": steps_run(loop), "final_loss": run.loss,
-                  "val_loss_before": val_before, "val_loss_after": val_after, "precision": placement.record()}
-        location = export(loop, built, job_id, fields, staging=work / "staging")
+                  "val_loss_before": val_before, "val_loss_after": val_after, "precision": placement.record(),
+                  **epoch_fields(loop)}
+        return export(loop, built, job_id, fields, staging=work / "staging")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return location if is_uri(location) else Path(location)
+
+
+def epoch_fields(loop: Loop) -> dict[str, Any]:
+    """The manifest's record of train.epochs (none without it)."""
+    return {"epoch_plan": loop.epoch_plan} if loop.epoch_plan is not None else {}
 
 
 def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
@@ -589,8 +581,10 @@ def reference_losses(spec: JobSpec, world_size: int, steps: int) -> list[float]:
     placement = local_placement(spec)
     built = build_local(spec, placement)
     data = prepare_data(spec, built.tokenizer)
-    runner = LocalRunner(built.model, spec, spec.train.grad_accum * world_size)
+    plan = batch_plan(spec, data)
+    max_steps, _ = planned_steps(spec, plan, world_size)  # the schedule of the sharded run
+    runner = LocalRunner(built.model, spec, spec.train.grad_accum * world_size, max_steps)
     loop = Loop(spec, runner, data, placement.device, ranks=range(world_size), world_size=world_size,
-                metrics=Metrics(Path("/dev/null"), spec, main=False))
+                metrics=Metrics(Path("/dev/null"), spec, main=False), plan=plan, max_steps=max_steps)
     built.model.train()
-    return [train_step(loop, step).loss for step in range(1, steps + 1)]
+    return [train_step(loop, step).loss for step in range(1, min(steps, max_steps) + 1)]

@@ -2,11 +2,11 @@
 place. Which checks an entry point makes depends on where it runs:
 
     where    who                                                  checks
-    train    lora-dist train (train.train_local): one process     fp16, model, packing, data
-    submit   a job handed to the embedded local Ray               model, packing, data
+    train    lora-dist train (train.train_local): one process     fp16, model, packing, data, tracking
+    submit   a job handed to the embedded local Ray               model, packing, data, tracking
     remote   lora-dist submit --address (the client side)         nodes, model, packing, data
     cluster  jobrun: the cluster side of the Jobs API             output root
-    build    a process about to build the model and train:        packing
+    build    a process about to build the model and train:        packing, tracking
              a Ray worker, the parity reference
 
     fp16         train.dtype fp16 needs DeepSpeed's loss scaling on GPU workers: never in one process
@@ -20,6 +20,7 @@ place. Which checks an entry point makes depends on where it runs:
                  (sources.check_data): a bad file is named with its row before anything starts
     nodes        a job of several workers writes where every node sees it (store.multi_node_storage_problem)
     output root  a local output.dir under the cluster's $LORA_DIST_OUTPUT_ROOT (store.output_root_problem)
+    tracking     tracking.mlflow / tracking.tensorboard need their package here (tracking.missing_packages)
 
 Imports nothing heavy until a check that needs it runs: ``lora-dist submit --address`` checks the
 spec without torch.
@@ -35,11 +36,11 @@ from lora_dist.store import multi_node_storage_problem, output_root_problem
 
 Where = Literal["train", "submit", "remote", "cluster", "build"]
 CHECKS: dict[str, tuple[str, ...]] = {
-    "train": ("fp16", "model", "packing", "data"),
-    "submit": ("model", "packing", "data"),
+    "train": ("fp16", "model", "packing", "data", "tracking"),
+    "submit": ("model", "packing", "data", "tracking"),
     "remote": ("nodes", "model", "packing", "data"),
     "cluster": ("output_root",),
-    "build": ("packing",),
+    "build": ("packing", "tracking"),
 }
 
 
@@ -71,6 +72,10 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
             local_placement(spec)
         except ValueError as e:
             problems.append(str(e))
+    if "tracking" in checks:
+        from lora_dist.tracking import missing_packages
+
+        problems += missing_packages(spec.tracking)
     problems = [p for p in problems if p]
     if problems:
         raise SpecError(problems, source)

@@ -45,8 +45,12 @@ from lora_dist.runtime_env import redacted
 from lora_dist.spec import JobSpec, spec_digest, spec_from_dict
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, PROBE_FILE, artifact_location, check_job_id, digest_at, \
     is_uri, join, parse_manifest, read_text, verify_artifact, write_storage_probe
-from lora_dist.train import Loop, Metrics, data_line, early_stop, end_validation, export, make_schedule, next_index, \
-    prepare_data, run_steps, seed_everything, split_best, steps_run, validate
+from lora_dist.epochs import plan_line, planned_steps
+from lora_dist.progress import Metrics
+from lora_dist.records import EpochPlan
+from lora_dist.tracking import Tracker, tracked
+from lora_dist.train import Loop, batch_plan, data_line, early_stop, end_validation, epoch_fields, export, \
+    make_schedule, next_index, prepare_data, run_steps, seed_everything, split_best, steps_run, validate
 from lora_dist.validate import validate_job
 
 FINAL_FILE = "final.json"
@@ -88,8 +92,14 @@ class Worker:
 
 
 def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
-    """The worker's whole life: set up, build, resume, train, export, report."""
+    """The worker's whole life: set up, build, resume, train, export, report; rank 0 tracks it
+    (tracking.py: its run ends FAILED when this raises)."""
     w = _setup(config, ray_io)
+    with tracked(w.spec, w.job_id, main=w.rank == 0, say=w.say) as tracker:
+        _run(w, config, ray_io, tracker)
+
+
+def _run(w: Worker, config: dict[str, Any], ray_io: RayIO, tracker: Tracker) -> None:
     nodes: list[Any] = [None] * w.world
     dist.all_gather_object(nodes, ray_io.node_id())
     w.nodes = nodes
@@ -100,7 +110,7 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
         w.say(f"artifact already published: {published['artifact']}")
         _report_final(w, published)
         return
-    built, runner, parts, loop = build_loop(w, config.get("parity_reference"))
+    built, runner, parts, loop = build_loop(w, config.get("parity_reference"), tracker)
     resumed_from = _resume(w, runner.module, loop)
     if resumed_from is None:
         w.val_before = validate(loop, 0)
@@ -112,30 +122,54 @@ def run_worker(config: dict[str, Any], ray_io: RayIO) -> None:
               "resumed_from_step": resumed_from, "parity_max_loss_diff": run.parity_max, "nodes": nodes,
               "node_history": [*w.earlier_nodes, nodes],  # each attempt that trained, oldest first
               "int8_partition_bytes": parts["int8_local_bytes"], "int8_full_bytes": parts["int8_full_bytes"],
-              "precision": w.placement.record(), "zero_settings": w.zero}
+              "precision": w.placement.record(), "zero_settings": w.zero, **epoch_fields(loop)}
     location = export(loop, built, w.job_id, fields, staging=w.work_dir / "staging")
     if w.rank == 0:
         loop.metrics.say(f"artifact written: {location}")
         ckpt.remove_all(w.checkpoints)  # the artifact holds what they did
     dist.barrier()
-    _report_final(w, {"step": steps_run(loop), "loss": run.loss, "artifact": location,
-                      "manifest_digest": digest_at(location) if w.rank == 0 else None})
+    digest = digest_at(location) if w.rank == 0 else None
+    tracker.artifact(location, digest)
+    _report_final(w, {"step": steps_run(loop), "loss": run.loss, "artifact": location, "manifest_digest": digest})
 
 
-def build_loop(w: Worker, parity_reference: list[float] | None = None
+def build_loop(w: Worker, parity_reference: list[float] | None = None, tracker: Tracker | None = None
                ) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int], Loop]:
-    """The sharded model, its engine, and the training loop over this rank's batches, which
-    checkpoints through :func:`_checkpoint`."""
-    built, runner, parts = _build(w)
+    """The data and its steps, the sharded model, its engine (whose schedule needs the steps), and
+    the training loop over this rank's batches, which checkpoints through :func:`_checkpoint`."""
+    from transformers import AutoTokenizer
+
+    validate_job(w.spec, "build")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(w.spec.model.base))
     t0 = time.time()
-    data = prepare_data(w.spec, built.tokenizer, say=w.say)
+    data = prepare_data(w.spec, tokenizer, say=w.say)
     w.say(data_line(data, time.time() - t0))
-    loop = Loop(w.spec, runner, data, w.device, ranks=[w.rank],
-                world_size=w.world, metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0),
+    plan = batch_plan(w.spec, data)
+    steps, epoch_plan = _planned_steps(w, plan)
+    built, runner, parts = _build(w, tokenizer, steps)
+    loop = Loop(w.spec, runner, data, w.device, ranks=[w.rank], world_size=w.world,
+                metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0, tracker=tracker),
                 int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
                 checkpoint=lambda step, loss: _checkpoint(w, runner.module, loop, step, loss),
-                reference=parity_reference, val_share=(w.rank, w.world), early=early_stop(w.spec))
+                reference=parity_reference, val_share=(w.rank, w.world), early=early_stop(w.spec), plan=plan,
+                max_steps=steps, epoch_plan=epoch_plan)
     return built, runner, parts, loop
+
+
+def _planned_steps(w: Worker, plan) -> tuple[int, EpochPlan | None]:
+    """The job's last step: train.max_steps, or the steps of train.epochs as the job's first start
+    fixed them (its newest checkpoint records them), else derived at this worker count."""
+    if w.spec.train.epochs is None:
+        return w.spec.train.max_steps, None
+    recorded = _broadcast(w, _recorded_plan(w) if w.rank == 0 else None)
+    epoch_plan = EpochPlan.model_validate(recorded) if recorded else planned_steps(w.spec, plan, w.world)[1]
+    w.say(plan_line(epoch_plan, w.spec.data.batching, resumed=recorded is not None))
+    return epoch_plan.steps, epoch_plan
+
+
+def _recorded_plan(w: Worker) -> dict[str, Any] | None:
+    state = ckpt.latest_state(w.checkpoints)
+    return state.epoch_plan.to_json() if state is not None and state.epoch_plan is not None else None
 
 
 def _broadcast(w: Worker, value: Any) -> Any:
@@ -206,9 +240,10 @@ def _setup(config: dict[str, Any], ray_io: RayIO) -> Worker:
     return Worker(spec, check_job_id(config["job_id"]), Path(config["work_dir"]), rank, world, placement, ray_io)
 
 
-def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
-    """The sharded model: skeleton, partitions, streamed int8 weights, LoRA init, the engine."""
-    from transformers import AutoConfig, AutoTokenizer
+def _build(w: Worker, tokenizer, max_steps: int) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
+    """The sharded model: skeleton, partitions, streamed int8 weights, LoRA init, the engine (its
+    schedule ends at ``max_steps``)."""
+    from transformers import AutoConfig
 
     spec, t0 = w.spec, time.time()
     # A hub id's branch resolves once, on rank 0: every rank loads that one commit (each node's
@@ -216,7 +251,6 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     w.base = _broadcast(w, hub.pin(hub.hub_ref(spec.model)) if w.rank == 0 else None)
     model_dir = resolve_base(w.base, say=w.say)
     hf_config = AutoConfig.from_pretrained(model_dir)
-    validate_job(spec, "build")
     counts = count_model(w.base, spec.injected_lora, spec.model.quantization)
     w.zero = zero_settings(counts, "full" if spec.full else "lora_int8_zero3")
     w.stage = _choose_stage(w, counts)
@@ -230,14 +264,13 @@ def _build(w: Worker) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
     if spec.train.activation_checkpointing:
         enable_activation_checkpointing(model)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainable_parameters(model).values())
-    engine = eng.initialize(model, ds_cfg, lambda optimizer: make_schedule(optimizer, spec))
+    engine = eng.initialize(model, ds_cfg, lambda optimizer: make_schedule(optimizer, spec, max_steps))
     parts = eng.partition_report(model)
     if w.rank == 0:
         print(f"[rank 0/{w.world}] model {spec.model.base} built (ZeRO-{w.stage.stage}) in "
               f"{time.time() - t0:.1f} s: int8 base {parts['int8_local_bytes']:,} of {parts['int8_full_bytes']:,} "
               f"bytes on this rank; {trainable:,} trainable parameters", flush=True)
-    built = LoadedModel(model, AutoTokenizer.from_pretrained(model_dir), model_dir, injection, trainable,
-                        loaded.fingerprint)
+    built = LoadedModel(model, tokenizer, model_dir, injection, trainable, loaded.fingerprint)
     return built, eng.ZeroRunner(engine, w.rank), parts
 
 
@@ -317,6 +350,8 @@ def _checkpoint(w: Worker, engine, loop: Loop, step: int, loss: float) -> None:
                                 scalars=scalars, rng=rng, spec=redacted(w.spec.to_dict()),
                                 spec_digest=spec_digest(w.spec.to_dict()), val_loss_before=w.val_before,
                                 node_history=[*w.earlier_nodes, w.nodes])
+        if loop.epoch_plan is not None:  # a resumed job keeps these steps
+            state = state.updated(epoch_plan=loop.epoch_plan)
         if loop.early is not None:  # the best adapter so far, and how long since it improved
             state = state.updated(early_stop=loop.early.state())
             tensors = {**tensors, **loop.early.tensors()}

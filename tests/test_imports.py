@@ -3,16 +3,18 @@
 Stages, in order; a module may import only modules earlier in this list. Imports inside
 functions count as much as those at the top.
 
-    errors -> records -> store -> runtime_env -> hub -> spec -> specdoc -> plan -> jobs -> registry   no torch: the queries,
-                                                       the planner, the job client
+    errors -> records -> store -> datafiles -> runtime_env -> hub -> tracking -> spec -> specdoc -> plan -> jobs
+        -> registry   no torch: the queries, the planner, the job client
     device (where and in which dtype a process computes)
-    quant -> lora -> base -> weights -> model -> counting -> data -> validate -> plot -> adapter   the model, the artifact
+    quant -> lora -> base -> weights -> model -> counting -> sources -> data -> datareport -> epochs -> validate
+        -> plot -> adapter   the model,
+                                                       the artifact
     checkpoint (resumable state: safetensors + JSON, verified)
     engine (the only DeepSpeed importer)
-    train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
+    progress (metrics.jsonl) -> train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
     embedded (the local backend) -> client (the SDK)   no torch at import either: they reach launch
                                                        only in the job's own process
-    generate -> metrics -> slots -> evaluate -> cli
+    generate -> metrics -> slots -> evaluate -> evaldata -> cli
 """
 
 import ast
@@ -22,10 +24,10 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "records", "store", "datafiles", "runtime_env", "hub", "spec", "specdoc", "plan", "jobs", "registry",
-         "device", "quant", "lora", "base", "weights", "model", "counting", "sources", "data", "datareport", "validate",
-         "plot", "adapter", "checkpoint", "engine",
-         "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
+ORDER = ["errors", "records", "store", "datafiles", "runtime_env", "hub", "tracking", "spec", "specdoc", "plan", "jobs",
+         "registry", "device", "quant", "lora", "base", "weights", "model", "counting", "sources", "data", "datareport",
+         "epochs", "validate", "plot", "adapter", "checkpoint", "engine", "progress", "train", "worker", "launch",
+         "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "evaldata", "cli"]
 
 
 def _imports(path: Path) -> dict[str, set[str]]:

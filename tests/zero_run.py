@@ -103,23 +103,25 @@ def _lose_after(job: dict[str, Any], io: LocalIO) -> None:
     schedule) and end every rank right after the checkpoint of step k, as a job whose workers
     were all lost there."""
     from lora_dist import worker as wk
+    from lora_dist.tracking import tracked
     from lora_dist.train import run_steps, validate
 
     w = wk._setup(job, io)
-    _, runner, _, loop = wk.build_loop(w)
-    resumed = wk._resume(w, runner.module, loop)
-    if resumed is None:
-        w.val_before = validate(loop, 0)
-    write = loop.checkpoint
-
-    def checkpoint(step: int, loss: float) -> None:
-        write(step, loss)
-        if step == job["lose_after"]:
-            raise _Lost
-
-    loop.checkpoint = checkpoint
     try:
-        run_steps(loop, start=(resumed or 0) + 1)
+        with tracked(w.spec, w.job_id, main=w.rank == 0, say=w.say) as tracker:  # as run_worker tracks
+            _, runner, _, loop = wk.build_loop(w, tracker=tracker)
+            resumed = wk._resume(w, runner.module, loop)
+            if resumed is None:
+                w.val_before = validate(loop, 0)
+            write = loop.checkpoint
+
+            def checkpoint(step: int, loss: float) -> None:
+                write(step, loss)
+                if step == job["lose_after"]:
+                    raise _Lost
+
+            loop.checkpoint = checkpoint
+            run_steps(loop, start=(resumed or 0) + 1)
     except _Lost:
         return
     raise AssertionError(f"the run ended before the checkpoint of step {job['lose_after']}")

@@ -1,0 +1,125 @@
+"""``lora-dist eval ARTIFACT --data FILE`` where FILE is not an E2E csv: the mean cross-entropy per
+trained token and its perplexity on every example of FILE, for the base alone and with the adapter.
+An E2E csv (columns ``mr`` and ``ref``) keeps eval's generation and E2E metrics, whatever source
+the adapter was trained on (:func:`is_e2e_csv`).
+
+FILE is read and tokenized as training read and tokenized the artifact's data (its manifest's
+``data`` section, with FILE as ``data.path``: the same source, template, columns and
+``max_length``), every example counted (no train/validation split). The loss covers the tokens
+training trains (completions, assistant turns, or every token of ``text``). The base alone is the
+same loaded model with every LoRA branch scaled to zero: exactly the frozen base as trained (int8
+or float), without loading it twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from lora_dist.adapter import load_adapted
+from lora_dist.data import collate, tokenize
+from lora_dist.errors import ArtifactError
+from lora_dist.lora import LoRALinear
+from lora_dist.records import Manifest
+from lora_dist.sources import DataError, Example, read_e2e, read_jsonl
+from lora_dist.spec import DataSpec
+from lora_dist.train import token_loss
+
+
+def is_e2e_csv(path: Path) -> bool:
+    """Whether ``path`` is an E2E csv (a header with ``mr`` and ``ref``): eval generates and scores it."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+    return {"mr", "ref"} <= {h.strip() for h in header}
+
+
+def data_spec(manifest: Manifest, data: Path) -> DataSpec:
+    """The artifact's data section with ``data`` as its file."""
+    recorded = dict((manifest.spec or {}).get("data") or {})
+    try:
+        return DataSpec.model_validate({**recorded, "path": str(data)})
+    except ValueError as e:
+        raise DataError(f"--data {data}: {e}") from None
+
+
+def file_examples(spec: DataSpec) -> list[Example]:
+    """Every example of ``spec.path``, read by the source's reader (sources.py), as training reads it."""
+    path = Path(spec.path)
+    return read_e2e(path) if spec.source == "e2e" else read_jsonl(path)
+
+
+@contextmanager
+def adapter_off(model: nn.Module) -> Iterator[None]:
+    """The base alone: every LoRA branch scaled by 0 for the block (h = W0 x exactly)."""
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = [m.scaling for m in mods]
+    for m in mods:
+        m.scaling = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(mods, saved):
+            m.scaling = s
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Loss per trained token over ``batches`` and its perplexity."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = token_loss(model, batch)
+        total, count = total + float(loss), count + n
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+
+
+def evaluate_file(artifact: Path, data: Path, batch_size: int = 8) -> dict[str, Any]:
+    """Loss per token and perplexity on ``data`` for the base alone and with the artifact.
+
+    Raises:
+        DataError: ``data`` does not read as the artifact's source, or has nothing to score.
+        ArtifactError: the artifact does not verify, or is a full fine-tune (no base to compare).
+    """
+    loaded, manifest = load_adapted(artifact)
+    if manifest.kind == "full":
+        raise ArtifactError(f"{artifact}: a full fine-tune has no adapter to turn off; --data scores adapters")
+    spec = data_spec(manifest, data)
+    examples = file_examples(spec)
+    items = tokenize(examples, loaded.tokenizer, spec.max_length)
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else \
+        loaded.tokenizer.eos_token_id
+    batches = [collate(items[i:i + batch_size], pad) for i in range(0, len(items), batch_size)]
+    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    with adapter_off(loaded.model):
+        base = mean_loss(loaded.model, batches)
+    adapted = mean_loss(loaded.model, batches)
+    return {"data": str(data), "source": spec.source, "examples": len(items), "tokens": tokens,
+            "max_length": spec.max_length, "base": base, "adapter": adapted}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The two rows as a small table."""
+    lines = [f"{result['data']}: {result['examples']} examples ({result['source']}), {result['tokens']} scored tokens",
+             f"{'model':<10}{'loss/token':>12}{'perplexity':>12}"]
+    for row in ("base", "adapter"):
+        lines.append(f"{row:<10}{result[row]['loss']:>12.4f}{result[row]['perplexity']:>12.2f}")
+    return "\n".join(lines)
+
+
+def write_result(result: dict[str, Any], out: str | None) -> str:
+    """The JSON line (also written to ``out`` when given)."""
+    text = json.dumps(result)
+    if out:
+        Path(out).write_text(text + "\n")
+    return text
