@@ -67,7 +67,7 @@ def test_eval_data_names_a_file_that_is_not_of_the_adapters_source(jsonl_adapter
     other.write_text("question,answer\nwhat,that\n")
     assert main(["eval", str(artifact), "--data", str(other)]) == 2
     err = capsys.readouterr().err
-    assert str(other) in err and "line 1: not JSON" in err
+    assert str(other) in err and "no columns 'prompt', 'completion'" in err  # the columns a jsonl adapter needs
 
 
 def test_an_e2e_csv_keeps_the_e2e_evaluation_for_any_adapter(jsonl_adapter, capsys):
