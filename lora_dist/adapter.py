@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lora_dist.base import fingerprint, resolve_base
+from lora_dist.chat import chat_template, template_sha256
 from lora_dist.counting import check_fits
 from lora_dist.data import special_tokens
 from lora_dist.sources import template_for
@@ -237,7 +238,7 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
         trainable_params=built.trainable_params,
         data=DataRecord(source=spec.data.source, path=spec.data.path, max_length=spec.data.max_length,
                         prompt_template=template_for(spec.data.source),
-                        special_tokens=special_tokens(built.tokenizer)),
+                        special_tokens=special_tokens(built.tokenizer), **chat_fields(spec, built.tokenizer)),
         spec=redacted(spec.to_dict()),  # env var values (often secrets) never reach the manifest
         spec_digest=spec_digest(spec.to_dict()),  # what this job id is bound to (spec.bound_fields)
         versions=versions(),
@@ -252,6 +253,14 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
                          spec.lora.init, spec.model.base,
                          fan_in_fan_out=any(n in built.injection.transposed for n in built.injection.lora))
     return write_artifact(dest, lora, config, manifest, spec.output.adapter_dtype, extra_files=extra_files)
+
+
+def chat_fields(spec: JobSpec, tokenizer) -> dict[str, str]:
+    """The chat template a chat run rendered with, for the manifest's data record (none otherwise)."""
+    if spec.data.source != "chat":
+        return {}
+    template = chat_template(tokenizer, spec.data.chat_template)
+    return {"chat_template": template, "chat_template_sha256": template_sha256(template)}
 
 
 def read_lora_tensors(artifact: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from lora_dist.chat import chat_template, read_chat_file, tokenize_chat_splits
 from lora_dist.sources import DataError, Example, data_file, read_e2e, read_jsonl, split_examples, spread, \
     template_for
 from lora_dist.spec import DataSpec
@@ -87,21 +88,26 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[To
 
 class TokenArrays(Sequence[Tokenized]):
     """Tokenized examples held as three arrays (memory-mapped from the cache, or in memory): every
-    example's ids concatenated, where each starts (``offsets``, n + 1 of them), and how many of
-    its leading positions are prompt (label -100). An item is built when asked for."""
+    example's ids concatenated, where each starts (``offsets``, n + 1 of them), and which positions
+    train (``mask``, one uint8 per id: 0 for label -100). An item is built when asked for."""
 
-    def __init__(self, ids, offsets, prompt) -> None:
-        self.ids, self.offsets, self.prompt = ids, offsets, prompt
+    def __init__(self, ids, offsets, mask) -> None:
+        self.ids, self.offsets, self.mask = ids, offsets, mask
 
     @classmethod
     def of(cls, items: Sequence[Tokenized]) -> "TokenArrays":
+        return cls.masked([(t.input_ids, [x != IGNORE_INDEX for x in t.labels]) for t in items])
+
+    @classmethod
+    def masked(cls, items: Sequence[tuple[Sequence[int], Sequence[int]]]) -> "TokenArrays":
+        """From (ids, train mask) pairs: a position trains where its mask is non-zero."""
         import numpy as np
 
         offsets = np.zeros(len(items) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(t.input_ids) for t in items])
-        ids = np.fromiter((x for t in items for x in t.input_ids), dtype=np.int32, count=int(offsets[-1]))
-        prompt = np.array([sum(1 for x in t.labels if x == IGNORE_INDEX) for t in items], dtype=np.int32)
-        return cls(ids, offsets, prompt)
+        offsets[1:] = np.cumsum([len(ids) for ids, _ in items])
+        ids = np.fromiter((x for t, _ in items for x in t), dtype=np.int32, count=int(offsets[-1]))
+        mask = np.fromiter((bool(m) for _, t in items for m in t), dtype=np.uint8, count=len(ids))
+        return cls(ids, offsets, mask)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -112,9 +118,11 @@ class TokenArrays(Sequence[Tokenized]):
         if not -len(self) <= j < len(self):
             raise IndexError(j)
         j %= len(self)
-        ids = self.ids[int(self.offsets[j]):int(self.offsets[j + 1])].tolist()
-        n = int(self.prompt[j])
-        return Tokenized(ids, [IGNORE_INDEX] * n + ids[n:])
+        import numpy as np
+
+        at = slice(int(self.offsets[j]), int(self.offsets[j + 1]))
+        ids = self.ids[at]
+        return Tokenized(ids.tolist(), np.where(self.mask[at] != 0, ids, IGNORE_INDEX).tolist())
 
     def lengths(self) -> list[int]:
         import numpy as np
@@ -130,10 +138,11 @@ class Tokens:
     n_train_prompts: int
     n_val_prompts: int
     cache: str | None = None  # "hit" or "miss" (the directory below), None when not cached
+    chat_over_length: dict[str, int] | None = None  # chat: chat.ChatTokens.counts() of both splits
 
 
-CACHE_FORMAT = 2
-ARRAYS = ("ids", "offsets", "prompt")
+CACHE_FORMAT = 3  # 3: a train mask per token (chat trains several spans), not a prompt length per example
+ARRAYS = ("ids", "offsets", "mask")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -149,9 +158,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_key(spec: DataSpec, data_sha256: str, tokenizer) -> dict:
     """What the tokenized dataset is a function of (its cache directory is named by its sha256)."""
     return {"format": CACHE_FORMAT, "data_sha256": data_sha256, "source": spec.source,
-            "template": template_for(spec.source), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "template": chat_template(tokenizer, spec.chat_template) if spec.source == "chat" else template_for(spec.source),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
             "max_length": spec.max_length, "val_fraction": spec.val_fraction, "max_val_examples": spec.max_val_examples,
-            "split": spec.split if spec.source == "e2e" else "prompt"}
+            "split": spec.split if spec.source in ("e2e", "chat") else "prompt"}
 
 
 def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
@@ -173,14 +183,14 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
         lock = open(final.with_suffix(".lock"), "w")
     except OSError as e:
         say(f"data: the tokenization cache {final.parent} is not writable ({e.strerror}); tokenizing in memory")
-        return _tokenize_splits(spec, tokenizer, path, cache=None)
+        return _tokenize_splits(spec, tokenizer, path, cache=None, say=say)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = _read_tokens(final, key)
         if found is not None:
             return found
         t0 = time.time()
-        tokens = _tokenize_splits(spec, tokenizer, path, cache="miss")
+        tokens = _tokenize_splits(spec, tokenizer, path, cache="miss", say=say)
         try:
             _write_tokens(final, key, tokens)
         except OSError as e:
@@ -192,10 +202,15 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
 
 
 
-def _tokenize_splits(spec: DataSpec, tokenizer, path: Path, cache: str | None) -> Tokens:
-    examples = read_e2e(path) if spec.source == "e2e" else read_jsonl(path)
+def _tokenize_splits(spec: DataSpec, tokenizer, path: Path, cache: str | None, say) -> Tokens:
+    chat = spec.source == "chat"
+    examples = read_chat_file(path) if chat else read_e2e(path) if spec.source == "e2e" else read_jsonl(path)
     train_ex, val_ex = split_examples(examples, spec)
     val_ex = spread(val_ex, spec.max_val_examples)
+    if chat:
+        train, val, counts = tokenize_chat_splits(train_ex, val_ex, tokenizer, spec, say)
+        return Tokens(TokenArrays.masked(train), TokenArrays.masked(val), len({e.prompt for e in train_ex}),
+                      len({e.prompt for e in val_ex}), cache=cache, chat_over_length=counts)
     return Tokens(TokenArrays.of(tokenize(train_ex, tokenizer, spec.max_length)),
                   TokenArrays.of(tokenize(val_ex, tokenizer, spec.max_length)),
                   len({e.prompt for e in train_ex}), len({e.prompt for e in val_ex}), cache=cache)
@@ -210,7 +225,7 @@ def _write_tokens(final: Path, key: dict, tokens: Tokens) -> None:
             for a in ARRAYS:
                 np.save(tmp / f"{split}.{a}.npy", getattr(getattr(tokens, split), a))
         meta = {"key": key, "n_train_prompts": tokens.n_train_prompts, "n_val_prompts": tokens.n_val_prompts,
-                "train": len(tokens.train), "val": len(tokens.val)}
+                "train": len(tokens.train), "val": len(tokens.val), "chat_over_length": tokens.chat_over_length}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
 
@@ -225,13 +240,14 @@ def _read_tokens(final: Path, key: dict) -> Tokens | None:
             return None
         splits = {}
         for split in ("train", "val"):
-            ids, offsets, prompt = (np.load(final / f"{split}.{a}.npy", mmap_mode="r") for a in ARRAYS)
+            ids, offsets, mask = (np.load(final / f"{split}.{a}.npy", mmap_mode="r") for a in ARRAYS)
             n = meta[split]
-            if (len(offsets) != n + 1 or len(prompt) != n or int(offsets[0]) != 0 or int(offsets[-1]) != len(ids)
+            if (len(offsets) != n + 1 or len(mask) != len(ids) or int(offsets[0]) != 0 or int(offsets[-1]) != len(ids)
                     or (n and (np.diff(offsets) <= 0).any())):
                 return None
-            splits[split] = TokenArrays(ids, offsets, prompt)
-        return Tokens(splits["train"], splits["val"], meta["n_train_prompts"], meta["n_val_prompts"], cache="hit")
+            splits[split] = TokenArrays(ids, offsets, mask)
+        return Tokens(splits["train"], splits["val"], meta["n_train_prompts"], meta["n_val_prompts"], cache="hit",
+                      chat_over_length=meta.get("chat_over_length"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -185,8 +185,11 @@ def split_by_name(examples: Sequence[Example], val_fraction: float) -> tuple[lis
 
 
 def split_examples(examples: Sequence[Example], spec: DataSpec) -> tuple[list[Example], list[Example]]:
-    """Train and validation examples as ``data.split`` says (JSONL always splits by prompt)."""
-    if spec.source == "e2e" and spec.split == "name":
+    """Train and validation examples as ``data.split`` says. JSONL always splits by prompt; chat
+    splits by restaurant like E2E where its user turns carry E2E meaning representations (so a chat
+    job on the E2E data holds out the E2E job's restaurants), else by prompt."""
+    named = spec.source == "e2e" or (spec.source == "chat" and any(e.name is not None for e in examples))
+    if named and spec.split == "name":
         return split_by_name(examples, spec.val_fraction)
     return split_by_prompt(examples, spec.val_fraction)
 

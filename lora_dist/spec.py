@@ -181,7 +181,8 @@ class DataSpec(_Section):
     path: Optional[str] = Field(None, description=(
         "The data file, relative to the directory the command runs from. null (e2e only): the official E2E "
         "release is downloaded and cached."))
-    max_length: Annotated[Int, Ge(8), Le(131072)] = Field(128, description="Tokens per example (longer ones are cut).")
+    max_length: Annotated[Int, Ge(8), Le(131072)] = Field(128, description=(
+        "Tokens per example (longer ones are cut; chat: after the last whole assistant turn that fits)."))
     val_fraction: Annotated[Number, Gt(0), Lt(1)] = Field(0.1, description=(
         "The share of prompts (E2E: meaning representations) held out for validation."))
     max_val_examples: Annotated[Int, Ge(1)] = Field(256, description=(
@@ -196,7 +197,12 @@ class DataSpec(_Section):
         "E2E's train/validation split. `name` holds out whole restaurants (every MR of a held-out `name[...]`, "
         "names taken in sha256 order until at least `data.val_fraction` of the MRs is held out), so validation "
         "measures restaurants never trained on, like E2E's unseen test data; `mr` holds out meaning "
-        "representations, whose restaurants the training side also has. A jsonl source always splits by prompt."))
+        "representations, whose restaurants the training side also has. A jsonl source always splits by prompt; "
+        "chat by restaurant where its user turns carry E2E MRs, else by prompt (the turns before the last "
+        "assistant turn)."))
+    chat_template: Optional[str] = Field(None, description=(
+        "`chat` only: a Jinja chat template (as in a tokenizer_config.json) used instead of the tokenizer's, "
+        "for a model whose tokenizer has none. The artifact's manifest records the template used."))
 
     @field_validator("path")
     @classmethod

@@ -2,9 +2,9 @@
 place. Which checks an entry point makes depends on where it runs:
 
     where    who                                                  checks
-    train    lora-dist train (train.train_local): one process     fp16, model, packing
-    submit   a job handed to the embedded local Ray               model, packing
-    remote   lora-dist submit --address (the client side)         nodes, model, packing
+    train    lora-dist train (train.train_local): one process     fp16, model, packing, chat
+    submit   a job handed to the embedded local Ray               model, packing, chat
+    remote   lora-dist submit --address (the client side)         nodes, model, packing, chat
     cluster  jobrun: the cluster side of the Jobs API             output root
     build    a process about to build the model and train:        packing
              a Ray worker, the parity reference
@@ -15,6 +15,9 @@ place. Which checks an entry point makes depends on where it runs:
                  against it, on a skeleton without weights (model.check_model)
     packing      data.batching: packed only where attention keeps packed examples apart
                  (data.check_packing)
+    chat         data.source: chat has a chat template (data.chat_template or the tokenizer's) whose
+                 assistant turns can be located and end on a special token, on the tokenizer alone
+                 (chat.check_chat)
     nodes        a job of several workers writes where every node sees it (store.multi_node_storage_problem)
     output root  a local output.dir under the cluster's $LORA_DIST_OUTPUT_ROOT (store.output_root_problem)
 
@@ -31,9 +34,9 @@ from lora_dist.store import multi_node_storage_problem, output_root_problem
 
 Where = Literal["train", "submit", "remote", "cluster", "build"]
 CHECKS: dict[str, tuple[str, ...]] = {
-    "train": ("fp16", "model", "packing"),
-    "submit": ("model", "packing"),
-    "remote": ("nodes", "model", "packing"),
+    "train": ("fp16", "model", "packing", "chat"),
+    "submit": ("model", "packing", "chat"),
+    "remote": ("nodes", "model", "packing", "chat"),
     "cluster": ("output_root",),
     "build": ("packing",),
 }
@@ -51,7 +54,8 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
         SpecError: output.dir outside the output root or not seen by every node, or train.dtype
             fp16 in one process.
         ModelError: lora.targets or lora.r do not fit the model, or its weight files do not.
-        DataError: data.batching packed on a model whose packed examples would attend to each other.
+        DataError: data.batching packed on a model whose packed examples would attend to each other;
+            data.source chat without a usable chat template.
     """
     checks = CHECKS[where]
     problems = []
@@ -78,3 +82,8 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
         from lora_dist.base import model_type
 
         check_packing(model_type(spec.model.base))
+    if "chat" in checks and (spec.data.source == "chat" or spec.data.chat_template is not None):
+        from lora_dist.base import resolve_base
+        from lora_dist.chat import check_chat
+
+        check_chat(spec.data, resolve_base(spec.model.base))

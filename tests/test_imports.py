@@ -23,7 +23,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
 ORDER = ["errors", "records", "store", "runtime_env", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant",
-         "lora", "base", "weights", "model", "counting", "sources", "data", "validate", "plot", "adapter", "checkpoint", "engine",
+         "lora", "base", "weights", "model", "counting", "sources", "chat", "data", "validate", "plot", "adapter", "checkpoint", "engine",
          "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "cli"]
 
 
