@@ -50,15 +50,16 @@ def held_out_csv(out: Path, data_spec) -> Path:
     return out
 
 
-def score(model, tokenizer, csv_path: Path, args) -> dict[str, dict]:
-    """{rerank: metrics} for the reranks asked for (one beam search for all)."""
+def score(model, tokenizer, csv_path: Path, args, **decode) -> dict[str, dict]:
+    """{rerank: metrics} for the reranks asked for (one beam search for all). ``decode``: the
+    prompting of evaluate_e2e_reranks (template, bos, stop) where it is not the E2E template's."""
     from lora_dist.data import adds_bos
     from lora_dist.evaluate import evaluate_e2e_reranks
 
     t0 = time.time()
     reranks = ("none", "ser") if args.rerank else ("none",)
     scored = evaluate_e2e_reranks(model, tokenizer, csv_path, reranks, limit=args.limit, num_beams=args.beams,
-                                  bos=adds_bos(tokenizer))
+                                  **{"bos": adds_bos(tokenizer), **decode})
     seconds = round(time.time() - t0, 1)  # of the one beam search both reranks share
     return {r: {**m, "eval_s": seconds} for r, (_, m, _) in scored.items()}
 

@@ -1,0 +1,109 @@
+"""Does the model's own chat template help an Instruct model? The main job (jobs/smollm2-e2e.yaml:
+the E2E prompt template on devset.csv) against the chat job (jobs/smollm2-chat.yaml: the same
+rows as conversations in SmolLM2's ChatML), same steps, batch, lr and LoRA, both scored on the
+same held-out restaurants (data.split name) with the paper's decoding: BLEU, NIST, METEOR,
+ROUGE-L, CIDEr and the slot error rate. The chat adapter is prompted through its chat template
+(the E2E user turn, chat.E2E_CHAT_PROMPT; generation stops at its end-of-turn token).
+
+    python bench/chat_quality.py [--steps N] [--limit N] [--beams 10] [--set KEY=VALUE ...] [--local] [--rerank]
+
+Both jobs run as `lora-dist submit` runs them (launch.run_job on a local Ray: one worker,
+ZeRO-3), or with ``--local`` as `lora-dist train` does (one process). ``--set`` applies to both.
+The held-out side is bench/e2e_quality.py's; the benchmark refuses to run if the two jobs' splits
+would hold out different restaurants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e_quality import DATA, JOB, REPO, held_out_csv, score  # noqa: E402
+
+CHAT_JOB = REPO / "jobs" / "smollm2-chat.yaml"
+CHAT_DATA = REPO / "jobs" / "data" / "e2e" / "devset-chat.jsonl"
+
+
+def held_out_names(spec) -> set[str | None]:
+    """The restaurants a job's split holds out."""
+    from lora_dist.chat import read_chat_file
+    from lora_dist.sources import read_e2e, split_examples
+
+    examples = read_chat_file(Path(spec.data.path)) if spec.data.source == "chat" else read_e2e(Path(spec.data.path))
+    return {e.name for e in split_examples(examples, spec.data)[1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=None, help="default: the main job's train.max_steps")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out MRs only")
+    ap.add_argument("--beams", type=int, default=10)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override both jobs' settings (as lora-dist --set)")
+    ap.add_argument("--local", action="store_true", help="train in this process (lora-dist train), not on Ray")
+    ap.add_argument("--rerank", action="store_true",
+                    help="score each row also with the beam candidate of fewest slot errors (--rerank ser)")
+    args = ap.parse_args()
+
+    from lora_dist.adapter import load_adapted
+    from lora_dist.generate import e2e_template, stop_ids, uses_bos
+    from lora_dist.spec import load_spec
+    from lora_dist.train import train_local
+
+    main_spec = load_spec(JOB, [f"data.path={DATA}", *args.set])
+    steps = args.steps or main_spec.train.max_steps
+    jobs = {"E2E template (main job)": (JOB, DATA), "chat template (chat job)": (CHAT_JOB, CHAT_DATA)}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ["LORA_DIST_OUTPUT_ROOT"] = str(tmp)
+        specs = {name: load_spec(job, [f"data.path={data}", f"train.max_steps={steps}", *args.set,
+                                       f"output.dir={tmp / str(i)}"])
+                 for i, (name, (job, data)) in enumerate(jobs.items())}
+        names = {name: held_out_names(spec) for name, spec in specs.items()}
+        if len({frozenset(n) for n in names.values()}) != 1:
+            raise SystemExit(f"error: the jobs hold out different restaurants: {names}")
+        heldout = held_out_csv(tmp / "heldout.csv", main_spec.data)
+        if not args.local:
+            import ray
+
+            from lora_dist.launch import run_job
+
+            ray.init(num_cpus=2, runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                                           "TOKENIZERS_PARALLELISM": "false"}})
+        for name, spec in specs.items():
+            t0 = time.time()
+            artifact = train_local(spec) if args.local else run_job(spec)
+            train_s = round(time.time() - t0)
+            loaded, manifest = load_adapted(Path(artifact))
+            tok = loaded.tokenizer
+            scores = score(loaded.model, tok, heldout, args, template=e2e_template(manifest, tok),
+                           bos=uses_bos(manifest), stop=stop_ids(manifest, tok))
+            for r, m in scores.items():
+                rows[name + (" + rerank ser" if r == "ser" else "")] = {
+                    "steps": manifest.steps, "val_loss": manifest.val_loss_after, "train_s": train_s, **m}
+            del loaded
+        if not args.local:
+            ray.shutdown()
+
+    held = sorted(next(iter(names.values())), key=str)
+    print(f"\nE2E held-out MRs ({args.limit or 'all'}) of {len(held)} held-out restaurants ({', '.join(map(str, held))}), "
+          f"{steps} steps; beam {args.beams}, length penalty 0.9, no-repeat 4-gram")
+    width = max([28, *map(len, rows)])
+    print(f"  {'row':<{width}} {'BLEU':>6} {'NIST':>6} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>6} {'SER':>6} "
+          f"{'val loss':>9} {'train s':>8}")
+    for name, r in rows.items():
+        met = "-" if r["METEOR"] is None else f"{r['METEOR']:.1f}"
+        print(f"  {name:<{width}} {r['BLEU']:>6.1f} {r['NIST']:>6.2f} {met:>7} {r['ROUGE_L']:>8.1f} {r['CIDEr']:>6.2f} "
+              f"{r['SER']:>5.1f}% {r['val_loss']:>9.3f} {r['train_s']:>8}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
