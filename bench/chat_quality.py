@@ -16,7 +16,6 @@ would hold out different restaurants.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e_quality import DATA, JOB, REPO, held_out_csv, score  # noqa: E402
+from e2e_quality import DATA, JOB, REPO, common_args, held_out_csv, print_rows, score  # noqa: E402
 
 CHAT_JOB = REPO / "jobs" / "smollm2-chat.yaml"
 CHAT_DATA = REPO / "jobs" / "data" / "e2e" / "devset-chat.jsonl"
@@ -41,14 +40,8 @@ def held_out_names(spec) -> set[str | None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=None, help="default: the main job's train.max_steps")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out MRs only")
-    ap.add_argument("--beams", type=int, default=10)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override both jobs' settings (as lora-dist --set)")
+    common_args(ap, "override both jobs' settings (as lora-dist --set)")
     ap.add_argument("--local", action="store_true", help="train in this process (lora-dist train), not on Ray")
-    ap.add_argument("--rerank", action="store_true",
-                    help="score each row also with the beam candidate of fewest slot errors (--rerank ser)")
     args = ap.parse_args()
 
     from lora_dist.adapter import load_adapted
@@ -87,7 +80,8 @@ def main() -> None:
                            bos=uses_bos(manifest), stop=stop_ids(manifest, tok))
             for r, m in scores.items():
                 rows[name + (" + rerank ser" if r == "ser" else "")] = {
-                    "steps": manifest.steps, "val_loss": manifest.val_loss_after, "train_s": train_s, **m}
+                    "trainable": manifest.trainable_params, "steps": manifest.steps,
+                    "val_loss": manifest.val_loss_after, "train_s": train_s, **m}
             del loaded
         if not args.local:
             ray.shutdown()
@@ -95,14 +89,7 @@ def main() -> None:
     held = sorted(next(iter(names.values())), key=str)
     print(f"\nE2E held-out MRs ({args.limit or 'all'}) of {len(held)} held-out restaurants ({', '.join(map(str, held))}), "
           f"{steps} steps; beam {args.beams}, length penalty 0.9, no-repeat 4-gram")
-    width = max([28, *map(len, rows)])
-    print(f"  {'row':<{width}} {'BLEU':>6} {'NIST':>6} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>6} {'SER':>6} "
-          f"{'val loss':>9} {'train s':>8}")
-    for name, r in rows.items():
-        met = "-" if r["METEOR"] is None else f"{r['METEOR']:.1f}"
-        print(f"  {name:<{width}} {r['BLEU']:>6.1f} {r['NIST']:>6.2f} {met:>7} {r['ROUGE_L']:>8.1f} {r['CIDEr']:>6.2f} "
-              f"{r['SER']:>5.1f}% {r['val_loss']:>9.3f} {r['train_s']:>8}")
-    print(json.dumps(rows))
+    print_rows(rows)
 
 
 if __name__ == "__main__":

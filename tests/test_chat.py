@@ -217,6 +217,19 @@ def test_a_model_without_a_chat_template_is_refused_before_anything_is_built(tmp
     assert proc.returncode == 2 and "only data.source chat" in proc.stderr, proc.stderr
 
 
+def test_the_chat_check_runs_wherever_a_job_is_trained_or_submitted(tmp_path, tiny_llama_dir):
+    from lora_dist.sources import DataError
+    from lora_dist.spec import load_spec
+    from lora_dist.validate import CHECKS, validate_job
+
+    spec = load_spec(_tiny_chat_job(tmp_path, tiny_llama_dir))
+    assert [w for w, checks in CHECKS.items() if "chat" in checks] == ["train", "submit", "remote"]
+    for where in ("train", "submit", "remote"):
+        with pytest.raises(DataError, match="set data.chat_template"):
+            validate_job(spec, where)
+    validate_job(load_spec(_tiny_chat_job(tmp_path, tiny_llama_dir, chat_template=TINY)), "submit")
+
+
 def test_a_chat_adapter_records_its_template_and_generates_and_evaluates_with_it(tmp_path, tiny_llama_dir):
     """The tiny Llama trained on the chat data with data.chat_template: the manifest records the
     template; generate --chat and eval prompt through it; --chat on an E2E artifact is refused."""
