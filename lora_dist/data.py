@@ -118,11 +118,11 @@ class TokenArrays(Sequence[Tokenized]):
         if not -len(self) <= j < len(self):
             raise IndexError(j)
         j %= len(self)
-        import numpy as np
-
         at = slice(int(self.offsets[j]), int(self.offsets[j + 1]))
         ids = self.ids[at]
-        return Tokenized(ids.tolist(), np.where(self.mask[at] != 0, ids, IGNORE_INDEX).tolist())
+        labels = ids.copy()
+        labels[self.mask[at] == 0] = IGNORE_INDEX
+        return Tokenized(ids.tolist(), labels.tolist())
 
     def lengths(self) -> list[int]:
         import numpy as np
