@@ -48,9 +48,6 @@ class Conversation(Example):
     the restaurant of an E2E meaning representation in a user turn (``data.split: name``)."""
     messages: tuple[tuple[str, str, int], ...] = ()  # (role, content, weight)
 
-    def turns(self) -> list[dict[str, str]]:
-        return [{"role": r, "content": c} for r, c, _ in self.messages]
-
 
 def read_chat(rows: Iterable[tuple[int, Any]], where: str) -> list[Conversation]:
     """Conversations from ``(row number, parsed row)`` pairs, every row checked.

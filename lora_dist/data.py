@@ -1,7 +1,9 @@
 """Examples to tokenized batches, and the tokenized dataset cached on disk.
 
 Every example is a (prompt, completion) pair (read by :mod:`lora_dist.sources`); the loss covers
-completion tokens only (prompt positions get label -100). Batches are a pure function of
+completion tokens only (prompt positions get label -100). A chat conversation (:mod:`lora_dist.chat`)
+trains its assistant turns, so an example's trained positions are a mask, not a prefix length
+(:class:`TokenArrays`). Batches are a pure function of
 (step, seed): batch i of a run is the same on every try, which makes resuming exact.
 """
 

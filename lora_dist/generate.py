@@ -127,6 +127,8 @@ def generate_from_artifact(artifact: Path, prompt: str, raw: bool = False, chat:
                            system: str | None = None, **kwargs) -> str:
     """Base + the artifact's adapter, the prompt put through the artifact's own template (``chat``:
     ``prompt`` is a user message, after ``system``, rendered by the artifact's chat template)."""
+    if system is not None and not chat:
+        raise DataError("--system: a system message goes with --chat")
     loaded, manifest = load_adapted(artifact)
     tok = loaded.tokenizer
     text = chat_prompt(manifest, tok, prompt, system) if chat else format_prompt(manifest, prompt, raw)

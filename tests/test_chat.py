@@ -261,6 +261,8 @@ def test_generate_chat_on_an_adapter_without_a_chat_template_exits_2(tiny_traine
     artifact, _ = tiny_trained
     proc = run_cli("generate", str(artifact), "--chat", "Hi", cwd=REPO, check=False)
     assert proc.returncode == 2 and "not chat, so it has no chat template" in proc.stderr, proc.stderr
+    proc = run_cli("generate", str(artifact), "--prompt", "name[x]", "--system", "Be brief.", cwd=REPO, check=False)
+    assert proc.returncode == 2 and "goes with --chat" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
