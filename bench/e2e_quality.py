@@ -50,15 +50,16 @@ def held_out_csv(out: Path, data_spec) -> Path:
     return out
 
 
-def score(model, tokenizer, csv_path: Path, args) -> dict[str, dict]:
-    """{rerank: metrics} for the reranks asked for (one beam search for all)."""
+def score(model, tokenizer, csv_path: Path, args, **decode) -> dict[str, dict]:
+    """{rerank: metrics} for the reranks asked for (one beam search for all). ``decode``: the
+    prompting of evaluate_e2e_reranks (template, bos, stop) where it is not the E2E template's."""
     from lora_dist.data import adds_bos
     from lora_dist.evaluate import evaluate_e2e_reranks
 
     t0 = time.time()
     reranks = ("none", "ser") if args.rerank else ("none",)
     scored = evaluate_e2e_reranks(model, tokenizer, csv_path, reranks, limit=args.limit, num_beams=args.beams,
-                                  bos=adds_bos(tokenizer))
+                                  **{"bos": adds_bos(tokenizer), **decode})
     seconds = round(time.time() - t0, 1)  # of the one beam search both reranks share
     return {r: {**m, "eval_s": seconds} for r, (_, m, _) in scored.items()}
 
@@ -85,13 +86,19 @@ def same_split(manifest: dict, data_spec, artifact: Path) -> None:
                          f"the contents of {DATA}: the held-out split would differ")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def common_args(ap: argparse.ArgumentParser, set_help: str) -> None:
+    """The options every E2E quality benchmark takes (this one and bench/chat_quality.py)."""
     ap.add_argument("--steps", type=int, default=None, help="default: the main job's train.max_steps")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N held-out MRs only")
     ap.add_argument("--beams", type=int, default=10)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override the main job's settings for every trained row (as lora-dist --set)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    ap.add_argument("--rerank", action="store_true",
+                    help="score each row also with the beam candidate of fewest slot errors (--rerank ser)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    common_args(ap, "override the main job's settings for every trained row (as lora-dist --set)")
     ap.add_argument("--rows", default="base,float,ours,full",
                     help="comma-separated rows to run (base: no adapter, float: LoRA on a float base in one "
                          "process, ours: int8 ZeRO-3 x2, full: full fine-tuning); default all; 'none' for "
@@ -99,8 +106,6 @@ def main() -> None:
     ap.add_argument("--job", type=Path, default=JOB, help="the job whose settings and split the trained rows use")
     ap.add_argument("--artifact", type=Path, action="append", default=[],
                     help="also score this trained artifact (same split as --job); repeatable")
-    ap.add_argument("--rerank", action="store_true",
-                    help="score each row also with the beam candidate of fewest slot errors (--rerank ser)")
     args = ap.parse_args()
     wanted = [r.strip() for r in args.rows.split(",") if r.strip() and r.strip() != "none"]
     unknown = sorted(set(wanted) - {"base", "float", "ours", "full"})
@@ -177,6 +182,11 @@ def main() -> None:
     n_mrs = args.limit or "all"
     print(f"\nE2E held-out MRs ({n_mrs}) of devset.csv, data.split {base_spec.data.split}, trained rows: "
           f"{job.name}, {steps} steps; beam {args.beams}, length penalty 0.9, no-repeat 4-gram")
+    print_rows(rows)
+
+
+def print_rows(rows: dict[str, dict]) -> None:
+    """The table of scored rows (trainable, the metrics, train seconds), then all of it as JSON."""
     width = max([36, *map(len, rows)])
     print(f"  {'row':<{width}} {'trainable':>12} {'BLEU':>6} {'NIST':>6} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>6} "
           f"{'SER':>6} {'train s':>8}")

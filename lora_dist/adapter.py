@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lora_dist.base import fingerprint, resolve_base
+from lora_dist.chat import chat_template, template_sha256
 from lora_dist.counting import check_fits
 from lora_dist.data import special_tokens
 from lora_dist.sources import template_for
@@ -40,7 +41,8 @@ from lora_dist.model import LoadedModel, load_model
 from lora_dist.plot import loss_curve_png
 from lora_dist.records import BaseModelRecord, DataRecord, Manifest
 from lora_dist.runtime_env import redacted
-from lora_dist.spec import JobSpec, LoraSpec, spec_digest
+from lora_dist.spec import JobSpec, LoraSpec
+from lora_dist.specid import spec_digest
 from lora_dist.store import (ADAPTER_FILE, CONFIG_FILE, FORMAT, FULL_MODEL_FILE, LOSS_CURVE_FILE, MANIFEST_FILE,
                              atomic_dir, manifest_signature, sha256_file, signing_key, verify_artifact)
 
@@ -238,7 +240,7 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
         trainable_params=built.trainable_params,
         data=DataRecord(source=spec.data.source, path=spec.data.path, max_length=spec.data.max_length,
                         prompt_template=template_for(spec.data.source),
-                        special_tokens=special_tokens(built.tokenizer)),
+                        special_tokens=special_tokens(built.tokenizer), **chat_fields(spec, built.tokenizer)),
         spec=redacted(spec.to_dict()),  # env var values (often secrets) never reach the manifest
         spec_digest=spec_digest(spec.to_dict()),  # what this job id is bound to (spec.bound_fields)
         versions=versions(),
@@ -266,6 +268,14 @@ def base_of(record: BaseModelRecord) -> str:
     """The base an adapter is loaded onto: a hub id at the commit it was trained on, not the
     branch's head now; any other base as the spec named it."""
     return f"{record.id}@{record.commit}" if record.commit and split_ref(record.id) else record.id
+
+
+def chat_fields(spec: JobSpec, tokenizer) -> dict[str, str]:
+    """The chat template a chat run rendered with, for the manifest's data record (none otherwise)."""
+    if spec.data.source != "chat":
+        return {}
+    template = chat_template(tokenizer, spec.data.chat_template)
+    return {"chat_template": template, "chat_template_sha256": template_sha256(template)}
 
 
 def read_lora_tensors(artifact: Path) -> dict[str, torch.Tensor]:

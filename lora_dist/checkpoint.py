@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from lora_dist.errors import ArtifactError
 from lora_dist.records import CheckpointState
-from lora_dist.spec import spec_differences, spec_digest
+from lora_dist.specid import spec_differences, spec_digest
 from lora_dist.store import atomic_dir, is_uri, join, list_dir, read_bytes, remove_tree, run_name, upload
 
 STATE_TENSORS = "train_state.safetensors"

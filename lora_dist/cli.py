@@ -122,7 +122,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from lora_dist.generate import generate_from_artifact
 
-    text = generate_from_artifact(Path(args.artifact), args.prompt, raw=args.raw, max_new_tokens=args.max_new_tokens,
+    text = generate_from_artifact(Path(args.artifact), args.chat if args.prompt is None else args.prompt, raw=args.raw,
+                                  chat=args.prompt is None, system=args.system, max_new_tokens=args.max_new_tokens,
                                   num_beams=args.num_beams, length_penalty=args.length_penalty,
                                   no_repeat_ngram_size=args.no_repeat_ngram_size)
     print(text)
@@ -134,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from lora_dist.adapter import load_adapted
     from lora_dist.evaluate import evaluate_e2e
-    from lora_dist.generate import prompt_template, uses_bos
+    from lora_dist.generate import e2e_template, stop_ids, uses_bos
 
     data = Path(args.data)
     if not data.is_file():
@@ -169,12 +170,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def progress(i: int, n: int) -> None:
         print(f"generated {i}/{n} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
 
-    preds, metrics, slots = evaluate_e2e(loaded.model, loaded.tokenizer, data, template=prompt_template(manifest),
+    tok = loaded.tokenizer  # a chat artifact's MRs go in the E2E user turn through its chat template
+    preds, metrics, slots = evaluate_e2e(loaded.model, tok, data, template=e2e_template(manifest, tok),
                                          limit=args.limit, num_beams=args.num_beams,
                                          length_penalty=args.length_penalty,
                                          no_repeat_ngram_size=args.no_repeat_ngram_size,
                                          max_new_tokens=args.max_new_tokens, progress=progress,
-                                         batch_size=args.batch_size, bos=uses_bos(manifest), rerank=args.rerank)
+                                         batch_size=args.batch_size, bos=uses_bos(manifest), rerank=args.rerank,
+                                         stop=stop_ids(manifest, tok))
     if args.out:
         Path(args.out).write_text("\n".join(preds) + "\n")
     if args.slots:
@@ -288,7 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate with a base model plus an adapter artifact")
     g.add_argument("artifact", help="artifact directory")
-    g.add_argument("--prompt", required=True, help="input text (for E2E adapters: the meaning representation)")
+    given = g.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompt", help="input text (for E2E adapters: the meaning representation)")
+    given.add_argument("--chat", metavar="MESSAGE", help="a chat adapter: a user message, rendered with the "
+                       "artifact's chat template; the reply ends at the end-of-turn token")
+    g.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message before it")
     g.add_argument("--raw", action="store_true", help="do not apply the training run's prompt template")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--num-beams", type=int, default=1, help="1 = greedy")

@@ -1,7 +1,9 @@
 """Examples to tokenized batches, and the tokenized dataset cached on disk.
 
 Every example is a (prompt, completion) pair (read by :mod:`lora_dist.sources`); the loss covers
-completion tokens only (prompt positions get label -100). Batches are a pure function of
+completion tokens only (prompt positions get label -100). A chat conversation (:mod:`lora_dist.chat`)
+trains its assistant turns, so an example's trained positions are a mask, not a prefix length
+(:class:`TokenArrays`). Batches are a pure function of
 (step, seed): batch i of a run is the same on every try, which makes resuming exact.
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from lora_dist.chat import chat_template, tokenize_chat_splits
 from lora_dist.datafiles import DataFile
 from lora_dist.sources import DataError, Example, data_file, read_splits, split_key, spread, template_for, val_file
 from lora_dist.spec import DataSpec
@@ -88,21 +91,26 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[To
 
 class TokenArrays(Sequence[Tokenized]):
     """Tokenized examples held as three arrays (memory-mapped from the cache, or in memory): every
-    example's ids concatenated, where each starts (``offsets``, n + 1 of them), and how many of
-    its leading positions are prompt (label -100). An item is built when asked for."""
+    example's ids concatenated, where each starts (``offsets``, n + 1 of them), and which positions
+    train (``mask``, one uint8 per id: 0 for label -100). An item is built when asked for."""
 
-    def __init__(self, ids, offsets, prompt) -> None:
-        self.ids, self.offsets, self.prompt = ids, offsets, prompt
+    def __init__(self, ids, offsets, mask) -> None:
+        self.ids, self.offsets, self.mask = ids, offsets, mask
 
     @classmethod
     def of(cls, items: Sequence[Tokenized]) -> "TokenArrays":
+        return cls.masked([(t.input_ids, [x != IGNORE_INDEX for x in t.labels]) for t in items])
+
+    @classmethod
+    def masked(cls, items: Sequence[tuple[Sequence[int], Sequence[int]]]) -> "TokenArrays":
+        """From (ids, train mask) pairs: a position trains where its mask is non-zero."""
         import numpy as np
 
         offsets = np.zeros(len(items) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(t.input_ids) for t in items])
-        ids = np.fromiter((x for t in items for x in t.input_ids), dtype=np.int32, count=int(offsets[-1]))
-        prompt = np.array([sum(1 for x in t.labels if x == IGNORE_INDEX) for t in items], dtype=np.int32)
-        return cls(ids, offsets, prompt)
+        offsets[1:] = np.cumsum([len(ids) for ids, _ in items])
+        ids = np.fromiter((x for t, _ in items for x in t), dtype=np.int32, count=int(offsets[-1]))
+        mask = np.fromiter((bool(m) for _, t in items for m in t), dtype=np.uint8, count=len(ids))
+        return cls(ids, offsets, mask)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -113,9 +121,11 @@ class TokenArrays(Sequence[Tokenized]):
         if not -len(self) <= j < len(self):
             raise IndexError(j)
         j %= len(self)
-        ids = self.ids[int(self.offsets[j]):int(self.offsets[j + 1])].tolist()
-        n = int(self.prompt[j])
-        return Tokenized(ids, [IGNORE_INDEX] * n + ids[n:])
+        at = slice(int(self.offsets[j]), int(self.offsets[j + 1]))
+        ids = self.ids[at]
+        labels = ids.copy()
+        labels[self.mask[at] == 0] = IGNORE_INDEX
+        return Tokenized(ids.tolist(), labels.tolist())
 
     def lengths(self) -> list[int]:
         import numpy as np
@@ -133,10 +143,11 @@ class Tokens:
     cache: str | None = None  # "hit" or "miss" (the directory below), None when not cached
     over_length: int = 0  # examples (train and validation) longer than data.max_length before the cut
     longest: int = 0  # the longest example's tokens before the cut
+    chat_over_length: dict[str, int] | None = None  # chat: chat.ChatTokens.counts() of both splits
 
 
-CACHE_FORMAT = 3
-ARRAYS = ("ids", "offsets", "prompt")
+CACHE_FORMAT = 4  # 4: a train mask per token (chat trains several spans), not a prompt length per example
+ARRAYS = ("ids", "offsets", "mask")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -153,9 +164,10 @@ def cache_key(spec: DataSpec, data_sha256: str, tokenizer) -> dict:
     """What the tokenized dataset is a function of (its cache directory is named by its sha256).
     ``data_sha256``: the content digest of data.path, and of data.val_path after it when set."""
     return {"format": CACHE_FORMAT, "data_sha256": data_sha256, "source": spec.source, "columns": spec.columns,
-            "template": template_for(spec.source), "tokenizer": tokenizer_fingerprint(tokenizer),
+            "template": chat_template(tokenizer, spec.chat_template) if spec.source == "chat" else template_for(spec.source),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
             "max_length": spec.max_length, "val_fraction": spec.val_fraction, "max_val_examples": spec.max_val_examples,
-            "split": spec.split if spec.source == "e2e" else "prompt"}
+            "split": spec.split if spec.source in ("e2e", "chat") else "prompt"}
 
 
 def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
@@ -178,14 +190,14 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
         lock = open(final.with_suffix(".lock"), "w")
     except OSError as e:
         say(f"data: the tokenization cache {final.parent} is not writable ({e.strerror}); tokenizing in memory")
-        return _tokenize_splits(spec, tokenizer, path, cache=None)
+        return _tokenize_splits(spec, tokenizer, path, cache=None, say=say)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         found = _read_tokens(final, key)
         if found is not None:
             return found
         t0 = time.time()
-        tokens = _tokenize_splits(spec, tokenizer, path, cache="miss")
+        tokens = _tokenize_splits(spec, tokenizer, path, cache="miss", say=say)
         try:
             _write_tokens(final, key, tokens)
         except OSError as e:
@@ -197,10 +209,15 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
 
 
 
-def _tokenize_splits(spec: DataSpec, tokenizer, path: DataFile, cache: str | None) -> Tokens:
+def _tokenize_splits(spec: DataSpec, tokenizer, path: DataFile, cache: str | None, say) -> Tokens:
     train_ex, val_ex = read_splits(spec, path)
     val_ex = spread(val_ex, spec.max_val_examples)
     key = split_key(spec.source)
+    if spec.source == "chat":
+        train, val, counts = tokenize_chat_splits(train_ex, val_ex, tokenizer, spec, say)
+        return Tokens(TokenArrays.masked(train), TokenArrays.masked(val), len({key(e) for e in train_ex}),
+                      len({key(e) for e in val_ex}), cache=cache, over_length=counts["over_length"],
+                      longest=counts["longest"], chat_over_length=counts)
     over, longest = _over_length(train_ex + val_ex, tokenizer, spec.max_length)
     return Tokens(TokenArrays.of(tokenize(train_ex, tokenizer, spec.max_length)),
                   TokenArrays.of(tokenize(val_ex, tokenizer, spec.max_length)),
@@ -232,7 +249,7 @@ def _write_tokens(final: Path, key: dict, tokens: Tokens) -> None:
                 np.save(tmp / f"{split}.{a}.npy", getattr(getattr(tokens, split), a))
         meta = {"key": key, "n_train_prompts": tokens.n_train_prompts, "n_val_prompts": tokens.n_val_prompts,
                 "train": len(tokens.train), "val": len(tokens.val), "over_length": tokens.over_length,
-                "longest": tokens.longest}
+                "longest": tokens.longest, "chat_over_length": tokens.chat_over_length}
         (tmp / "meta.json").write_text(json.dumps(meta))
 
 
@@ -247,14 +264,15 @@ def _read_tokens(final: Path, key: dict) -> Tokens | None:
             return None
         splits = {}
         for split in ("train", "val"):
-            ids, offsets, prompt = (np.load(final / f"{split}.{a}.npy", mmap_mode="r") for a in ARRAYS)
+            ids, offsets, mask = (np.load(final / f"{split}.{a}.npy", mmap_mode="r") for a in ARRAYS)
             n = meta[split]
-            if (len(offsets) != n + 1 or len(prompt) != n or int(offsets[0]) != 0 or int(offsets[-1]) != len(ids)
+            if (len(offsets) != n + 1 or len(mask) != len(ids) or int(offsets[0]) != 0 or int(offsets[-1]) != len(ids)
                     or (n and (np.diff(offsets) <= 0).any())):
                 return None
-            splits[split] = TokenArrays(ids, offsets, prompt)
+            splits[split] = TokenArrays(ids, offsets, mask)
         return Tokens(splits["train"], splits["val"], meta["n_train_prompts"], meta["n_val_prompts"], cache="hit",
-                      over_length=meta["over_length"], longest=meta["longest"])
+                      over_length=meta["over_length"], longest=meta["longest"],
+                      chat_over_length=meta.get("chat_over_length"))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -67,26 +67,29 @@ Scored = tuple[list[str], dict[str, float | None], list[dict]]  # predictions, m
 def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit: int | None = None,
                  num_beams: int = 10,
                  length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
-                 progress=None, batch_size: int = 8, bos: bool = False, rerank: str = "none") -> Scored:
+                 progress=None, batch_size: int = 8, bos: bool = False, rerank: str = "none",
+                 stop: list[int] | None = None) -> Scored:
     """Generate one output per distinct MR (the paper's decoding by default) and score it: the five
     E2E metrics, and the slot error rate (``slots.py``; ``SER`` in percent, with the counts).
 
     ``template`` is the prompt template the adapter was trained with (``generate.prompt_template``
     of its manifest), and ``bos`` whether it was trained with BOS before each prompt
-    (``generate.uses_bos``). ``rerank="ser"`` keeps every candidate of the beam and outputs the
+    (``generate.uses_bos``); a chat adapter's ``template`` is its chat template's
+    (``generate.e2e_template``) and ``stop`` its end-of-turn (``generate.stop_ids``). ``rerank="ser"`` keeps every candidate of the beam and outputs the
     one with the fewest slot errors, ties going to the higher beam score.
 
     Returns:
         (predictions in MR order, metrics, each prediction's slot errors with its MR).
     """
     return evaluate_e2e_reranks(model, tokenizer, csv_path, (rerank,), template, limit, num_beams, length_penalty,
-                                no_repeat_ngram_size, max_new_tokens, progress, batch_size, bos)[rerank]
+                                no_repeat_ngram_size, max_new_tokens, progress, batch_size, bos, stop)[rerank]
 
 
 def evaluate_e2e_reranks(model, tokenizer, csv_path, reranks: Sequence[str] = RERANKS,
                          template: str = E2E_TEMPLATE, limit: int | None = None, num_beams: int = 10,
                          length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
-                         progress=None, batch_size: int = 8, bos: bool = False) -> dict[str, Scored]:
+                         progress=None, batch_size: int = 8, bos: bool = False,
+                         stop: list[int] | None = None) -> dict[str, Scored]:
     """:func:`evaluate_e2e` under each of ``reranks`` from one beam search: the beam's candidates
     come sorted by score, so its top one is the output without a rerank."""
     bad = [r for r in reranks if r not in RERANKS]
@@ -106,7 +109,7 @@ def evaluate_e2e_reranks(model, tokenizer, csv_path, reranks: Sequence[str] = RE
         outs = generate(model, tokenizer, prompts[i:i + batch_size], max_new_tokens=max_new_tokens,
                         num_beams=num_beams, length_penalty=length_penalty,
                         no_repeat_ngram_size=no_repeat_ngram_size, batch_size=batch_size, bos=bos,
-                        num_return_sequences=candidates)
+                        num_return_sequences=candidates, stop=stop)
         for j, group in enumerate(outs[k:k + candidates] for k in range(0, len(outs), candidates)):
             attrs = parsed[i + j]
             scored = [(text, slot_errors(attrs, text)) for text in map(_first_line, group)]

@@ -109,6 +109,23 @@ def pin(ref: str) -> str:
     return f"{parts[0]}@{config_dir(ref).name}"
 
 
+def tokenizer_dir(ref: str) -> Path:
+    """The snapshot directory holding a hub reference's config and tokenizer files, no weights
+    fetched: what a check before submission needs (a chat job's template).
+
+    Raises:
+        ModelError: the repository or revision cannot be had (gated, missing, offline).
+    """
+    from huggingface_hub import snapshot_download
+
+    repo_id, revision = _split(ref)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=[p for p in ALLOW_PATTERNS if "safetensors" not in p]))
+    except Exception as e:  # noqa: BLE001 - each kind gets its message in _hub_error
+        raise _hub_error(e, repo_id, revision, "the tokenizer") from None
+
+
 def snapshot(ref: str, say: Callable[[str], None] | None = None) -> Path:
     """The local snapshot directory of a hub reference: config, tokenizer files and safetensors
     weights, downloaded into the Hugging Face cache once per machine.

@@ -64,6 +64,8 @@ class DataRecord(Record):
     max_length: int
     prompt_template: str | None = None  # artifacts from before the record: the source's template then
     special_tokens: dict[str, Any] | None = None  # data.special_tokens: bos, bos_token, eos_token
+    chat_template: str | None = None  # data.source chat: the Jinja template rendered with (chat.chat_template)
+    chat_template_sha256: str | None = None
 
 
 class EpochPlan(Record):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import urllib.error
@@ -48,6 +49,68 @@ class Example:
     completion: str
     mr: str | None = None  # E2E: the meaning representation the prompt was made from
     name: str | None = None  # E2E: the MR's name[...] (what data.split: name holds out whole)
+
+
+ROLES = ("system", "user", "assistant")
+# an E2E meaning representation's name[...] inside a message ("Attributes: name[X], ...")
+_CHAT_NAME = re.compile(r"(?:^|[,:\n])\s*name\s*\[([^\]]*)\]")
+
+
+@dataclass(frozen=True)
+class Conversation(Example):
+    """A conversation as an :class:`Example`: ``prompt`` is the conversation before its last
+    assistant turn (what a split keeps on one side), ``completion`` that turn's content, ``name``
+    the restaurant of an E2E meaning representation in a user turn (``data.split: name``)."""
+    messages: tuple[tuple[str, str, int], ...] = ()  # (role, content, weight)
+
+
+def read_chat(f: DataFile, column: str = "messages") -> list[Conversation]:
+    """The conversations of ``f``, every row checked (``column``: the file's name for
+    ``messages``, as ``data.columns`` maps it).
+
+    Raises:
+        DataError: naming the file, the row and the problem (no ``messages`` list, a bad role,
+            non-string content, a bad weight, no assistant turn, nothing to train).
+    """
+    out = []
+    for n, row in f.rows():
+        def bad(problem: str) -> DataError:
+            return DataError(f"{f.field}: {f.location} {f.where(n)}: {problem}")
+
+        msgs = row.get(column) if isinstance(row, Mapping) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise bad('expected an object with a non-empty "messages" list (OpenAI\'s chat format)')
+        turns = []
+        for k, m in enumerate(msgs, 1):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                got = m.get("role") if isinstance(m, dict) else type(m).__name__
+                raise bad(f"message {k}: role must be one of {', '.join(ROLES)}, got {got!r}")
+            if not isinstance(m.get("content"), str):
+                raise bad(f"message {k} ({m['role']}): content must be a string, got "
+                          f"{type(m.get('content')).__name__}")
+            weight = m.get("weight")  # null: absent (a table fills a column missing from some rows)
+            if weight is None:
+                weight = 1
+            elif m["role"] != "assistant" or type(weight) is not int or weight not in (0, 1):
+                raise bad(f"message {k} ({m['role']}): weight must be 0 or 1, on assistant messages only, "
+                          f"got {weight!r}")
+            turns.append((m["role"], m["content"], weight))
+        roles = [r for r, _, _ in turns]
+        if "assistant" not in roles:
+            raise bad("no assistant message: nothing to train on")
+        if not any(r == "assistant" and w for r, _, w in turns):
+            raise bad("every assistant message has weight 0: nothing to train on")
+        first = next(r for r in roles if r != "system")
+        if first != "user":
+            raise bad(f"the first message after the system prompt must be a user message, got {first!r}")
+        last = max(k for k, r in enumerate(roles) if r == "assistant")
+        prompt = json.dumps([[r, c] for r, c, _ in turns[:last]], ensure_ascii=False)
+        name = next((m.group(1).strip() for r, c, _ in turns[:last] if r == "user" for m in [_CHAT_NAME.search(c)] if m),
+                    None)
+        out.append(Conversation(prompt, turns[last][1], name=name, messages=tuple(turns)))
+    if not out:
+        raise f.error("has no conversations")
+    return out
 
 
 def template_for(source: str) -> str:
@@ -136,6 +199,8 @@ def _examples(f: DataFile, spec: DataSpec | None, source: str, template: str | N
         if not out:
             raise DataError(f"{f.field}: {f.location} has no rows with both {mr_col!r} and {ref_col!r}")
         return out
+    if source == "chat":
+        return read_chat(f, names["messages"])
     # the source's (required, optional) columns, and the example their values make
     make: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[list[str]], Example]]] = {
         "jsonl": (("prompt", "completion"), (), lambda v: Example(v[0], v[1])),
@@ -258,9 +323,12 @@ def split_by_name(examples: Sequence[Example], val_fraction: float) -> tuple[lis
 
 
 def split_examples(examples: Sequence[Example], spec: DataSpec) -> tuple[list[Example], list[Example]]:
-    """Train and validation examples as ``data.split`` says (other sources split by prompt, text by
-    text)."""
-    if spec.source == "e2e" and spec.split == "name":
+    """Train and validation examples as ``data.split`` says: E2E by restaurant or by MR; chat by
+    restaurant like E2E where its user turns carry E2E meaning representations (so a chat job on
+    the E2E data holds out the E2E job's restaurants), else by prompt; text by text; the others by
+    prompt."""
+    named = spec.source == "e2e" or (spec.source == "chat" and any(e.name is not None for e in examples))
+    if named and spec.split == "name":
         return split_by_name(examples, spec.val_fraction)
     return split_by_prompt(examples, spec.val_fraction, split_key(spec.source))
 

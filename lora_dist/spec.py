@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Optional, get_args
 
@@ -24,6 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 from lora_dist.datafiles import location_problem
 from lora_dist.hub import DEFAULT_REVISION, is_hub_id, revision_problem
 from lora_dist.runtime_env import runtime_env_problems
+from lora_dist.specid import Short
 from lora_dist.store import URI_SCHEMES, is_uri
 from lora_dist.tracking import MlflowUri, absolute_target
 
@@ -44,47 +44,6 @@ MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes
 MAX_SPEC_NODES = 10_000  # YAML nodes after expanding aliases: bounds an alias bomb
 SOURCE_COLUMNS = {"e2e": ("mr", "ref"), "jsonl": ("prompt", "completion"), "chat": ("messages",),
                   "alpaca": ("instruction", "input", "output"), "text": ("text",)}
-
-
-# Fields a resumed job may change: where and how wide it runs (a job resumes at another worker
-# count or ZeRO stage, its state being gathered whole), and how often it reports. Every other field decides what is
-# trained, and a job id is bound to it (spec_digest).
-RESUMABLE_CHANGES = ("cluster.workers", "cluster.zero_stage", "cluster.placement", "cluster.max_failures",
-                     "cluster.cpus_per_worker", "cluster.runtime_env", "train.log_every", "train.checkpoint_every",
-                     "train.parity_check", "train.parity_steps", "train.parity_tolerance", "tracking.mlflow",
-                     "tracking.experiment", "tracking.tensorboard")
-
-
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and key != "cluster.runtime_env":
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def bound_fields(spec_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The dotted fields of a spec mapping that a job id is bound to (all but RESUMABLE_CHANGES)."""
-    return {k: v for k, v in _flat(spec_dict).items() if k not in RESUMABLE_CHANGES}
-
-
-def spec_digest(spec_dict: Mapping[str, Any]) -> str:
-    """sha256 over :func:`bound_fields` in canonical JSON: equal digests, the same training."""
-    import hashlib
-    import json
-
-    body = json.dumps(bound_fields(spec_dict), sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
-
-
-def spec_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``field: old -> new`` for every bound field that differs between two spec mappings."""
-    a, b = bound_fields(old), bound_fields(new)
-    return [f"{k}: {_Short(a.get(k))!r} -> {_Short(b.get(k))!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -201,7 +160,8 @@ class DataSpec(_Section):
     columns: dict[str, str] = Field({}, description="The file's column names for the source's: `{prompt: question}`.")
     revision: Optional[str] = Field(None, description="`hf://datasets/...`: the branch, tag or commit (default main).")
     hf_split: str = Field("train", description="`hf://datasets/...` or a `save_to_disk` DatasetDict: the split read.")
-    max_length: Annotated[Int, Ge(8), Le(131072)] = Field(128, description="Tokens per example (longer ones are cut).")
+    max_length: Annotated[Int, Ge(8), Le(131072)] = Field(128, description=(
+        "Tokens per example (longer ones are cut; chat: after the last whole assistant turn that fits)."))
     val_fraction: Annotated[Number, Gt(0), Lt(1)] = Field(0.1, description=(
         "The share of prompts (E2E: meaning representations) held out for validation."))
     max_val_examples: Annotated[Int, Ge(1)] = Field(256, description=(
@@ -216,7 +176,12 @@ class DataSpec(_Section):
         "E2E's train/validation split. `name` holds out whole restaurants (every MR of a held-out `name[...]`, "
         "names taken in sha256 order until at least `data.val_fraction` of the MRs is held out), so validation "
         "measures restaurants never trained on, like E2E's unseen test data; `mr` holds out meaning "
-        "representations, whose restaurants the training side also has. A jsonl source always splits by prompt."))
+        "representations, whose restaurants the training side also has. A jsonl source always splits by prompt; "
+        "chat by restaurant where its user turns carry E2E MRs, else by prompt (the turns before the last "
+        "assistant turn)."))
+    chat_template: Optional[str] = Field(None, description=(
+        "`chat` only: a Jinja chat template (as in a tokenizer_config.json) used instead of the tokenizer's, "
+        "for a model whose tokenizer has none. The artifact's manifest records the template used."))
 
     @field_validator("path", "val_path")
     @classmethod
@@ -555,20 +520,6 @@ _EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_fl
              "tuple_type": "a non-empty list of names", "list_type": "a list"}
 
 
-class _Short:
-    """A value shown in an error message: its repr, cut to a length a terminal can show."""
-
-    def __init__(self, value: Any, limit: int = 200) -> None:
-        r = reprlib.Repr()
-        r.maxstring = r.maxother = r.maxlong = limit
-        r.maxlist = r.maxtuple = r.maxdict = r.maxset = 8
-        r.maxlevel = 3
-        self.text = r.repr(value)
-
-    def __repr__(self) -> str:
-        return self.text
-
-
 def _describe(err: Mapping[str, Any]) -> str:
     """One pydantic error as ``field.path: what is wrong, got <value>`` (the value cut short)."""
     loc = [str(x) for x in err["loc"]]
@@ -576,7 +527,7 @@ def _describe(err: Mapping[str, Any]) -> str:
     while loc and loc[-1].isdigit():
         loc.pop()
     field, kind, raw = ".".join(loc) or "spec", err["type"], err.get("input")
-    value = _Short(raw)
+    value = Short(raw)
     if kind == "missing":
         return f"{field}: required"
     if kind == "extra_forbidden":

@@ -2,9 +2,9 @@
 place. Which checks an entry point makes depends on where it runs:
 
     where    who                                                  checks
-    train    lora-dist train (train.train_local): one process     fp16, model, packing, data, tracking
-    submit   a job handed to the embedded local Ray               model, packing, data, tracking
-    remote   lora-dist submit --address (the client side)         nodes, model, packing, data
+    train    lora-dist train (train.train_local): one process     fp16, model, packing, data, chat, tracking
+    submit   a job handed to the embedded local Ray               model, packing, data, chat, tracking
+    remote   lora-dist submit --address (the client side)         nodes, model, packing, data, chat
     cluster  jobrun: the cluster side of the Jobs API             output root
     build    a process about to build the model and train:        packing, tracking
              a Ray worker, the parity reference
@@ -18,6 +18,9 @@ place. Which checks an entry point makes depends on where it runs:
                  (data.check_packing)
     data         the data read and split as the run will, every row checked, no tokenizer
                  (sources.check_data): a bad file is named with its row before anything starts
+    chat         data.source: chat has a chat template (data.chat_template or the tokenizer's) whose
+                 assistant turns can be located and end on a special token, on the tokenizer alone
+                 (chat.check_chat)
     nodes        a job of several workers writes where every node sees it (store.multi_node_storage_problem)
     output root  a local output.dir under the cluster's $LORA_DIST_OUTPUT_ROOT (store.output_root_problem)
     tracking     tracking.mlflow / tracking.tensorboard need their package here (tracking.missing_packages)
@@ -36,9 +39,9 @@ from lora_dist.store import multi_node_storage_problem, output_root_problem
 
 Where = Literal["train", "submit", "remote", "cluster", "build"]
 CHECKS: dict[str, tuple[str, ...]] = {
-    "train": ("fp16", "model", "packing", "data", "tracking"),
-    "submit": ("model", "packing", "data", "tracking"),
-    "remote": ("nodes", "model", "packing", "data"),
+    "train": ("fp16", "model", "packing", "data", "chat", "tracking"),
+    "submit": ("model", "packing", "data", "chat", "tracking"),
+    "remote": ("nodes", "model", "packing", "data", "chat"),
     "cluster": ("output_root",),
     "build": ("packing", "tracking"),
 }
@@ -57,7 +60,8 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
             fp16 in one process.
         ModelError: lora.targets or lora.r do not fit the model, or its weight files do not.
         DataError: data.batching packed on a model whose packed examples would attend to each other,
-            or data that is not what data.source reads (naming the file, the row and the problem).
+            data that is not what data.source reads (naming the file, the row and the problem), or
+            data.source chat without a usable chat template.
     """
     checks = CHECKS[where]
     problems = []
@@ -93,3 +97,10 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
         from lora_dist.store import cache_root
 
         check_data(spec.data, cache_root())
+    if "chat" in checks and (spec.data.source == "chat" or spec.data.chat_template is not None):
+        from lora_dist.base import resolve_base
+        from lora_dist.chat import check_chat
+        from lora_dist.hub import split_ref, tokenizer_dir
+
+        ref = hub_ref(spec.model)  # a hub model's tokenizer alone is fetched: no weights before the job runs
+        check_chat(spec.data, tokenizer_dir(ref) if split_ref(ref) else resolve_base(ref))

@@ -42,7 +42,8 @@ from lora_dist.model import LoadedModel, enable_activation_checkpointing
 from lora_dist.plan import ModelCounts, Setup, StageChoice, choose_zero_stage, explicit_stage, zero_settings
 from lora_dist.records import CheckpointState
 from lora_dist.runtime_env import redacted
-from lora_dist.spec import JobSpec, spec_digest, spec_from_dict
+from lora_dist.spec import JobSpec, spec_from_dict
+from lora_dist.specid import spec_digest
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, PROBE_FILE, artifact_location, check_job_id, digest_at, \
     is_uri, join, parse_manifest, read_text, verify_artifact, write_storage_probe
 from lora_dist.epochs import plan_line, planned_steps

@@ -18,7 +18,8 @@ import pytest
 from conftest import E2E_CSV, MAIN_JOB, REPO, TINY_OVERRIDES, run_cli
 from lora_dist.hub import commit_of, hub_ref, split_ref
 from lora_dist.runtime_env import runtime_env_problems
-from lora_dist.spec import SpecError, load_spec, spec_digest
+from lora_dist.spec import SpecError, load_spec
+from lora_dist.specid import spec_digest
 
 REPO_ID = "tiny-org/tiny-llama"
 C1, C2 = "c1" * 20, "c2" * 20

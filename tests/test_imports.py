@@ -3,12 +3,11 @@
 Stages, in order; a module may import only modules earlier in this list. Imports inside
 functions count as much as those at the top.
 
-    errors -> records -> store -> datafiles -> runtime_env -> hub -> tracking -> spec -> specdoc -> plan -> jobs
-        -> registry   no torch: the queries, the planner, the job client
+    errors -> records -> store -> datafiles -> runtime_env -> hub -> tracking -> specid -> spec -> specdoc -> plan
+        -> jobs -> registry   no torch: the queries, the planner, the job client
     device (where and in which dtype a process computes)
-    quant -> lora -> base -> weights -> model -> counting -> sources -> data -> datareport -> epochs -> validate
-        -> plot -> adapter   the model,
-                                                       the artifact
+    quant -> lora -> base -> weights -> model -> counting -> sources -> chat -> data -> datareport -> epochs
+        -> validate -> plot -> adapter   the model, the data, the artifact
     checkpoint (resumable state: safetensors + JSON, verified)
     engine (the only DeepSpeed importer)
     progress (metrics.jsonl) -> train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
@@ -24,8 +23,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "records", "store", "datafiles", "runtime_env", "hub", "tracking", "spec", "specdoc", "plan", "jobs",
-         "registry", "device", "quant", "lora", "base", "weights", "model", "counting", "sources", "data", "datareport",
+ORDER = ["errors", "records", "store", "datafiles", "runtime_env", "hub", "tracking", "specid", "spec", "specdoc", "plan", "jobs",
+         "registry", "device", "quant", "lora", "base", "weights", "model", "counting", "sources", "chat", "data", "datareport",
          "epochs", "validate", "plot", "adapter", "checkpoint", "engine", "progress", "train", "worker", "launch",
          "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "evaldata", "cli"]
 
