@@ -242,7 +242,7 @@ def write_job_artifact(dest: Path, spec: JobSpec, job_id: str, built: LoadedMode
                         prompt_template=template_for(spec.data.source),
                         special_tokens=special_tokens(built.tokenizer), **chat_fields(spec, built.tokenizer)),
         spec=redacted(spec.to_dict()),  # env var values (often secrets) never reach the manifest
-        spec_digest=spec_digest(spec.to_dict()),  # what this job id is bound to (spec.bound_fields)
+        spec_digest=spec_digest(spec.to_dict()),  # what this job id is bound to (specid.bound_fields)
         versions=versions(),
         **fields,
     )
