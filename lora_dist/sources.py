@@ -148,8 +148,8 @@ def _check_columns(f: DataFile, names: Mapping[str, str], required: Sequence[str
     found = f.columns()
     missing = [c for c in required if found is not None and names[c] not in found]
     if missing:
-        raise f.error(f"no column{'s' if len(missing) > 1 else ''} {', '.join(repr(names[c]) for c in missing)} (its columns: "
-                      f"{', '.join(found) or 'none'}); data.columns maps yours onto the source's, e.g. "
+        raise f.error(f"no column{'s' if len(missing) > 1 else ''} {', '.join(repr(names[c]) for c in missing)} "
+                      f"(its columns: {', '.join(found) or 'none'}); data.columns maps yours onto the source's, e.g. "
                       f"{{{missing[0]}: {found[0] if found else 'COLUMN'}}}")
 
 

@@ -176,7 +176,8 @@ def test_the_cache_hits_on_the_same_content_and_misses_on_changed_content(tiny_l
     warm = tokenized(spec, tok, tmp_path / "cache")
     assert (cold.cache, warm.cache) == ("miss", "hit")
     examples = [Example(r["prompt"], r["completion"]) for r in rows]
-    assert (len(warm.train), len(warm.val)) == (len(tokenize(examples[:40], tok, 40)), len(tokenize(examples[40:], tok, 40)))
+    assert len(warm.train) == len(tokenize(examples[:40], tok, 40))
+    assert len(warm.val) == len(tokenize(examples[40:], tok, 40))
     assert (warm.over_length, warm.longest) == (cold.over_length, cold.longest)
     lengths = [len(t.input_ids) for t in tokenize(examples, tok, 1000)]
     assert cold.longest == max(lengths) > 40 and cold.over_length == sum(n > 40 for n in lengths) > 0
