@@ -61,12 +61,14 @@ def prompt_ids(tokenizer, text: str, bos: bool) -> list[int]:
 TOKENIZE_CHUNK = 1024  # examples per call of the tokenizer (a fast tokenizer encodes a chunk in parallel)
 
 
-def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[Tokenized]:
+def tokenize(examples: Sequence[Example], tokenizer, max_length: int, lengths: list[int] | None = None
+             ) -> list[Tokenized]:
     """[BOS] + prompt + completion + EOS, truncated to ``max_length``; labels only on the completion.
 
     BOS leads the prompt where the model's tokenizer adds one (:func:`adds_bos`); the completion
     always ends with EOS, so the model learns to stop. Texts are encoded a chunk at a time (the
-    same ids as one at a time: no padding, no special tokens added by the tokenizer).
+    same ids as one at a time: no padding, no special tokens added by the tokenizer). ``lengths``,
+    when given, gets every example's tokens before the cut (what ``lora-dist data`` reports).
     """
     eos = tokenizer.eos_token_id
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
@@ -77,6 +79,8 @@ def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[To
         completions = tokenizer([e.completion for e in chunk], add_special_tokens=False)["input_ids"]
         for p, c in zip(prompts, completions):
             p, c = bos + p, c + ([eos] if eos is not None else [])
+            if lengths is not None:
+                lengths.append(len(p) + len(c))
             ids = (p + c)[:max_length]
             labels = ([IGNORE_INDEX] * len(p) + c)[:max_length]
             if all(x == IGNORE_INDEX for x in labels):
@@ -159,7 +163,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(body.encode() + b"\0" + extra.encode()).hexdigest()
 
 
-
 def cache_key(spec: DataSpec, data_sha256: str, tokenizer) -> dict:
     """What the tokenized dataset is a function of (its cache directory is named by its sha256).
     ``data_sha256``: the content digest of data.path, and of data.val_path after it when set."""
@@ -218,25 +221,11 @@ def _tokenize_splits(spec: DataSpec, tokenizer, path: DataFile, cache: str | Non
         return Tokens(TokenArrays.masked(train), TokenArrays.masked(val), len({key(e) for e in train_ex}),
                       len({key(e) for e in val_ex}), cache=cache, over_length=counts["over_length"],
                       longest=counts["longest"], chat_over_length=counts)
-    over, longest = _over_length(train_ex + val_ex, tokenizer, spec.max_length)
-    return Tokens(TokenArrays.of(tokenize(train_ex, tokenizer, spec.max_length)),
-                  TokenArrays.of(tokenize(val_ex, tokenizer, spec.max_length)),
-                  len({key(e) for e in train_ex}), len({key(e) for e in val_ex}), cache=cache, over_length=over,
-                  longest=longest)
-
-
-def _over_length(examples: Sequence[Example], tokenizer, max_length: int) -> tuple[int, int]:
-    """(examples longer than ``max_length`` tokens, the longest's tokens), measured as
-    :func:`tokenize` builds them, uncut (a chunk at a time: memory stays a chunk's)."""
-    over = longest = 0
-    for at in range(0, len(examples), TOKENIZE_CHUNK):
-        try:
-            lengths = [len(t.input_ids) for t in tokenize(examples[at:at + TOKENIZE_CHUNK], tokenizer, 1 << 62)]
-        except DataError:  # no example of this chunk has a token to learn: none is counted
-            continue
-        over += sum(n > max_length for n in lengths)
-        longest = max([longest, *lengths])
-    return over, longest
+    lengths: list[int] = []  # every example's tokens before the cut, train and validation
+    train = TokenArrays.of(tokenize(train_ex, tokenizer, spec.max_length, lengths))
+    val = TokenArrays.of(tokenize(val_ex, tokenizer, spec.max_length, lengths))
+    return Tokens(train, val, len({key(e) for e in train_ex}), len({key(e) for e in val_ex}), cache=cache,
+                  over_length=sum(n > spec.max_length for n in lengths), longest=max(lengths, default=0))
 
 
 def _write_tokens(final: Path, key: dict, tokens: Tokens) -> None:
