@@ -326,7 +326,8 @@ class Loop:
 
     def __post_init__(self) -> None:
         self.lengths = self.data.train.lengths()
-        self.plan = self.plan or batch_plan(self.spec, self.data, self.lengths)
+        if self.plan is None:
+            self.plan = batch_plan(self.spec, self.data, self.lengths)
         self.max_steps = self.max_steps or self.spec.train.max_steps
         self.per_epoch = self.epoch_plan.micro_batches_per_epoch if self.epoch_plan else \
             self.plan.micro_batches(self.plan.n)
@@ -527,7 +528,10 @@ def train_local(spec: JobSpec, job_id: str | None = None, stream=sys.stdout) -> 
     if not is_uri(final) and Path(final).exists():
         raise ArtifactError(f"{final} already exists; an artifact is never overwritten")
     validate_job(spec, "train")
-    say = lambda text: print(text, file=stream, flush=True)  # noqa: E731
+
+    def say(text: str) -> None:
+        print(text, file=stream, flush=True)
+
     with tracked(spec, job_id, main=True, say=say) as tracker:
         location = _train_here(spec, job_id, say, stream, tracker)
         tracker.artifact(location, digest_at(location))
