@@ -10,7 +10,7 @@ functions count as much as those at the top.
                                                        the artifact
     checkpoint (resumable state: safetensors + JSON, verified)
     engine (the only DeepSpeed importer)
-    progress (metrics.jsonl) -> train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
+    earlystop -> progress (metrics.jsonl) -> train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
     embedded (the local backend) -> client (the SDK)   no torch at import either: they reach launch
                                                        only in the job's own process
     generate -> metrics -> slots -> evaluate -> evaldata -> cli
@@ -25,7 +25,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
 ORDER = ["errors", "records", "store", "runtime_env", "tracking", "spec", "specdoc", "plan", "jobs", "registry", "device", "quant",
          "lora", "base", "weights", "model", "counting", "sources", "data", "epochs", "validate", "plot", "adapter", "checkpoint", "engine",
-         "progress", "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "evaldata", "cli"]
+         "earlystop", "progress", "train", "worker", "launch", "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "evaldata", "cli"]
 
 
 def _imports(path: Path) -> dict[str, set[str]]:
