@@ -42,7 +42,7 @@ class Metrics:
             eta = (time.time() - self.t0) / (step - self.first_step + 1) * (total - step)
             pad = rec.get("pad_tokens", 0) / max(1, rec.get("tokens", 0) + rec.get("pad_tokens", 0))
             epoch = f"  epoch {rec['epoch']:.2f}" if "epoch" in rec else ""
-            self.say(f"step {step}/{total}{epoch}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+            self.say(f"step {step}/{total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{epoch}  "
                      f"real tok/s {rec['tokens_per_s']:.0f} (pad {100 * pad:.0f}%)  "
                      f"mem/rank {max(rec['peak_memory_bytes']) / 2**30:.2f} GiB  eta {eta:.0f}s")
 

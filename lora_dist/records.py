@@ -118,7 +118,7 @@ class Manifest(Record):
     precision: dict[str, str] | None = None  # device.Placement.record
     zero_settings: dict[str, Any] | None = None
     epoch_plan: EpochPlan | None = None  # train.epochs
-    # train.early_stop_patience (train.EarlyStop.fields)
+    # train.early_stop_patience (earlystop.EarlyStop.fields)
     best_step: int | None = None
     best_val_loss: float | None = None
     stopped_at: int | None = None
@@ -143,7 +143,7 @@ class LoraShape(Record):
 
 
 class EarlyStopState(Record):
-    """train.EarlyStop as a checkpoint carries it (the best adapter's tensors beside it, best/...)."""
+    """earlystop.EarlyStop as a checkpoint carries it (the best adapter's tensors beside it, best/...)."""
     best_step: int | None
     best_val: float
     since: int  # validations since the best

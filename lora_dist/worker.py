@@ -50,8 +50,9 @@ from lora_dist.epochs import plan_line, planned_steps
 from lora_dist.progress import Metrics
 from lora_dist.records import EpochPlan
 from lora_dist.tracking import Tracker, tracked
-from lora_dist.train import Loop, batch_plan, data_line, early_stop, end_validation, epoch_fields, export, \
-    make_schedule, next_index, prepare_data, run_steps, seed_everything, split_best, steps_run, validate
+from lora_dist.earlystop import early_stop, split_best
+from lora_dist.train import Loop, batch_plan, data_line, end_validation, epoch_fields, export, make_schedule, \
+    next_index, prepare_data, run_steps, seed_everything, steps_run, validate
 from lora_dist.validate import validate_job
 
 FINAL_FILE = "final.json"

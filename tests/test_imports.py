@@ -10,7 +10,7 @@ functions count as much as those at the top.
         -> validate -> plot -> adapter   the model, the data, the artifact
     checkpoint (resumable state: safetensors + JSON, verified)
     engine (the only DeepSpeed importer)
-    progress (metrics.jsonl) -> train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
+    earlystop -> progress (metrics.jsonl) -> train (the one loop) -> worker -> launch (the only ray.train importer) -> jobrun
     embedded (the local backend) -> client (the SDK)   no torch at import either: they reach launch
                                                        only in the job's own process
     generate -> metrics -> slots -> evaluate -> evaldata -> cli
@@ -25,7 +25,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
 ORDER = ["errors", "records", "store", "datafiles", "runtime_env", "hub", "tracking", "specid", "spec", "specdoc", "plan", "jobs",
          "registry", "device", "quant", "lora", "base", "weights", "model", "counting", "sources", "chat", "data", "datareport",
-         "epochs", "validate", "plot", "adapter", "checkpoint", "engine", "progress", "train", "worker", "launch",
+         "epochs", "validate", "plot", "adapter", "checkpoint", "engine", "earlystop", "progress", "train", "worker", "launch",
          "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "evaldata", "cli"]
 
 
