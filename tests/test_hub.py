@@ -143,6 +143,34 @@ def test_a_repository_with_pickle_weights_only_is_refused(tmp_path, tiny_llama_d
             in proc.stderr), proc.stderr[-3000:]
 
 
+def test_the_processes_of_a_node_wait_for_the_one_that_holds_the_download_lock(tmp_path, tiny_llama_dir):
+    """While one process holds the repository's lock in the cache (as the one downloading does),
+    another that resolves the same hub id waits, and goes on once it is released."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    hf_home = tmp_path / "hf"
+    lay_out(hf_home, REPO_ID, C1, files_of(tiny_llama_dir))
+    lock_file = hf_home / "hub" / ".locks" / "models--tiny-org--tiny-llama" / "lora-dist-snapshot.lock"
+    lock_file.parent.mkdir(parents=True)
+    child = ("import time\nfrom huggingface_hub import hf_hub_download, snapshot_download\nfrom lora_dist import hub\n"
+             "print('ready', flush=True)\n"
+             f"d = hub.snapshot({REPO_ID!r})\nprint(time.time(), d, flush=True)\n")
+    with open(lock_file, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", child], env=env_for(hf_home, tmp_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO)
+        assert proc.stdout.readline().strip() == "ready", proc.communicate()
+        time.sleep(5)  # finding a cached snapshot takes well under a second
+        released = time.time()
+    out, err = proc.communicate(timeout=120)
+    done, path = out.split()
+    assert proc.returncode == 0 and path.endswith(f"snapshots/{C1}"), err[-2000:]
+    assert float(done) >= released
+
+
 # --- a job on a hub id ----------------------------------------------------------------------------
 
 def _other_weights(tiny_llama_dir: Path, tmp_path: Path) -> dict[str, bytes]:
