@@ -69,7 +69,7 @@ def hub_ref(model: Any) -> str:
 def split_ref(ref: str) -> tuple[str, str] | None:
     """(repo id, revision) of a hub reference; None when ``ref`` is a built-in id or a directory."""
     repo_id, _, revision = ref.partition("@")
-    if not is_hub_id(repo_id) or (revision and revision_problem(revision)):
+    if not is_hub_id(repo_id) or (revision and revision_problem(revision)) or Path(ref).expanduser().is_dir():
         return None
     return repo_id, revision or DEFAULT_REVISION
 
