@@ -94,9 +94,8 @@ def _find_smollm2_gguf() -> Path:
 
 # --- what a model directory holds ------------------------------------------------------------------
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE, SINGLE_FILE = hub.WEIGHTS_INDEX, hub.SINGLE_WEIGHTS
+PICKLE_SUFFIXES = hub.PICKLE_SUFFIXES
 # Config keys by which the architectures transformers ships declare a mixture of experts.
 MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "moe_intermediate_size")
 SUPPORTED = ("dense decoder-only causal LMs that transformers ships (Llama, Mistral, Qwen2, GPT-2, OPT, "

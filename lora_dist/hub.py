@@ -20,6 +20,7 @@ without it.
 from __future__ import annotations
 
 import fcntl
+import json
 import re
 import sys
 import time
@@ -34,10 +35,13 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_
 # A branch, tag or commit: git's ref rules, as far as a spec can break them.
 REVISION_RE = re.compile(r"^[A-Za-z0-9._/-]{1,255}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-# What a snapshot downloads: the config, the tokenizer's files, safetensors weights and their index.
-ALLOW_PATTERNS = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
-                  "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.model", "chat_template.*",
-                  "*.safetensors", "*.safetensors.index.json"]
+# What a snapshot downloads first: the config, the tokenizer's files and the weights' index; then
+# the weight files that index lists (else model.safetensors), and no other copy of the weights
+# (Mistral's consolidated.safetensors, an original/ folder), as base.weight_files reads them.
+ALLOW_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                  "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+                  "merges.txt", "chat_template.jinja", "chat_template.json"]
+WEIGHTS_INDEX, SINGLE_WEIGHTS = "model.safetensors.index.json", "model.safetensors"  # base.weight_files reads these
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -69,7 +73,7 @@ def hub_ref(model: Any) -> str:
 def split_ref(ref: str) -> tuple[str, str] | None:
     """(repo id, revision) of a hub reference; None when ``ref`` is a built-in id or a directory."""
     repo_id, _, revision = ref.partition("@")
-    if not is_hub_id(repo_id) or (revision and revision_problem(revision)):
+    if not is_hub_id(repo_id) or (revision and revision_problem(revision)) or Path(ref).expanduser().is_dir():
         return None
     return repo_id, revision or DEFAULT_REVISION
 
@@ -153,13 +157,25 @@ def snapshot(ref: str, say: Callable[[str], None] | None = None) -> Path:
         say(f"model.base {repo_id}@{revision} (commit {commit}): fetching what {constants.HF_HUB_CACHE} does not "
             f"hold yet (config, tokenizer, safetensors; once per node, its other processes wait)")
         try:
-            path = Path(snapshot_download(repo_id, revision=commit, allow_patterns=ALLOW_PATTERNS))
+            path = Path(snapshot_download(repo_id, revision=commit, allow_patterns=[*ALLOW_PATTERNS, WEIGHTS_INDEX]))
+            path = Path(snapshot_download(repo_id, revision=commit, allow_patterns=_weight_names(path)))
         except Exception as e:  # noqa: BLE001 - each kind gets its message in _hub_error
             raise _hub_error(e, repo_id, revision, "the snapshot") from None
         files = [f for f in path.iterdir() if f.is_file()]
         say(f"model.base {repo_id}@{revision}: {len(files)} files, {sum(f.stat().st_size for f in files) / 2**30:.2f} "
             f"GiB, ready in {time.time() - t0:.0f} s")
     return _checked(path, repo_id, revision)
+
+
+def _weight_names(path: Path) -> list[str]:
+    """The weight files to download: those the snapshot's index lists (plain ``.safetensors``
+    names; base.weight_files checks the index itself), else ``model.safetensors``."""
+    try:
+        names = set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [SINGLE_WEIGHTS]
+    return sorted(n for n in names if isinstance(n, str) and n.endswith(".safetensors") and "/" not in n
+                  and not set(n) & set("*?[]")) or [SINGLE_WEIGHTS]
 
 
 def _checked(path: Path, repo_id: str, revision: str) -> Path:

@@ -144,6 +144,57 @@ def test_a_repository_with_pickle_weights_only_is_refused(tmp_path, tiny_llama_d
             in proc.stderr), proc.stderr[-3000:]
 
 
+def test_a_sharded_repository_resolves_to_the_files_its_index_lists(tmp_path, tiny_llama_dir):
+    """Shards listed in model.safetensors.index.json are what a snapshot holds and what is read;
+    another copy of the weights in the repository (Mistral's consolidated.safetensors, listed but
+    matching no pattern, so never downloaded) is not asked for."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(sharded, max_shard_size="100KB")
+    shutil.copy(tiny_llama_dir / "tokenizer.json", sharded)
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    hf_home = tmp_path / "hf"
+    lay_out(hf_home, REPO_ID, C1, files_of(sharded), listing=[*files_of(sharded), "consolidated.safetensors"])
+    code = (f"from lora_dist.base import resolve_base, weight_files\n"
+            f"print(*[f.name for f in weight_files(resolve_base({REPO_ID!r}))])")
+    proc = subprocess.run([sys.executable, "-c", code], env=env_for(hf_home, tmp_path), capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.split() == shards, proc.stderr[-3000:]
+
+
+def test_the_processes_of_a_node_wait_for_the_one_that_holds_the_download_lock(tmp_path, tiny_llama_dir):
+    """While one process holds the repository's lock in the cache (as the one downloading does),
+    another that resolves the same hub id waits, and goes on once it is released."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    hf_home = tmp_path / "hf"
+    lay_out(hf_home, REPO_ID, C1, files_of(tiny_llama_dir))
+    lock_file = hf_home / "hub" / ".locks" / "models--tiny-org--tiny-llama" / "lora-dist-snapshot.lock"
+    lock_file.parent.mkdir(parents=True)
+    child = ("import time\nfrom huggingface_hub import hf_hub_download, snapshot_download\nfrom lora_dist import hub\n"
+             "print('ready', flush=True)\n"
+             f"d = hub.snapshot({REPO_ID!r})\nprint(time.time(), d, flush=True)\n")
+    with open(lock_file, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-c", child], env=env_for(hf_home, tmp_path), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO)
+        assert proc.stdout.readline().strip() == "ready", proc.communicate()
+        time.sleep(5)  # finding a cached snapshot takes well under a second
+        released = time.time()
+    out, err = proc.communicate(timeout=120)
+    done, path = out.split()
+    assert proc.returncode == 0 and path.endswith(f"snapshots/{C1}"), err[-2000:]
+    assert float(done) >= released
+
+
 # --- a job on a hub id ----------------------------------------------------------------------------
 
 def _other_weights(tiny_llama_dir: Path, tmp_path: Path) -> dict[str, bytes]:
