@@ -142,7 +142,10 @@ def build_loop(w: Worker, parity_reference: list[float] | None = None, tracker: 
     from transformers import AutoTokenizer
 
     validate_job(w.spec, "build")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base(w.spec.model.base))
+    # A hub id's branch resolves once, on rank 0: every rank loads that one commit (each node's
+    # first rank downloads it, the others wait on a lock in the cache: hub.snapshot).
+    w.base = _broadcast(w, hub.pin(hub.hub_ref(w.spec.model)) if w.rank == 0 else None)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(w.base, say=w.say))
     t0 = time.time()
     data = prepare_data(w.spec, tokenizer, say=w.say)
     w.say(data_line(data, time.time() - t0))
@@ -248,9 +251,6 @@ def _build(w: Worker, tokenizer, max_steps: int) -> tuple[LoadedModel, eng.ZeroR
     from transformers import AutoConfig
 
     spec, t0 = w.spec, time.time()
-    # A hub id's branch resolves once, on rank 0: every rank loads that one commit (each node's
-    # first rank downloads it, the others wait on a lock in the cache: hub.snapshot).
-    w.base = _broadcast(w, hub.pin(hub.hub_ref(spec.model)) if w.rank == 0 else None)
     model_dir = resolve_base(w.base, say=w.say)
     hf_config = AutoConfig.from_pretrained(model_dir)
     counts = count_model(w.base, spec.injected_lora, spec.model.quantization)
