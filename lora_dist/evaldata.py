@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from lora_dist.adapter import load_adapted
-from lora_dist.data import collate, tokenize
+from lora_dist.chat import tokenize_chat
+from lora_dist.data import TokenArrays, collate, tokenize
 from lora_dist.errors import ArtifactError
 from lora_dist.lora import LoRALinear
 from lora_dist.records import Manifest
-from lora_dist.sources import DataError, Example, read_e2e, read_jsonl
+from lora_dist.generate import chat_template_of
+from lora_dist.sources import DataError, Example, data_location, read_examples
 from lora_dist.spec import DataSpec
 from lora_dist.train import token_loss
 
@@ -53,9 +55,20 @@ def data_spec(manifest: Manifest, data: Path) -> DataSpec:
 
 
 def file_examples(spec: DataSpec) -> list[Example]:
-    """Every example of ``spec.path``, read by the source's reader (sources.py), as training reads it."""
-    path = Path(spec.path)
-    return read_e2e(path) if spec.source == "e2e" else read_jsonl(path)
+    """Every example of ``spec.path``, read as training reads it (any format, the source's columns)."""
+    return read_examples(data_location(spec), spec)
+
+
+def file_tokens(spec: DataSpec, manifest: Manifest, examples: list[Example], tokenizer):
+    """The examples tokenized as training tokenized them: a chat artifact's conversations through
+    the chat template its manifest records (cut at a turn, or left out, where over max_length)."""
+    if spec.source != "chat":
+        return tokenize(examples, tokenizer, spec.max_length)
+    items = tokenize_chat(examples, tokenizer, chat_template_of(manifest), spec.max_length).items
+    if not items:
+        raise DataError(f"--data {spec.path}: no conversation's first assistant turn fits data.max_length "
+                        f"{spec.max_length}")
+    return TokenArrays.masked(items)
 
 
 @contextmanager
@@ -96,7 +109,7 @@ def evaluate_file(artifact: Path, data: Path, batch_size: int = 8) -> dict[str, 
         raise ArtifactError(f"{artifact}: a full fine-tune has no adapter to turn off; --data scores adapters")
     spec = data_spec(manifest, data)
     examples = file_examples(spec)
-    items = tokenize(examples, loaded.tokenizer, spec.max_length)
+    items = file_tokens(spec, manifest, examples, loaded.tokenizer)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else \
         loaded.tokenizer.eos_token_id
     batches = [collate(items[i:i + batch_size], pad) for i in range(0, len(items), batch_size)]

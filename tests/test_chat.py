@@ -266,6 +266,15 @@ def test_a_chat_adapter_records_its_template_and_generates_and_evaluates_with_it
     scored = run_cli("eval", str(artifact), "--data", str(E2E_CSV), "--limit", "2", "--num-beams", "1",
                      "--max-new-tokens", "8", cwd=REPO)
     assert json.loads(scored.stdout.strip().splitlines()[-1])["mrs"] == 2
+    # eval --data on conversations: the loss on the tokens training trains, through the recorded template
+    convs = tmp_path / "convs.jsonl"
+    convs.write_text("".join(CHAT_DATA.read_text().splitlines(keepends=True)[:12]))
+    result = json.loads(run_cli("eval", str(artifact), "--data", str(convs), cwd=REPO).stdout.strip().splitlines()[-1])
+    from lora_dist.chat import encode
+
+    trained = sum(sum(encode(tok, TINY, c.messages)[1][1:]) for c in read_chat_file(convs))
+    assert (result["source"], result["examples"], result["tokens"]) == ("chat", 12, trained)
+    assert result["adapter"]["loss"] > 0 and result["base"]["loss"] > 0
 
 
 def test_generate_chat_on_an_adapter_without_a_chat_template_exits_2(tiny_trained):
