@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from lora_dist.errors import ArtifactError
 from lora_dist.records import CheckpointState
+from lora_dist.spec import JobSpec
 from lora_dist.specid import spec_differences, spec_digest
 from lora_dist.store import atomic_dir, is_uri, join, list_dir, read_bytes, remove_tree, run_name, upload
 
@@ -189,6 +190,12 @@ def check_same_spec(recorded: dict[str, Any], spec_dict: dict[str, Any], what: s
     Raises:
         SpecChanged: naming every field that differs.
     """
+    if spec_digest(recorded) == spec_digest(spec_dict):
+        return
+    # A spec recorded before a field was added lacks it: with today's defaults filled in, it may match.
+    defaults = JobSpec(name=str(recorded.get("name", "job"))).to_dict()
+    recorded = {**defaults, **{k: ({**defaults[k], **v} if isinstance(v, dict) and isinstance(defaults.get(k), dict)
+                                   else v) for k, v in recorded.items()}}
     if spec_digest(recorded) == spec_digest(spec_dict):
         return
     diffs = spec_differences(recorded, spec_dict)

@@ -139,3 +139,22 @@ def test_the_4eee545_adapter_loads_onto_its_base_and_the_cli_verifies_it(tiny_ll
     assert manifest.base_model.fingerprint == raw["base_model"]["fingerprint"]
     assert sum(isinstance(m, LoRALinear) for m in loaded.model.modules()) == 4  # q_proj, v_proj of 2 blocks
     assert any(m.lora_B.any() for m in loaded.model.modules() if isinstance(m, LoRALinear))
+
+
+def test_a_checkpoint_from_4eee545_resumes_under_todays_spec_and_a_changed_field_is_still_refused():
+    """Fields added since (data.columns, train.epochs, tracking, ...) take their defaults: the
+    recorded spec matches the same job read today, and a field that differs is still named."""
+    from lora_dist import checkpoint as ckpt
+    from lora_dist.checkpoint import SpecChanged, check_same_spec
+    from lora_dist.spec import JobSpec
+
+    from conftest import E2E_CSV
+
+    spec = ckpt.load(str(CHECKPOINT)).state.spec
+    recorded = {**spec, "data": {**spec["data"], "path": str(E2E_CSV)}}  # where the devset is on this machine
+    today = JobSpec.model_validate(recorded).to_dict()  # the same job, with every field of today
+    assert set(today["data"]) > set(recorded["data"]) and "tracking" in today and "tracking" not in recorded
+    check_same_spec(recorded, today, "the checkpoint")
+    changed = {**today, "lora": {**today["lora"], "r": 8}}
+    with pytest.raises(SpecChanged, match="lora.r: 4 -> 8"):
+        check_same_spec(recorded, changed, "the checkpoint")
