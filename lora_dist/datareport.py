@@ -63,7 +63,7 @@ def report(spec: JobSpec, tokens: Tokens, decode: Callable[[list[int]], str], sh
         f"({val.prompts:,} {unit})",
         f"tokens: {train.tokens:,} train / {val.tokens:,} validation (each example cut to data.max_length "
         f"{d.max_length})",
-        f"over data.max_length: {tokens.over_length:,} examples (cut to {d.max_length} tokens); the longest "
+        f"over data.max_length: {tokens.over_length:,} examples ({over_what(tokens, d.max_length)}); the longest "
         f"{tokens.longest:,} tokens",
         f"positions that train: {train.trained / max(train.tokens, 1):.1%} of the training split's tokens "
         f"({train.trained:,}); trained spans are marked {TRAINED[0]}...{TRAINED[1]} below",
@@ -93,3 +93,11 @@ def data_report(spec: JobSpec, show: int = 2, say: Callable[[str], None] | None 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(spec.model.base))
     tokens = tokenized(spec.data, tokenizer, cache_root(), say=say)
     return report(spec, tokens, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), show)
+
+
+def over_what(tokens: Tokens, max_length: int) -> str:
+    """What became of the examples over ``max_length``: cut to it, or (chat) cut at a turn or dropped."""
+    chat = tokens.chat_over_length
+    if chat is None:
+        return f"cut to {max_length} tokens"
+    return f"{chat['cut']:,} cut after their last whole assistant turn that fits, {chat['dropped']:,} dropped"
