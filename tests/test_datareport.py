@@ -85,6 +85,10 @@ def test_bad_data_exits_2_before_anything_starts(tiny_job, tmp_path, capsys, cas
     (unreachable: the check comes before any contact): exit 2, the file, row and problem named,
     nothing built or written."""
     _, text, overrides, expected = case
+    if "source: chat," in text:  # the tiny model's tokenizer has no chat template: give it one, as a user would
+        from test_chat import TINY
+
+        text = text.replace("source: chat,", f"source: chat, chat_template: {json.dumps(TINY)},")
     job = tmp_path / "job.yaml"
     job.write_text(text)
     sets = [*tiny_job, *[f"--set={o}" for o in overrides]]
