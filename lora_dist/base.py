@@ -33,6 +33,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # --- resolving a base model ----------------------------------------------------------------------
 
+def tokenizer_source(base: str) -> Path:
+    """A directory holding ``base``'s tokenizer: a hub id's config and tokenizer files alone (no
+    weights fetched: a check or report before the job runs), any other base resolved."""
+    return hub.tokenizer_dir(base) if hub.split_ref(base) else resolve_base(base)
+
+
 def resolve_base(base: str, say: Callable[[str], None] | None = None) -> Path:
     """A directory with config.json + *.safetensors (+ tokenizer) for ``base``.
 

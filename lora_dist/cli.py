@@ -28,7 +28,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from lora_dist.counting import count_activations, count_model
-    from lora_dist.hub import hub_ref
+    from lora_dist.hub import hub_ref, pin
     from lora_dist.plan import Setup, make_plan, parse_bytes
     from lora_dist.spec import load_spec
 
@@ -43,7 +43,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   seq_len=spec.data.max_length, device=device, dtype=spec.train.dtype,
                   activation_checkpointing=args.activation_checkpointing or spec.train.activation_checkpointing,
                   adapter_bytes_per_param=4 if spec.output.adapter_dtype == "float32" else 2)
-    base = hub_ref(spec.model)  # a hub id: its config.json alone, never its weights
+    base = pin(hub_ref(spec.model))  # a hub id at one commit: its config.json alone, never its weights
     counts = count_model(base, spec.lora, spec.model.quantization)
     acts = {method: count_activations(base, spec.injected_lora, spec.model.quantization, setup.micro_batch,
                                       setup.seq_len, setup.dtype_name, method=method, device=device)

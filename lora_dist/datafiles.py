@@ -13,6 +13,7 @@ its memory-mapped arrow cache). No torch; ``datasets`` and ``fsspec`` are import
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -154,7 +155,7 @@ class DataFile:
                 except csv.Error as e:
                     raise self.error(f"not a readable csv ({e})") from None
         try:
-            names = self._table().column_names
+            names = self._table.column_names
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the reader raises, the file is what is wrong
@@ -209,9 +210,10 @@ class DataFile:
         except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise DataError(f"{self.field}: cannot read {self.location}: {e}") from None
 
+    @functools.cached_property
     def _table(self):
         """The rows as ``datasets`` reads them: a streamed IterableDataset (json, parquet), or a
-        memory-mapped Dataset (save_to_disk, hub)."""
+        memory-mapped Dataset (save_to_disk, hub); made once per DataFile (columns, then rows)."""
         if self.kind == "hf":
             return _hub_dataset(self.location[len(HF_PREFIX):].strip("/"), self.revision, self.split, self.field)
         if self.kind == "disk":
@@ -224,7 +226,7 @@ class DataFile:
     def _table_rows(self) -> Iterator[tuple[int, dict]]:
         n = 0
         try:
-            for n, row in enumerate(self._table(), 1):
+            for n, row in enumerate(self._table, 1):
                 yield n, row
         except DataError:
             raise

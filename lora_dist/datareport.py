@@ -9,9 +9,9 @@ A bad file fails here as it would in the job: a DataError naming the file, the r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
-from lora_dist.data import IGNORE_INDEX, Tokenized, Tokens, tokenized
+from lora_dist.data import IGNORE_INDEX, TokenArrays, Tokenized, Tokens, tokenized
 from lora_dist.sources import spread
 from lora_dist.spec import JobSpec
 from lora_dist.store import cache_root
@@ -27,13 +27,11 @@ class SplitCounts:
     trained: int  # positions whose label is not ignored
 
 
-def count(items: Sequence[Tokenized], prompts: int) -> SplitCounts:
-    """Examples, tokens and trained positions of a split (one example in memory at a time)."""
-    tokens = trained = 0
-    for t in items:
-        tokens += len(t.input_ids)
-        trained += sum(x != IGNORE_INDEX for x in t.labels)
-    return SplitCounts(len(items), prompts, tokens, trained)
+def count(items: TokenArrays, prompts: int) -> SplitCounts:
+    """Examples, tokens and trained positions of a split, from its arrays (no pass in Python)."""
+    import numpy as np
+
+    return SplitCounts(len(items), prompts, int(items.offsets[-1]), int(np.count_nonzero(items.mask)))
 
 
 def render_trained(item: Tokenized, decode: Callable[[list[int]], str]) -> str:
@@ -88,9 +86,10 @@ def data_report(spec: JobSpec, show: int = 2, say: Callable[[str], None] | None 
     """
     from transformers import AutoTokenizer
 
-    from lora_dist.base import resolve_base
+    from lora_dist.base import tokenizer_source
+    from lora_dist.hub import hub_ref
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base(spec.model.base))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(hub_ref(spec.model)))
     tokens = tokenized(spec.data, tokenizer, cache_root(), say=say)
     return report(spec, tokens, lambda ids: tokenizer.decode(ids, skip_special_tokens=False), show)
 

@@ -32,7 +32,8 @@ from lora_dist.records import Manifest
 from lora_dist.generate import chat_template_of
 from lora_dist.sources import DataError, Example, data_location, read_examples
 from lora_dist.spec import DataSpec
-from lora_dist.train import token_loss
+from lora_dist.store import read_manifest
+from lora_dist.train import evaluate
 
 
 def is_e2e_csv(path: Path) -> bool:
@@ -85,15 +86,9 @@ def adapter_off(model: nn.Module) -> Iterator[None]:
             m.scaling = s
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Loss per trained token over ``batches`` and its perplexity."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        loss, n = token_loss(model, batch)
-        total, count = total + float(loss), count + n
-    loss = total / max(count, 1)
+    """Loss per trained token over ``batches`` (train.evaluate) and its perplexity."""
+    loss = evaluate(model, batches)
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
 
 
@@ -104,11 +99,12 @@ def evaluate_file(artifact: Path, data: Path, batch_size: int = 8) -> dict[str, 
         DataError: ``data`` does not read as the artifact's source, or has nothing to score.
         ArtifactError: the artifact does not verify, or is a full fine-tune (no base to compare).
     """
-    loaded, manifest = load_adapted(artifact)
+    manifest = read_manifest(artifact)  # what is refused is refused before the model is loaded
     if manifest.kind == "full":
         raise ArtifactError(f"{artifact}: a full fine-tune has no adapter to turn off; --data scores adapters")
     spec = data_spec(manifest, data)
     examples = file_examples(spec)
+    loaded, manifest = load_adapted(artifact)  # verifies every file
     items = file_tokens(spec, manifest, examples, loaded.tokenizer)
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else \
         loaded.tokenizer.eos_token_id

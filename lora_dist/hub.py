@@ -124,8 +124,7 @@ def tokenizer_dir(ref: str) -> Path:
 
     repo_id, revision = _split(ref)
     try:
-        return Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=[p for p in ALLOW_PATTERNS if "safetensors" not in p]))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:  # noqa: BLE001 - each kind gets its message in _hub_error
         raise _hub_error(e, repo_id, revision, "the tokenizer") from None
 

@@ -256,9 +256,9 @@ class Loop:
     val: list[dict[str, torch.Tensor]] = field(init=False)  # collated once, reused at every validation
 
     def __post_init__(self) -> None:
-        self.lengths = self.data.train.lengths()
         if self.plan is None:
-            self.plan = batch_plan(self.spec, self.data, self.lengths)
+            self.plan = batch_plan(self.spec, self.data)
+        self.lengths = self.plan.lengths if self.plan.lengths is not None else self.data.train.lengths()
         self.max_steps = self.max_steps or self.spec.train.max_steps
         self.per_epoch = self.epoch_plan.micro_batches_per_epoch if self.epoch_plan else \
             self.plan.micro_batches(self.plan.n)
@@ -266,11 +266,10 @@ class Loop:
         self.val = val_batches(self.data, self.spec)
 
 
-def batch_plan(spec: JobSpec, data: Dataset, lengths: list[int] | None = None) -> BatchPlan:
+def batch_plan(spec: JobSpec, data: Dataset) -> BatchPlan:
     """The run's micro-batches (data.BatchPlan over the training examples)."""
-    return BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed,
-                     lengths=data.train.lengths() if lengths is None else lengths, mode=spec.data.batching,
-                     capacity=spec.data.max_length)
+    return BatchPlan(len(data.train), spec.train.micro_batch_size, spec.train.seed, lengths=data.train.lengths(),
+                     mode=spec.data.batching, capacity=spec.data.max_length)
 
 
 def batch_index(loop: Loop, step: int, micro: int, rank: int) -> int:

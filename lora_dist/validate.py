@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from lora_dist.hub import hub_ref
+from lora_dist.hub import hub_ref, pin
 from lora_dist.spec import JobSpec, SpecError
 from lora_dist.store import multi_node_storage_problem, output_root_problem
 
@@ -83,24 +83,29 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
     problems = [p for p in problems if p]
     if problems:
         raise SpecError(problems, source)
+    refs: list[str] = []
+
+    def base() -> str:  # model.base, a hub branch pinned to its commit once (later reads hit the cache)
+        if not refs:
+            refs.append(pin(hub_ref(spec.model)))
+        return refs[0]
+
     if "model" in checks:
         from lora_dist.model import check_model
 
-        check_model(hub_ref(spec.model), spec.injected_lora, spec.model.quantization)
+        check_model(base(), spec.injected_lora, spec.model.quantization)
     if "packing" in checks and spec.data.batching == "packed":
         from lora_dist.data import check_packing
         from lora_dist.base import model_type
 
-        check_packing(model_type(hub_ref(spec.model)))
+        check_packing(model_type(base()))
     if "data" in checks:
         from lora_dist.sources import check_data
         from lora_dist.store import cache_root
 
         check_data(spec.data, cache_root())
     if "chat" in checks and (spec.data.source == "chat" or spec.data.chat_template is not None):
-        from lora_dist.base import resolve_base
+        from lora_dist.base import tokenizer_source
         from lora_dist.chat import check_chat
-        from lora_dist.hub import split_ref, tokenizer_dir
 
-        ref = hub_ref(spec.model)  # a hub model's tokenizer alone is fetched: no weights before the job runs
-        check_chat(spec.data, tokenizer_dir(ref) if split_ref(ref) else resolve_base(ref))
+        check_chat(spec.data, tokenizer_source(base()))  # a hub model's tokenizer alone: no weights yet

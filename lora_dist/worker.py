@@ -145,13 +145,14 @@ def build_loop(w: Worker, parity_reference: list[float] | None = None, tracker: 
     # A hub id's branch resolves once, on rank 0: every rank loads that one commit (each node's
     # first rank downloads it, the others wait on a lock in the cache: hub.snapshot).
     w.base = _broadcast(w, hub.pin(hub.hub_ref(w.spec.model)) if w.rank == 0 else None)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base(w.base, say=w.say))
+    model_dir = resolve_base(w.base, say=w.say)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     t0 = time.time()
     data = prepare_data(w.spec, tokenizer, say=w.say)
     w.say(data_line(data, time.time() - t0))
     plan = batch_plan(w.spec, data)
     steps, epoch_plan = _planned_steps(w, plan)
-    built, runner, parts = _build(w, tokenizer, steps)
+    built, runner, parts = _build(w, model_dir, tokenizer, steps)
     loop = Loop(w.spec, runner, data, w.device, ranks=[w.rank], world_size=w.world,
                 metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0, tracker=tracker),
                 int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
@@ -245,13 +246,13 @@ def _setup(config: dict[str, Any], ray_io: RayIO) -> Worker:
     return Worker(spec, check_job_id(config["job_id"]), Path(config["work_dir"]), rank, world, placement, ray_io)
 
 
-def _build(w: Worker, tokenizer, max_steps: int) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
-    """The sharded model: skeleton, partitions, streamed int8 weights, LoRA init, the engine (its
-    schedule ends at ``max_steps``)."""
+def _build(w: Worker, model_dir: Path, tokenizer, max_steps: int
+           ) -> tuple[LoadedModel, eng.ZeroRunner, dict[str, int]]:
+    """The sharded model of ``model_dir`` (``w.base`` resolved): skeleton, partitions, streamed int8
+    weights, LoRA init, the engine (its schedule ends at ``max_steps``)."""
     from transformers import AutoConfig
 
     spec, t0 = w.spec, time.time()
-    model_dir = resolve_base(w.base, say=w.say)
     hf_config = AutoConfig.from_pretrained(model_dir)
     counts = count_model(w.base, spec.injected_lora, spec.model.quantization)
     w.zero = zero_settings(counts, "full" if spec.full else "lora_int8_zero3")
