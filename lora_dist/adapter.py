@@ -23,6 +23,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -282,6 +283,50 @@ def read_lora_tensors(artifact: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(artifact) / ADAPTER_FILE))
+
+
+@dataclass
+class LoraDelta:
+    """One module's trained update as PEFT holds it: delta W = scale · B A, with A (r', in) and B
+    (out, r') (a fused projection's slices as one block-structured pair, :func:`to_peft_tensors`)."""
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+
+def lora_scale(manifest: Manifest) -> float:
+    """alpha / r (rsLoRA: alpha / sqrt(r)) of the spec the adapter trained with: the scale of every
+    module's PEFT pair, sliced or not (PEFT's alpha'/r' is kept equal to it, :func:`peft_config`)."""
+    lora = LoraSpec.model_validate((manifest.spec or {}).get("lora") or {})
+    return lora.alpha / math.sqrt(lora.r) if lora.use_rslora else lora.alpha / lora.r
+
+
+def lora_deltas(artifact: Path, manifest: Manifest) -> dict[str, LoraDelta]:
+    """Each adapted module's pair by module path (``model.layers.0.self_attn.q_proj``), fp32, from a
+    verified artifact's tensors: what serving and merging fold into the base.
+
+    Raises:
+        ArtifactError: a module has an A or B without its partner, or shapes that do not pair.
+    """
+    tensors = read_lora_tensors(artifact)
+    scale = lora_scale(manifest)
+    out: dict[str, LoraDelta] = {}
+    for key in sorted(tensors):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[len(PEFT_PREFIX):-len(".lora_A.weight")] if key.startswith(PEFT_PREFIX) else None
+        b_key = key[:-len("lora_A.weight")] + "lora_B.weight"
+        a, b = tensors[key].float(), tensors.get(b_key)
+        if module is None or b is None or b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise ArtifactError(f"{Path(artifact) / ADAPTER_FILE}: {key} has no matching {b_key} of shape "
+                                f"(out, {a.shape[0]})")
+        out[module] = LoraDelta(a, b.float(), scale)
+    unpaired = [k for k in tensors if k.endswith(".lora_B.weight")
+                and k[len(PEFT_PREFIX):-len(".lora_B.weight")] not in out]
+    if unpaired or not out:
+        raise ArtifactError(f"{Path(artifact) / ADAPTER_FILE}: " + (f"{unpaired[0]} has no lora_A" if unpaired
+                                                                   else "holds no LoRA pair"))
+    return out
 
 
 def versions() -> dict[str, str]:
