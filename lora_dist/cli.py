@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--length-penalty", type=float, default=1.0)
     g.add_argument("--no-repeat-ngram-size", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+    from lora_dist.usecmds import add_commands
+
+    add_commands(sub)
     return p
 
 
