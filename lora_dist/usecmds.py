@@ -25,8 +25,37 @@ def add_merge(sub) -> None:
 # --- serve ----------------------------------------------------------------------------------------
 
 def add_serve(sub) -> None:
-    pass
+    import os
+
+    sp = sub.add_parser("serve", help="serve adapters over their base: OpenAI-compatible HTTP on Ray Serve, many "
+                                      "adapters per replica, batched together")
+    sp.add_argument("adapters", nargs="+", metavar="ADAPTER",
+                    help="an artifact directory, a storage URI or a job id; ALIAS=ADAPTER names it")
+    sp.add_argument("--address", default=None, help="a Ray cluster's dashboard (Jobs API) address: deploy to its Serve "
+                                                    "(default: $RAY_ADDRESS, else an embedded Ray, in the foreground)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--max-adapters", type=int, default=8, help="adapters held per replica (LRU; default 8)")
+    sp.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    sp.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
+                    help="CPUs (torch threads) per base replica (default: this machine's)")
+    sp.add_argument("--token-file", default=None, help="file holding the bearer token clients must send (default: "
+                                                       "$LORA_DIST_SERVE_TOKEN)")
+    sp.add_argument("--no-auth", action="store_true", help="serve without a token (only on 127.0.0.1)")
+    sp.set_defaults(func=cmd_serve)
 
 
-def _unused(_: argparse.Namespace) -> None:  # placeholder until the commands land
-    pass
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import sys
+
+    from lora_dist.servestart import ServeError, read_token, run, say_stderr
+
+    try:
+        token = read_token(args.token_file, args.no_auth, args.host)
+        return run(args.adapters, address=args.address or os.environ.get("RAY_ADDRESS") or None, host=args.host,
+                   port=args.port, max_adapters=args.max_adapters, token=token, max_batch_size=args.max_batch_size,
+                   cpus=args.cpus, say=say_stderr, ready=lambda text: print(text, flush=True))
+    except ServeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
