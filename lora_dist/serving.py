@@ -18,6 +18,7 @@ application config or log.
 import asyncio
 import hashlib
 import hmac
+import json
 import time
 import uuid
 from typing import Any
@@ -29,6 +30,7 @@ from ray import serve
 from lora_dist.served import AdapterRef, LoadedAdapter, Replica, RequestError
 
 MAX_STOP = 4
+MAX_BODY = 8 << 20  # bytes: a request is a prompt, not a corpus
 
 api = FastAPI(title="lora-dist serve", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -188,8 +190,11 @@ class Gateway:
     async def _serve(self, request: Request, kind: str):
         if (denied := self._unauthorized(request)) is not None:
             return denied
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            return error(413, f"the request body is {len(raw)} bytes; at most {MAX_BODY}", code="request_too_large")
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return error(400, "the request body is not valid JSON", code="invalid_json")
         try:
@@ -208,7 +213,11 @@ class Gateway:
         handle = self.bases[model["base"]]
         if model["adapter"]:
             handle = handle.options(multiplexed_model_id=model["adapter"])
-        out = await handle.complete.remote({**req, "adapter": model["adapter"]})
+        try:
+            out = await handle.complete.remote({**req, "adapter": model["adapter"]})
+        except Exception as e:  # the replica failed (its log has the traceback); the client gets why, in one line
+            return error(500, f"the model server failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                         kind="server_error", code="server_error")
         if "error" in out:
             return error(out["status"], out["error"], code=out.get("code"), param=out.get("param"),
                          kind="invalid_request_error" if out["status"] < 500 else "server_error")

@@ -49,11 +49,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import sys
 
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        from lora_dist.jobs import enable_token_auth
+
+        enable_token_auth()  # before anything imports ray: it reads RAY_AUTH_MODE once
     from lora_dist.servestart import ServeError, read_token, run, say_stderr
 
     try:
         token = read_token(args.token_file, args.no_auth, args.host)
-        return run(args.adapters, address=args.address or os.environ.get("RAY_ADDRESS") or None, host=args.host,
+        return run(args.adapters, address=address, host=args.host,
                    port=args.port, max_adapters=args.max_adapters, token=token, max_batch_size=args.max_batch_size,
                    cpus=args.cpus, say=say_stderr, ready=lambda text: print(text, flush=True))
     except ServeError as e:

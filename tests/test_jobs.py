@@ -160,6 +160,55 @@ def head(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_serve_deploys_a_job_by_id_to_the_clusters_serve(head, tmp_path, e2e_csv, smollm2_dir):
+    """`lora-dist serve JOB_ID --address` resolves the job's artifact on the cluster, deploys to the
+    cluster's Serve and returns; the adapter then answers through the openai client as `generate`
+    does, and the bearer token is in no application config the dashboard shows."""
+    import openai
+
+    from lora_dist.generate import generate_from_artifact
+
+    address, env = head
+    sub = _cli("submit", JOB, "--address", address, "--wait", f"--set=data.path={e2e_csv}",
+               f"--set=output.dir={tmp_path / 'runs'}", *[f"--set={o}" for o in QUICK], cwd=tmp_path, env=env)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    lines = sub.stdout.strip().splitlines()
+    sid, artifact = lines[0].split()[1], Path(lines[-1])
+    token = "t-" + os.urandom(16).hex()
+    (tmp_path / "token").write_text(token)
+    port = free_port()
+    dep = _cli("serve", f"mine={sid}", "--address", address, "--port", str(port), "--cpus", "1",
+               "--token-file", str(tmp_path / "token"), cwd=tmp_path, env=env)
+    assert dep.returncode == 0 and "deployed mine" in dep.stdout, dep.stdout + dep.stderr[-3000:]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=token, max_retries=0)
+    deadline = time.time() + 600
+    while True:  # the cluster's Serve starts the replicas after the command returns
+        try:
+            models = {m.id for m in client.models.list().data}
+            break
+        except (openai.APIConnectionError, openai.APIStatusError):
+            assert time.time() < deadline, "the deployed application never answered"
+            time.sleep(3)
+    assert "mine" in models
+    mr = "name[The Eagle], eatType[coffee shop], food[French]"
+    deadline = time.time() + 600
+    while True:  # /v1/models answers from the gateway; the base's replica may still be loading
+        try:
+            reply = client.completions.create(model="mine", prompt=mr, max_tokens=24, temperature=0)
+            break
+        except openai.APIStatusError:
+            assert time.time() < deadline, "the base replica never answered"
+            time.sleep(3)
+    assert reply.choices[0].text == generate_from_artifact(artifact, mr, max_new_tokens=24)
+    details = subprocess.run(  # what every token holder of the cluster sees of the application
+        [sys.executable, "-c", "import json, sys; from ray.dashboard.modules.serve.sdk import ServeSubmissionClient; "
+                               "print(json.dumps(ServeSubmissionClient(sys.argv[1]).get_serve_details()))", address],
+        env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+    assert "lora_dist.serving:remote_app" in details.stdout, details.stderr[-3000:]
+    assert token not in details.stdout
+
+
+@pytest.mark.slow
 def test_request_without_token_is_refused(head):
     address, _ = head
     with pytest.raises(urllib.error.HTTPError) as err:
