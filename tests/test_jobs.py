@@ -179,7 +179,7 @@ def test_serve_deploys_a_job_by_id_to_the_clusters_serve(head, tmp_path, e2e_csv
     port = free_port()
     dep = _cli("serve", f"mine={sid}", "--address", address, "--port", str(port), "--cpus", "1",
                "--token-file", str(tmp_path / "token"), cwd=tmp_path, env=env)
-    assert dep.returncode == 0 and "deployed mine" in dep.stdout, dep.stdout + dep.stderr[-3000:]
+    assert dep.returncode == 0 and dep.stdout.startswith("deployed ") and ", mine " in dep.stdout, dep.stdout + dep.stderr[-3000:]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=token, max_retries=0)
     deadline = time.time() + 600
     while True:  # the cluster's Serve starts the replicas after the command returns
