@@ -11,8 +11,8 @@ headers alone (``weights.plan_weights`` on a meta skeleton, the loader's own map
 split and every shard's header are worked out from their sizes before any weight is read
 (huggingface_hub's splitting, as ``save_pretrained`` splits), and then each tensor is read a row
 block at a time, merged in fp32, cast and appended to its shard (``weights.SafetensorsWriter``).
-Peak memory is about one row block and the adapter, whatever the model's size or the shard size:
-a 70B merge runs on a machine with far less memory than the model.
+Peak memory is about one row block (a transposed GPT-2 weight: one tensor) and the adapter,
+whatever the model's size or the shard size: a model larger than the machine's memory merges.
 
 ``--from float`` (the default) folds into the base's own float weights, as PEFT's
 ``merge_and_unload``. ``--from int8`` folds into what the adapter trained against: every weight
@@ -57,6 +57,10 @@ DEFAULT_SHARD_SIZE = "5GB"
 MERGE_RECORD = "lora_dist_merge.json"
 MERGE_FORMAT = "lora-dist-merge/1"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# Elements read and merged at once, but for int8 weights (quantized in the loader's own blocks,
+# quant.DEQUANT_BLOCK_ELEMENTS): 2^22 is 16 MiB in fp32, so a vocabulary-sized embedding passes
+# through in pieces rather than as one block of a quarter GiB.
+BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -84,13 +88,14 @@ class Item:
             yield src.read().to(self.dtype)
             return
         rows, cols = src.shape
-        blocks = (self._rows(r0, r1) for r0, r1 in row_blocks(rows, cols))
+        # an int8 weight in the loader's own blocks (weights.default_place), anything else in smaller ones
+        spans = row_blocks(rows, cols) if self.quantized else row_blocks(rows, cols, BLOCK_ELEMENTS)
         if not src.transposed:
-            yield from blocks
+            yield from (self._rows(r0, r1) for r0, r1 in spans)
             return
         out = torch.empty(cols, rows, dtype=self.dtype)
-        for (r0, r1), block in zip(row_blocks(rows, cols), blocks):
-            out[:, r0:r1] = block.t()
+        for r0, r1 in spans:
+            out[:, r0:r1] = self._rows(r0, r1).t()
         yield out
 
     def _rows(self, r0: int, r1: int) -> torch.Tensor:

@@ -238,3 +238,25 @@ def test_a_base_whose_weights_changed_is_refused_naming_both_fingerprints(adapte
     with pytest.raises(ArtifactError, match=f"fingerprint sha256:0{{64}}, but .* has fingerprint {recorded}"):
         merge_adapter(art, tmp_path / "out")
     assert _nothing_at(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_smollm2_merges_to_the_adapted_logits(trained, tmp_path):
+    """The main job's adapter on SmolLM2-135M (30 blocks, GQA, tied embeddings): both merges give
+    lora-dist's logits, in shards of 100MB."""
+    from transformers import AutoTokenizer
+
+    from lora_dist.adapter import load_adapted
+    from lora_dist.merge import merge_adapter
+
+    artifact, _ = trained
+    for source, quantization, tol in (("float", "none", 1e-4), ("int8", None, 1e-3)):
+        loaded, _ = load_adapted(artifact, quantization=quantization)
+        want = _logits(loaded.model, loaded.tokenizer)
+        del loaded
+        out = merge_adapter(artifact, tmp_path / source, dtype="fp32", source=source, max_shard_size="100MB")
+        assert len(list(out.glob("model-*.safetensors"))) > 1
+        diff = (_logits(_from_pretrained(out), AutoTokenizer.from_pretrained(out)) - want).abs().max().item()
+        print(f"SmolLM2 --from {source}: |dlogit| {diff:.2e}")
+        assert diff <= tol
+        shutil.rmtree(out)
