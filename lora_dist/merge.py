@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 import torch
 
 from lora_dist.adapter import LoraDelta, base_of, lora_deltas, versions
-from lora_dist.base import base_config, fingerprint, resolve_base
+from lora_dist.base import base_config, cached_fingerprint, fingerprint, resolve_base
 from lora_dist.errors import ArtifactError, ModelError
 from lora_dist.hub import ALLOW_PATTERNS, WEIGHTS_INDEX
 from lora_dist.lora import LoRALinear
@@ -186,6 +186,8 @@ def _check_adapter(artifact: Path, manifest: Manifest, source: str, say: Callabl
                          f"{manifest.quantization}), so there are no int8 weights it trained against; use --from float")
     ref = base_of(base)
     model_dir = resolve_base(ref, say)
+    if cached_fingerprint(model_dir) is None:
+        say(f"fingerprinting {model_dir}'s weight files (once on this machine)")
     got = fingerprint(model_dir)
     if got != base.fingerprint:
         raise ArtifactError(f"{artifact}: trained on base {ref!r} with fingerprint {base.fingerprint}, but {model_dir} "

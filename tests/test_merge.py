@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -196,7 +197,10 @@ def test_a_chat_adapter_merges_with_the_template_it_trained_with(chat_float_adap
 def test_refusals_exit_with_their_codes_and_leave_nothing(adapters, chat_float_adapter, tiny_llama_dir, tmp_path):
     """Through the real CLI: bad input exits 2 (a missing artifact, --out existing, a bad
     --max-shard-size, a full model, --from int8 for an adapter trained on a float base), a tampered
-    artifact 1; each names what is wrong, no traceback, and nothing appears at --out."""
+    or (with a signing key set) unsigned artifact 1; each names what is wrong, no traceback, and
+    nothing appears at --out."""
+    from lora_dist.store import SIGNING_KEY_ENV
+
     llama = adapters["llama"]
     tampered = tmp_path / "tampered"
     shutil.copytree(llama, tampered)
@@ -223,6 +227,10 @@ def test_refusals_exit_with_their_codes_and_leave_nothing(adapters, chat_float_a
         assert "Traceback" not in proc.stderr and _nothing_at(out), args
     proc = run_cli("merge", str(llama), "--out", str(existing), cwd=REPO, check=False)
     assert proc.returncode == 2 and f"--out: {existing} exists" in proc.stderr and not any(existing.iterdir())
+    # with a signing key set, an unsigned adapter is refused as verify refuses it
+    proc = run_cli("merge", str(llama), "--out", str(tmp_path / "signed"), cwd=REPO, check=False,
+                   env={**os.environ, SIGNING_KEY_ENV: "k1"})
+    assert proc.returncode == 1 and "not signed" in proc.stderr and _nothing_at(tmp_path / "signed"), proc.stderr
 
 
 def test_a_base_whose_weights_changed_is_refused_naming_both_fingerprints(adapters, tmp_path):
