@@ -57,8 +57,8 @@ DEFAULT_SHARD_SIZE = "5GB"
 MERGE_RECORD = "lora_dist_merge.json"
 MERGE_FORMAT = "lora-dist-merge/1"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-# Elements read and merged at once, but for int8 weights (quantized in the loader's own blocks,
-# quant.DEQUANT_BLOCK_ELEMENTS): 2^22 is 16 MiB in fp32, so a vocabulary-sized embedding passes
+# Elements read and merged at once, but for int8 and transposed weights (in the loader's own
+# blocks, quant.DEQUANT_BLOCK_ELEMENTS): 2^22 is 16 MiB in fp32, so a vocabulary-sized embedding passes
 # through in pieces rather than as one block of a quarter GiB.
 BLOCK_ELEMENTS = 1 << 22
 
@@ -88,8 +88,10 @@ class Item:
             yield src.read().to(self.dtype)
             return
         rows, cols = src.shape
-        # an int8 weight in the loader's own blocks (weights.default_place), anything else in smaller ones
-        spans = row_blocks(rows, cols) if self.quantized else row_blocks(rows, cols, BLOCK_ELEMENTS)
+        # an int8 weight in the loader's own blocks (weights.default_place); a transposed one in
+        # them too (each model row is a read per stored row); anything else in smaller ones
+        big = self.quantized or src.transposed
+        spans = row_blocks(rows, cols) if big else row_blocks(rows, cols, BLOCK_ELEMENTS)
         if not src.transposed:
             yield from (self._rows(r0, r1) for r0, r1 in spans)
             return

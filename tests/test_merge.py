@@ -160,18 +160,27 @@ def test_cli_writes_shards_and_an_index_that_load(adapters, tmp_path):
 
 def test_dtype_defaults_to_the_bases_and_bf16_is_written_as_asked(adapters, tmp_path):
     """The GPT-2 layout is stored in fp16: the merged model is fp16 unless --dtype says otherwise;
-    config.json says the dtype written."""
+    config.json says the dtype written; only the q and v slices of the fused c_attn change."""
     from safetensors import safe_open
 
     from lora_dist.merge import merge_adapter
 
+    from lora_dist.adapter import load_adapted
+
+    base_dir = load_adapted(adapters["gpt2"], quantization="none")[0].model_dir
     for dtype, want in ((None, torch.float16), ("bf16", torch.bfloat16)):
         out = merge_adapter(adapters["gpt2"], tmp_path / str(dtype), dtype=dtype, max_shard_size="60KB")
-        dtypes = set()
-        for s in out.glob("model-*.safetensors"):
-            with safe_open(str(s), "pt") as f:
-                dtypes |= {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()}
-        assert dtypes == {want}
+        tensors = {}
+        for d in (out, base_dir):
+            for s in d.glob("model-*.safetensors"):
+                with safe_open(str(s), "pt") as f:
+                    tensors.update({(d, k): f.get_tensor(k) for k in f.keys()})
+        assert {t.dtype for (d, _), t in tensors.items() if d == out and t.is_floating_point()} == {want}
+        if dtype is None:  # fp16 as the base: c_attn's k slice is the base's to the bit; q and v changed
+            merged, base = tensors[out, "h.0.attn.c_attn.weight"], tensors[base_dir, "h.0.attn.c_attn.weight"]
+            assert merged.shape == base.shape == (64, 192)  # Conv1D: stored (in, out), as the base stores it
+            assert torch.equal(merged[:, 64:128], base[:, 64:128])
+            assert not torch.equal(merged[:, :64], base[:, :64]) and not torch.equal(merged[:, 128:], base[:, 128:])
         assert json.loads((out / "config.json").read_text())["dtype"] == str(want).removeprefix("torch.")
         _from_pretrained(out)
 
