@@ -277,3 +277,32 @@ def test_smollm2_merges_to_the_adapted_logits(trained, tmp_path):
         print(f"SmolLM2 --from {source}: |dlogit| {diff:.2e}")
         assert diff <= tol
         shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_an_adapter_on_a_hub_base_merges_into_the_commit_it_trained_on(tmp_path, tiny_llama_dir):
+    """A base named by hub id (offline cache, tests/test_hub.py): main moves on to other weights
+    after training, and the merge still folds into the commit trained on; the record names id,
+    revision and commit; the token in the environment is written nowhere."""
+    from safetensors.torch import load_file
+
+    from test_hub import C1, C2, REPO_ID, TOKEN, _other_weights, env_for, files_of, lay_out
+
+    hf_home = tmp_path / "hf"
+    lay_out(hf_home, REPO_ID, C1, files_of(tiny_llama_dir))
+    env = env_for(hf_home, tmp_path)
+    proc = run_cli("train", str(MAIN_JOB), f"--set=model.base={REPO_ID}", f"--set=data.path={E2E_CSV}",
+                   *[f"--set={o}" for o in TINY_OVERRIDES], "--set=train.max_steps=1",
+                   f"--set=output.dir={tmp_path / 'runs'}", cwd=REPO, env=env)
+    artifact = Path(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(hf_home / "hub" / "models--tiny-org--tiny-llama")
+    lay_out(hf_home, REPO_ID, C1, files_of(tiny_llama_dir), ref=None)
+    lay_out(hf_home, REPO_ID, C2, _other_weights(tiny_llama_dir, tmp_path))
+    out = tmp_path / "merged"
+    merged = run_cli("merge", str(artifact), "--out", str(out), cwd=REPO, env=env)
+    record = json.loads((out / "lora_dist_merge.json").read_text())["base_model"]
+    assert (record["id"], record["revision"], record["commit"]) == (REPO_ID, "main", C1)
+    key = "model.embed_tokens.weight"  # not adapted: C1's tensor to the bit, not C2's
+    assert torch.equal(load_file(str(out / "model.safetensors"))[key],
+                       load_file(str(tiny_llama_dir / "model.safetensors"))[key])
+    assert not any(TOKEN.encode() in f.read_bytes() for f in out.iterdir()) and TOKEN not in merged.stderr
