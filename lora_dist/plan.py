@@ -384,18 +384,19 @@ def make_plan(c: ModelCounts, s: Setup, gpu_memory: int, acts: dict[str, Activat
     return plan
 
 
-def parse_bytes(text: str) -> int:
-    """'80GiB', '80GB', '512MiB', '1e9' -> bytes."""
+def parse_bytes(text: str, flag: str = "--gpu-memory") -> int:
+    """'80GiB', '80GB', '512MiB', '1e9' -> bytes; ``flag`` names the option in the error."""
     units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
              "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
     t = text.strip().lower().replace(" ", "")
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
-    if unit not in units or not num:
-        raise ValueError(f"--gpu-memory: {text!r} is not a size like 80GiB, 80GB or 512MiB")
-    value = float(num) * units[unit]
-    if value <= 0:
-        raise ValueError(f"--gpu-memory: must be positive, got {text!r}")
+    try:
+        value = float(num) * units[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"{flag}: {text!r} is not a size like 80GiB, 80GB or 512MiB") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{flag}: must be a positive size, got {text!r}")
     return int(value)
 
 

@@ -103,6 +103,61 @@ class SafetensorsReader:
         self.close()
 
 
+class SafetensorsWriter:
+    """Write a .safetensors file a piece at a time, the inverse of :class:`SafetensorsReader`.
+
+    Every tensor's name, dtype and shape are given up front, so the header (written first, padded
+    to 8 bytes as the safetensors library pads it) holds the offsets before any data exists; each
+    tensor's bytes then follow in that order, in as many pieces as the caller likes. Nothing but
+    the piece being written need be resident (``merge`` writes a 70B model's shards this way).
+    """
+
+    def __init__(self, path: Path, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None) -> None:
+        names = {dtype: name for name, dtype in _ST_DTYPES.items()}
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        self._sizes: list[tuple[str, int]] = []
+        offset = 0
+        for name, dtype, shape in tensors:
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._sizes.append((name, size))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path = Path(path)
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, name: str, pieces) -> None:
+        """Write tensor ``name`` (the next one the header lists) from ``pieces``: tensors whose
+        bytes, in row-major order one after the other, make up its stored value."""
+        if not self._sizes or self._sizes[0][0] != name:
+            raise ValueError(f"{self.path}: {name} written out of the header's order")
+        _, size = self._sizes.pop(0)
+        done = 0
+        for piece in pieces:
+            data = piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._f.write(memoryview(data))
+            done += data.nbytes
+        if done != size:
+            raise ValueError(f"{self.path}: {name} has {done} bytes, its header says {size}")
+
+    def close(self) -> None:
+        self._f.close()
+        if self._sizes:
+            raise ValueError(f"{self.path}: {len(self._sizes)} tensors never written ({self._sizes[0][0]}, ...)")
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
+
+
 @dataclass
 class TensorSource:
     """One stored tensor as the model sees it (GPT-2's Conv1D weights transposed to (out, in)),

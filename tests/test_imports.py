@@ -26,7 +26,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
 ORDER = ["errors", "records", "store", "datafiles", "runtime_env", "hub", "tracking", "specid", "spec", "specdoc", "plan", "jobs",
          "registry", "device", "quant", "lora", "base", "weights", "model", "counting", "sources", "chat", "data", "datareport",
          "epochs", "validate", "plot", "adapter", "checkpoint", "engine", "earlystop", "progress", "train", "worker", "launch",
-         "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "evaldata", "multilora", "decode", "served", "serving", "servestart", "usecmds", "cli"]
+         "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "evaldata", "merge", "multilora",
+         "decode", "served", "serving", "servestart", "usecmds", "cli"]
 
 
 def _imports(path: Path) -> dict[str, set[str]]:
