@@ -391,11 +391,12 @@ def parse_bytes(text: str) -> int:
     t = text.strip().lower().replace(" ", "")
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
-    if unit not in units or not num:
-        raise ValueError(f"--gpu-memory: {text!r} is not a size like 80GiB, 80GB or 512MiB")
-    value = float(num) * units[unit]
-    if value <= 0:
-        raise ValueError(f"--gpu-memory: must be positive, got {text!r}")
+    try:
+        value = float(num) * units[unit]
+    except (KeyError, ValueError):  # "", "1.2.3", "80XB"
+        raise ValueError(f"--gpu-memory: {text!r} is not a size like 80GiB, 80GB or 512MiB") from None
+    if not 0 < value < float("inf"):  # 1e400 is inf, which int() refuses with a traceback
+        raise ValueError(f"--gpu-memory: must be positive and finite, got {text!r}")
     return int(value)
 
 
