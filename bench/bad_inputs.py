@@ -49,12 +49,14 @@ DATA_FILES["deep.jsonl"] = GOOD_ROW + DEEP + "\n"
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
 SHIFTED = b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [-1000000, -999992]}}'
+ONE = b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+WEIGHTS = {"model.safetensors": struct.pack("<Q", len(ONE)) + ONE + bytes(8)}  # valid, matching nothing
 MODEL_DIRS = {
-    "layers": {"config.json": json.dumps({**TINY, "num_hidden_layers": 20000})},
-    "wide": {"config.json": json.dumps({**TINY, "hidden_size": 1 << 20, "intermediate_size": 1 << 22})},
-    "heads0": {"config.json": json.dumps({**TINY, "num_attention_heads": 0})},
-    "h15": {"config.json": json.dumps({**TINY, "hidden_size": 15, "num_attention_heads": 2})},
-    "vocab": {"config.json": json.dumps({**TINY, "vocab_size": -5})},
+    "layers": {"config.json": json.dumps({**TINY, "num_hidden_layers": 20000}), **WEIGHTS},
+    "wide": {"config.json": json.dumps({**TINY, "hidden_size": 1 << 20, "intermediate_size": 1 << 22}), **WEIGHTS},
+    "heads0": {"config.json": json.dumps({**TINY, "num_attention_heads": 0}), **WEIGHTS},
+    "h15": {"config.json": json.dumps({**TINY, "hidden_size": 15, "num_attention_heads": 2}), **WEIGHTS},
+    "vocab": {"config.json": json.dumps({**TINY, "vocab_size": -5}), **WEIGHTS},
     "deepconfig": {"config.json": '{"model_type": "llama", "x": %s}' % DEEP},
     "deepindex": {"config.json": json.dumps(TINY), "model.safetensors.index.json": '{"weight_map": %s}' % DEEP},
     "deepheader": {"config.json": json.dumps(TINY), "model.safetensors": struct.pack("<Q", 6000) + DEEP.encode()},
