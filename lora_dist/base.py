@@ -104,7 +104,6 @@ INDEX_FILE, SINGLE_FILE = hub.WEIGHTS_INDEX, hub.SINGLE_WEIGHTS
 PICKLE_SUFFIXES = hub.PICKLE_SUFFIXES
 # Config keys by which the architectures transformers ships declare a mixture of experts.
 MAX_CONFIG_BYTES = 4 << 20  # a config.json is a few kB; a label map or two may add some
-MAX_INDEX_BYTES = 64 << 20  # an index names each tensor once: Llama 3.1 405B's is under 100 kB
 MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "moe_intermediate_size")
 SUPPORTED = ("dense decoder-only causal LMs that transformers ships (Llama, Mistral, Qwen2, GPT-2, OPT, "
              "GPT-NeoX, ...), as config.json + model.safetensors or sharded safetensors with "
@@ -214,7 +213,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = safejson.read(index, MAX_INDEX_BYTES)["weight_map"]
+            weight_map = safejson.read(index, hub.MAX_INDEX_BYTES)["weight_map"]
             names = sorted(set(weight_map.values()))
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError("weight_map names no files")

@@ -232,6 +232,15 @@ def test_deep_json_in_config_index_and_header_is_exit_2(model_dir, tmp_path, cap
     assert code == 2 and "model.safetensors: not a safetensors file (nested deeper than 64 levels)" in _one_message(err)
 
 
+def test_a_deep_hub_index_is_read_like_a_malformed_one(tmp_path):
+    """Which weight files to download, from a snapshot's index: a deep index was a RecursionError
+    there; now it is malformed like any other (base.weight_files then names it, exit 2)."""
+    from lora_dist.hub import SINGLE_WEIGHTS, WEIGHTS_INDEX, _weight_names
+
+    (tmp_path / WEIGHTS_INDEX).write_text('{"weight_map": %s}' % DEEP)
+    assert _weight_names(tmp_path) == [SINGLE_WEIGHTS]
+
+
 def test_a_deep_jsonl_line_is_named_by_its_line(tmp_path, capsys):
     data = tmp_path / "rows.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n' + DEEP + "\n")
