@@ -102,8 +102,8 @@ def _find_smollm2_gguf() -> Path:
 
 INDEX_FILE, SINGLE_FILE = hub.WEIGHTS_INDEX, hub.SINGLE_WEIGHTS
 PICKLE_SUFFIXES = hub.PICKLE_SUFFIXES
-# Config keys by which the architectures transformers ships declare a mixture of experts.
 MAX_CONFIG_BYTES = 4 << 20  # a config.json is a few kB; a label map or two may add some
+# Config keys by which the architectures transformers ships declare a mixture of experts.
 MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "moe_intermediate_size")
 SUPPORTED = ("dense decoder-only causal LMs that transformers ships (Llama, Mistral, Qwen2, GPT-2, OPT, "
              "GPT-NeoX, ...), as config.json + model.safetensors or sharded safetensors with "
