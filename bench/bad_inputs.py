@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +39,47 @@ DATA_FILES = {
     "one-prompt.jsonl": GOOD_ROW * 3,
     "alpaca.jsonl": '{"instruction": "Add.", "input": "1 and 1"}\n',
 }
+
+
+DEEP = "[" * 3000 + "]" * 3000  # 6 KB nested 3,000 deep: Python's parsers recurse
+DATA_FILES["deep.jsonl"] = GOOD_ROW + DEEP + "\n"
+
+# Model directories (written under models/ where the cases run): a config.json, or a valid one with
+# a bad weight index or safetensors header.
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
+SHIFTED = b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [-1000000, -999992]}}'
+ONE = b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+WEIGHTS = {"model.safetensors": struct.pack("<Q", len(ONE)) + ONE + bytes(8)}  # valid, matching nothing
+MODEL_DIRS = {
+    "layers": {"config.json": json.dumps({**TINY, "num_hidden_layers": 20000}), **WEIGHTS},
+    "wide": {"config.json": json.dumps({**TINY, "hidden_size": 1 << 20, "intermediate_size": 1 << 22}), **WEIGHTS},
+    "heads0": {"config.json": json.dumps({**TINY, "num_attention_heads": 0}), **WEIGHTS},
+    "h15": {"config.json": json.dumps({**TINY, "hidden_size": 15, "num_attention_heads": 2}), **WEIGHTS},
+    "vocab": {"config.json": json.dumps({**TINY, "vocab_size": -5}), **WEIGHTS},
+    "deepconfig": {"config.json": '{"model_type": "llama", "x": %s}' % DEEP},
+    "deepindex": {"config.json": json.dumps(TINY), "model.safetensors.index.json": '{"weight_map": %s}' % DEEP},
+    "deepheader": {"config.json": json.dumps(TINY), "model.safetensors": struct.pack("<Q", 6000) + DEEP.encode()},
+    "shifted": {"config.json": json.dumps(TINY), "model.safetensors": struct.pack("<Q", len(SHIFTED)) + SHIFTED + bytes(8)},
+    "bigheader": {"config.json": json.dumps(TINY), "model.safetensors": (200 << 20, b"{")},  # sparse
+}
+
+
+def write_models(root: Path) -> None:
+    for name, files in MODEL_DIRS.items():
+        d = root / "models" / name
+        d.mkdir(parents=True)
+        for fname, content in files.items():
+            if isinstance(content, tuple):  # (declared header length, first bytes): a sparse file
+                with open(d / fname, "wb") as f:
+                    f.write(struct.pack("<Q", content[0]) + content[1])
+                    f.truncate(8 + content[0])
+            else:
+                (d / fname).write_bytes(content if isinstance(content, bytes) else content.encode())
+
+
+def model_job(name: str) -> str:
+    return f"name: ok\nmodel: {{base: models/{name}}}\ndata: {{path: {DATA}}}\n"
 
 
 def jsonl_job(path: str, extra: str = "") -> str:
@@ -128,6 +171,26 @@ CASES = [
     ("unknown quantization", GOOD + "model: {quantization: int4}\n", [], "model.quantization: must be"),
     ("unknown ZeRO stage", GOOD, ["cluster.zero_stage=4"], "cluster.zero_stage: must be 'auto', 1, 2 or 3"),
     ("a long hostile value is cut short", GOOD + "lora: {r: '" + "9" * 100000 + "'}\n", [], "lora.r: "),
+    ("YAML nested 3,000 deep", GOOD + "lora: {targets: " + DEEP + "}\n", [], "the spec nests deeper than 32 levels"),
+    ("--set value nested 3,000 deep", GOOD, ["lora.targets=" + DEEP], "--set lora.targets: the value nests deeper"),
+    ("JSONL line nested 3,000 deep", jsonl_job("deep.jsonl"), [], "data.path: deep.jsonl line 2: nested deeper than 64"),
+    ("config.json with 20,000 layers", model_job("layers"), [],
+     "models/layers/config.json: num_hidden_layers is 20000; expected an integer from 1 to 1,024"),
+    ("config.json 2^20 wide", model_job("wide"), [], "models/wide/config.json: hidden_size is 1048576"),
+    ("config.json with 0 heads", model_job("heads0"), [], "models/heads0/config.json: num_attention_heads is 0"),
+    ("config.json width 15, 2 heads", model_job("h15"), [],
+     "models/h15/config.json: hidden_size 15 is not a multiple of num_attention_heads 2"),
+    ("config.json vocab_size -5", model_job("vocab"), [], "models/vocab/config.json: vocab_size is -5"),
+    ("config.json nested 3,000 deep", model_job("deepconfig"), [],
+     "models/deepconfig/config.json is not valid JSON (nested deeper than 64 levels)"),
+    ("weight index nested 3,000 deep", model_job("deepindex"), [],
+     "models/deepindex/model.safetensors.index.json is not a safetensors index (nested deeper than 64"),
+    ("safetensors header nested 3,000 deep", model_job("deepheader"), [],
+     "models/deepheader/model.safetensors: not a safetensors file (nested deeper than 64"),
+    ("safetensors offsets shifted by -10^6", model_job("shifted"), [],
+     "tensor x: data_offsets [-1000000, -999992] outside the file's 8 data bytes"),
+    ("safetensors header of 200 MB (sparse file)", model_job("bigheader"), [],
+     "its header length is 209,715,200 bytes; safetensors allows at most 100,000,000"),
 ]
 
 
@@ -150,6 +213,7 @@ def main() -> int:
         os.chdir(tmp)
         for name, text in DATA_FILES.items():
             Path(tmp, name).write_text(text)
+        write_models(Path(tmp))
         for name, text, overrides, expected in CASES:
             code, message = run_case(text, overrides, Path(tmp))
             ok = code == 2 and expected in message and len(message) <= MAX_MESSAGE

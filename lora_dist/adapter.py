@@ -373,7 +373,11 @@ def load_adapted(artifact: Path, quantization: str | None = None,
         if got != base.fingerprint:
             raise ArtifactError(f"{artifact}: trained on base {ref!r} with fingerprint {base.fingerprint}, but "
                                 f"that base now has fingerprint {got}: the adapter does not belong to these weights")
-    lora = LoraSpec.model_validate(manifest.spec["lora"])
+    try:
+        lora = LoraSpec.model_validate(manifest.spec.get("lora"))
+    except ValueError as e:  # pydantic's ValidationError: a manifest another tool wrote, or edited
+        raise ArtifactError(f"{artifact}: its manifest's spec.lora is not a LoRA section "
+                            f"({str(e).splitlines()[-1].strip()[:200]})") from None
     check_fits(ref, lora, quantization or manifest.quantization)
     loaded = load_model(ref, lora, quantization or manifest.quantization)
     load_into(loaded.model, read_lora_tensors(artifact))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from lora_dist import hub
+from lora_dist import hub, safejson
 from lora_dist.errors import ModelError
 from lora_dist.spec import SHAPES
 from lora_dist.store import atomic_dir, atomic_file, cache_root, sha256_file
@@ -102,6 +102,7 @@ def _find_smollm2_gguf() -> Path:
 
 INDEX_FILE, SINGLE_FILE = hub.WEIGHTS_INDEX, hub.SINGLE_WEIGHTS
 PICKLE_SUFFIXES = hub.PICKLE_SUFFIXES
+MAX_CONFIG_BYTES = 4 << 20  # a config.json is a few kB; a label map or two may add some
 # Config keys by which the architectures transformers ships declare a mixture of experts.
 MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "moe_intermediate_size")
 SUPPORTED = ("dense decoder-only causal LMs that transformers ships (Llama, Mistral, Qwen2, GPT-2, OPT, "
@@ -132,7 +133,7 @@ def check_config(path: Path) -> None:
         ModelError: naming what is unsupported and what is supported.
     """
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = safejson.read(path / "config.json", MAX_CONFIG_BYTES)
     except (OSError, ValueError) as e:
         raise ModelError(f"model.base: {path / 'config.json'} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
@@ -151,6 +152,53 @@ def check_config(path: Path) -> None:
     if moe:
         raise ModelError(f"model.base: {path} is a mixture-of-experts model ({model_type}: {', '.join(moe)}); "
                          f"int8 quantization and LoRA here take 2-D linear layers only. Supported: {SUPPORTED}")
+    check_dimensions(config, str(path / "config.json"))
+
+
+# What a config may declare: far above every dense model published (GPT-3 175B: hidden 12288, 96
+# layers; Llama 3.1 405B: hidden 16384, d_ff 53248, 126 layers, 128 heads; vocabularies to 256k).
+# Beyond them a model would not be trained here, and the planner's meta model would only grow.
+DIMENSION_LIMITS = {"num_hidden_layers": 1024, "hidden_size": 65536, "intermediate_size": 262144,
+                    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 16384,
+                    "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24}
+# the same sizes under other architectures' names (GPT-2's n_inner, OPT's ffn_dim, T5-style d_ff)
+_DIMENSION_ALIASES = {"intermediate_size": ("n_inner", "ffn_dim", "d_ff")}
+
+
+def check_dimensions(config: dict, where: str) -> None:
+    """Refuse a config whose sizes are not positive integers within :data:`DIMENSION_LIMITS`, or
+    whose heads do not divide its width: the model built from it would fail with a traceback, or
+    (20,000 layers, a 2^20 width) keep the planner building it for minutes.
+
+    ``config``: config.json as read, or an architecture mapping; each size is looked up under the
+    name its architecture uses (``n_embd`` for GPT-2's ``hidden_size``, the config class's
+    ``attribute_map``).
+
+    Raises:
+        ModelError: naming ``where``, the field, its value and the limits.
+    """
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    aliases = CONFIG_MAPPING[model_type].attribute_map if model_type in CONFIG_MAPPING else {}
+    limits = ", ".join(f"{k} 1..{v:,}" for k, v in DIMENSION_LIMITS.items())
+    sizes = {}
+    for name, limit in DIMENSION_LIMITS.items():
+        for key in (name, aliases.get(name, name), *_DIMENSION_ALIASES.get(name, ())):
+            value = config.get(key)
+            if value is None:
+                continue
+            if type(value) is not int or not 1 <= value <= limit:
+                raise ModelError(f"model.base: {where}: {key} is {value!r}; expected an integer from 1 to "
+                                 f"{limit:,} (limits: {limits})")
+            sizes[name] = value
+    hidden, heads, kv = (sizes.get(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if heads and hidden and "head_dim" not in sizes and hidden % heads:
+        raise ModelError(f"model.base: {where}: hidden_size {hidden} is not a multiple of num_attention_heads "
+                         f"{heads} (and no head_dim is given)")
+    if heads and kv and heads % kv:
+        raise ModelError(f"model.base: {where}: num_attention_heads {heads} is not a multiple of "
+                         f"num_key_value_heads {kv}")
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -165,7 +213,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = safejson.read(index, hub.MAX_INDEX_BYTES)["weight_map"]
             names = sorted(set(weight_map.values()))
             if not names or not all(isinstance(n, str) for n in names):
                 raise ValueError("weight_map names no files")
@@ -291,13 +339,26 @@ def base_config(base):
     if isinstance(base, str) and base in SHAPES:
         base = SHAPES[base]
     if isinstance(base, dict):
+        check_dimensions(base, "the architecture")
         cfg = dict(base)
-        return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        return _config(lambda: AutoConfig.for_model(cfg.pop("model_type"), **cfg), "the architecture")
     if hub.split_ref(base):
         path = hub.config_dir(base)
         check_config(path)
-        return AutoConfig.from_pretrained(path)
-    return AutoConfig.from_pretrained(resolve_base(base))
+    else:
+        path = resolve_base(base)  # check_config too
+    return _config(lambda: AutoConfig.from_pretrained(path), str(path / "config.json"))
+
+
+def _config(build: Callable, where: str):
+    """``build()``'s config, or what transformers refused in it (its validators raise their own
+    error types: a dimension check, a zero division) as a ModelError naming ``where``."""
+    try:
+        return build()
+    except Exception as e:  # noqa: BLE001 - any error from the config class is the config's fault
+        first = str(e).strip().splitlines()
+        raise ModelError(f"model.base: {where}: transformers refuses this config ({type(e).__name__}: "
+                         f"{' '.join(s.strip() for s in first[:3])[:300]})") from None
 
 
 def model_type(base: str) -> str:

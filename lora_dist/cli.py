@@ -35,6 +35,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_spec(args.job, args.set)
     try:
         memory = parse_bytes(args.gpu_memory)
+        if args.gpus is not None and args.gpus < 1:
+            raise ValueError(f"--gpus: must be at least 1, got {args.gpus}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

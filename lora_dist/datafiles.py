@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import unquote, urlparse
 
+from lora_dist import safejson
 from lora_dist.store import is_uri, sha256_file
 
 FORMATS = ("jsonl", "json", "csv", "parquet")
@@ -181,10 +182,12 @@ class DataFile:
     def _open(self):
         local = local_path(self.location)
         try:
+            # utf-8-sig: a file saved with a byte-order mark (Excel's "CSV UTF-8") has its first
+            # column named "mr", not "\ufeffmr"; files without one read as plain UTF-8
             if local is not None:
-                return open(local, encoding="utf-8", newline="")
+                return open(local, encoding="utf-8-sig", newline="")
             fs, path = self._fs()
-            return io.TextIOWrapper(fs.open(path, "rb"), encoding="utf-8", newline="")
+            return io.TextIOWrapper(fs.open(path, "rb"), encoding="utf-8-sig", newline="")
         except OSError as e:
             raise DataError(f"{self.field}: cannot read {self.location}: {e}") from None
 
@@ -195,9 +198,11 @@ class DataFile:
                     if not line.strip():
                         continue
                     try:
-                        obj = json.loads(line)
+                        obj = safejson.loads(line)
                     except json.JSONDecodeError as e:
                         raise DataError(f"{self.field}: {self.location} line {n}: not JSON ({e.msg})") from None
+                    except ValueError as e:  # nested too deep
+                        raise DataError(f"{self.field}: {self.location} line {n}: {e}") from None
                     yield n, obj
         except (OSError, UnicodeDecodeError) as e:
             raise DataError(f"{self.field}: cannot read {self.location}: {e}") from None

@@ -39,7 +39,7 @@ from lora_dist.train import evaluate
 def is_e2e_csv(path: Path) -> bool:
     """Whether ``path`` is an E2E csv (a header with ``mr`` and ``ref``): eval generates and scores it."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return False

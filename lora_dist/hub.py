@@ -20,13 +20,13 @@ without it.
 from __future__ import annotations
 
 import fcntl
-import json
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from lora_dist import safejson
 from lora_dist.errors import ModelError
 
 DEFAULT_REVISION = "main"
@@ -42,6 +42,7 @@ ALLOW_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "to
                   "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
                   "merges.txt", "chat_template.jinja", "chat_template.json"]
 WEIGHTS_INDEX, SINGLE_WEIGHTS = "model.safetensors.index.json", "model.safetensors"  # base.weight_files reads these
+MAX_INDEX_BYTES = 64 << 20  # an index names each tensor once: Llama 3.1 405B's is under 100 kB
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -170,7 +171,7 @@ def _weight_names(path: Path) -> list[str]:
     """The weight files to download: those the snapshot's index lists (plain ``.safetensors``
     names; base.weight_files checks the index itself), else ``model.safetensors``."""
     try:
-        names = set(json.loads((path / WEIGHTS_INDEX).read_text())["weight_map"].values())
+        names = set(safejson.read(path / WEIGHTS_INDEX, MAX_INDEX_BYTES)["weight_map"].values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return [SINGLE_WEIGHTS]
     return sorted(n for n in names if isinstance(n, str) and n.endswith(".safetensors") and "/" not in n

@@ -45,6 +45,14 @@ def row_blocks(rows: int, cols: int, block_elements: int = DEQUANT_BLOCK_ELEMENT
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
+def matmul_blocks(weight: torch.Tensor) -> list[tuple[int, int]]:
+    """The row blocks the int8 matmul dequantizes ``weight`` in: one for a meta weight, whose
+    "float copy" allocates nothing (the planner's forward then costs the same at any width; in
+    blocks, a 2^22 x 2^20 projection would be 65,536 of them)."""
+    rows, cols = weight.shape
+    return [(0, rows)] if weight.is_meta else row_blocks(rows, cols)
+
+
 def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a float matrix row by row (absmax) to int8, from the dtype it is stored in.
 
@@ -108,9 +116,7 @@ class Int8Matmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight, ctx.absmax = weight, absmax
-        rows, cols = weight.shape
-        blocks = row_blocks(rows, cols)
-        parts = [x @ dequantize_rowwise(weight[r0:r1], absmax[r0:r1], x.dtype).t() for r0, r1 in blocks]
+        parts = [x @ dequantize_rowwise(weight[r0:r1], absmax[r0:r1], x.dtype).t() for r0, r1 in matmul_blocks(weight)]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -119,10 +125,9 @@ class Int8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         weight, absmax = ctx.weight, ctx.absmax
-        rows, cols = weight.shape
         grad_x = None
         if ctx.needs_input_grad[0]:
-            for r0, r1 in row_blocks(rows, cols):
+            for r0, r1 in matmul_blocks(weight):
                 part = grad_y[..., r0:r1] @ dequantize_rowwise(weight[r0:r1], absmax[r0:r1], grad_y.dtype)
                 grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None, None, None

@@ -20,6 +20,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, \
     ValidationInfo, field_validator, model_validator
 
+from lora_dist import safeyaml
 from lora_dist.datafiles import location_problem
 from lora_dist.hub import DEFAULT_REVISION, is_hub_id, revision_problem
 from lora_dist.runtime_env import runtime_env_problems
@@ -41,7 +42,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 LINEAR_TARGET_ALL = "all-linear"
 MAX_SPEC_BYTES = 1 << 20  # a job spec is a few hundred bytes
-MAX_SPEC_NODES = 10_000  # YAML nodes after expanding aliases: bounds an alias bomb
+MAX_SPEC_NODES, MAX_SPEC_DEPTH = safeyaml.MAX_NODES, safeyaml.MAX_DEPTH  # YAML nodes (aliases expanded), nesting
 SOURCE_COLUMNS = {"e2e": ("mr", "ref"), "jsonl": ("prompt", "completion"), "chat": ("messages",),
                   "alpaca": ("instruction", "input", "output"), "text": ("text",)}
 
@@ -396,7 +397,9 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
     if p.stat().st_size > MAX_SPEC_BYTES:
         raise SpecError([f"the spec is {p.stat().st_size:,} bytes; a job spec is at most {MAX_SPEC_BYTES:,}"], str(p))
     try:
-        raw = _safe_load_bounded(p.read_text(encoding="utf-8"))
+        raw = safeyaml.load(p.read_text(encoding="utf-8"))
+    except safeyaml.TooLarge as e:
+        raise SpecError([f"the spec {e}"], str(p)) from None
     except yaml.constructor.ConstructorError as e:
         raise SpecError([f"YAML tags are not allowed (safe YAML only): {e.problem} at line "
                          f"{e.problem_mark.line + 1 if e.problem_mark else '?'}"], str(p)) from None
@@ -410,31 +413,6 @@ def load_spec(path: str | os.PathLike, overrides: list[str] | None = None) -> Jo
     return spec_from_dict(raw, source=str(p))
 
 
-def _safe_load_bounded(text: str) -> Any:
-    """``yaml.safe_load`` that refuses a document of more than :data:`MAX_SPEC_NODES` nodes,
-    aliases counted as often as they are used (a 352-byte alias bomb expands to millions)."""
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            return None
-        count, stack = 0, [root]
-        while stack:
-            node = stack.pop()
-            count += 1
-            if count > MAX_SPEC_NODES:
-                raise SpecError([f"the spec expands to more than {MAX_SPEC_NODES:,} YAML nodes (aliases "
-                                 f"counted where used): refused"])
-            if isinstance(node, yaml.SequenceNode):
-                stack.extend(node.value)
-            elif isinstance(node, yaml.MappingNode):
-                for k, v in node.value:
-                    stack.extend((k, v))
-        return loader.construct_document(root)
-    finally:
-        loader.dispose()
-
-
 def apply_overrides(raw: Mapping[str, Any], overrides: list[str], source: str | None = None) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``dotted.key=value`` applied (value parsed as YAML)."""
     out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
@@ -446,7 +424,10 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str], source: str | 
             problems.append(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=5")
             continue
         try:
-            parsed = yaml.safe_load(value) if value.strip() else None
+            parsed = safeyaml.load(value) if value.strip() else None
+        except safeyaml.TooLarge as e:
+            problems.append(f"--set {key}: the value {e}")
+            continue
         except yaml.YAMLError:
             problems.append(f"--set {key}: value {value!r} is not valid YAML")
             continue

@@ -18,7 +18,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from lora_dist.spec import MAX_SPEC_BYTES, MAX_SPEC_NODES, JobSpec
+from lora_dist.spec import MAX_SPEC_BYTES, MAX_SPEC_DEPTH, MAX_SPEC_NODES, JobSpec
 from lora_dist.specid import RESUMABLE_CHANGES
 
 _HEADER = f"""\
@@ -30,7 +30,8 @@ field descriptions there, then regenerate (tests/test_docs.py fails while they d
 A job is one YAML file. Every key is validated by the pydantic models in `lora_dist/spec.py`;
 unknown keys are refused, and all problems are reported at once, each naming its field
 (`lora.r: must be from 1 to 4096, got 0`). A spec is at most {MAX_SPEC_BYTES:,} bytes and
-{MAX_SPEC_NODES:,} YAML nodes with aliases expanded; only safe YAML (no tags) is read.
+{MAX_SPEC_NODES:,} YAML nodes with aliases expanded, nested at most {MAX_SPEC_DEPTH} deep; only safe YAML
+(no tags) is read.
 
 `--set section.field=value` (or `overrides={{"section.field": value}}` in the Python SDK) changes
 a key before validation, so an override is checked exactly like the file; values are parsed as

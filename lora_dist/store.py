@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from lora_dist import safejson
 from lora_dist.errors import ArtifactError, JobError
 from lora_dist.records import ADAPTER_FORMAT as FORMAT
 from lora_dist.records import Manifest
@@ -248,6 +249,9 @@ def read_manifest(artifact: Path) -> Manifest:
     return Manifest.from_json(_read_manifest_json(Path(artifact)), str(Path(artifact) / MANIFEST_FILE))
 
 
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few files and the spec: a few kB
+
+
 def parse_manifest(text: str, where: str) -> Manifest:
     """A manifest from its JSON text (read from a path or URI); ``where`` names it in errors.
 
@@ -263,14 +267,16 @@ def _read_manifest_json(artifact: Path) -> dict[str, Any]:
         raise ArtifactError(f"{artifact}: not a directory")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing: not a complete lora-dist artifact")
-    return _manifest_json(path.read_text(), str(path))
+    return _manifest_json(path, str(path))
 
 
-def _manifest_json(text: str, where: str) -> dict[str, Any]:
-    """The manifest's JSON object as written (its signature is over exactly this)."""
+def _manifest_json(source: str | Path, where: str) -> dict[str, Any]:
+    """The manifest's JSON object as written (its signature is over exactly this), from its text
+    or its file (bounded in size and nesting: safejson)."""
     try:
-        manifest = json.loads(text)
-    except ValueError as e:
+        manifest = safejson.read(source, MAX_MANIFEST_BYTES) if isinstance(source, Path) else \
+            safejson.loads(source, MAX_MANIFEST_BYTES)
+    except (OSError, ValueError) as e:  # a file not UTF-8 included
         raise ArtifactError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
             not isinstance(manifest.get("files"), dict):

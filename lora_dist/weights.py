@@ -9,7 +9,6 @@ only its rank's partition.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -20,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lora_dist import safejson
 from lora_dist.base import weight_files
 from lora_dist.errors import ModelError
 from lora_dist.lora import LoRALinear, is_lora_param
@@ -28,6 +28,36 @@ from lora_dist.quant import Int8Linear, quantize_rowwise, row_blocks
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap (MAX_HEADER_SIZE)
+
+
+def _check_layout(header: dict, data_len: int) -> None:
+    """Every tensor's ``data_offsets`` inside the file's ``data_len`` data bytes, as long as its
+    dtype and shape say, and no two overlapping: a read never leaves the file nor takes another
+    tensor's bytes, so a header that lies is refused when it is read (before submit), not mid-load.
+
+    Raises:
+        ValueError, KeyError, TypeError: naming the tensor and the field.
+    """
+    spans = []
+    for key, info in header.items():
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {key} has unsupported dtype {dtype}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {key}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+            raise ValueError(f"tensor {key}: data_offsets {offsets!r} is not [start, end]")
+        start, end = offsets
+        if not 0 <= start <= end <= data_len:
+            raise ValueError(f"tensor {key}: data_offsets {offsets} outside the file's {data_len:,} data bytes")
+        if end - start != math.prod(shape) * _ST_DTYPES[dtype].itemsize:
+            raise ValueError(f"tensor {key}: {end - start} bytes for shape {shape} in {dtype}")
+        spans.append((start, end, key))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"tensors {first} and {second} overlap (data_offsets)")
 
 
 class SafetensorsReader:
@@ -44,19 +74,17 @@ class SafetensorsReader:
         self._fd = os.open(self.path, os.O_RDONLY)
         self.bytes_read = 0
         try:
-            head = os.pread(self._fd, 8, 0)
-            (n,) = struct.unpack("<Q", head)
-            if n > os.fstat(self._fd).st_size:
+            size = os.fstat(self._fd).st_size
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            if n > MAX_HEADER_BYTES:  # refused before a byte of it is read
+                raise ValueError(f"its header length is {n:,} bytes; safetensors allows at most {MAX_HEADER_BYTES:,}")
+            if 8 + n > size:
                 raise ValueError(f"header length {n} exceeds the file")
-            header = json.loads(os.pread(self._fd, n, 8))
+            header = safejson.loads(os.pread(self._fd, n, 8), MAX_HEADER_BYTES)
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
             header.pop("__metadata__", None)
-            for key, info in header.items():
-                start, end = info["data_offsets"]
-                numel = math.prod(info["shape"])
-                if info["dtype"] not in _ST_DTYPES:
-                    raise ValueError(f"tensor {key} has unsupported dtype {info['dtype']}")
-                if end - start != numel * _ST_DTYPES[info["dtype"]].itemsize:
-                    raise ValueError(f"tensor {key}: {end - start} bytes for shape {info['shape']}")
+            _check_layout(header, size - 8 - n)
         except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
             os.close(self._fd)
             raise ModelError(f"{self.path}: not a safetensors file ({e})") from None

@@ -3,7 +3,7 @@
 Stages, in order; a module may import only modules earlier in this list. Imports inside
 functions count as much as those at the top.
 
-    errors -> records -> store -> datafiles -> runtime_env -> hub -> tracking -> specid -> spec -> specdoc -> plan
+    errors -> safejson -> safeyaml -> records -> store -> datafiles -> runtime_env -> hub -> tracking -> specid -> spec -> specdoc -> plan
         -> jobs -> registry   no torch: the queries, the planner, the job client
     device (where and in which dtype a process computes)
     quant -> lora -> base -> weights -> model -> counting -> sources -> chat -> data -> datareport -> epochs
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
-ORDER = ["errors", "records", "store", "datafiles", "runtime_env", "hub", "tracking", "specid", "spec", "specdoc", "plan", "jobs",
+ORDER = ["errors", "safejson", "safeyaml", "records", "store", "datafiles", "runtime_env", "hub", "tracking", "specid", "spec", "specdoc", "plan", "jobs",
          "registry", "device", "quant", "lora", "base", "weights", "model", "counting", "sources", "chat", "data", "datareport",
          "epochs", "validate", "plot", "adapter", "checkpoint", "engine", "earlystop", "progress", "train", "worker", "launch",
          "jobrun", "embedded", "client", "generate", "metrics", "slots", "evaluate", "evaldata", "merge", "multilora",
