@@ -60,22 +60,27 @@ class EmbeddedJobs:
     def submit(self, spec: JobSpec, job_id: str, source: str | None = None) -> str:
         """Start ``spec`` as job ``job_id`` under this process and return its run name at once.
 
+        A spec that the job id's first submission does not bind (another output.dir or trained
+        field: ``jobs.check_binding``) starts nothing and leaves the record as it was; :meth:`wait`
+        raises its SpecError, as for any job refused before it ran.
+
         Raises:
             JobError: another process runs this job id now; its record cannot be read.
-            SpecError: the job id was first submitted with another output.dir or spec
-                (``jobs.check_binding``); nothing is started.
         """
         from lora_dist.launch import recorded_spec
 
         sid, spec = run_name(spec.name, job_id), spec.with_absolute_paths()
         lock = lock_job(sid)  # before anything is written or started; held until the job has ended
+        supervisor = _Supervisor(spec, job_id, sid, lock, self.attached)
         try:
             check_binding(sid, job_id, read_record(sid), spec, lambda: recorded_spec(spec, job_id))
+        except SpecError as e:
+            supervisor.refused(e)
         except BaseException:
             lock.close()
             raise
-        supervisor = _Supervisor(spec, job_id, sid, lock, self.attached)
-        supervisor.start_job()
+        else:
+            supervisor.start_job()
         self._supervisors[sid] = supervisor
         return sid
 
@@ -183,6 +188,13 @@ class _Supervisor(threading.Thread):
         self.error: BaseException | None = None  # raised by wait(): a refusal or bad input
         self.done, self._spawned = threading.Event(), threading.Event()
         self._log = registry_dir() / f"{sid}.log"
+
+    def refused(self, e: BaseException) -> None:
+        """End before anything started: ``e`` is what wait() raises."""
+        self.lock.close()
+        self.error = e
+        self.done.set()
+        self._spawned.set()
 
     def start_job(self) -> None:
         """Start the thread; return once the job's process exists (or raise why it does not)."""
