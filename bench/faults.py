@@ -4,6 +4,10 @@ its checkpoints.
 
     python bench/faults.py                 # every scenario (about 25 minutes on 2 cores)
     python bench/faults.py --only kill,tear
+    python bench/faults.py --only load     # 6 jobs at once to a 2-CPU head, 3 embedded, 8 fetches
+
+The embedded jobs get a registry of the run's own (``LORA_DIST_CACHE``, the model and the
+tokenization cache linked in from the usual one).
 
 Each row: what was done, the outcome, the state of the artifact and checkpoints, pass/fail.
 """
