@@ -4,6 +4,10 @@ its checkpoints.
 
     python bench/faults.py                 # every scenario (about 25 minutes on 2 cores)
     python bench/faults.py --only kill,tear
+    python bench/faults.py --only load     # 6 jobs at once to a 2-CPU head, 3 embedded, 8 fetches
+
+The embedded jobs get a registry of the run's own (``LORA_DIST_CACHE``, the model and the
+tokenization cache linked in from the usual one).
 
 Each row: what was done, the outcome, the state of the artifact and checkpoints, pass/fail.
 """
@@ -394,10 +398,155 @@ def same_seed_twice(out: Path) -> tuple[str, str, str, bool]:
             f"({len(a):,} bytes)", "two artifacts verify", a == b)
 
 
+# --- load: many jobs at once (issue 31 item 12) -----------------------------------------------------
+
+LOAD = ["cluster.workers=1", "cluster.zero_stage=auto", "train.max_steps=2", "train.micro_batch_size=2",
+        "data.max_length=48", "train.eval_batches=1", "train.log_every=1", "train.checkpoint_every=1",
+        f"data.path={DATA}"]
+
+
+def _at_once(argvs: list[list[str]], env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Each command line run by its own thread, all released by one barrier: the same moment."""
+    results: list = [None] * len(argvs)
+    barrier = threading.Barrier(len(argvs))
+
+    def one(i: int) -> None:
+        barrier.wait()
+        results[i] = cli(*argvs[i], env=env, timeout=3000)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(argvs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _own_job(out: Path, jid: str, seed: int, submitted: subprocess.CompletedProcess,
+             status: subprocess.CompletedProcess) -> str | None:
+    """None when job ``jid`` SUCCEEDED with an artifact that verifies against the digest status
+    reports, holds its own spec (its seed) and ran from step 1 (no other job's checkpoint); else what
+    is wrong."""
+    from lora_dist.errors import ArtifactError
+    from lora_dist.store import manifest_digest, verify_artifact
+
+    a = artifact(out, jid)
+    if submitted.returncode != 0:
+        return f"{jid}: submit exit {submitted.returncode}: {last_line(submitted.stderr, 'error')[:100]}"
+    if "SUCCEEDED" not in status.stdout or f"artifact {a}" not in status.stdout:
+        return f"{jid}: status says {status.stdout.strip()[:120]}"
+    reported = status.stdout.split("manifest ")[-1].split()[0] if "manifest " in status.stdout else None
+    try:
+        m = verify_artifact(a, reported)  # against the digest the job recorded, apart from the artifact
+    except ArtifactError as e:
+        return f"{jid}: {str(e)[:100]}"
+    if reported != manifest_digest(a):
+        return f"{jid}: status reports digest {reported}"
+    if (m.spec or {}).get("train", {}).get("seed") != seed or m.steps != 2 or m.resumed_from_step:
+        return f"{jid}: artifact holds seed {(m.spec or {}).get('train', {}).get('seed')}, steps {m.steps}, " \
+               f"resumed from {m.resumed_from_step}"
+    return None
+
+
+def _load_jobs(out: Path, prefix: str, n: int, address: list[str], env: dict | None) -> tuple[list[str], float]:
+    """``n`` jobs (seeds 1..n) submitted at one moment; what is wrong with each, and the wall time."""
+    jids = [f"{prefix}{i}" for i in range(n)]
+    t0 = time.time()
+    subs = _at_once([["submit", str(JOB), "--job-id", jid, f"--set=output.dir={out}", f"--set=train.seed={i + 1}",
+                      *[f"--set={o}" for o in LOAD], *address, *(["--wait"] if address else [])]
+                     for i, jid in enumerate(jids)], env)
+    wall = time.time() - t0
+    wrong = [_own_job(out, jid, i + 1, sub, cli("status", f"{NAME}-{jid}", *address, env=env))
+             for i, (jid, sub) in enumerate(zip(jids, subs))]
+    left = sorted(p.name for p in (out / ".checkpoints").iterdir()) if (out / ".checkpoints").is_dir() else []
+    if left:
+        wrong.append(f"checkpoints left behind: {left}")
+    return [w for w in wrong if w], wall
+
+
+def _start_load_head(tmp: Path, env: dict) -> str:
+    """A 2-CPU `ray start --head` (token auth on) under ``tmp``, on ports of its own; its address."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    def port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    dash = port()
+    ray = str(Path(sys.executable).parent / "ray")
+    started = subprocess.run([ray, "start", "--head", "--num-cpus=2", f"--port={port()}", f"--temp-dir={tmp / 'ray'}",
+                              "--disable-usage-stats", f"--ray-client-server-port={port()}",
+                              f"--dashboard-agent-listen-port={port()}", f"--dashboard-agent-grpc-port={port()}",
+                              f"--runtime-env-agent-port={port()}", f"--metrics-export-port={port()}",
+                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start failed: {started.stderr[-200:]}")
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            time.sleep(1)
+    return f"http://127.0.0.1:{dash}"
+
+
+def many_at_once(out: Path) -> tuple[str, str, str, bool]:
+    """6 jobs submitted at one moment to a 2-CPU head through the Jobs API (they queue), 3 at once on
+    the embedded default, then 8 concurrent fetches of one artifact to 8 directories."""
+    from lora_dist.store import verify_artifact
+
+    tmp = Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))  # Ray's unix sockets need a short path
+    api, emb = out / "load-api", out / "load-embedded"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["LORA_DIST_OUTPUT_ROOT"] = str(out)
+    try:
+        address = _start_load_head(tmp, env)
+        wrong_api, wall_api = _load_jobs(api, "api", 6, ["--address", address], env)
+        t0 = time.time()
+        fetches = _at_once([["fetch", f"{NAME}-api0", "--address", address, "--out", str(out / f"fetched-{i}")]
+                            for i in range(8)], env)
+        wall_fetch = time.time() - t0
+    finally:
+        _stop_head(tmp)
+    files = verify_artifact(artifact(api, "api0")).files
+    bad_fetch = [f"fetch {i}: exit {r.returncode}: {last_line(r.stderr, 'error')[:100]}"
+                 for i, r in enumerate(fetches) if r.returncode != 0]
+    bad_fetch += [f"fetched-{i} differs" for i, r in enumerate(fetches)
+                  if r.returncode == 0 and verify_artifact(out / f"fetched-{i}").files != files]
+    wrong_emb, wall_emb = _load_jobs(emb, "emb", 3, [], None)
+    wrong = wrong_api + bad_fetch + wrong_emb
+    return ("6 jobs at once to a 2-CPU head (Jobs API), 3 at once embedded, 8 concurrent fetches of one artifact",
+            f"Jobs API: {6 - len(wrong_api)}/6 own verified artifacts in {wall_api:.0f} s; fetches: "
+            f"{8 - len(bad_fetch)}/8 in {wall_fetch:.0f} s; embedded: {3 - len(wrong_emb)}/3 in {wall_emb:.0f} s"
+            + (f"; {'; '.join(wrong)[:400]}" if wrong else ""),
+            "each job: SUCCEEDED, its artifact verifies against the digest status reports, holds its own seed, "
+            "ran from step 1; no checkpoint left", not wrong)
+
+
 SCENARIOS = {"kill": kill_worker, "node": remove_node, "tear": tear_checkpoint, "stop": stop_resubmit,
              "duplicate": duplicate_submit, "collision": run_name_collision, "hostile": hostile_spec,
              "inject": runtime_env_injection, "token": no_token, "tamper": tampered_artifact,
-             "pickle": planted_pickle, "seed": same_seed_twice, "elastic": other_world_size}
+             "pickle": planted_pickle, "seed": same_seed_twice, "elastic": other_world_size, "load": many_at_once}
+
+
+def _own_registry(cache: Path) -> None:
+    """Run the embedded jobs with a registry of this run's own (the converted model and the
+    tokenization cache linked in): a job id is bound to the output.dir of its first submission, and
+    the scenarios' fixed job ids ("kill", "stop", ...) get a new output.dir each run."""
+    from lora_dist.store import cache_root
+
+    real = cache_root()
+    cache.mkdir(parents=True)
+    for name in ("models", "tokenized"):
+        if (real / name).is_dir():
+            (cache / name).symlink_to(real / name)
+    os.environ["LORA_DIST_CACHE"] = str(cache)
 
 
 def main() -> int:
@@ -408,6 +557,7 @@ def main() -> int:
     chosen = [s for s in args.only.split(",") if s] or list(SCENARIOS)
     out = Path(tempfile.mkdtemp(prefix="lora-dist-faults-")) / "runs"
     out.mkdir(parents=True)
+    _own_registry(out.parent / "cache")
     rows = []
     for name in chosen:
         t0 = time.time()

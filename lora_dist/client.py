@@ -180,8 +180,11 @@ class RayJobsAPI:
     def submit(self, spec: JobSpec, job_id: str, source: str | None = None) -> str:
         from lora_dist.validate import validate_job
 
+        from lora_dist.launch import recorded_spec
+
         validate_job(spec, "remote", source)  # a cluster may have several nodes; one machine does not
-        return submit_remote(spec.with_absolute_paths(), job_id, self.address)
+        spec = spec.with_absolute_paths()
+        return submit_remote(spec, job_id, self.address, lambda: recorded_spec(spec, job_id))
 
     def status(self, job_id: str) -> JobStatus:
         return status_remote(self.address, job_id)

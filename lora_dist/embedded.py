@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lora_dist.errors import ArtifactError, JobError, JobFailed, ModelError
-from lora_dist.jobs import TERMINAL, JobStatus, progress, quiet_libraries, until_ended
-from lora_dist.registry import lock_job, new_record, record, registry_dir, require_record, restore_record, \
-    stop_requested
+from lora_dist.jobs import TERMINAL, JobStatus, binding, check_binding, progress, quiet_libraries, until_ended
+from lora_dist.registry import lock_job, new_record, process_start, read_record, record, registry_dir, \
+    require_record, restore_record, same_process, stop_requested
 from lora_dist.spec import JobSpec, SpecError, spec_from_dict
 from lora_dist.store import run_name
 
@@ -60,20 +60,34 @@ class EmbeddedJobs:
     def submit(self, spec: JobSpec, job_id: str, source: str | None = None) -> str:
         """Start ``spec`` as job ``job_id`` under this process and return its run name at once.
 
+        A spec that the job id's first submission does not bind (another output.dir or trained
+        field: ``jobs.check_binding``) starts nothing and leaves the record as it was; :meth:`wait`
+        raises its SpecError, as for any job refused before it ran.
+
         Raises:
-            JobError: another process runs this job id now.
+            JobError: another process runs this job id now; its record cannot be read.
         """
-        sid = run_name(spec.name, job_id)
+        from lora_dist.launch import recorded_spec
+
+        sid, spec = run_name(spec.name, job_id), spec.with_absolute_paths()
         lock = lock_job(sid)  # before anything is written or started; held until the job has ended
-        supervisor = _Supervisor(spec.with_absolute_paths(), job_id, sid, lock, self.attached)
-        supervisor.start_job()
+        supervisor = _Supervisor(spec, job_id, sid, lock, self.attached)
+        try:
+            check_binding(sid, job_id, read_record(sid), spec, lambda: recorded_spec(spec, job_id))
+        except SpecError as e:
+            supervisor.refused(e)
+        except BaseException:
+            lock.close()
+            raise
+        else:
+            supervisor.start_job()
         self._supervisors[sid] = supervisor
         return sid
 
     def status(self, job_id: str) -> JobStatus:
         r = require_record(job_id)
         state = r.get("state", "PENDING")
-        if state in ("PENDING", "RUNNING") and not _alive(r.get("pid")):
+        if state in ("PENDING", "RUNNING") and not same_process(r.get("pid"), r.get("pid_started")):
             state = "FAILED"
             r["message"] = "the submitting process is gone"
         step, loss = progress(r.get("output_dir"), r.get("name"), r.get("job"), finished=state == "SUCCEEDED")
@@ -107,8 +121,8 @@ class EmbeddedJobs:
             return st.state
         driver = self._interrupt(job_id)
         st = until_ended(self.status, job_id, timeout)
-        if st.state not in TERMINAL and driver:
-            _signal(driver, signal.SIGKILL)  # its supervisor records it STOPPED
+        if st.state not in TERMINAL and driver and same_process(*driver):
+            _signal(driver[0], signal.SIGKILL)  # its supervisor records it STOPPED
             st = until_ended(self.status, job_id, 30)
         return st.state
 
@@ -149,13 +163,17 @@ class EmbeddedJobs:
             raise supervisor.error
         return self.status(job_id)
 
-    def _interrupt(self, job_id: str) -> int | None:
+    def _interrupt(self, job_id: str) -> tuple[int, float | None] | None:
         """Record the stop request, then SIGINT the job's process (Ray installs signal handlers of
-        its own and may turn the interrupt into another error: the record says what it was)."""
-        driver = require_record(job_id).get("driver_pid")
+        its own and may turn the interrupt into another error: the record says what it was). Only
+        the process recorded, pid and start time, is signalled: its pid may be another's by now.
+        Returns (its pid, its start time), or None when it is not running."""
+        r = require_record(job_id)
+        driver = (r.get("driver_pid"), r.get("driver_started"))
         record(job_id, stop_requested=True)
-        if driver:
-            _signal(driver, signal.SIGINT)
+        if not same_process(*driver):
+            return None
+        _signal(driver[0], signal.SIGINT)
         return driver
 
 
@@ -170,6 +188,13 @@ class _Supervisor(threading.Thread):
         self.error: BaseException | None = None  # raised by wait(): a refusal or bad input
         self.done, self._spawned = threading.Event(), threading.Event()
         self._log = registry_dir() / f"{sid}.log"
+
+    def refused(self, e: BaseException) -> None:
+        """End before anything started: ``e`` is what wait() raises."""
+        self.lock.close()
+        self.error = e
+        self.done.set()
+        self._spawned.set()
 
     def start_job(self) -> None:
         """Start the thread; return once the job's process exists (or raise why it does not)."""
@@ -223,9 +248,10 @@ class _Supervisor(threading.Thread):
             os.close(write)
             if out is not None:
                 out.close()
-        previous = new_record(self.sid, state="RUNNING", pid=os.getpid(), driver_pid=proc.pid, name=spec.name,
-                              job=self.job_id, output_dir=spec.output.dir, max_steps=spec.train.max_steps,
-                              log=str(self._log), started=time.time(), where="embedded")
+        previous = new_record(self.sid, state="RUNNING", pid=os.getpid(), pid_started=process_start(os.getpid()),
+                              driver_pid=proc.pid, driver_started=process_start(proc.pid), name=spec.name,
+                              job=self.job_id, max_steps=spec.train.max_steps, log=str(self._log),
+                              started=time.time(), where="embedded", **binding(spec))
         try:
             with proc.stdin:
                 proc.stdin.write(json.dumps({"spec": spec.to_dict(), "job_id": self.job_id, "sid": self.sid,
@@ -374,16 +400,6 @@ def _kill_all(procs: list) -> None:
         with contextlib.suppress(psutil.Error):
             p.kill()
     psutil.wait_procs(procs, timeout=10)
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -6,7 +6,11 @@ the constant :data:`ENTRYPOINT`; the spec travels as a JSON data file in the job
 ``working_dir``; only allow-listed ``runtime_env`` keys are passed through. A job (``<name>-<job
 id>``: its Ray Train run, checkpoints and artifact) may be submitted several times: the first
 submission is ``<name>-<job id>``, a resubmit ``<name>-<job id>.r2``, ``.r3``, ...; commands given
-either name act on the newest submission of that job. Transient cluster errors (5xx, connection
+either name act on the newest submission of that job. A job id is bound by its first submission:
+its spec digest (``specid.spec_digest``) and output.dir, recorded in that submission's metadata,
+are what every later submission must match (:func:`check_binding`), and where ``status`` and
+``fetch`` look; a submission that does not match them (made around ``lora-dist submit``) is no part
+of the job. Transient cluster errors (5xx, connection
 refused or reset, "No available agent") are retried for up to :data:`RETRY_BUDGET_S` seconds.
 
 Jobs on the embedded default (no address) are ``embedded.py``'s; ``client.py`` puts both behind one
@@ -28,11 +32,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from lora_dist.errors import ArtifactError, JobError
 from lora_dist.runtime_env import redacted, runtime_env_problems
-from lora_dist.spec import JobSpec
+from lora_dist.spec import JobSpec, SpecError
+from lora_dist.specid import bound_fields, spec_digest
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, artifact_location, join, parse_manifest, read_text, \
     run_name, work_dir
 
@@ -230,35 +235,116 @@ def _revision(j, key: tuple[str, str]) -> tuple[int, float]:
 
 
 def _submissions(jobs: list, key: tuple[str, str]) -> list:
-    """The submissions of one job (same spec name and job id), oldest first."""
+    """Every submission carrying one job's spec name and job id in its metadata, oldest first
+    (bound to the job or not: see :func:`job_submissions`)."""
     return sorted((j for j in jobs if _ours(j) == key), key=lambda j: _revision(j, key))
+
+
+def _first(jobs: list, key: tuple[str, str]):
+    """The job's first submission (id ``<name>-<job id>``; Ray never reuses an id), or None."""
+    return next((j for j in _submissions(jobs, key) if _revision(j, key)[0] == 1), None)
+
+
+def _bound_by(first, j) -> bool:
+    """True when submission ``j`` recorded the binding (output.dir, spec digest) of ``first``."""
+    f, m = first.metadata or {}, j.metadata or {}
+    return m.get("output_dir") == f.get("output_dir") and (not f.get("spec_digest") or
+                                                            m.get("spec_digest") == f.get("spec_digest"))
+
+
+def job_submissions(jobs: list, ref: str) -> list:
+    """The submissions of the job that ``ref`` names (its run name ``<name>-<job id>`` or any of its
+    submission ids), oldest first: its first submission, then each later one that recorded the
+    first's binding (every one ``lora-dist submit`` let through). [] when ``ref`` names no
+    lora-dist job, or the job's first submission is not in the cluster's job table.
+
+    A submission made around ``lora-dist submit`` with the job's name and id but another output.dir
+    or spec is no part of the job: ``status``, ``fetch``, ``logs`` and ``stop`` never follow it.
+
+    Args:
+        jobs: the cluster's submissions, as ``JobSubmissionClient.list_jobs`` gives them.
+    """
+    key = next((_ours(j) for j in jobs if j.submission_id == ref and _ours(j)), None)
+    key = key or next((_ours(j) for j in jobs if _ours(j) and run_name(*_ours(j)) == ref), None)
+    first = _first(jobs, key) if key else None
+    if first is None:
+        return []
+    return [first] + [j for j in _submissions(jobs, key) if _revision(j, key)[0] > 1 and _bound_by(first, j)]
+
+
+def binding(spec: JobSpec) -> dict[str, str]:
+    """What a job id's first submission binds it to: the spec digest and output.dir."""
+    return {"spec_digest": spec_digest(spec.to_dict()), "output_dir": spec.output.dir}
+
+
+def check_binding(run: str, job_id: str, first: Mapping[str, Any] | None, spec: JobSpec,
+                  recorded: Callable[[], Mapping[str, Any] | None] | None = None) -> None:
+    """Refuse ``spec`` as a later submission of job ``run`` unless it matches what the job's first
+    submission recorded (both backends).
+
+    The message names the job and what differs, never a value of the first submission's spec (the
+    job may be another user's); when the output.dir is the same, the NAMES of the differing fields
+    are added from the spec that ``recorded`` returns (the one recorded by the job's artifact or
+    checkpoint under that output.dir, which the submitter reads with their own access).
+
+    Args:
+        first: the first submission's ``spec_digest`` and ``output_dir`` (None: this is the first;
+            a record from before the digest was kept binds the output.dir alone).
+
+    Raises:
+        SpecError: the output.dir, or a field a resume may not change, differs.
+    """
+    if first is None:
+        return
+    mine = binding(spec)
+    if first.get("output_dir") != mine["output_dir"]:
+        what = "its output.dir differs from the one the job was first submitted with"
+    elif first.get("spec_digest") and first["spec_digest"] != mine["spec_digest"]:
+        try:
+            old = recorded() if recorded else None
+        except Exception:  # noqa: BLE001 - the names are a courtesy; the refusal stands without them
+            old = None
+        a, b = bound_fields(redacted(spec.to_dict())), bound_fields(old) if old else {}
+        names = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)) if old else []
+        what = (f"it trains something else than the job's first submission ({', '.join(names[:10])} differ)"
+                if names else "it trains something else than the job's first submission (a field that a resume "
+                              "may not change differs: docs/spec.md lists those it may)")
+    else:
+        return
+    raise SpecError([f"job {run} (--job-id {job_id}): {what}. A job id keeps the spec and output.dir of its first "
+                     f"submission: resubmit it with that spec to resume it, or use a new --job-id"])
 
 
 def _resolve(c, retry: _Retry, address: str, ref: str) -> str:
     """The submission that a command given ``ref`` acts on: the newest submission of the job that
-    ``ref`` names (its run name ``<name>-<job id>`` or any of its submission ids); ``ref`` itself
-    when no lora-dist submission matches, so that Ray answers for it."""
+    ``ref`` names (:func:`job_submissions`); ``ref`` itself when no lora-dist job matches, so that
+    Ray answers for it."""
+    subs = job_submissions(_list(c, retry, address, ref), ref)
+    return subs[-1].submission_id if subs else ref
+
+
+def _list(c, retry: _Retry, address: str, ref: str) -> list:
     try:
-        jobs = retry.call(c.list_jobs)
+        return retry.call(c.list_jobs)
     except Exception as e:
         raise JobError(f"job {ref} at {address}: listing jobs: {_short(e)}{_gave_up(e)}") from None
-    key = next((_ours(j) for j in jobs if j.submission_id == ref and _ours(j)), None)
-    key = key or next((_ours(j) for j in jobs if _ours(j) and run_name(*_ours(j)) == ref), None)
-    return _submissions(jobs, key)[-1].submission_id if key else ref
 
 
 def _state(status) -> str:
     return str(status.value if hasattr(status, "value") else status)
 
 
-def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
+def submit_remote(spec: JobSpec, job_id: str, address: str,
+                  recorded: Callable[[], Mapping[str, Any] | None] | None = None) -> str:
     """Submit ``spec`` through the Jobs API; return the submission id.
 
     The first submission of a job id is ``<name>-<job id>``; a resubmit (to resume the job) is
     ``<name>-<job id>.rN``, since Ray never reuses a submission id. The job itself (its Ray Train
-    run, checkpoints and artifact) keeps the name ``<name>-<job id>``.
+    run, checkpoints and artifact) keeps the name ``<name>-<job id>``. ``recorded``: see
+    :func:`check_binding`.
 
     Raises:
+        SpecError: the job id was first submitted with another output.dir or spec.
         JobError: an earlier submission of this job is still PENDING or RUNNING (two drivers would
             train the same run), or the cluster refused or could not be reached.
     """
@@ -268,7 +354,7 @@ def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
         raise JobError(f"cluster.runtime_env: {'; '.join(problems)}")
     retry = _Retry(address)
     c = client(address, retry)
-    submission_id = _next_submission_id(c, retry, address, spec.name, job_id)
+    submission_id = _next_submission_id(c, retry, address, spec, job_id, recorded)
     with tempfile.TemporaryDirectory(prefix="lora-dist-submit-") as tmp:
         # env var values travel in runtime_env only, never in the spec file Ray stores with the job
         (Path(tmp) / SPEC_FILE).write_text(json.dumps({"spec": redacted(spec.to_dict()), "job_id": job_id}))
@@ -279,20 +365,26 @@ def submit_remote(spec: JobSpec, job_id: str, address: str) -> str:
             return retry.call(c.submit_job, entrypoint=ENTRYPOINT, submission_id=submission_id, runtime_env=env,
                               metadata={METADATA_TAG: "1", "name": spec.name, "job_id": job_id,
                                         "max_steps": str(spec.train.max_steps or ""),  # train.epochs: not known yet
-                                        "output_dir": spec.output.dir})
+                                        **binding(spec)})  # what the first submission binds the job id to
         except Exception as e:
             raise JobError(f"submitting {submission_id} (job {run_name(spec.name, job_id)}) to {address} failed: "
                            f"{_short(e)}{_gave_up(e)}") from None
 
 
-def _next_submission_id(c, retry: _Retry, address: str, name: str, job_id: str) -> str:
+def _next_submission_id(c, retry: _Retry, address: str, spec: JobSpec, job_id: str, recorded) -> str:
     """``<name>-<job id>`` for a job's first submission, ``...rN`` after N-1 earlier ones, none of
-    which may still be running."""
-    run = run_name(name, job_id)
+    which may still be running, and only for a spec that the first submission binds."""
+    name, run = spec.name, run_name(spec.name, job_id)
     try:
-        earlier = _submissions(retry.call(c.list_jobs), (name, job_id))
+        jobs = retry.call(c.list_jobs)
     except Exception as e:
         raise JobError(f"listing jobs at {address} before submitting {run}: {_short(e)}{_gave_up(e)}") from None
+    earlier, first = _submissions(jobs, (name, job_id)), _first(jobs, (name, job_id))
+    if earlier and first is None:
+        raise JobError(f"job {run} (--job-id {job_id}) has submissions at {address} but its first, {run}, is no "
+                       f"longer in the cluster's job table: nothing says what the job id is bound to. Use a new "
+                       f"--job-id")
+    check_binding(run, job_id, first.metadata if first else None, spec, recorded)
     active = [j for j in earlier if _state(j.status) in ACTIVE]
     if active:
         j = active[-1]
@@ -307,23 +399,31 @@ def _next_submission_id(c, retry: _Retry, address: str, name: str, job_id: str) 
 def status_remote(address: str, job_id: str) -> JobStatus:
     """State from the Jobs API; step, loss and the artifact from the job's own records; the
     manifest's digest from the job's logs. ``job_id``: the job's run name or a submission id; the
-    newest submission of that job answers."""
+    newest submission of that job answers for its state, and its first submission's metadata says
+    where its records are (:func:`job_submissions`)."""
     retry = _Retry(address)
     c = client(address, retry)
-    sid = _resolve(c, retry, address, job_id)
-    try:
-        info = retry.call(c.get_job_info, sid)
-    except Exception as e:
-        raise JobError(f"job {job_id} at {address}: {_short(e)}{_gave_up(e)}") from None
-    state = _state(info.status)
-    meta = info.metadata or {}
+    subs = job_submissions(_list(c, retry, address, job_id), job_id)
+    if subs:
+        newest, meta = subs[-1], subs[0].metadata or {}
+        sid, state, message = newest.submission_id, _state(newest.status), newest.message
+    else:  # not a lora-dist job: Ray answers for it (404 for an unknown id)
+        try:
+            info = retry.call(c.get_job_info, job_id)
+        except Exception as e:
+            raise JobError(f"job {job_id} at {address}: {_short(e)}{_gave_up(e)}") from None
+        if (info.metadata or {}).get(METADATA_TAG):
+            raise JobError(f"job {job_id} at {address}: the first submission of its job is not in the cluster's "
+                           f"job table, so nothing says where its artifact is")
+        sid, state, message, meta = job_id, _state(info.status), info.message, {}
     out, name, jid = meta.get("output_dir"), meta.get("name"), meta.get("job_id")
     step, loss = progress(out, name, jid, finished=state == "SUCCEEDED")
     # only a finished job has published an artifact
     artifact = artifact_location(out, name, jid) if state == "SUCCEEDED" and out and name and jid else None
     total = int(meta["max_steps"]) if meta.get("max_steps") else None
+    # printed by the submission that published: one the first submission binds (same output.dir and spec)
     digest = _logged_digest(c, retry, sid) if artifact else None
-    return JobStatus(sid, state, step, total, loss, artifact, info.message, where=address, manifest=digest)
+    return JobStatus(sid, state, step, total, loss, artifact, message, where=address, manifest=digest)
 
 
 def _logged_digest(c, retry: _Retry, sid: str) -> str | None:

@@ -109,6 +109,20 @@ def published_or_resumable(spec: JobSpec, job_id: str, stream) -> Path | str | N
     return None
 
 
+def recorded_spec(spec: JobSpec, job_id: str) -> dict[str, Any] | None:
+    """The spec recorded under ``spec.output.dir`` for this job id: by its artifact's manifest, else
+    by its newest checkpoint; None where neither is there (what a refused resubmit's message names
+    the differing fields of: ``jobs.check_binding``)."""
+    from lora_dist.checkpoint import checkpoints_dir, latest_state
+
+    location = artifact_location(spec.output.dir, spec.name, job_id)
+    text = read_text(join(location, MANIFEST_FILE))
+    if text is not None:
+        return parse_manifest(text, location).spec or None
+    state = latest_state(checkpoints_dir(spec.output.dir, spec.name, job_id))
+    return state.spec if state is not None else None
+
+
 def _parity_reference(spec: JobSpec, stream) -> list[float]:
     from lora_dist.train import reference_losses
 

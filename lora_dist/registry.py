@@ -1,10 +1,13 @@
 """The embedded default's registry: one record per job under ``<cache>/jobs/`` (``<run>.json``),
 its log (``<run>.log``), and ``<run>.lock``, held (flock) by the one process running that job.
 
-A record holds the job's state, the pid of the process that submitted it, its output.dir,
-log, artifact and manifest digest: what ``status``, ``logs``, ``stop``, ``list`` and ``fetch``
-read from any process. Its writers are in ``embedded.py``: the job's supervisor, and ``stop``
-adding its request.
+A record holds the job's state, the pids of the process that submitted it and of the job's own
+process, each with its start time (a pid alone may name another process by now: after a reboot,
+or once the job's processes have ended), its spec digest and output.dir (kept from the job id's
+first submission: ``BINDING``), its log, artifact and manifest digest: what ``status``, ``logs``,
+``stop``, ``list`` and ``fetch`` read from any process. Its writers are in ``embedded.py``: the
+job's supervisor, and ``stop`` adding its request. A record that does not read as one (empty, cut
+off) is a JobError naming its file, never a traceback.
 """
 
 from __future__ import annotations
@@ -28,10 +31,18 @@ def _record_path(job_id: str) -> Path:
     return registry_dir() / f"{check_job_id(job_id)}.json"
 
 
+# What a job id's first submission binds it to; a resubmit keeps them (jobs.check_binding refuses
+# one that differs).
+BINDING = ("spec_digest", "output_dir")
+
+
 def record(job_id: str, **fields: Any) -> None:
-    """Update fields of a job's record (created if missing)."""
+    """Update fields of a job's record (created if missing, or started afresh if unreadable)."""
     path = _record_path(job_id)
-    data = json.loads(path.read_text()) if path.is_file() else {"job_id": job_id}
+    try:
+        data = _read(path, job_id) or {"job_id": job_id}
+    except JobError:
+        data = {"job_id": job_id}
     data.update(fields)
     _write_record(path, data)
 
@@ -41,10 +52,15 @@ def new_record(job_id: str, **fields: Any) -> dict[str, Any] | None:
 
     A resubmit of a job id is a new run: what an earlier run left (its stop request, error,
     artifact, digest) must not describe this one: a stop request that outlived its run turned
-    the next run's genuine failure into "stopped by the user"."""
+    the next run's genuine failure into "stopped by the user". What the first submission bound
+    the job id to (``BINDING``) stays."""
     path = _record_path(job_id)
-    previous = json.loads(path.read_text()) if path.is_file() else None
-    _write_record(path, {"job_id": job_id, **fields})
+    try:
+        previous = _read(path, job_id)
+    except JobError:
+        previous = None
+    kept = {k: previous[k] for k in BINDING if previous and previous.get(k) is not None}
+    _write_record(path, {"job_id": job_id, **fields, **kept})
     return previous
 
 
@@ -62,9 +78,63 @@ def _write_record(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_record(job_id: str) -> dict[str, Any] | None:
-    """A job's record, or None."""
-    path = _record_path(job_id)
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A job's record, or None.
+
+    Raises:
+        JobError: the record's file is there but does not read as a record (empty, cut off).
+    """
+    return _read(_record_path(job_id), job_id)
+
+
+def _read(path: Path, job_id: str) -> dict[str, Any] | None:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"the record of job {job_id} ({path}) cannot be read: {e}") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        what = "empty" if not text.strip() else "not a JSON object (cut off?)"
+        raise JobError(f"the record of job {job_id} ({path}) is {what}: the job cannot be followed from here; "
+                       f"remove the file to submit its job id afresh") from None
+    return data
+
+
+def process_start(pid: int) -> float | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22; psutil's
+    create_time elsewhere), or None if there is no such process. With the pid, it names one process:
+    a pid is reused once its process has ended."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return float(stat[stat.rindex(")") + 2:].split()[19])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001 - psutil missing, or no such process
+        return None
+
+
+def same_process(pid: int | None, started: float | None) -> bool:
+    """True while the process recorded as (``pid``, ``started``) runs. A record written before
+    start times were kept (``started`` None) falls back to the pid alone."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:  # 0 or -N: a process group to os.kill
+        return False
+    if started is None:
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    return process_start(pid) == started
 
 
 def lock_job(run: str):
@@ -96,11 +166,16 @@ def lock_job(run: str):
 
 
 def require_record(job_id: str) -> dict[str, Any]:
-    path = _record_path(job_id)
-    if not path.is_file():
+    """A job's record.
+
+    Raises:
+        JobError: there is none, or it does not read as one.
+    """
+    data = read_record(job_id)
+    if data is None:
         raise JobError(f"no job {job_id} on the embedded default (known: lora-dist list); for a cluster job "
                        f"pass --address or set RAY_ADDRESS")
-    return json.loads(path.read_text())
+    return data
 
 
 def stop_requested(job_id: str) -> bool:

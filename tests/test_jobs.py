@@ -305,6 +305,25 @@ def test_submit_without_wait_prints_the_job_id_and_a_resubmit_gets_a_new_one(hea
 
 
 @pytest.mark.slow
+def test_a_resubmit_with_another_output_dir_is_refused_through_the_jobs_api(head, tmp_path, e2e_csv):
+    """Issue 31 item 2 on a real head: `submit --job-id` of a job that was first submitted with
+    another output.dir exits 2 naming the job (not the first output.dir) and submits nothing."""
+    address, env = head
+    submit = ["submit", JOB, "--address", address, f"--set=data.path={e2e_csv}", "--job-id=bound",
+              "--set=train.max_steps=500", *[f"--set={o}" for o in QUICK if "max_steps" not in o]]
+    first = _cli(*submit, f"--set=output.dir={tmp_path / 'victim-dir'}", cwd=tmp_path, env=env, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    try:
+        evil = _cli(*submit, f"--set=output.dir={tmp_path / 'evil'}", cwd=tmp_path, env=env, timeout=300)
+        assert evil.returncode == 2, evil.stdout + evil.stderr
+        assert "job smollm2-e2e-bound (--job-id bound): its output.dir differs" in evil.stderr, evil.stderr
+        assert "victim-dir" not in evil.stderr
+        assert "smollm2-e2e-bound.r2" not in _cli("list", "--address", address, cwd=tmp_path, env=env).stdout
+    finally:
+        _cli("stop", "smollm2-e2e-bound", "--address", address, cwd=tmp_path, env=env, timeout=300)
+
+
+@pytest.mark.slow
 def test_unknown_job_is_a_clear_error(head, tmp_path):
     """404 and 401 are answers, not a cluster starting up: no retries, exit 3 at once."""
     address, env = head
