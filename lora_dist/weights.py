@@ -9,6 +9,7 @@ only its rank's partition.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
