@@ -396,7 +396,7 @@ def parse_bytes(text: str, flag: str = "--gpu-memory") -> int:
     except (KeyError, ValueError):  # "", "1.2.3", "80XB"
         raise ValueError(f"{flag}: {text!r} is not a size like 80GiB, 80GB or 512MiB") from None
     if not 0 < value < float("inf"):  # 1e400 is inf, which int() refuses with a traceback
-        raise ValueError(f"{flag}: must be positive and finite, got {text!r}")
+        raise ValueError(f"{flag}: must be a positive size, and finite, got {text!r}")
     return int(value)
 
 

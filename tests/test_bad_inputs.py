@@ -304,7 +304,7 @@ def test_generate_refuses_a_manifest_without_what_loads_the_adapter(artifact, ca
 @pytest.mark.parametrize("flag, value, expected", [
     ("--gpus", "-1", "--gpus: must be at least 1, got -1"),
     ("--gpus", "0", "--gpus: must be at least 1, got 0"),
-    ("--gpu-memory", "1e400", "--gpu-memory: must be positive and finite"),
+    ("--gpu-memory", "1e400", "--gpu-memory: must be a positive size, and finite"),
 ])
 def test_plan_refuses_impossible_arguments(capsys, flag, value, expected):
     code, err, _ = _run(["plan", str(REPO / "jobs" / "gpt3-175b-lora.yaml"), flag, value], capsys)
