@@ -20,6 +20,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError, \
     ValidationInfo, field_validator, model_validator
 
+from lora_dist.confine import uri_problem
 from lora_dist.datafiles import location_problem
 from lora_dist.hub import DEFAULT_REVISION, is_hub_id, revision_problem
 from lora_dist.runtime_env import runtime_env_problems
@@ -309,8 +310,8 @@ class OutputSpec(_Section):
             scheme, rest = d.split("://", 1)
             if scheme.lower() not in URI_SCHEMES:
                 raise ValueError(f"URI scheme {scheme.lower()!r} is not supported (use {', '.join(URI_SCHEMES)})")
-            if ".." in rest.split("/"):
-                raise ValueError(f"must not contain '..', got {d!r}")
+            if problem := uri_problem(d):  # as pyarrow reads it: percent-decoded
+                raise ValueError(problem)
         elif ".." in Path(d).parts:
             raise ValueError(f"must not contain '..' (it would escape the output root), got {d!r}")
         return d
