@@ -548,6 +548,13 @@ def output_root() -> Path:
     return Path(os.environ.get("LORA_DIST_OUTPUT_ROOT") or os.getcwd()).expanduser().resolve()
 
 
+def data_roots() -> list[str]:
+    """Where a job on a cluster may read local data: the directories of $LORA_DIST_DATA_ROOT
+    (one, or several separated by ':'), else the output root; each resolved."""
+    roots = [r for r in os.environ.get("LORA_DIST_DATA_ROOT", "").split(os.pathsep) if r]
+    return [str(Path(r).expanduser().resolve()) for r in roots] or [str(output_root())]
+
+
 def cache_root() -> Path:
     """This machine's cache: the converted base model, fingerprints, the embedded-job registry."""
     return Path(os.environ.get("LORA_DIST_CACHE", Path.home() / ".cache" / "lora-dist")).expanduser()
