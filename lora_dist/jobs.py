@@ -322,16 +322,32 @@ def status_remote(address: str, job_id: str) -> JobStatus:
     # only a finished job has published an artifact
     artifact = artifact_location(out, name, jid) if state == "SUCCEEDED" and out and name and jid else None
     total = int(meta["max_steps"]) if meta.get("max_steps") else None
-    digest = _logged_digest(c, retry, sid) if artifact else None
+    digest = _logged_digest(c, retry, sid, getattr(info, "driver_node_id", None)) if artifact else None
     return JobStatus(sid, state, step, total, loss, artifact, info.message, where=address, manifest=digest)
 
 
-def _logged_digest(c, retry: _Retry, sid: str) -> str | None:
-    """The digest of the ``manifest: sha256:...`` line jobrun printed when the job finished."""
+DIGEST_TAIL_LINES = 200  # jobrun prints the digest last: it is in the log's tail
+
+
+def _logged_digest(c, retry: _Retry, sid: str, node: str | None) -> str | None:
+    """The digest of the ``manifest: sha256:...`` line jobrun printed when the job finished: read
+    from the tail of the job's driver log on ``node`` (the dashboard's log API, as ``ray logs``
+    reads it), not the whole log; the whole log only where the cluster cannot give its tail."""
+    from urllib.parse import urlencode
+
+    query = urlencode({"node_id": node, "filename": f"job-driver-{sid}.log", "lines": DIGEST_TAIL_LINES,
+                       "media_type": "file", "timeout": 30})
     try:
-        text = retry.call(c.get_job_logs, sid)
+        # the Jobs API client's own request: its address, token and cookies (get_log wants a GCS address)
+        r = retry.call(c._do_request, "GET", f"/api/v0/logs/file?{query}")
+        if not node or r.status_code != 200:
+            raise JobError(f"no log tail ({r.status_code})")
+        text = r.text
     except Exception:
-        return None
+        try:
+            text = retry.call(c.get_job_logs, sid)
+        except Exception:
+            return None
     found = [line[len(MANIFEST_PREFIX):].strip() for line in text.splitlines() if line.startswith(MANIFEST_PREFIX)]
     return found[-1] if found else None
 

@@ -48,3 +48,38 @@ def test_logs_streams_a_local_log_in_bounded_chunks(tmp_path, monkeypatch):
                     output_dir=str(tmp_path / "runs"), log=str(log))
     chunks = list(EmbeddedJobs().logs("demo-j1", follow=False))
     assert "".join(chunks) == text and len(chunks) > 1 and max(map(len, chunks)) <= LOG_CHUNK
+
+
+@pytest.mark.slow
+def test_status_reads_the_digest_from_the_log_tail_of_a_real_head(tmp_path, monkeypatch):
+    """`status` and `fetch` downloaded the whole job log (12 MB here) for one line at its end;
+    the dashboard's log API gives its last lines (12 KB)."""
+    import tempfile
+    from pathlib import Path
+
+    from lora_dist.jobs import DIGEST_TAIL_LINES, _logged_digest, _Retry, client
+
+    from test_jobs import _start_head, _stop_head, _wait_for_api, free_port
+
+    temp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # Ray's unix sockets need a short path
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    port = free_port()
+    _start_head(temp / "ray", env, port=free_port(), dashboard_port=port)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the head's token (~/.ray/auth_token), as the CLI sends it
+    address = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_api(address)
+        c, retry = client(address), _Retry(address)
+        digest = "sha256:" + "a" * 64
+        sid = c.submit_job(entrypoint=f"python -c \"print(('x' * 60 + chr(10)) * 200000 + 'manifest: {digest}')\"")
+        deadline = time.time() + 120
+        while not c.get_job_status(sid).is_terminal() and time.time() < deadline:
+            time.sleep(1)
+        node = c.get_job_info(sid).driver_node_id
+        tail = c._do_request("GET", f"/api/v0/logs/file?node_id={node}&filename=job-driver-{sid}.log"
+                                    f"&lines={DIGEST_TAIL_LINES}&media_type=file&timeout=30")
+        assert tail.status_code == 200 and len(tail.text) < 20_000 < 12_000_000 <= len(c.get_job_logs(sid))
+        assert _logged_digest(c, retry, sid, node) == digest
+        assert _logged_digest(c, retry, sid, None) == digest  # no node: the whole log, as before
+    finally:
+        assert not _stop_head(temp / "ray")
