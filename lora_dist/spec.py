@@ -294,8 +294,8 @@ class OutputSpec(_Section):
 
     dir: str = Field("runs", min_length=1, description=(
         "Where artifacts go, as `<dir>/<name>-<id>/`: a directory, or a storage URI (`s3://`, `gs://`, "
-        "`hdfs://`, `file://`, ...). `..` is refused. A job sent through the Jobs API may write only under the "
-        "cluster's `$LORA_DIST_OUTPUT_ROOT`."))
+        "`hdfs://`, `file://`, ...). `..` is refused, also percent-encoded. A job sent through the Jobs API may "
+        "write only under the cluster's `$LORA_DIST_OUTPUT_ROOT`."))
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
         "The dtype of the saved adapter tensors."))
     shared: StrictBool = Field(False, description=(
