@@ -89,12 +89,8 @@ def work_dir(output_dir: str, name: str, job_id: str) -> Path:
 
 def job_root(output_dir: str, cluster_root: str | None = None) -> str:
     """The place every file of a job goes under: its output.dir as :func:`confine` reads it, once,
-    when the job starts (under ``cluster_root``, the output root, on a cluster). Writers and
-    deleters confine to it at the moment they write.
-
-    Raises:
-        JobError: output.dir is outside ``cluster_root`` or is a refused URI.
-    """
+    when the job starts (under ``cluster_root``, the output root, on a cluster); writers and
+    deleters confine to it as they write. Raises JobError: outside ``cluster_root``, or refused."""
     return confine(output_dir, cluster_root)
 
 
@@ -381,13 +377,16 @@ def verify_with_digest(artifact: Path, digest: str | None = None) -> tuple[Manif
     artifact = Path(artifact)
     data = _manifest_bytes(artifact)
     manifest = check_manifest(data, str(artifact / MANIFEST_FILE), digest)
-    unlisted = sorted(p.name for p in artifact.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest.files)
-    if unlisted:
-        raise ArtifactError(f"{artifact}: {unlisted[:5]} not listed in the manifest; an artifact holds only "
-                            f"the files its manifest lists")
+    _refuse_unlisted(str(artifact), [p.name for p in artifact.iterdir()], manifest)
     for name, sha in manifest.files.items():
         copy_listed(str(artifact), name, sha)
     return manifest, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _refuse_unlisted(location: str, names: list[str], manifest: Manifest) -> None:
+    if unlisted := sorted(set(names) - set(manifest.files) - {MANIFEST_FILE}):
+        raise ArtifactError(f"{location}: {unlisted[:5]} not listed in the manifest; an artifact holds only "
+                            f"the files its manifest lists")
 
 
 def check_manifest(data: bytes, where: str, digest: str | None = None) -> Manifest:
@@ -518,10 +517,7 @@ def fetch(location: str, out: Path, digest: str | None = None) -> Path:
                        f"{'' if is_uri(location) else ' (or not reachable from here)'}") from None
     try:
         manifest = check_manifest(data, where, digest)
-        unlisted = sorted(set(list_dir(location)) - set(manifest.files) - {MANIFEST_FILE})
-        if unlisted:
-            raise ArtifactError(f"{location}: {unlisted[:5]} not listed in the manifest; an artifact holds only "
-                                f"the files its manifest lists")
+        _refuse_unlisted(location, list_dir(location), manifest)
         with atomic_dir(out) as partial:  # only the listed files, each checked as it is copied
             (partial / MANIFEST_FILE).write_bytes(data)
             for name, sha in manifest.files.items():
