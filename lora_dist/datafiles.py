@@ -165,6 +165,9 @@ class DataFile:
         if local is not None and local.is_file():
             return sha256_file(local)
         if local is not None:
+            if not any((local / n).is_file() for n in ("dataset_dict.json", "state.json")):  # before hashing a tree
+                raise self.error("a directory, but not one written by datasets' save_to_disk (it has neither "
+                                 "dataset_dict.json nor state.json)")
             files = sorted(f for f in local.rglob("*") if f.is_file())
             return _combine({str(f.relative_to(local)): sha256_file(f) for f in files})
         fs, path = self._fs()
