@@ -38,6 +38,7 @@ DATA_FILES = {
     "no-assistant.jsonl": '{"messages": [{"role": "user", "content": "Hi"}]}\n',
     "one-prompt.jsonl": GOOD_ROW * 3,
     "alpaca.jsonl": '{"instruction": "Add.", "input": "1 and 1"}\n',
+    "secret.csv": "HF_TOKEN=hf_notToBeQuoted\n",
 }
 
 
@@ -96,6 +97,17 @@ CASES = [
     ("target matching no module", GOOD + "lora: {targets: [qkv_proj]}\n", [], "lora.targets: ['qkv_proj'] match no"),
     ("path traversal in name", GOOD.replace("name: ok", "name: ../../etc"), [], "name: must be"),
     ("'..' in output.dir", GOOD + "output: {dir: runs/../../x}\n", [], "output.dir: must not contain '..'"),
+    ("percent-encoded '..' in a file:// output.dir", GOOD + "output: {dir: 'file:///r/%2E%2E/escaped'}\n", [],
+     "output.dir: must not contain '..'"),
+    ("double-encoded '..' in output.dir", GOOD + "output: {dir: 'file:///r/%252E%252E/escaped'}\n", [],
+     "output.dir: must not contain '..'"),
+    ("file:// output.dir naming a host", GOOD + "output: {dir: 'file://etc/cron.d'}\n", [],
+     "output.dir: must not name a host ('etc')"),
+    ("data.path /proc/self/environ", "name: ok\ndata: {path: /proc/self/environ}\n", [],
+     "is under /proc: a system file or device is never read as training data"),
+    ("data.path a device", "name: ok\ndata: {path: /dev/zero}\n", [], "data.path: /dev/zero is under /dev"),
+    ("a secret's first line read as CSV columns", "name: ok\ndata: {path: secret.csv}\n", [],
+     "found a first line that is not a header of named columns (not quoted"),
     ("non-finite LoRA alpha", GOOD + "lora: {alpha: .inf}\n", [], "lora.alpha: must be a finite number"),
     ("missing data file", "name: ok\ndata: {path: /nonexistent/e2e.csv}\n", [], "data.path: file not found"),
     ("unknown batching mode", GOOD + "data: {batching: sorted}\n", [], "data.batching: must be 'padded', 'grouped' or 'packed'"),

@@ -53,6 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["LORA_DIST_OUTPUT_ROOT"] = str(tmp)  # the artifacts of this run go to a temporary root
+        os.environ["LORA_DIST_DATA_ROOT"] = str(REPO / "jobs" / "data")  # the cluster reads the data there
         env_root = os.environ.copy()
         first, t0, lines = timed_submit([*common, f"--set=output.dir={tmp / 'emb'}"], REPO)
         artifact = Path(lines[-1])

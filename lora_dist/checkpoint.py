@@ -30,6 +30,7 @@ from lora_dist.errors import ArtifactError
 from lora_dist.records import CheckpointState
 from lora_dist.spec import JobSpec
 from lora_dist.specid import spec_differences, spec_digest
+from lora_dist.confine import confine
 from lora_dist.store import atomic_dir, is_uri, join, list_dir, read_bytes, remove_tree, run_name, upload
 
 STATE_TENSORS = "train_state.safetensors"
@@ -39,6 +40,7 @@ MANIFEST = "manifest.json"
 FORMAT = "lora-dist-checkpoint/1"
 KEEP = 2
 STEP_RE = re.compile(r"^step-(\d{8})$")
+PARTIAL_RE = re.compile(r"^\.step-\d{8}\..*\.partial$")  # store.atomic_dir's temporary directory of a step
 
 
 def checkpoints_dir(output_dir: str, name: str, job_id: str) -> str:
@@ -68,7 +70,7 @@ def _list_steps(root: str) -> list[tuple[int, str]]:
 # --- writing --------------------------------------------------------------------------------------
 
 def write(root: str, step: int, tensors: dict[str, Any], state: CheckpointState, metrics_text: str,
-          say: Callable[[str], None] = lambda s: None) -> str:
+          say: Callable[[str], None] = lambda s: None, within: str | None = None) -> str:
     """Write a complete checkpoint of ``step`` under ``root`` (the main process only) and drop all
     but the newest :data:`KEEP` complete ones.
 
@@ -77,8 +79,15 @@ def write(root: str, step: int, tensors: dict[str, Any], state: CheckpointState,
     ``step-N`` or a complete one. URI: files are uploaded, the manifest last (object stores have
     no rename; a step without its manifest is torn and skipped).
 
+    Args:
+        within: the job's root (store.job_root): the checkpoint and every one it drops must be
+            under it as written (store.confine), else nothing is written or dropped.
+
     Returns:
         The checkpoint's location.
+
+    Raises:
+        JobError: the checkpoint's place is outside ``within``.
     """
     from safetensors.torch import save
 
@@ -90,22 +99,32 @@ def write(root: str, step: int, tensors: dict[str, Any], state: CheckpointState,
                 "files": {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}}
     files[MANIFEST] = json.dumps(manifest, sort_keys=True).encode()  # last
     dest = join(root, name)
+    confine(dest, within)
     if is_uri(root):
-        upload(files, dest)
+        try:
+            upload(files, dest)
+        except BaseException:  # a torn step is skipped on read, but not left behind
+            remove_tree(dest)
+            raise
     else:
-        # a retry that re-reached this step: the new one replaces it whole
+        # a retry that re-reached this step: the new one replaces it whole (atomic_dir removes its
+        # temporary directory if this fails; one of a writer that was killed goes below)
         with atomic_dir(Path(dest), replace=True) as tmp:
             for n, data in files.items():
                 (tmp / n).write_bytes(data)
     for _, old in _list_steps(root)[KEEP:]:
-        remove_tree(old)
+        remove_tree(old, within)
+    for n in list_dir(root):  # one writer per job at a time: a temporary directory now is a dead one's
+        if PARTIAL_RE.match(n):
+            remove_tree(join(root, n), within)
     say(f"checkpoint of step {step} written: {dest}")
     return dest
 
 
-def remove_all(root: str) -> None:
-    """Drop a job's checkpoints (once its artifact is published, they are not needed)."""
-    remove_tree(root)
+def remove_all(root: str, within: str | None = None) -> None:
+    """Drop a job's checkpoints (once its artifact is published, they are not needed), if they
+    are under the job's root ``within`` (store.remove_tree)."""
+    remove_tree(root, within)
 
 
 # --- reading --------------------------------------------------------------------------------------

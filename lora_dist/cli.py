@@ -189,13 +189,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from lora_dist.store import SIGNING_KEY_ENV, manifest_digest, signing_key, verify_artifact
+    from lora_dist.store import SIGNING_KEY_ENV, signing_key, verify_with_digest
 
-    manifest = verify_artifact(Path(args.artifact), digest=args.digest)
+    manifest, digest = verify_with_digest(Path(args.artifact), digest=args.digest)  # the manifest read once
     signed = ("signature checked" if signing_key() is not None
               else "signed; set " + SIGNING_KEY_ENV + " to check" if manifest.signature is not None else "unsigned")
     print(f"ok: {len(manifest.files)} files verified in {args.artifact}, nothing unlisted; manifest "
-          f"{manifest_digest(Path(args.artifact))} ({signed})")
+          f"{digest} ({signed})")
     return EXIT_OK
 
 

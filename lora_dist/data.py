@@ -13,6 +13,7 @@ import bisect
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Sequence
 
 from lora_dist.chat import chat_template, tokenize_chat_splits
 from lora_dist.datafiles import DataFile
+from lora_dist.errors import JobError
 from lora_dist.sources import DataError, Example, data_file, read_splits, split_key, spread, template_for, val_file
 from lora_dist.spec import DataSpec
 from lora_dist.store import atomic_dir
@@ -180,13 +182,21 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
     The processes of one machine take a lock while one of them tokenizes, so a job's workers
     tokenize once per machine and then memory-map the same arrays (their pages are shared). A
     cache directory appears whole or not at all (written aside, fsynced, renamed). A cache that
-    cannot be written (read-only home, full disk) costs the cache, not the run."""
-    import fcntl
+    cannot be written (read-only home, full disk) costs the cache, not the run; nor is a file
+    that changed while it was read cached (under a digest that is not of what was read).
 
+    Raises:
+        JobError: the lock was held longer than ``$LORA_DIST_LOCK_TIMEOUT`` seconds (default
+            3600), naming the lock file.
+    """
     say = say or (lambda text: None)
     path = data_file(spec, cache_dir)
     val = val_file(spec)
-    key = cache_key(spec, path.digest() + (f"+{val.digest()}" if val is not None else ""), tokenizer)
+
+    def digest() -> str:
+        return path.digest() + (f"+{val.digest()}" if val is not None else "")
+
+    key = cache_key(spec, digest(), tokenizer)
     final = cache_dir / "tokenized" / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -195,12 +205,15 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
         say(f"data: the tokenization cache {final.parent} is not writable ({e.strerror}); tokenizing in memory")
         return _tokenize_splits(spec, tokenizer, path, cache=None, say=say)
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _wait_for_lock(lock, final.with_suffix(".lock"))
         found = _read_tokens(final, key)
         if found is not None:
             return found
         t0 = time.time()
         tokens = _tokenize_splits(spec, tokenizer, path, cache="miss", say=say)
+        if digest() != key["data_sha256"]:  # the cache holds what was read, under that content's digest
+            say(f"data: {spec.path} changed while it was read; its tokens are not cached")
+            return tokens
         try:
             _write_tokens(final, key, tokens)
         except OSError as e:
@@ -210,6 +223,24 @@ def tokenized(spec: DataSpec, tokenizer, cache_dir: Path, say=None) -> Tokens:
                 f"cached in {final}")
         return tokens
 
+
+
+def _wait_for_lock(lock, where: Path) -> None:
+    """Take the tokenization lock, waiting at most ``$LORA_DIST_LOCK_TIMEOUT`` seconds."""
+    import fcntl
+
+    limit = float(os.environ.get("LORA_DIST_LOCK_TIMEOUT") or 3600)
+    t0 = time.monotonic()
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() - t0 > limit:
+                raise JobError(f"data: waited {limit:.0f} s for the tokenization lock {where}, held by another "
+                               f"process tokenizing the same data (a lock of a process that ended is released: "
+                               f"this one is alive; LORA_DIST_LOCK_TIMEOUT sets the wait)") from None
+            time.sleep(0.2)
 
 
 def _tokenize_splits(spec: DataSpec, tokenizer, path: DataFile, cache: str | None, say) -> Tokens:

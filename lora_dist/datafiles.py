@@ -17,6 +17,7 @@ import functools
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,9 +25,14 @@ from typing import Any, Iterator
 from urllib.parse import unquote, urlparse
 
 from lora_dist import safejson
+from lora_dist.confine import confine, under
+from lora_dist.errors import JobError
 from lora_dist.store import is_uri, sha256_file
 
 FORMATS = ("jsonl", "json", "csv", "parquet")
+HEADER_NAME = re.compile(r"^[\w .-]{1,64}$")  # a column name an error may quote
+HEADER_NAMES = 100
+NOT_QUOTED = "a first line that is not a header of named columns (not quoted: it may be any file's content)"
 HF_PREFIX = "hf://datasets/"
 # What a storage object's metadata says about its content, by filesystem (s3: ETag, gcs: md5Hash
 # and generation, others: size and modification time): the digest of a remote file read without
@@ -39,9 +45,16 @@ class DataError(ValueError):
     """The data file is missing, unreadable or not in the expected form."""
 
 
+SYSTEM_DIRS = ("/proc", "/sys", "/dev")  # the kernel's and devices' files: never data, anywhere
+
+
 def location_problem(location: str) -> str | None:
     """Why ``location`` (``data.path`` or ``data.val_path``) cannot be data, or None: a local path
-    that does not exist or is not a file or directory. URIs are looked at when read."""
+    (or ``file://`` URI) under /proc, /sys or /dev once symlinks are resolved, or a local path
+    that does not exist or is not a file or directory. Other URIs are looked at when read."""
+    local = local_path(location)
+    if local is not None and (problem := system_path_problem(local)):
+        return problem
     if is_uri(location):
         return None
     p = Path(location).expanduser()
@@ -50,6 +63,34 @@ def location_problem(location: str) -> str | None:
     if not (p.is_file() or p.is_dir()):
         return f"{p.resolve()} is not a regular file or a directory (a device or pipe cannot be read as training data)"
     return None
+
+
+def system_path_problem(path: Path) -> str | None:
+    """Why ``path`` is never read as data, or None: it is, or resolves to, a file of /proc, /sys
+    or /dev (a process's environment, a device), which an error could quote into a job's log."""
+    real = Path(path).expanduser().resolve()
+    for d in SYSTEM_DIRS:
+        if real == Path(d) or Path(d) in real.parents:
+            return f"{real} is under {d}: a system file or device is never read as training data"
+    return None
+
+
+def data_root_problem(field: str, location: str | None, roots: list[str]) -> str | None:
+    """Why a job on a cluster may not read ``location``, or None: a local path or ``file://`` URI
+    must lie under one of the cluster's data ``roots`` (store.data_roots: ``$LORA_DIST_DATA_ROOT``,
+    else its output root) once decoded and resolved; a storage or hub URI is the storage's
+    business (its credentials decide)."""
+    local = None if location is None else local_path(location)
+    if local is None:
+        return None
+    try:
+        place = confine(location if is_uri(location) else local)
+    except JobError as e:
+        return f"{field}: {e}"
+    if any(under(place, root) for root in roots):
+        return None
+    return (f"{field}: {place} is outside this cluster's data root ({', '.join(roots)}): a job on a cluster reads "
+            f"data only under LORA_DIST_DATA_ROOT (else LORA_DIST_OUTPUT_ROOT), or from a storage URI")
 
 
 def local_path(location: str) -> Path | None:
@@ -106,6 +147,9 @@ class DataFile:
         local = local_path(self.location)
         if local is not None and not local.exists():
             raise DataError(f"{self.field}: file not found: {local.resolve()}")
+        problem = location_problem(self.location)  # again when read: a symlink may have been swapped since
+        if problem:
+            raise DataError(f"{self.field}: {problem}")
 
     # --- content digest ---------------------------------------------------------------------------
 
@@ -122,6 +166,9 @@ class DataFile:
         if local is not None and local.is_file():
             return sha256_file(local)
         if local is not None:
+            if not any((local / n).is_file() for n in ("dataset_dict.json", "state.json")):  # before hashing a tree
+                raise self.error("a directory, but not one written by datasets' save_to_disk (it has neither "
+                                 "dataset_dict.json nor state.json)")
             files = sorted(f for f in local.rglob("*") if f.is_file())
             return _combine({str(f.relative_to(local)): sha256_file(f) for f in files})
         fs, path = self._fs()
@@ -162,6 +209,26 @@ class DataFile:
         except Exception as e:  # noqa: BLE001 - whatever the reader raises, the file is what is wrong
             raise self.error(f"cannot read ({type(e).__name__}: {e})") from None
         return list(names) if names is not None else None
+
+    def quotable_columns(self) -> list[str] | None:
+        """:meth:`columns` if an error may quote them, else None: a table's features, or a CSV
+        header that parsed as one (names of letters, digits, ' ', '_', '.', '-', at most
+        :data:`HEADER_NAMES`, and a next row of as many fields). Anything else is the file's
+        content, which could be a secret (a token file, an environment) and is never quoted."""
+        found = self.columns()
+        if found is None or len(found) > HEADER_NAMES or not all(HEADER_NAME.match(c or "") for c in found):
+            return None
+        if self.kind == "csv":
+            try:
+                with self._open() as f:
+                    reader = csv.reader(f)
+                    next(reader, None)
+                    row = next(reader, None)
+            except (OSError, UnicodeDecodeError, csv.Error, DataError):
+                return None
+            if row is None or len(row) != len(found):
+                return None
+        return found
 
     def rows(self) -> Iterator[tuple[int, Any]]:
         """``(n, row)`` for every row, in order, streamed: n the 1-based line (JSONL: blank lines

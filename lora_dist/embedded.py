@@ -43,6 +43,7 @@ RAY_LOST_GRACE_S = 15.0
 # and unreaped this long died under the job (killed, out of memory).
 UNREAPED_S = 1.0
 POLL_S = 0.25  # as often as the supervisor looks at the job's processes (its report wakes it at once)
+LOG_CHUNK = 1 << 20  # what `logs` reads of a local log at a time
 
 
 class EmbeddedJobs:
@@ -102,12 +103,11 @@ class EmbeddedJobs:
             return
         with open(log, errors="replace") as f:
             while True:
-                chunk = f.read()
+                chunk = f.read(LOG_CHUNK)  # streamed: a long log is never held whole
                 if chunk:
                     yield chunk
                 elif not follow or self.status(job_id).state in TERMINAL:
-                    rest = f.read()
-                    if rest:
+                    while rest := f.read(LOG_CHUNK):
                         yield rest
                     return
                 else:

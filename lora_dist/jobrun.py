@@ -24,7 +24,7 @@ from lora_dist.errors import JobError, JobFailed
 from lora_dist.jobs import ARTIFACT_PREFIX, MANIFEST_PREFIX
 from lora_dist.launch import run_job
 from lora_dist.spec import SpecError, load_spec, spec_from_dict
-from lora_dist.store import check_job_id, digest_at, new_job_id
+from lora_dist.store import check_job_id, digest_at, new_job_id, output_root
 from lora_dist.validate import validate_job
 
 
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        artifact = run_job(spec, job_id=job_id, address="auto")
-    except JobFailed as e:
+        artifact = run_job(spec, job_id=job_id, address="auto", cluster_root=str(output_root()))
+    except (JobFailed, JobError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{ARTIFACT_PREFIX}{artifact}", flush=True)

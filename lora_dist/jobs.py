@@ -406,7 +406,7 @@ def status_remote(address: str, job_id: str) -> JobStatus:
     subs = job_submissions(_list(c, retry, address, job_id), job_id)
     if subs:
         newest, meta = subs[-1], subs[0].metadata or {}
-        sid, state, message = newest.submission_id, _state(newest.status), newest.message
+        sid, state, message, driver = newest.submission_id, _state(newest.status), newest.message, newest
     else:  # not a lora-dist job: Ray answers for it (404 for an unknown id)
         try:
             info = retry.call(c.get_job_info, job_id)
@@ -415,23 +415,39 @@ def status_remote(address: str, job_id: str) -> JobStatus:
         if (info.metadata or {}).get(METADATA_TAG):
             raise JobError(f"job {job_id} at {address}: the first submission of its job is not in the cluster's "
                            f"job table, so nothing says where its artifact is")
-        sid, state, message, meta = job_id, _state(info.status), info.message, {}
+        sid, state, message, meta, driver = job_id, _state(info.status), info.message, {}, info
     out, name, jid = meta.get("output_dir"), meta.get("name"), meta.get("job_id")
     step, loss = progress(out, name, jid, finished=state == "SUCCEEDED")
     # only a finished job has published an artifact
     artifact = artifact_location(out, name, jid) if state == "SUCCEEDED" and out and name and jid else None
     total = int(meta["max_steps"]) if meta.get("max_steps") else None
     # printed by the submission that published: one the first submission binds (same output.dir and spec)
-    digest = _logged_digest(c, retry, sid) if artifact else None
+    digest = _logged_digest(c, retry, sid, getattr(driver, "driver_node_id", None)) if artifact else None
     return JobStatus(sid, state, step, total, loss, artifact, message, where=address, manifest=digest)
 
 
-def _logged_digest(c, retry: _Retry, sid: str) -> str | None:
-    """The digest of the ``manifest: sha256:...`` line jobrun printed when the job finished."""
+DIGEST_TAIL_LINES = 200  # jobrun prints the digest last: it is in the log's tail
+
+
+def _logged_digest(c, retry: _Retry, sid: str, node: str | None) -> str | None:
+    """The digest of the ``manifest: sha256:...`` line jobrun printed when the job finished: read
+    from the tail of the job's driver log on ``node`` (the dashboard's log API, as ``ray logs``
+    reads it), not the whole log; the whole log only where the cluster cannot give its tail."""
+    from urllib.parse import urlencode
+
+    query = urlencode({"node_id": node, "filename": f"job-driver-{sid}.log", "lines": DIGEST_TAIL_LINES,
+                       "media_type": "file", "timeout": 30})
     try:
-        text = retry.call(c.get_job_logs, sid)
+        # the Jobs API client's own request: its address, token and cookies (get_log wants a GCS address)
+        r = retry.call(c._do_request, "GET", f"/api/v0/logs/file?{query}")
+        if not node or r.status_code != 200:
+            raise JobError(f"no log tail ({r.status_code})")
+        text = r.text
     except Exception:
-        return None
+        try:
+            text = retry.call(c.get_job_logs, sid)
+        except Exception:
+            return None
     found = [line[len(MANIFEST_PREFIX):].strip() for line in text.splitlines() if line.startswith(MANIFEST_PREFIX)]
     return found[-1] if found else None
 

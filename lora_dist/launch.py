@@ -18,12 +18,12 @@ from lora_dist.errors import JobFailed
 from lora_dist.jobs import WORKER_ENV
 from lora_dist.runtime_env import redacted
 from lora_dist.spec import JobSpec, SpecError
-from lora_dist.store import MANIFEST_FILE, artifact_location, check_job_id, is_uri, join, new_job_id, parse_manifest, \
-    read_text, run_name, work_dir, write_storage_probe
+from lora_dist.store import MANIFEST_FILE, artifact_location, check_job_id, is_uri, job_root, join, make_work_dir, \
+    new_job_id, parse_manifest, read_text, run_name, write_storage_probe
 
 
 def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None,
-            stream=sys.stdout) -> Path | str:
+            stream=sys.stdout, cluster_root: str | None = None) -> Path | str:
     """Run ``spec`` on Ray Train + DeepSpeed and return the artifact (a directory, or a URI).
 
     Args:
@@ -31,6 +31,8 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
         job_id: reuse an id to resume that job's checkpoints (Ray Train resumes by run name).
         address: a Ray cluster address; None starts an embedded local Ray; "auto" joins the
             cluster this driver runs on (a Jobs API job).
+        cluster_root: the cluster's output root (jobrun): every file of the job goes under it,
+            checked by each writer as it writes (store.job_root, store.confine).
 
     Raises:
         JobFailed: the job failed; no artifact directory was published.
@@ -43,8 +45,8 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     published = published_or_resumable(spec, job_id, stream)
     if published is not None:
         return published
-    work = work_dir(spec.output.dir, spec.name, job_id)
-    work.mkdir(parents=True, exist_ok=True)
+    root = job_root(spec.output.dir, cluster_root)  # JobError: outside the cluster's output root
+    work = make_work_dir(spec.output.dir, spec.name, job_id, root)
     parity_reference = _parity_reference(spec, stream) if spec.train.parity_check else None
 
     started_here = False
@@ -60,7 +62,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
         else:
             ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": dict(WORKER_ENV)})
     try:
-        config = {"spec": spec.to_dict(), "job_id": job_id, "work_dir": str(work),
+        config = {"spec": spec.to_dict(), "job_id": job_id, "work_dir": str(work), "job_root": root,
                   "parity_reference": parity_reference,
                   "storage_probe": None if is_uri(spec.output.dir) else write_storage_probe(work)}
         t0 = time.time()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from lora_dist.datafiles import DataError, DataFile
+from lora_dist.datafiles import NOT_QUOTED, DataError, DataFile
 from lora_dist.spec import SOURCE_COLUMNS, DataSpec
 from lora_dist.store import atomic_file
 
@@ -84,7 +84,7 @@ def read_chat(f: DataFile, column: str = "messages") -> list[Conversation]:
         for k, m in enumerate(msgs, 1):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
                 got = m.get("role") if isinstance(m, dict) else type(m).__name__
-                raise bad(f"message {k}: role must be one of {', '.join(ROLES)}, got {got!r}")
+                raise bad(f"message {k}: role must be one of {', '.join(ROLES)}, got {str(got)[:20]!r}")
             if not isinstance(m.get("content"), str):
                 raise bad(f"message {k} ({m['role']}): content must be a string, got "
                           f"{type(m.get('content')).__name__}")
@@ -93,7 +93,7 @@ def read_chat(f: DataFile, column: str = "messages") -> list[Conversation]:
                 weight = 1
             elif m["role"] != "assistant" or type(weight) is not int or weight not in (0, 1):
                 raise bad(f"message {k} ({m['role']}): weight must be 0 or 1, on assistant messages only, "
-                          f"got {weight!r}")
+                          f"got {weight!r:.40}")
             turns.append((m["role"], m["content"], weight))
         roles = [r for r, _, _ in turns]
         if "assistant" not in roles:
@@ -148,9 +148,11 @@ def _check_columns(f: DataFile, names: Mapping[str, str], required: Sequence[str
     found = f.columns()
     missing = [c for c in required if found is not None and names[c] not in found]
     if missing:
+        shown = f.quotable_columns()  # a header that parsed as one; never other content
+        has = f"its columns: {', '.join(shown) or 'none'}" if shown is not None else f"it has {NOT_QUOTED}"
         raise f.error(f"no column{'s' if len(missing) > 1 else ''} {', '.join(repr(names[c]) for c in missing)} "
-                      f"(its columns: {', '.join(found) or 'none'}); data.columns maps yours onto the source's, e.g. "
-                      f"{{{missing[0]}: {found[0] if found else 'COLUMN'}}}")
+                      f"({has}); data.columns maps yours onto the source's, e.g. "
+                      f"{{{missing[0]}: {shown[0] if shown else 'COLUMN'}}}")
 
 
 def _string_fields(f: DataFile, n: int, row: Any, required: Sequence[str], optional: Sequence[str] = ()) -> list[str]:
@@ -190,8 +192,9 @@ def _examples(f: DataFile, spec: DataSpec | None, source: str, template: str | N
         found = f.columns()
         if found is not None and not {mr_col, ref_col} <= set(found):
             kind = "a csv" if f.kind == "csv" else "a table"
+            shown = f.quotable_columns()  # a header that parsed as one; never other content
             raise DataError(f"{f.field}: {f.location} must be {kind} with columns {mr_col!r} and {ref_col!r}, "
-                            f"found {found}")
+                            f"found {shown if shown is not None else NOT_QUOTED}")
         for _, row in f.rows():  # a row without both is skipped, as the E2E release has some
             mr, ref = (row.get(mr_col), row.get(ref_col)) if isinstance(row, Mapping) else (None, None)
             if isinstance(mr, str) and isinstance(ref, str) and mr and ref.strip():

@@ -21,6 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
     ValidationInfo, field_validator, model_validator
 
 from lora_dist import safeyaml
+from lora_dist.confine import uri_problem
 from lora_dist.datafiles import location_problem
 from lora_dist.hub import DEFAULT_REVISION, is_hub_id, revision_problem
 from lora_dist.runtime_env import runtime_env_problems
@@ -294,8 +295,8 @@ class OutputSpec(_Section):
 
     dir: str = Field("runs", min_length=1, description=(
         "Where artifacts go, as `<dir>/<name>-<id>/`: a directory, or a storage URI (`s3://`, `gs://`, "
-        "`hdfs://`, `file://`, ...). `..` is refused. A job sent through the Jobs API may write only under the "
-        "cluster's `$LORA_DIST_OUTPUT_ROOT`."))
+        "`hdfs://`, `file://`, ...). `..` is refused, also percent-encoded. A job sent through the Jobs API may "
+        "write only under the cluster's `$LORA_DIST_OUTPUT_ROOT`."))
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
         "The dtype of the saved adapter tensors."))
     shared: StrictBool = Field(False, description=(
@@ -310,8 +311,8 @@ class OutputSpec(_Section):
             scheme, rest = d.split("://", 1)
             if scheme.lower() not in URI_SCHEMES:
                 raise ValueError(f"URI scheme {scheme.lower()!r} is not supported (use {', '.join(URI_SCHEMES)})")
-            if ".." in rest.split("/"):
-                raise ValueError(f"must not contain '..', got {d!r}")
+            if problem := uri_problem(d):  # as pyarrow reads it: percent-decoded
+                raise ValueError(problem)
         elif ".." in Path(d).parts:
             raise ValueError(f"must not contain '..' (it would escape the output root), got {d!r}")
         return d

@@ -21,19 +21,20 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
 from lora_dist import safejson
+from lora_dist.confine import URI_RE, confine, private_dir, under
 from lora_dist.errors import ArtifactError, JobError
 from lora_dist.records import ADAPTER_FORMAT as FORMAT
 from lora_dist.records import Manifest
 
-URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 URI_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -80,10 +81,34 @@ def artifact_location(output_dir: str, name: str, job_id: str) -> str:
 def work_dir(output_dir: str, name: str, job_id: str) -> Path:
     """A running job's directory (metrics, worker pids): beside its artifact for a local
     output.dir, so that ``status`` can read its progress; in a node-local temporary directory for
-    a URI, where the artifact is staged before :func:`publish` uploads it."""
+    a URI, where the artifact is staged before :func:`publish` uploads it: under a directory of
+    this user's own (:func:`make_work_dir` makes it private), never one another user could make first."""
     if is_uri(output_dir):
-        return Path(tempfile.gettempdir()) / "lora-dist-work" / run_name(name, job_id)
+        return Path(tempfile.gettempdir()) / f"lora-dist-work-{os.getuid()}" / run_name(name, job_id)
     return Path(output_dir).expanduser() / f".{run_name(name, job_id)}.work"
+
+
+def job_root(output_dir: str, cluster_root: str | None = None) -> str:
+    """The place every file of a job goes under: its output.dir as :func:`confine` reads it, once,
+    when the job starts (under ``cluster_root``, the output root, on a cluster); writers and
+    deleters confine to it as they write. Raises JobError: outside ``cluster_root``, or refused."""
+    return confine(output_dir, cluster_root)
+
+
+def make_work_dir(output_dir: str, name: str, job_id: str, within: str | None = None) -> Path:
+    """Create job ``job_id``'s :func:`work_dir` (if it is not there) and return it: under the
+    job's root ``within`` for a local output.dir; private to this user (mode 0700) for a URI's
+    node-local staging.
+
+    Raises:
+        JobError: the directory is outside ``within``, or a staging directory of another user's.
+    """
+    work = work_dir(output_dir, name, job_id)
+    if is_uri(output_dir):
+        return private_dir(work)
+    confine(work, within)
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 # --- a local directory or file: whole or not at all -----------------------------------------------
@@ -101,8 +126,8 @@ def fsync(path: Path) -> None:
 def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """Write a directory aside, then rename it into place: ``final`` appears complete or not at all.
 
-    Yields a hidden sibling (``.<name>.<pid>.partial``: one per process, so that processes writing
-    the same ``final`` do not share it) to fill. When the block ends, its files and the directory
+    Yields a hidden sibling (``.<name>.<pid>-<random>.partial``: one per call, so that writers of
+    the same ``final``, in processes or threads, never share it) to fill. When the block ends, its files and the directory
     are flushed to disk, it is renamed to ``final`` and the parent flushed, so that a crash
     leaves either no ``final`` or a complete one. If the block raises, the partial directory is
     removed and ``final`` untouched.
@@ -113,8 +138,7 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.parent / f".{final.name}.{os.getpid()}.partial"
-    shutil.rmtree(partial, ignore_errors=True)  # a stale one of a crashed earlier attempt
+    partial = final.parent / f".{final.name}.{os.getpid()}-{os.urandom(4).hex()}.partial"
     partial.mkdir()
     try:
         yield partial
@@ -189,8 +213,13 @@ def list_dir(location: str, dirs_only: bool = False) -> list[str]:
     return [i.base_name for i in infos if i.type == pafs.FileType.Directory or not dirs_only]
 
 
-def remove_tree(location: str) -> None:
-    """Remove a directory at a path or URI, and everything in it; nothing where there is none."""
+def remove_tree(location: str, within: str | None = None) -> None:
+    """Remove a directory at a path or URI, and everything in it; nothing where there is none.
+
+    Raises:
+        JobError: the directory is not under ``within`` (:func:`confine`); nothing is removed.
+    """
+    confine(location, within)
     if not is_uri(location):
         shutil.rmtree(location, ignore_errors=True)
         return
@@ -201,10 +230,15 @@ def remove_tree(location: str) -> None:
         pass
 
 
-def upload(files: dict[str, bytes | Path], uri: str) -> None:
+def upload(files: dict[str, bytes | Path], uri: str, within: str | None = None) -> None:
     """Write ``files`` (name -> bytes, or a local file streamed) into a directory at a URI, in
     their order: object stores have no rename, so whoever needs "complete or not at all" writes
-    the file that says complete last."""
+    the file that says complete last.
+
+    Raises:
+        JobError: the directory is not under ``within`` (:func:`confine`); nothing is written.
+    """
+    confine(uri, within)
     fs, base = filesystem(uri)
     fs.create_dir(base, recursive=True)
     for name, data in files.items():
@@ -249,9 +283,6 @@ def read_manifest(artifact: Path) -> Manifest:
     return Manifest.from_json(_read_manifest_json(Path(artifact)), str(Path(artifact) / MANIFEST_FILE))
 
 
-MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a few files and the spec: a few kB
-
-
 def parse_manifest(text: str, where: str) -> Manifest:
     """A manifest from its JSON text (read from a path or URI); ``where`` names it in errors.
 
@@ -262,20 +293,35 @@ def parse_manifest(text: str, where: str) -> Manifest:
 
 
 def _read_manifest_json(artifact: Path) -> dict[str, Any]:
+    return _manifest_json(_manifest_bytes(artifact), str(artifact / MANIFEST_FILE))  # bytes: not UTF-8 is a clear error
+
+
+def _manifest_bytes(artifact: Path) -> bytes:
     path = artifact / MANIFEST_FILE
     if not artifact.is_dir():
         raise ArtifactError(f"{artifact}: not a directory")
     if not path.is_file():
         raise ArtifactError(f"{path}: missing: not a complete lora-dist artifact")
-    return _manifest_json(path, str(path))
+    return _manifest_at(str(artifact))
 
 
-def _manifest_json(source: str | Path, where: str) -> dict[str, Any]:
+MANIFEST_LIMIT = 16 << 20  # a manifest lists a few files and the spec: a few kB
+
+
+def _manifest_at(location: str) -> bytes:
+    with _open_listed(location, MANIFEST_FILE) as (f, size):
+        if size > MANIFEST_LIMIT:
+            raise ArtifactError(f"{join(location, MANIFEST_FILE)}: {size} bytes, more than a manifest "
+                                f"holds ({MANIFEST_LIMIT})")
+        return f.read(size)
+
+
+def _manifest_json(source: str | bytes | Path, where: str) -> dict[str, Any]:
     """The manifest's JSON object as written (its signature is over exactly this), from its text
     or its file (bounded in size and nesting: safejson)."""
     try:
-        manifest = safejson.read(source, MAX_MANIFEST_BYTES) if isinstance(source, Path) else \
-            safejson.loads(source, MAX_MANIFEST_BYTES)
+        manifest = safejson.read(source, MANIFEST_LIMIT) if isinstance(source, Path) else \
+            safejson.loads(source, MANIFEST_LIMIT)
     except (OSError, ValueError) as e:  # a file not UTF-8 included
         raise ArtifactError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
@@ -325,84 +371,172 @@ def verify_artifact(artifact: Path, digest: str | None = None) -> Manifest:
         ArtifactError: naming the first missing, truncated, modified or unlisted file, or the
             manifest's digest or signature that does not match.
     """
+    return verify_with_digest(artifact, digest)[0]
+
+
+def verify_with_digest(artifact: Path, digest: str | None = None) -> tuple[Manifest, str]:
+    """:func:`verify_artifact`, and the sha256 of the manifest it checked: read once, so that the
+    digest reported is that of the manifest verified, never of one that replaced it since."""
+    artifact = Path(artifact)
+    data = _manifest_bytes(artifact)
+    manifest = check_manifest(data, str(artifact / MANIFEST_FILE), digest)
+    _refuse_unlisted(str(artifact), [p.name for p in artifact.iterdir()], manifest)
+    for name, sha in manifest.files.items():
+        copy_listed(str(artifact), name, sha)
+    return manifest, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _refuse_unlisted(location: str, names: list[str], manifest: Manifest) -> None:
+    if unlisted := sorted(set(names) - set(manifest.files) - {MANIFEST_FILE}):
+        raise ArtifactError(f"{location}: {unlisted[:5]} not listed in the manifest; an artifact holds only "
+                            f"the files its manifest lists")
+
+
+def check_manifest(data: bytes, where: str, digest: str | None = None) -> Manifest:
+    """The manifest in ``data`` (the bytes of ``where``), checked as :func:`verify_artifact` checks
+    it before any file: its sha256 against ``digest``, its signature where a key is set, the files
+    an artifact must list, each a plain name.
+
+    Raises:
+        ArtifactError: naming what does not match.
+    """
     import hmac
 
-    artifact = Path(artifact)
-    raw = _read_manifest_json(artifact)
-    if digest is not None and manifest_digest(artifact) != digest:
-        raise ArtifactError(f"{artifact / MANIFEST_FILE}: sha256 is {manifest_digest(artifact)}, expected {digest}: "
-                            f"the manifest was replaced")
+    if digest is not None and (actual := "sha256:" + hashlib.sha256(data).hexdigest()) != digest:
+        raise ArtifactError(f"{where}: sha256 is {actual}, expected {digest}: the manifest was replaced")
+    raw = _manifest_json(data.decode(), where)
     key = signing_key()
     if key is not None:  # over the JSON object as written, before it is read as a record
         signature = raw.get("signature")
         if not isinstance(signature, str):
-            raise ArtifactError(f"{artifact / MANIFEST_FILE}: not signed, and {SIGNING_KEY_ENV} is set")
+            raise ArtifactError(f"{where}: not signed, and {SIGNING_KEY_ENV} is set")
         if not hmac.compare_digest(signature, manifest_signature(raw, key)):
-            raise ArtifactError(f"{artifact / MANIFEST_FILE}: the signature does not match (the manifest was "
+            raise ArtifactError(f"{where}: the signature does not match (the manifest was "
                                 f"changed, or signed with another key)")
-    manifest = Manifest.from_json(raw, str(artifact / MANIFEST_FILE))
-    unlisted = sorted(p.name for p in artifact.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest.files)
-    if unlisted:
-        raise ArtifactError(f"{artifact}: {unlisted[:5]} not listed in the manifest; an artifact holds only "
-                            f"the files its manifest lists")
+    manifest = Manifest.from_json(raw, where)
     required_files = (FULL_MODEL_FILE,) if manifest.kind == "full" else (ADAPTER_FILE, CONFIG_FILE)
     for required in required_files:
         if required not in manifest.files:
-            raise ArtifactError(f"{artifact / MANIFEST_FILE}: does not list {required}")
-    for name, digest in manifest.files.items():
-        if Path(name).name != name:
-            raise ArtifactError(f"{artifact / MANIFEST_FILE}: file name {name!r} is not a plain name")
-        f = artifact / name
-        if not f.is_file():
-            raise ArtifactError(f"{f}: missing")
-        if sha256_file(f) != digest:
-            raise ArtifactError(f"{f}: sha256 mismatch (modified or truncated)")
+            raise ArtifactError(f"{where}: does not list {required}")
+    for name in manifest.files:
+        if Path(name).name != name or name in (".", "..", MANIFEST_FILE):
+            raise ArtifactError(f"{where}: file name {name!r} is not a plain name")
     return manifest
+
+
+@contextmanager
+def _open_listed(location: str, name: str) -> Iterator[tuple[Any, int]]:
+    """(binary stream, size) of the file ``name`` in the directory at a path or URI, opened only
+    if it is a regular file: never through a symlink (O_NOFOLLOW), never a FIFO or a device,
+    whose reads could block or never end.
+
+    Raises:
+        ArtifactError: it is missing, a link, or not a regular file.
+    """
+    where = join(location, name)
+    local = confine(location) if is_uri(location) and location.lower().startswith("file://") else location
+    if is_uri(local):
+        import pyarrow.fs as pafs
+
+        fs, base = filesystem(local)
+        info = fs.get_file_info(f"{base}/{name}")
+        if info.type != pafs.FileType.File:
+            raise ArtifactError(f"{where}: {'missing' if info.type == pafs.FileType.NotFound else 'not a file'}")
+        with fs.open_input_stream(f"{base}/{name}") as f:
+            yield f, info.size
+        return
+    try:  # O_NONBLOCK: opening a FIFO does not wait for a writer; it is refused below
+        fd = os.open(Path(local) / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ArtifactError(f"{where}: missing") from None
+    except OSError as e:  # ELOOP: the last component is a symlink
+        raise ArtifactError(f"{where}: cannot be opened as a plain file ({e.strerror}; a symlink is never "
+                            f"followed)") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{where}: not a regular file (a directory, FIFO or device is never read as "
+                                f"part of an artifact)")
+        yield f, st.st_size
+
+
+def copy_listed(location: str, name: str, sha: str, dest: Path | None = None) -> None:
+    """Read the listed file ``name`` of the artifact at ``location`` (:func:`_open_listed`), no
+    more than its size, checking its sha256 as it is read; with ``dest``, write it there as read.
+
+    Raises:
+        ArtifactError: the file is not a regular file, changed size while read, or fails its sha256.
+    """
+    where = join(location, name)
+    h, n = hashlib.sha256(), 0
+    with _open_listed(location, name) as (f, size), (open(dest, "xb") if dest else nullcontext()) as o:
+        while n <= size and (block := f.read(min(1 << 22, size + 1 - n))):
+            n += len(block)
+            h.update(block)
+            if o is not None:
+                o.write(block)
+    if n != size:
+        raise ArtifactError(f"{where}: {n if n <= size else 'more than ' + str(size)} bytes read where its size "
+                            f"is {size} (it changed while read)")
+    if h.hexdigest() != sha:
+        raise ArtifactError(f"{where}: sha256 mismatch (modified or truncated)")
 
 
 # --- moving artifacts -----------------------------------------------------------------------------
 
-def publish(local_artifact: Path, uri: str) -> str:
+def publish(local_artifact: Path, uri: str, within: str | None = None) -> str:
     """Upload a finished local artifact to a URI, manifest last: without it nothing looks complete.
 
     Raises:
-        JobError: an artifact of that name already exists there.
+        JobError: an artifact of that name already exists there, or it is not under ``within``.
     """
     dest = join(uri, local_artifact.name)
+    confine(dest, within)
     if read_bytes(join(dest, MANIFEST_FILE)) is not None:
         raise JobError(f"{dest} already exists; an artifact is never overwritten")
     files = sorted((p for p in local_artifact.iterdir() if p.is_file()), key=lambda p: p.name == MANIFEST_FILE)
-    upload({f.name: f for f in files}, dest)
+    upload({f.name: f for f in files}, dest, within)
     return dest
 
 
 def fetch(location: str, out: Path, digest: str | None = None) -> Path:
-    """Copy an artifact (local path or URI) to ``out`` and verify every sha256, and with
-    ``digest`` (what the job recorded when it published) the manifest's own; the copy appears at
-    ``out`` only once it has passed.
+    """Copy an artifact (local path or URI) to ``out``: its manifest, checked first (with
+    ``digest``, what the job recorded when it published, its sha256 too), then only the files it
+    lists, each a regular file read no further than its size and checked against its sha256 as it
+    is copied (:func:`copy_listed`); the copy appears at ``out`` only once all have passed.
 
     Raises:
         JobError: ``out`` exists, or the source is not a complete artifact.
         ArtifactError: a file fails verification (the copy is removed).
     """
+    out = Path(out)
     if out.exists():
         raise JobError(f"{out} already exists; fetch never overwrites (choose another --out)")
-    if read_bytes(join(location, MANIFEST_FILE)) is None:
-        if is_uri(location):
-            raise JobError(f"{location}: no {MANIFEST_FILE}: not a complete artifact")
-        raise JobError(f"{Path(location)}: no {MANIFEST_FILE}: not a complete artifact (or not reachable from here)")
-    with atomic_dir(out) as partial:
-        if is_uri(location):
-            import pyarrow.fs as pafs
-
-            pafs.copy_files(location, str(partial), destination_filesystem=pafs.LocalFileSystem())
-        else:
-            shutil.copytree(location, partial, dirs_exist_ok=True)
+    where = join(location, MANIFEST_FILE)
+    try:
+        data = _manifest_at(location)
+    except (ArtifactError, OSError, ValueError) as e:
+        raise JobError(f"{location}: no readable {MANIFEST_FILE} ({e}): not a complete artifact"
+                       f"{'' if is_uri(location) else ' (or not reachable from here)'}") from None
+    try:
+        manifest = check_manifest(data, where, digest)
+        _refuse_unlisted(location, list_dir(location), manifest)
+        with atomic_dir(out) as partial:  # only the listed files, each checked as it is copied
+            (partial / MANIFEST_FILE).write_bytes(data)
+            for name, sha in manifest.files.items():
+                copy_listed(location, name, sha, partial / name)
+    except ArtifactError as e:
+        raise ArtifactError(f"{e}; the artifact was changed since it was published, and nothing was "
+                            f"fetched") from None
+    except OSError:  # the rename: another fetch to the same out finished first
+        if not out.exists():
+            raise
+        mine = "sha256:" + hashlib.sha256(data).hexdigest()
         try:
-            verify_artifact(partial, digest=digest)
-        except ArtifactError as e:
-            raise ArtifactError(f"{location}: {e}; the artifact was changed since it was published, and nothing "
-                                f"was fetched") from None
+            verify_artifact(out, digest=mine)
+        except ArtifactError:
+            raise JobError(f"{out} appeared while this fetch ran and holds another artifact; nothing was "
+                           f"overwritten") from None
     return out
 
 
@@ -411,6 +545,13 @@ def fetch(location: str, out: Path, digest: str | None = None) -> Path:
 def output_root() -> Path:
     """Where a cluster's local artifacts may go: $LORA_DIST_OUTPUT_ROOT, else the current directory."""
     return Path(os.environ.get("LORA_DIST_OUTPUT_ROOT") or os.getcwd()).expanduser().resolve()
+
+
+def data_roots() -> list[str]:
+    """Where a job on a cluster may read local data: the directories of $LORA_DIST_DATA_ROOT
+    (one, or several separated by ':'), else the output root; each resolved."""
+    roots = [r for r in os.environ.get("LORA_DIST_DATA_ROOT", "").split(os.pathsep) if r]
+    return [str(Path(r).expanduser().resolve()) for r in roots] or [str(output_root())]
 
 
 def cache_root() -> Path:
@@ -443,15 +584,14 @@ def output_root_problem(output_dir: str) -> str | None:
     cluster writes only under that cluster's ``LORA_DIST_OUTPUT_ROOT``. A job on the embedded
     default runs as the user on the user's machine and may write to any directory it can.
     """
-    local = output_dir
-    if is_uri(local):
-        scheme, rest = local.split("://", 1)
-        if scheme.lower() != "file":
-            return None
-        local = "/" + rest.lstrip("/")  # file:///a/b and file://a/b (no host) both name /a/b
+    if is_uri(output_dir) and output_dir.split("://", 1)[0].lower() != "file":
+        return None
     root = output_root()
-    target = Path(local).expanduser().resolve()
-    if target == root or root in target.parents:
+    try:
+        target = confine(output_dir)  # the place pyarrow or the OS will write: decoded, symlinks resolved
+    except JobError as e:
+        return f"output.dir: {e}"
+    if under(target, str(root)):
         return None
     why = ("" if os.environ.get("LORA_DIST_OUTPUT_ROOT") else
            "; LORA_DIST_OUTPUT_ROOT is not set here, so the root is the working directory: start Ray with "

@@ -39,8 +39,9 @@ from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_m
 from lora_dist.progress import Metrics
 from lora_dist.records import EpochPlan
 from lora_dist.spec import JobSpec
-from lora_dist.store import METRICS_FILE, artifact_location, cache_root, check_job_id, digest_at, is_uri, \
-    new_job_id, publish, work_dir
+from lora_dist.confine import confine
+from lora_dist.store import METRICS_FILE, artifact_location, cache_root, check_job_id, digest_at, is_uri, job_root, \
+    make_work_dir, new_job_id, publish
 from lora_dist.tracking import tracked
 from lora_dist.validate import validate_job
 
@@ -401,9 +402,11 @@ def validate(loop: Loop, step: int) -> float:
     return value
 
 
-def export(loop: Loop, built: LoadedModel, job_id: str, fields: dict[str, Any], staging: Path) -> str | None:
+def export(loop: Loop, built: LoadedModel, job_id: str, fields: dict[str, Any], staging: Path,
+           within: str | None = None) -> str | None:
     """Gather the trained weights (a collective: every rank enters) and, on the main process,
-    write the artifact (to ``staging`` first when output.dir is a URI, then upload it).
+    write the artifact (to ``staging`` first when output.dir is a URI, then upload it), under the
+    job's root ``within`` as it is written (store.confine: JobError, nothing written, where not).
 
     Returns:
         The artifact's location on the main process, None elsewhere.
@@ -422,8 +425,10 @@ def export(loop: Loop, built: LoadedModel, job_id: str, fields: dict[str, Any], 
         return None
     out = spec.output.dir
     dest = Path(artifact_location(str(staging) if is_uri(out) else out, spec.name, job_id))
+    if not is_uri(out):
+        confine(dest, within)
     artifact = write_job_artifact(dest, spec, job_id, built, lora, full_state, fields, loop.metrics.path)
-    return publish(artifact, out) if is_uri(out) else str(artifact)
+    return publish(artifact, out, within) if is_uri(out) else str(artifact)
 
 
 # --- the single-process entry points --------------------------------------------------------------
@@ -482,9 +487,9 @@ def _train_here(spec: JobSpec, job_id: str, say: Callable[[str], None], stream, 
     steps, epoch_plan = planned_steps(spec, plan, 1)
     if epoch_plan is not None:
         say(plan_line(epoch_plan, spec.data.batching))
-    work = work_dir(spec.output.dir, spec.name, job_id)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    root = job_root(spec.output.dir)  # symlinks resolved now: one planted later is not followed
+    shutil.rmtree(make_work_dir(spec.output.dir, spec.name, job_id, root))  # checked first: never another's
+    work = make_work_dir(spec.output.dir, spec.name, job_id, root)
     loop = Loop(spec, LocalRunner(built.model, spec, spec.train.grad_accum, steps), data, placement.device,
                 ranks=[0], world_size=1,
                 metrics=Metrics(work / METRICS_FILE, spec, main=True, stream=stream, tracker=tracker),
@@ -497,7 +502,7 @@ def _train_here(spec: JobSpec, job_id: str, say: Callable[[str], None], stream, 
         fields = {"world_size": 1, "zero_stage": 0, "steps": steps_run(loop), "final_loss": run.loss,
                   "val_loss_before": val_before, "val_loss_after": val_after, "precision": placement.record(),
                   **epoch_fields(loop)}
-        return export(loop, built, job_id, fields, staging=work / "staging")
+        return export(loop, built, job_id, fields, staging=work / "staging", within=root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

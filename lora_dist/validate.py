@@ -23,6 +23,8 @@ place. Which checks an entry point makes depends on where it runs:
                  (chat.check_chat)
     nodes        a job of several workers writes where every node sees it (store.multi_node_storage_problem)
     output root  a local output.dir under the cluster's $LORA_DIST_OUTPUT_ROOT (store.output_root_problem)
+    data root    a local data.path / data.val_path under the cluster's $LORA_DIST_DATA_ROOT, else its
+                 output root (datafiles.data_root_problem); a storage or hub URI is the storage's business
     tracking     tracking.mlflow / tracking.tensorboard need their package here (tracking.missing_packages)
 
 Imports nothing heavy until a check that needs it runs: ``lora-dist submit --address`` checks the
@@ -35,14 +37,15 @@ from typing import Literal
 
 from lora_dist.hub import hub_ref, pin
 from lora_dist.spec import JobSpec, SpecError
-from lora_dist.store import multi_node_storage_problem, output_root_problem
+from lora_dist.datafiles import data_root_problem
+from lora_dist.store import data_roots, multi_node_storage_problem, output_root_problem
 
 Where = Literal["train", "submit", "remote", "cluster", "build"]
 CHECKS: dict[str, tuple[str, ...]] = {
     "train": ("fp16", "model", "packing", "data", "chat", "tracking"),
     "submit": ("model", "packing", "data", "chat", "tracking"),
     "remote": ("nodes", "model", "packing", "data", "chat"),
-    "cluster": ("output_root",),
+    "cluster": ("output_root", "data_root"),
     "build": ("packing", "tracking"),
 }
 
@@ -67,6 +70,8 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
     problems = []
     if "output_root" in checks:
         problems.append(output_root_problem(spec.output.dir))
+    if "data_root" in checks:
+        problems += [data_root_problem(f"data.{k}", getattr(spec.data, k), data_roots()) for k in ("path", "val_path")]
     if "nodes" in checks:
         problems.append(multi_node_storage_problem(spec.output.dir, spec.cluster.workers, spec.output.shared))
     if "fp16" in checks:

@@ -45,7 +45,7 @@ from lora_dist.runtime_env import redacted
 from lora_dist.spec import JobSpec, spec_from_dict
 from lora_dist.specid import spec_digest
 from lora_dist.store import MANIFEST_FILE, METRICS_FILE, PROBE_FILE, artifact_location, check_job_id, digest_at, \
-    is_uri, join, parse_manifest, read_text, verify_artifact, write_storage_probe
+    is_uri, join, make_work_dir, parse_manifest, read_text, verify_artifact, write_storage_probe
 from lora_dist.epochs import plan_line, planned_steps
 from lora_dist.progress import Metrics
 from lora_dist.records import EpochPlan
@@ -79,6 +79,7 @@ class Worker:
     nodes: list[Any] = field(default_factory=list)  # each rank's Ray node in this attempt
     base: str = ""  # model.base as resolved for every rank: a hub id pinned to one commit (hub.pin)
     earlier_nodes: list[list[Any]] = field(default_factory=list)  # those of the attempts it resumes
+    root: str | None = None  # where every file of the job goes (store.job_root): each writer confines to it
 
     @property
     def device(self) -> torch.device:
@@ -125,10 +126,10 @@ def _run(w: Worker, config: dict[str, Any], ray_io: RayIO, tracker: Tracker) -> 
               "node_history": [*w.earlier_nodes, nodes],  # each attempt that trained, oldest first
               "int8_partition_bytes": parts["int8_local_bytes"], "int8_full_bytes": parts["int8_full_bytes"],
               "precision": w.placement.record(), "zero_settings": w.zero, **epoch_fields(loop)}
-    location = export(loop, built, w.job_id, fields, staging=w.work_dir / "staging")
+    location = export(loop, built, w.job_id, fields, staging=w.work_dir / "staging", within=w.root)
     if w.rank == 0:
         loop.metrics.say(f"artifact written: {location}")
-        ckpt.remove_all(w.checkpoints)  # the artifact holds what they did
+        ckpt.remove_all(w.checkpoints, w.root)  # the artifact holds what they did
     dist.barrier()
     digest = digest_at(location) if w.rank == 0 else None
     tracker.artifact(location, digest)
@@ -194,7 +195,7 @@ def _check_storage(w: Worker, nodes: list[Any], token: str | None) -> None:
     probe = w.work_dir / PROBE_FILE
     if token is None:
         if w.rank == 0:
-            w.work_dir.mkdir(parents=True, exist_ok=True)
+            make_work_dir(w.spec.output.dir, w.spec.name, w.job_id, w.root)
             token = write_storage_probe(w.work_dir)
         token = _broadcast(w, token)
     try:
@@ -243,7 +244,8 @@ def _setup(config: dict[str, Any], ray_io: RayIO) -> Worker:
     if not placement.cuda:
         torch.set_num_threads(max(1, spec.cluster.cpus_per_worker))
     seed_everything(spec.train.seed + rank)
-    return Worker(spec, check_job_id(config["job_id"]), Path(config["work_dir"]), rank, world, placement, ray_io)
+    return Worker(spec, check_job_id(config["job_id"]), Path(config["work_dir"]), rank, world, placement, ray_io,
+                  root=config.get("job_root"))
 
 
 def _build(w: Worker, model_dir: Path, tokenizer, max_steps: int
@@ -358,7 +360,7 @@ def _checkpoint(w: Worker, engine, loop: Loop, step: int, loss: float) -> None:
         if loop.early is not None:  # the best adapter so far, and how long since it improved
             state = state.updated(early_stop=loop.early.state())
             tensors = {**tensors, **loop.early.tensors()}
-        ckpt.write(w.checkpoints, step, tensors, state, loop.metrics.text(), say=w.say)
+        ckpt.write(w.checkpoints, step, tensors, state, loop.metrics.text(), say=w.say, within=w.root)
     dist.barrier()  # nobody goes on before the checkpoint is complete
 
 

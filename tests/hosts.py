@@ -266,7 +266,8 @@ class Lab:
     def start_head(self, cpus: int) -> None:
         """Host A: a Ray head with the Jobs API, whose output root is the shared mount. A dead
         node is noticed within ~5 s (1 s health checks, 5 misses) instead of Ray's default ~15 s."""
-        env = self.ray_env(LORA_DIST_OUTPUT_ROOT=str(self.mount), RAY_health_check_period_ms="1000",
+        env = self.ray_env(LORA_DIST_OUTPUT_ROOT=str(self.mount), LORA_DIST_DATA_ROOT=str(REPO / "jobs" / "data"),
+                           RAY_health_check_period_ms="1000",
                            RAY_health_check_failure_threshold="5")
         proc = self.a.run(RAY, "start", "--head", f"--node-ip-address={self.a.ip}", f"--port={GCS_PORT}",
                           f"--num-cpus={cpus}", "--include-dashboard=true", f"--dashboard-host={self.a.ip}",
@@ -294,7 +295,8 @@ class Lab:
         """``host`` joins the head as a worker node (see :meth:`wait_for_nodes` for when it counts)."""
         proc = host.run(RAY, "start", f"--address={self.gcs}", f"--node-ip-address={host.ip}", f"--num-cpus={cpus}",
                         "--temp-dir=/tmp/ray", "--disable-usage-stats", "--object-store-memory=200000000",
-                        env=self.ray_env(LORA_DIST_OUTPUT_ROOT=str(self.mount)))
+                        env=self.ray_env(LORA_DIST_OUTPUT_ROOT=str(self.mount),
+                                         LORA_DIST_DATA_ROOT=str(REPO / "jobs" / "data")))
         if proc.returncode != 0:
             raise RuntimeError(f"ray start on {host.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 

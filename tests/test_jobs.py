@@ -142,11 +142,13 @@ def head(tmp_path_factory):
     """A real Ray head (`ray start --head`), whose own processes are ended at teardown. Yields
     (address, env).
 
-    The cluster's output root is pytest's temporary directory: the jobs' output.dirs are under it."""
+    The cluster's output root is pytest's temporary directory: the jobs' output.dirs are under it;
+    its data roots are the repository's jobs/data and that directory."""
     import tempfile
     tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # Ray's unix sockets need a short path
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["LORA_DIST_OUTPUT_ROOT"] = str(tmp_path_factory.getbasetemp())
+    env["LORA_DIST_DATA_ROOT"] = f"{REPO / 'jobs' / 'data'}{os.pathsep}{tmp_path_factory.getbasetemp()}"
     _start_head(tmp / "ray", env, port=6389, dashboard_port=DASHBOARD_PORT)
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
     HEAD_DIRS[address] = tmp / "ray"

@@ -19,6 +19,7 @@ def _spec(base, *more: str):
 def test_each_entry_point_makes_the_checks_of_where_it_runs(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LORA_DIST_OUTPUT_ROOT", raising=False)
+    monkeypatch.setenv("LORA_DIST_DATA_ROOT", str(E2E_CSV.parent))  # the cluster's, holding the data
     good = _spec(tiny_llama_dir, f"output.dir={tmp_path / 'runs'}")
     for where in CHECKS:
         validate_job(good, where)
