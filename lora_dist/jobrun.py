@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from lora_dist.errors import JobError, JobFailed
+from lora_dist.errors import ArtifactError, JobError, JobFailed, SettingError
 from lora_dist.jobs import ARTIFACT_PREFIX, MANIFEST_PREFIX
 from lora_dist.launch import run_job
 from lora_dist.spec import SpecError, load_spec, spec_from_dict
@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
             payload = json.loads(path.read_text())
             spec, job_id = spec_from_dict(payload["spec"], source=str(path)), check_job_id(payload["job_id"])
         validate_job(spec, "cluster")
-    except (SpecError, JobError) as e:
+    except (SpecError, JobError, SettingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         artifact = run_job(spec, job_id=job_id, address="auto")
-    except JobFailed as e:
+    except (JobFailed, ArtifactError) as e:  # ArtifactError: a checkpoint it must not resume from
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{ARTIFACT_PREFIX}{artifact}", flush=True)

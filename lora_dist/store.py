@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from lora_dist.errors import ArtifactError, JobError
+from lora_dist.errors import ArtifactError, JobError, SettingError
 from lora_dist.records import ADAPTER_FORMAT as FORMAT
 from lora_dist.records import Manifest
 
@@ -282,9 +282,19 @@ SIGNING_KEY_ENV = "LORA_DIST_SIGNING_KEY"
 
 
 def signing_key() -> bytes | None:
-    """The HMAC key artifacts are signed and checked with (``$LORA_DIST_SIGNING_KEY``), if set."""
+    """The HMAC key artifacts and checkpoints are signed and checked with (``$LORA_DIST_SIGNING_KEY``),
+    if set.
+
+    Raises:
+        SettingError: the variable is set but empty or blank: that would silently mean "unsigned".
+    """
     key = os.environ.get(SIGNING_KEY_ENV)
-    return key.encode() if key else None
+    if key is None:
+        return None
+    if not key.strip():
+        raise SettingError(f"{SIGNING_KEY_ENV} is set but empty: artifacts and checkpoints would go unsigned and "
+                           f"unchecked. Set it to the key, or unset it to work without signatures")
+    return key.encode()
 
 
 def manifest_signature(manifest: dict[str, Any], key: bytes) -> str:
@@ -322,11 +332,11 @@ def verify_artifact(artifact: Path, digest: str | None = None) -> Manifest:
     import hmac
 
     artifact = Path(artifact)
+    key = signing_key()
     raw = _read_manifest_json(artifact)
     if digest is not None and manifest_digest(artifact) != digest:
         raise ArtifactError(f"{artifact / MANIFEST_FILE}: sha256 is {manifest_digest(artifact)}, expected {digest}: "
                             f"the manifest was replaced")
-    key = signing_key()
     if key is not None:  # over the JSON object as written, before it is read as a record
         signature = raw.get("signature")
         if not isinstance(signature, str):
