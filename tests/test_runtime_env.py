@@ -7,7 +7,6 @@ to a real head around lora-dist's client."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -131,20 +130,36 @@ def test_jobrun_refuses_a_runtime_env_outside_the_rules_before_running(tmp_path,
     assert ran == ["ran"]
 
 
+# Submits through Ray's own client in a fresh interpreter: Ray reads RAY_AUTH_MODE when it is
+# imported, and an earlier test of the session may have imported it without.
+AROUND_THE_CLIENT = """
+import json, sys, time
+from lora_dist.jobs import ENTRYPOINT, WORKER_ENV, client, enable_token_auth
+enable_token_auth()  # before ray is imported
+address, work, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+c = client(address)
+sid = c.submit_job(entrypoint=ENTRYPOINT, runtime_env={"working_dir": work, "env_vars": {**extra, **WORKER_ENV}})
+deadline = time.time() + 300
+while str(c.get_job_status(sid).value) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.time() < deadline:
+    time.sleep(1)
+print(json.dumps({"state": str(c.get_job_status(sid).value), "logs": c.get_job_logs(sid)}))
+"""
+
+
 @pytest.mark.slow
 def test_a_job_submitted_around_the_client_is_refused_by_the_cluster(tmp_path):
     """Through Ray's own JobSubmissionClient (no lora-dist checks on the way), with lora-dist's
     entrypoint and spec file but NCCL_NET_PLUGIN in the runtime_env: the job FAILS with jobrun's
     message and trains nothing; the same submission without it gets past that check to the next
     one (its output.dir is outside the output root: refused there, so nothing trains either)."""
-    from ray.job_submission import JobSubmissionClient
-
-    from lora_dist.jobs import ENTRYPOINT, SPEC_FILE, WORKER_ENV, client
-    from test_jobs import DASHBOARD_PORT, _start_head, _stop_head, _wait_for_api
-
     import os
     import shutil
+    import subprocess
+    import sys
     import tempfile
+
+    from lora_dist.jobs import SPEC_FILE
+    from test_jobs import DASHBOARD_PORT, _start_head, _stop_head, _wait_for_api
 
     tmp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
@@ -153,23 +168,20 @@ def test_a_job_submitted_around_the_client_is_refused_by_the_cluster(tmp_path):
     address = f"http://127.0.0.1:{DASHBOARD_PORT + 2}"
     try:
         _wait_for_api(address)
-        c = client(address)
-        assert isinstance(c, JobSubmissionClient)
         work = tmp_path / "wd"
         work.mkdir()
         (work / SPEC_FILE).write_text(json.dumps({"spec": {"name": "x", "output": {"dir": "/etc/runs"}},
                                                   "job_id": "j1"}))
-        logs = {}
+        ended = {}
         for case, extra in (("planted", {"NCCL_NET_PLUGIN": "/tmp/evil.so"}), ("clean", {})):
-            sid = c.submit_job(entrypoint=ENTRYPOINT, runtime_env={"working_dir": str(work),
-                                                                   "env_vars": {**extra, **WORKER_ENV}})
-            deadline = time.time() + 300
-            while str(c.get_job_status(sid).value) not in ("SUCCEEDED", "FAILED", "STOPPED") and time.time() < deadline:
-                time.sleep(1)
-            assert str(c.get_job_status(sid).value) == "FAILED", case
-            logs[case] = c.get_job_logs(sid)
-        assert "breaks this cluster's rules" in logs["planted"] and "NCCL_NET_PLUGIN" in logs["planted"], logs
-        assert "breaks this cluster's rules" not in logs["clean"] and "is outside the output root" in logs["clean"], logs["clean"]
+            proc = subprocess.run([sys.executable, "-c", AROUND_THE_CLIENT, address, str(work), json.dumps(extra)],
+                                  capture_output=True, text=True, env=env, timeout=400)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            ended[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert ended[case]["state"] == "FAILED", (case, ended[case])
+        planted, clean = ended["planted"]["logs"], ended["clean"]["logs"]
+        assert "breaks this cluster's rules" in planted and "NCCL_NET_PLUGIN is not on the allow-list" in planted, planted
+        assert "breaks this cluster's rules" not in clean and "is outside the output root" in clean, clean
     finally:
         left = _stop_head(tmp / "ray")
         shutil.rmtree(tmp, ignore_errors=True)
