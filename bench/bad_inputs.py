@@ -206,6 +206,51 @@ CASES = [
 ]
 
 
+def runtime_env_job(env_vars: str) -> str:
+    return GOOD + f"cluster: {{runtime_env: {{env_vars: {{{env_vars}}}}}}}\n"
+
+
+# runtime_env refusals (issue 31, items 4 and 5), each with the cluster settings it runs under:
+# (case, YAML, --set overrides, expected text in the message, environment)
+ENV_CASES = [
+    *[(f"runtime_env {name} (off the allow-list)", runtime_env_job(f"{name}: x"), [],
+       f"env_vars: {name} is not on the allow-list", {})
+      for name in ("NCCL_NET_PLUGIN", "OPENSSL_CONF", "GCONV_PATH", "SSL_CERT_FILE", "HTTPS_PROXY", "AWS_ENDPOINT_URL",
+                   "AWS_CONFIG_FILE", "HF_ENDPOINT", "MLFLOW_TRACKING_URI")],
+    *[(f"runtime_env {name} (a secret)", runtime_env_job(f"{name}: s3cr3t"), [],
+       f"env_vars: {name} is refused: it names a secret", {})
+      for name in ("HF_TOKEN", "MY_SERVICE_TOKEN", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD",
+                   "GOOGLE_APPLICATION_CREDENTIALS")],
+    ("runtime_env a lower-case secret", runtime_env_job("db_secret: s3cr3t"), [],
+     "env_vars: 'db_secret' is refused: it names a secret", {}),
+    ("runtime_env secret the cluster's list covers", runtime_env_job("MY_API_KEY: s3cr3t"), [],
+     "MY_API_KEY is refused: it names a secret", {"LORA_DIST_ALLOW_ENV": "MY_*"}),
+    ("runtime_env LD_PRELOAD the cluster's list covers", runtime_env_job("LD_PRELOAD: /tmp/x.so"), [],
+     "LD_PRELOAD is refused", {"LORA_DIST_ALLOW_ENV": "LD_*"}),
+    ("a malformed LORA_DIST_ALLOW_ENV", runtime_env_job("MY_URL: x"), [], "$LORA_DIST_ALLOW_ENV: 'my url' is not",
+     {"LORA_DIST_ALLOW_ENV": "MY_*,my url"}),
+    ("pip where the cluster turned it off", GOOD + "cluster: {runtime_env: {pip: ['sentencepiece==0.2.0']}}\n", [],
+     "pip is turned off on this cluster ($LORA_DIST_ALLOW_PIP=0)", {"LORA_DIST_ALLOW_PIP": "0"}),
+    ("pip under a LORA_DIST_ALLOW_PIP that is neither", GOOD + "cluster: {runtime_env: {pip: ['sentencepiece']}}\n",
+     [], "$LORA_DIST_ALLOW_PIP is 'maybe' on this cluster, expected 0 or 1", {"LORA_DIST_ALLOW_PIP": "maybe"}),
+]
+
+
+@contextlib.contextmanager
+def environment(settings: dict[str, str]):
+    """The cluster settings of a case, for its duration only."""
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_case(yaml_text: str, overrides: list[str], workdir: Path) -> tuple[int, str]:
     job = workdir / "job.yaml"
     job.write_text(yaml_text)
@@ -226,14 +271,15 @@ def main() -> int:
         for name, text in DATA_FILES.items():
             Path(tmp, name).write_text(text)
         write_models(Path(tmp))
-        for name, text, overrides, expected in CASES:
-            code, message = run_case(text, overrides, Path(tmp))
+        for name, text, overrides, expected, *settings in [*CASES, *ENV_CASES]:
+            with environment(settings[0] if settings else {}):
+                code, message = run_case(text, overrides, Path(tmp))
             ok = code == 2 and expected in message and len(message) <= MAX_MESSAGE
             failures += not ok
             lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip() and not ln.startswith("error: invalid")]
             shown = (lines[-1] if lines else message).removeprefix("error: ")
             print(f"{'ok ' if ok else 'BAD'} | {name:<45} | exit {code} | {shown}")
-    print(f"{len(CASES) - failures} passed, {failures} failed")
+    print(f"{len(CASES) + len(ENV_CASES) - failures} passed, {failures} failed")
     return 1 if (args.check and failures) else 0
 
 

@@ -10,16 +10,22 @@ worker count. The frozen int8 base is never in it; it is reloaded from the base 
         state.json                step, next batch index, optimizer step count, scheduler, loss
                                   scaler, every rank's RNG state, the spec and its digest
         metrics.jsonl             the job's history up to this step (each step once)
-        manifest.json             sha256 of each file above, written last
+        manifest.json             sha256 of each file above, written last; with $LORA_DIST_SIGNING_KEY
+                                  set, its HMAC-SHA256 too (store.manifest_signature, as artifacts)
 
 A directory without a manifest, with a file that fails its sha256, or with a file the manifest
 does not list is torn or tampered: :func:`latest` skips it for the previous complete one and
-says so. Only the newest :data:`KEEP` complete checkpoints are kept.
+says so. With a signing key set, a checkpoint whose manifest is unsigned or signed otherwise was
+not written by this cluster's jobs (whoever can write ``.checkpoints/`` can plant a
+self-consistent one, and the export would then sign what it trained): it is refused, the job
+fails, and the checkpoint is left in place for whoever looks into it. Only the newest
+:data:`KEEP` complete checkpoints are kept.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 from dataclasses import dataclass
@@ -31,7 +37,8 @@ from lora_dist.records import CheckpointState
 from lora_dist.spec import JobSpec
 from lora_dist.specid import spec_differences, spec_digest
 from lora_dist.confine import confine
-from lora_dist.store import atomic_dir, is_uri, join, list_dir, read_bytes, remove_tree, run_name, upload
+from lora_dist.store import SIGNING_KEY_ENV, atomic_dir, is_uri, join, list_dir, manifest_signature, read_bytes, \
+    remove_tree, run_name, signing_key, upload
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "state.json"
@@ -59,6 +66,11 @@ class Checkpoint:
 
 class SpecChanged(ValueError):
     """A job id was resubmitted with a spec that trains something else."""
+
+
+class UntrustedCheckpoint(ArtifactError):
+    """With a signing key set, a checkpoint that is unsigned or signed otherwise: never resumed
+    from, never skipped over, never deleted."""
 
 
 def _list_steps(root: str) -> list[tuple[int, str]]:
@@ -97,6 +109,9 @@ def write(root: str, step: int, tensors: dict[str, Any], state: CheckpointState,
              METRICS: metrics_text.encode()}
     manifest = {"format": FORMAT, "step": step,
                 "files": {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}}
+    key = signing_key()
+    if key is not None:  # over the step and every file's sha256, so over the whole checkpoint
+        manifest["signature"] = manifest_signature(manifest, key)
     files[MANIFEST] = json.dumps(manifest, sort_keys=True).encode()  # last
     dest = join(root, name)
     confine(dest, within)
@@ -133,6 +148,7 @@ def _read_verified(location: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     """The manifest and every file's bytes of one checkpoint directory, each checked.
 
     Raises:
+        UntrustedCheckpoint: a signing key is set and the manifest is unsigned or signed otherwise.
         ArtifactError: no manifest, a file missing or failing its sha256, or a file not listed.
     """
     raw = read_bytes(join(location, MANIFEST))
@@ -145,6 +161,7 @@ def _read_verified(location: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or \
             set(manifest.get("files") or {}) != {STATE_TENSORS, STATE_JSON, METRICS}:
         raise ArtifactError(f"{join(location, MANIFEST)}: not a {FORMAT} manifest")
+    _check_signature(manifest, join(location, MANIFEST))
     unlisted = sorted(set(list_dir(location)) - set(manifest["files"]) - {MANIFEST})
     if unlisted:
         raise ArtifactError(f"{location}: {unlisted[:5]} not listed in its manifest; nothing unlisted is read")
@@ -159,12 +176,35 @@ def _read_verified(location: str) -> tuple[dict[str, Any], dict[str, bytes]]:
     return manifest, data
 
 
+def _check_signature(manifest: dict[str, Any], where: str) -> None:
+    key = signing_key()
+    if key is None:
+        return
+    signature = manifest.get("signature")
+    kept = ("; it is left in place and nothing resumes from it: remove it once looked into, or run the job "
+            "under a new --job-id")
+    if not isinstance(signature, str):
+        raise UntrustedCheckpoint(f"{where}: not signed, and {SIGNING_KEY_ENV} is set: this cluster's jobs sign their "
+                                  f"checkpoints, so this one was written by something else or before the key was "
+                                  f"set{kept}")
+    if not hmac.compare_digest(signature, manifest_signature(manifest, key)):
+        raise UntrustedCheckpoint(f"{where}: the signature does not match (the checkpoint was changed, or signed "
+                                  f"with another key){kept}")
+
+
 def latest(root: str, say: Callable[[str], None] = lambda s: None) -> str | None:
     """The newest checkpoint under ``root`` that verifies; torn or tampered ones are skipped,
-    each with a line through ``say``. None where there is none."""
+    each with a line through ``say``. None where there is none.
+
+    Raises:
+        UntrustedCheckpoint: the newest complete checkpoint is unsigned or signed otherwise while
+            a signing key is set (never skipped for an older one: the job fails).
+    """
     for step, location in _list_steps(root):
         try:
             _read_verified(location)
+        except UntrustedCheckpoint:
+            raise
         except ArtifactError as e:
             say(f"checkpoint of step {step} skipped: {e}")
             continue

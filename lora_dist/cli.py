@@ -330,10 +330,10 @@ def main(argv: list[str] | None = None) -> int:
 def _error_exit(e: BaseException) -> int | None:
     """Print ``e`` as the user's error and return its exit code; None for an error that is a bug."""
     from lora_dist.sources import DataError
-    from lora_dist.errors import ArtifactError, JobError, JobFailed, ModelError
+    from lora_dist.errors import ArtifactError, JobError, JobFailed, ModelError, SettingError
     from lora_dist.spec import SpecError
 
-    for kinds, code in (((SpecError, ModelError, DataError), EXIT_BAD_INPUT), ((ArtifactError, JobFailed), EXIT_FAILED),
+    for kinds, code in (((SpecError, ModelError, DataError, SettingError), EXIT_BAD_INPUT), ((ArtifactError, JobFailed), EXIT_FAILED),
                         ((JobError,), EXIT_UNREACHABLE)):
         if isinstance(e, kinds):
             print(f"error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from lora_dist.errors import ArtifactError, JobError, JobFailed, ModelError
+from lora_dist.errors import ArtifactError, JobError, JobFailed, ModelError, SettingError
 from lora_dist.jobs import TERMINAL, JobStatus, binding, check_binding, progress, quiet_libraries, until_ended
 from lora_dist.registry import lock_job, new_record, process_start, read_record, record, registry_dir, \
     require_record, restore_record, same_process, stop_requested
@@ -414,7 +414,7 @@ def _signal(pid: int, signum: int) -> None:
 def _bad_input() -> tuple[type, ...]:
     from lora_dist.sources import DataError
 
-    return SpecError, ModelError, DataError, JobError
+    return SpecError, ModelError, DataError, JobError, SettingError
 
 
 def _error_payload(e: BaseException) -> dict[str, Any]:

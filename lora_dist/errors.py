@@ -24,5 +24,10 @@ class JobError(RuntimeError):
     """A job or artifact location cannot be found, reached or acted on; the message says which and why."""
 
 
+class SettingError(ValueError):
+    """A lora-dist setting in the environment (``$LORA_DIST_SIGNING_KEY``, ...) is unusable; the
+    message names it. Bad input (exit 2), as a bad spec is."""
+
+
 class NoArtifact(ArtifactError):
     """A job has not published an artifact (yet): it is running, failed or was stopped."""

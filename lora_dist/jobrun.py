@@ -5,7 +5,9 @@
 
 The spec arrives as a data file (never as shell text), is validated again here, its local
 output.dir is confined to this cluster's output root ($LORA_DIST_OUTPUT_ROOT), and it runs
-through the same driver as the embedded default. A YAML spec takes its job id from
+through the same driver as the embedded default. Before anything, the runtime_env the job runs
+under, as Ray hands it over, is checked against this cluster's rules (runtime_env.py): a client
+that skipped lora-dist's own checks gets exit 2 and nothing runs. A YAML spec takes its job id from
 $LORA_DIST_JOB_ID (a retried RayJob then resumes its own checkpoints) or a new one. The last
 lines printed are ``artifact: <location>`` and ``manifest: sha256:<hex>`` (the digest of the
 artifact's manifest as published), for whoever reads the job's logs: Ray keeps them on the head,
@@ -20,9 +22,10 @@ import os
 import sys
 from pathlib import Path
 
-from lora_dist.errors import JobError, JobFailed
-from lora_dist.jobs import ARTIFACT_PREFIX, MANIFEST_PREFIX
+from lora_dist.errors import ArtifactError, JobError, JobFailed, SettingError
+from lora_dist.jobs import ARTIFACT_PREFIX, MANIFEST_PREFIX, WORKER_ENV
 from lora_dist.launch import run_job
+from lora_dist.runtime_env import RAY_JOB_CONFIG_ENV, job_runtime_env_problems
 from lora_dist.spec import SpecError, load_spec, spec_from_dict
 from lora_dist.store import check_job_id, digest_at, new_job_id, output_root
 from lora_dist.validate import validate_job
@@ -34,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m lora_dist.jobrun job-spec.json", file=sys.stderr)
         return 2
     path = Path(argv[0])
+    problems = runtime_env_here()
+    if problems:
+        print(f"error: the runtime_env this job runs under breaks this cluster's rules (was it submitted "
+              f"around lora-dist's checks?); nothing was run: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     try:
         if path.suffix in (".yaml", ".yml"):
             spec = load_spec(path).with_absolute_paths()
@@ -42,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
             payload = json.loads(path.read_text())
             spec, job_id = spec_from_dict(payload["spec"], source=str(path)), check_job_id(payload["job_id"])
         validate_job(spec, "cluster")
-    except (SpecError, JobError) as e:
+    except (SpecError, JobError, SettingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         artifact = run_job(spec, job_id=job_id, address="auto", cluster_root=str(output_root()))
-    except (JobFailed, JobError) as e:
+    except (JobFailed, JobError, ArtifactError) as e:  # ArtifactError: a checkpoint it must not resume from
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{ARTIFACT_PREFIX}{artifact}", flush=True)
@@ -55,6 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     if digest:
         print(f"{MANIFEST_PREFIX}{digest}", flush=True)
     return 0
+
+
+def runtime_env_here() -> list[str]:
+    """What is wrong with the runtime_env Ray started this job with (empty: nothing, or not
+    started by the Jobs API). It arrives as the job's config in the environment."""
+    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
+    if raw is None:
+        return []
+    try:
+        config = json.loads(raw)
+        env = config.get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return [f"${RAY_JOB_CONFIG_ENV} is not a job config Ray wrote"]
+    return job_runtime_env_problems(env, WORKER_ENV)
 
 
 if __name__ == "__main__":

@@ -275,11 +275,11 @@ class ClusterSpec(_Section):
         "Worker-group restarts, each resuming from the last complete checkpoint (needs "
         "`train.checkpoint_every` > 0)."))
     runtime_env: dict[str, Any] = Field(default_factory=dict, description=(
-        "The Jobs API runtime_env: only `env_vars` and `pip`. Env var names are upper-case "
-        "(`[A-Z][A-Z0-9_]*`) and none that changes what a worker loads or how Ray and lora-dist run (`LD_*`, "
-        "`DYLD_*`, `PYTHON*`, `RAY_*`, `LORA_DIST_*`, `PATH`, `HOME`, ...: `spec.ENV_REFUSED_PREFIXES`, "
-        "`spec.ENV_REFUSED_NAMES`); values are never written to the manifest (names only). pip entries are "
-        "plain requirements (`name[extra]==version`): no URL, path, option or VCS reference."))
+        "The Jobs API runtime_env: only `env_vars` and `pip`. Env var names from an allow-list (`HF_*`, `MLFLOW_*`, "
+        "`TOKENIZERS_*` without endpoints, certificates or code; thread counts, NCCL tuning: docs/how-it-works.md) "
+        "and the cluster's `LORA_DIST_ALLOW_ENV`, never a secret's (`*TOKEN*`, `*KEY*`, ...: set those on the "
+        "cluster); values never reach the manifest. pip entries are plain requirements (`name[extra]==version`), "
+        "refused where the cluster sets `LORA_DIST_ALLOW_PIP=0`."))
 
     @field_validator("runtime_env")
     @classmethod

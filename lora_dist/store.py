@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 from lora_dist import safejson
 from lora_dist.confine import URI_RE, confine, private_dir, under
-from lora_dist.errors import ArtifactError, JobError
+from lora_dist.errors import ArtifactError, JobError, SettingError
 from lora_dist.records import ADAPTER_FORMAT as FORMAT
 from lora_dist.records import Manifest
 
@@ -334,9 +334,19 @@ SIGNING_KEY_ENV = "LORA_DIST_SIGNING_KEY"
 
 
 def signing_key() -> bytes | None:
-    """The HMAC key artifacts are signed and checked with (``$LORA_DIST_SIGNING_KEY``), if set."""
+    """The HMAC key artifacts and checkpoints are signed and checked with (``$LORA_DIST_SIGNING_KEY``),
+    if set.
+
+    Raises:
+        SettingError: the variable is set but empty or blank: that would silently mean "unsigned".
+    """
     key = os.environ.get(SIGNING_KEY_ENV)
-    return key.encode() if key else None
+    if key is None:
+        return None
+    if not key.strip():
+        raise SettingError(f"{SIGNING_KEY_ENV} is set but empty: artifacts and checkpoints would go unsigned and "
+                           f"unchecked. Set it to the key, or unset it to work without signatures")
+    return key.encode()
 
 
 def manifest_signature(manifest: dict[str, Any], key: bytes) -> str:
@@ -402,10 +412,10 @@ def check_manifest(data: bytes, where: str, digest: str | None = None) -> Manife
     """
     import hmac
 
+    key = signing_key()  # first: a set-but-empty key is refused whatever the manifest
     if digest is not None and (actual := "sha256:" + hashlib.sha256(data).hexdigest()) != digest:
         raise ArtifactError(f"{where}: sha256 is {actual}, expected {digest}: the manifest was replaced")
-    raw = _manifest_json(data.decode(), where)
-    key = signing_key()
+    raw = _manifest_json(data, where)
     if key is not None:  # over the JSON object as written, before it is read as a record
         signature = raw.get("signature")
         if not isinstance(signature, str):

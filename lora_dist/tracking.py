@@ -64,7 +64,7 @@ def mlflow_uri_problem(uri: str) -> str | None:
     if scheme in ("http", "https") and (urlsplit(uri).password is not None or not urlsplit(uri).hostname):
         return ("a server is http(s)://HOST[:PORT] with no credentials in it (they would be written to the "
                 "manifest): set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN in "
-                "cluster.runtime_env.env_vars")
+                "the environment of the machine or the cluster's nodes (never in cluster.runtime_env)")
     return None
 
 

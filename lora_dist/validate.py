@@ -2,13 +2,15 @@
 place. Which checks an entry point makes depends on where it runs:
 
     where    who                                                  checks
-    train    lora-dist train (train.train_local): one process     fp16, model, packing, data, chat, tracking
-    submit   a job handed to the embedded local Ray               model, packing, data, chat, tracking
+    train    lora-dist train (train.train_local): one process     key, fp16, model, packing, data, chat, tracking
+    submit   a job handed to the embedded local Ray               key, model, packing, data, chat, tracking
     remote   lora-dist submit --address (the client side)         nodes, model, packing, data, chat
-    cluster  jobrun: the cluster side of the Jobs API             output root
+    cluster  jobrun: the cluster side of the Jobs API             key, output root
     build    a process about to build the model and train:        packing, tracking
              a Ray worker, the parity reference
 
+    key          $LORA_DIST_SIGNING_KEY, where set, is a key: set but empty would silently mean
+                 unsigned (store.signing_key)
     fp16         train.dtype fp16 needs DeepSpeed's loss scaling on GPU workers: never in one process
                  (device.local_placement); a spec asking for it without GPUs is refused by the spec
     model        lora.targets and lora.r against the architecture, and the stored weights
@@ -38,14 +40,14 @@ from typing import Literal
 from lora_dist.hub import hub_ref, pin
 from lora_dist.spec import JobSpec, SpecError
 from lora_dist.datafiles import data_root_problem
-from lora_dist.store import data_roots, multi_node_storage_problem, output_root_problem
+from lora_dist.store import data_roots, multi_node_storage_problem, output_root_problem, signing_key
 
 Where = Literal["train", "submit", "remote", "cluster", "build"]
 CHECKS: dict[str, tuple[str, ...]] = {
-    "train": ("fp16", "model", "packing", "data", "chat", "tracking"),
-    "submit": ("model", "packing", "data", "chat", "tracking"),
+    "train": ("key", "fp16", "model", "packing", "data", "chat", "tracking"),
+    "submit": ("key", "model", "packing", "data", "chat", "tracking"),
     "remote": ("nodes", "model", "packing", "data", "chat"),
-    "cluster": ("output_root", "data_root"),
+    "cluster": ("key", "output_root", "data_root"),
     "build": ("packing", "tracking"),
 }
 
@@ -62,11 +64,14 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
         SpecError: output.dir outside the output root or not seen by every node, or train.dtype
             fp16 in one process.
         ModelError: lora.targets or lora.r do not fit the model, or its weight files do not.
+        SettingError: $LORA_DIST_SIGNING_KEY is set but empty.
         DataError: data.batching packed on a model whose packed examples would attend to each other,
             data that is not what data.source reads (naming the file, the row and the problem), or
             data.source chat without a usable chat template.
     """
     checks = CHECKS[where]
+    if "key" in checks:
+        signing_key()  # before anything starts: a job must not run to its export to find it unusable
     problems = []
     if "output_root" in checks:
         problems.append(output_root_problem(spec.output.dir))

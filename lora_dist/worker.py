@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -168,7 +168,7 @@ def _planned_steps(w: Worker, plan) -> tuple[int, EpochPlan | None]:
     fixed them (its newest checkpoint records them), else derived at this worker count."""
     if w.spec.train.epochs is None:
         return w.spec.train.max_steps, None
-    recorded = _broadcast(w, _recorded_plan(w) if w.rank == 0 else None)
+    recorded = _checkpoint_on_rank0(w, lambda: _recorded_plan(w))
     epoch_plan = EpochPlan.model_validate(recorded) if recorded else planned_steps(w.spec, plan, w.world)[1]
     w.say(plan_line(epoch_plan, w.spec.data.batching, resumed=recorded is not None))
     return epoch_plan.steps, epoch_plan
@@ -177,6 +177,21 @@ def _planned_steps(w: Worker, plan) -> tuple[int, EpochPlan | None]:
 def _recorded_plan(w: Worker) -> dict[str, Any] | None:
     state = ckpt.latest_state(w.checkpoints)
     return state.epoch_plan.to_json() if state is not None and state.epoch_plan is not None else None
+
+
+def _checkpoint_on_rank0(w: Worker, read: Callable[[], Any]) -> Any:
+    """``read()`` of the job's checkpoints on rank 0, its result on every rank. A checkpoint that
+    must not be resumed (unsigned while a key is set) fails every rank alike, none left waiting."""
+    value, refused = None, None
+    if w.rank == 0:
+        try:
+            value = read()
+        except ckpt.UntrustedCheckpoint as e:
+            refused = str(e)
+    value, refused = _broadcast(w, (value, refused))
+    if refused is not None:
+        raise ckpt.UntrustedCheckpoint(refused)
+    return value
 
 
 def _broadcast(w: Worker, value: Any) -> Any:
@@ -316,7 +331,7 @@ def _resume(w: Worker, engine, loop: Loop) -> int | None:
     Raises:
         SpecChanged: the checkpoint was written under a spec that trains something else.
     """
-    location = _broadcast(w, ckpt.latest(w.checkpoints, say=w.say) if w.rank == 0 else None)
+    location = _checkpoint_on_rank0(w, lambda: ckpt.latest(w.checkpoints, say=w.say))
     if location is None:
         loop.metrics.start()
         return None

@@ -116,7 +116,8 @@ def test_a_resumed_job_continues_its_run_and_no_secret_is_a_parameter(tmp_path):
 
     store = f"sqlite:///{tmp_path / 'm.db'}"
     raw = {"name": "resumed", "tracking": {"mlflow": store},
-           "cluster": {"runtime_env": {"env_vars": {"WANDB_API_KEY": "s3cret-value"}}}}
+           # a value under an allowed name (a *KEY* name is refused outright: test_runtime_env)
+           "cluster": {"runtime_env": {"env_vars": {"WANDB_PROJECT": "s3cret-value"}}}}
     said: list[str] = []
     with pytest.raises(RuntimeError):
         with tracked(spec_from_dict(raw), "j1", main=True, say=said.append) as tracker:
@@ -132,7 +133,7 @@ def test_a_resumed_job_continues_its_run_and_no_secret_is_a_parameter(tmp_path):
     assert [m.value for m in client.get_metric_history(run.info.run_id, "peak_memory_bytes")] == [30, 20]
     assert run.data.params["cluster.workers"] == "1"  # parameters keep the first start's values
     assert "s3cret-value" not in json.dumps(run.data.params)
-    assert json.loads(run.data.params["cluster.runtime_env"]) == {"env_vars": {"WANDB_API_KEY": "<redacted>"}}
+    assert json.loads(run.data.params["cluster.runtime_env"]) == {"env_vars": {"WANDB_PROJECT": "<redacted>"}}
 
 
 def test_tracking_uris_are_checked_and_made_absolute(tmp_path, monkeypatch):

@@ -146,12 +146,14 @@ def test_env_var_values_never_reach_the_artifact_or_the_output(tiny_llama_dir, t
     out = tmp_path / "runs"
     args = [f"--set=model.base={tiny_llama_dir}", f"--set=data.path={E2E_CSV}", f"--set=output.dir={out}",
             *[f"--set={o}" for o in TINY_OVERRIDES], "--set=train.max_steps=1",
-            "--set=cluster.runtime_env={env_vars: {MY_SERVICE_TOKEN: s3cr3t-value}}"]
-    env = {**os.environ, store.SIGNING_KEY_ENV: "test-key"}  # and the artifact comes out signed
+            "--set=cluster.runtime_env={env_vars: {MY_SERVICE_URL: s3cr3t-value}}"]
+    # a name the cluster allows (a *TOKEN* name is refused outright: test_runtime_env); the
+    # artifact comes out signed
+    env = {**os.environ, store.SIGNING_KEY_ENV: "test-key", "LORA_DIST_ALLOW_ENV": "MY_SERVICE_*"}
     proc = run_cli("train", str(MAIN_JOB), *args, cwd=tmp_path, env=env)
     artifact = Path(proc.stdout.strip().splitlines()[-1])
     manifest = store.verify_artifact(artifact)
-    assert manifest.spec["cluster"]["runtime_env"]["env_vars"] == {"MY_SERVICE_TOKEN": "<redacted>"}
+    assert manifest.spec["cluster"]["runtime_env"]["env_vars"] == {"MY_SERVICE_URL": "<redacted>"}
     assert "s3cr3t" not in proc.stdout + proc.stderr
     assert not [f.name for f in artifact.iterdir() if b"s3cr3t" in f.read_bytes()]
     assert manifest.signature.startswith("hmac-sha256:")
