@@ -293,19 +293,23 @@ def main() -> None:
     paths = adapters(max(args.adapters), args.cache)
     prompts = meaning_representations(args.requests)
     results, responses = [], []
+
+    def save(**more) -> None:  # after each K too: a long run that is cut short keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in vars(args).items()},
+                                             "results": results, "responses": responses, **more}, indent=1))
+
     for k in sorted(args.adapters):
         result, done = serve_k(paths[:k], args, prompts)
         results.append(result)
         responses += [{**d, "adapters": k} for d in done]
+        save()
     merged = merged_float_rss()
     matched, bad = check(responses, {f"a{i:02d}": p for i, p in enumerate(paths)}, args.max_tokens)
     goals = report(results, merged, matched, len(responses), bad, args)
     print(f"\n{time.time() - t0:.0f} s in all")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                         "results": results, "merged_float": merged, "matched": matched,
-                                         "total": len(responses), "mismatches": bad, "goals": goals,
-                                         "responses": responses}, indent=1))
+    save(merged_float=merged, matched=matched, total=len(responses), mismatches=bad, goals=goals)
 
 
 if __name__ == "__main__":
