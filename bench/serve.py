@@ -21,8 +21,9 @@ model adds to a process that has imported torch and transformers, after a 4-toke
 (measured in a subprocess; the runtime each would need besides is not counted, which favours
 the merged side).
 
-Every served text is then checked against `lora-dist generate`'s (lora_dist.generate: the
-artifact's adapter loaded once with load_adapted, each prompt alone through its template, greedy).
+Every served text is checked against `lora-dist generate`'s once that K's server has stopped
+(lora_dist.generate: the base built once with load_adapted, each adapter's pairs copied into
+it, each prompt alone through its template, greedy; each (adapter, prompt) generated once).
 
     python bench/serve.py [--adapters 1 4 16] [--concurrency 1 4 16] [--requests 16]
                           [--max-tokens 16] [--cache DIR] [--json FILE]
@@ -105,13 +106,21 @@ class Server:
         t0 = time.time()
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        line = [""]
-        reader = threading.Thread(target=lambda: line.__setitem__(0, self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=600)
-        if not line[0].startswith("serving"):
+        lines: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:  # stdout until the ready line (or the end, if serve exits)
+            for line in self.proc.stdout:
+                lines.append(line)
+                if line.startswith("serving"):
+                    ready.set()
+                    return
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(timeout=600):
             self.stop()
-            raise SystemExit(f"error: lora-dist serve did not start ({self.log}):\n{self.log.read_text()[-3000:]}")
+            raise SystemExit(f"error: lora-dist serve did not start (exit {self.proc.returncode}); its stdout:\n"
+                             f"{''.join(lines)[-2000:]}\nits stderr ({self.log}):\n{self.log.read_text()[-3000:]}")
         self.start_seconds = time.time() - t0
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -212,22 +221,35 @@ def merged_float_rss() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def check(responses: list[dict], paths: dict[str, Path], max_tokens: int) -> tuple[int, list[dict]]:
-    """Each distinct (adapter, prompt) generated as `lora-dist generate` does; every response compared."""
-    from lora_dist.adapter import load_adapted
-    from lora_dist.generate import format_prompt, generate, stop_ids, uses_bos
+def check(responses: list[dict], paths: dict[str, Path], max_tokens: int, want: dict[tuple[str, str], str],
+          held: dict) -> list[dict]:
+    """Each (adapter, prompt) not in ``want`` yet generated as `lora-dist generate` does (into
+    ``want``); returns the responses that differ from it.
 
-    want: dict[tuple[str, str], str] = {}
+    The base is built once (``held``): an adapter with the same LoRA settings is copied into its
+    LoRA modules (adapter.load_into, as load_adapted does after building), where `generate` would
+    build the base again for each call.
+    """
+    from lora_dist.adapter import load_adapted, load_into, read_lora_tensors
+    from lora_dist.generate import format_prompt, generate, stop_ids, uses_bos
+    from lora_dist.store import verify_artifact
+
     for name in sorted({r["model"] for r in responses}):
-        loaded, manifest = load_adapted(paths[name])
-        tok = loaded.tokenizer
-        for prompt in sorted({r["prompt"] for r in responses if r["model"] == name}):
-            want[name, prompt] = generate(loaded.model, tok, [format_prompt(manifest, prompt)], max_new_tokens=max_tokens,
+        prompts = sorted({r["prompt"] for r in responses if r["model"] == name} - {p for n, p in want if n == name})
+        if not prompts:
+            continue
+        manifest = verify_artifact(paths[name])
+        key = (json.dumps(manifest.spec["lora"], sort_keys=True), manifest.quantization)
+        if held.get("key") != key:
+            held.clear()
+            held.update(key=key, loaded=load_adapted(paths[name])[0])
+        else:
+            load_into(held["loaded"].model, read_lora_tensors(paths[name]))
+        model, tok = held["loaded"].model, held["loaded"].tokenizer
+        for prompt in prompts:
+            want[name, prompt] = generate(model, tok, [format_prompt(manifest, prompt)], max_new_tokens=max_tokens,
                                           bos=uses_bos(manifest), stop=stop_ids(manifest, tok))[0]
-        print(f"generate: {name} done", flush=True)
-        del loaded
-    bad = [{**r, "generate": want[r["model"], r["prompt"]]} for r in responses if r["text"] != want[r["model"], r["prompt"]]]
-    return len(responses) - len(bad), bad
+    return [{**r, "generate": want[r["model"], r["prompt"]]} for r in responses if r["text"] != want[r["model"], r["prompt"]]]
 
 
 def report(results: list[dict], merged: dict, matched: int, total: int, bad: list[dict], args) -> dict:
@@ -300,13 +322,21 @@ def main() -> None:
                                                       for k, v in vars(args).items()},
                                              "results": results, "responses": responses, **more}, indent=1))
 
+    want: dict[tuple[str, str], str] = {}
+    held: dict = {}  # the reference model, built once
+    bad: list[dict] = []
     for k in sorted(args.adapters):
         result, done = serve_k(paths[:k], args, prompts)
         results.append(result)
-        responses += [{**d, "adapters": k} for d in done]
-        save()
+        done = [{**d, "adapters": k} for d in done]
+        t1 = time.time()
+        bad += check(done, {f"a{i:02d}": p for i, p in enumerate(paths)}, args.max_tokens, want, held)
+        responses += done
+        print(f"K={k}: checked against generate in {time.time() - t1:.0f} s: {len(responses) - len(bad)} of "
+              f"{len(responses)} equal so far", flush=True)
+        save(mismatches=bad)
     merged = merged_float_rss()
-    matched, bad = check(responses, {f"a{i:02d}": p for i, p in enumerate(paths)}, args.max_tokens)
+    matched = len(responses) - len(bad)
     goals = report(results, merged, matched, len(responses), bad, args)
     print(f"\n{time.time() - t0:.0f} s in all")
     save(merged_float=merged, matched=matched, total=len(responses), mismatches=bad, goals=goals)
