@@ -89,6 +89,10 @@ def meaning_representations(n: int) -> list[str]:
     return [mrs[(j * step) % len(mrs)] for j in range(n)]
 
 
+class ServeDidNotStart(SystemExit):
+    pass
+
+
 class Server:
     """One `lora-dist serve` process with these adapters, aliased a00, a01, ..."""
 
@@ -119,7 +123,7 @@ class Server:
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(timeout=600):
             self.stop()
-            raise SystemExit(f"error: lora-dist serve did not start (exit {self.proc.returncode}); its stdout:\n"
+            raise ServeDidNotStart(f"error: lora-dist serve did not start (exit {self.proc.returncode}); its stdout:\n"
                              f"{''.join(lines)[-2000:]}\nits stderr ({self.log}):\n{self.log.read_text()[-3000:]}")
         self.start_seconds = time.time() - t0
         self.url = f"http://127.0.0.1:{self.port}"
@@ -174,7 +178,11 @@ def serve_k(paths: list[Path], args, prompts: list[str]) -> tuple[dict, list[dic
 
     k = len(paths)
     with tempfile.TemporaryDirectory() as tmp:
-        server = Server(paths, Path(tmp), max(args.concurrency))
+        try:
+            server = Server(paths, Path(tmp), max(args.concurrency))
+        except ServeDidNotStart as e:  # on a loaded machine Ray Serve's proxy may miss its 60 s start limit
+            print(f"K={k}: {e}\nK={k}: starting lora-dist serve again", flush=True)
+            server = Server(paths, Path(tmp), max(args.concurrency))
         try:
             print(f"K={k}: serving after {server.start_seconds:.0f} s on port {server.port}", flush=True)
             client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.token, max_retries=0, timeout=900)
