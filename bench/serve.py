@@ -120,8 +120,10 @@ class Server:
                     ready.set()
                     return
 
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(timeout=600):
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=600)  # ends at the ready line, or when serve exits
+        if not ready.is_set():
             self.stop()
             raise ServeDidNotStart(f"error: lora-dist serve did not start (exit {self.proc.returncode}); its stdout:\n"
                              f"{''.join(lines)[-2000:]}\nits stderr ({self.log}):\n{self.log.read_text()[-3000:]}")
