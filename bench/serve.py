@@ -28,7 +28,9 @@ it, each prompt alone through its template, greedy; each (adapter, prompt) gener
     python bench/serve.py [--adapters 1 4 16] [--concurrency 1 4 16] [--requests 16]
                           [--max-tokens 16] [--cache DIR] [--json FILE]
 
-About 20 minutes on the 2-core development machine, the first time (training included).
+On the shared 2-core development machine `--adapters 1 16 --max-tokens 8 --concurrency 1 16` took
+18 minutes (load average 5-8); training the 16 adapters the first time takes 10-20 s each on an
+idle machine, minutes each on a loaded one.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def load(client, k: int, prompts: list[str], concurrency: int, max_tokens: int) 
     jobs = [(f"a{j % k:02d}", p) for j, p in enumerate(prompts)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        done = list(pool.map(lambda job: complete(client, *job, max_tokens), jobs))
+        done = [{**d, "concurrency": concurrency} for d in pool.map(lambda job: complete(client, *job, max_tokens), jobs)]
     wall = time.perf_counter() - t0
     lat = sorted(d["seconds"] for d in done)
     row = {"adapters": k, "concurrency": concurrency, "requests": len(done), "seconds": round(wall, 2),
