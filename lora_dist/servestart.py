@@ -236,9 +236,11 @@ def _embedded(config: dict[str, Any], host: str, port: int, names: str, say, rea
         except Exception as e:  # Ray Serve's own failure (its proxy has 60 s to start): one line, not a traceback
             raise JobFailed(f"Ray Serve did not start: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]} "
                             f"(a machine too loaded to start Serve's proxy in its 60 s: try again)") from None
+        for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: Ray may leave a deferring SIGINT handler
+            signal.signal(sig, stop)
         ready(f"serving {names} at http://{host}:{port}/v1 (Ctrl-C stops)")
         while True:
-            time.sleep(3600)
+            time.sleep(1)
     except KeyboardInterrupt:
         say("stopping")
         return 0
