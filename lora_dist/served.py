@@ -8,6 +8,7 @@ same request in a test, a benchmark or a replica.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ class Replica:
         self.context = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 2048)
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.lock = threading.Lock()
+        self.batches: list[tuple[int, int]] = []  # each decoded batch's rows and distinct adapters (stats)
 
     def load(self, name: str) -> LoadedAdapter:
         """Verify and load an adapter (the multiplexed loader's work).
@@ -139,15 +142,20 @@ class Replica:
 
     def run(self, rows: list[Row], adapters: list[LoadedAdapter | None]) -> list[Completion]:
         """Decode a batch: each row with its own adapter's LoRA term, the base once for all."""
-        assign(self.layers, [a.weights if a is not None else None for a in adapters])
-        try:
-            return decode(self.model, rows, self.pad_id, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-        finally:
-            assign(self.layers, [])
+        with self.lock:  # the layers hold one batch's assignment at a time
+            assign(self.layers, [a.weights if a is not None else None for a in adapters])
+            try:
+                self.batches.append((len(rows), len({id(a) for a in adapters})))
+                return decode(self.model, rows, self.pad_id,
+                              lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+            finally:
+                assign(self.layers, [])
 
     def stats(self) -> dict[str, Any]:
         """This replica's resident memory (bytes) and process id, for benchmarks and operators."""
-        return {"pid": os.getpid(), "rss_bytes": _rss_bytes(), "fingerprint": self.loaded.fingerprint}
+        return {"pid": os.getpid(), "rss_bytes": _rss_bytes(), "fingerprint": self.loaded.fingerprint,
+                "batches": len(self.batches), "largest_batch": max((n for n, _ in self.batches), default=0),
+                "most_adapters_in_a_batch": max((k for _, k in self.batches), default=0)}
 
 
 def _chat_stops(tok) -> set[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lora_dist.adapter import base_of
-from lora_dist.errors import ArtifactError, JobError
+from lora_dist.errors import ArtifactError, JobError, JobFailed
 from lora_dist.generate import chat_template_of
 from lora_dist.records import Manifest
 from lora_dist.served import AdapterRef, local_copy
@@ -229,12 +229,18 @@ def _embedded(config: dict[str, Any], host: str, port: int, names: str, say, rea
     ray.init(address="local", num_cpus=config["cpus"] * len(config["bases"]), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": dict(WORKER_ENV)})
     try:
-        serve.start(http_options={"host": host, "port": port})
-        say(f"loading {len(config['bases'])} base(s) on their replicas")
-        serve.run(build_app(config), name="lora-dist", route_prefix="/")
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            say(f"loading {len(config['bases'])} base(s) on their replicas")
+            serve.run(build_app(config), name="lora-dist", route_prefix="/")
+        except Exception as e:  # Ray Serve's own failure (its proxy has 60 s to start): one line, not a traceback
+            raise JobFailed(f"Ray Serve did not start: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]} "
+                            f"(a machine too loaded to start Serve's proxy in its 60 s: try again)") from None
+        for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: Ray may leave a deferring SIGINT handler
+            signal.signal(sig, stop)
         ready(f"serving {names} at http://{host}:{port}/v1 (Ctrl-C stops)")
         while True:
-            time.sleep(3600)
+            time.sleep(1)
     except KeyboardInterrupt:
         say("stopping")
         return 0

@@ -224,6 +224,24 @@ class Gateway:
         return _response(req, out)
 
 
+def _batch_across_adapters() -> None:
+    """Let this request join a batch with requests for other adapters.
+
+    Ray Serve's ``serve.batch`` splits a batch by the requests' ``multiplexed_model_id`` (2.60:
+    ``_BatchQueue._split_batch_by_model_id``) and runs the parts as separate batches, which would
+    undo the heterogeneous batching (and run them at once over the same layers). The id has
+    routed the request to a replica holding its adapter and the loader has run; it is cleared in
+    this request's own context before the batched call, so one batch holds every adapter.
+    ``test_serve.py::test_serve_two_adapters_through_the_openai_client`` checks it.
+    """
+    import dataclasses
+
+    from ray.serve import context
+
+    current = context._get_serve_request_context()
+    context._serve_request_context.set(dataclasses.replace(current, multiplexed_model_id=""))
+
+
 def base_server(max_adapters: int, max_batch_size: int, cpus: float):
     """The BaseServer deployment class with this server's limits (Ray Serve takes them at decoration)."""
 
@@ -250,6 +268,7 @@ def base_server(max_adapters: int, max_batch_size: int, cpus: float):
                 row = self.replica.prepare(req, adapter)
             except RequestError as e:
                 return {"error": str(e), "status": 400, "code": e.code, "param": e.param}
+            _batch_across_adapters()
             done = await self._batch((row, adapter))
             return {"text": done.text, "tokens": done.tokens, "finish_reason": done.finish_reason,
                     "prompt_tokens": len(row.prompt)}

@@ -262,10 +262,18 @@ def test_serve_two_adapters_through_the_openai_client(trained, tmp_path):
         assert e.value.body["code"] == "context_length_exceeded"
         with pytest.raises(openai.BadRequestError, match="not trained on chat"):
             client.chat.completions.create(model="e2e", messages=[{"role": "user", "content": "hi"}])
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:  # requests for both adapters at once: one batch, each its own reply
+            together = list(pool.map(lambda m: client.completions.create(model=m, prompt=MR, max_tokens=40,
+                                                                         temperature=0).choices[0].text,
+                                     ["e2e", "chat", "e2e", "chat"]))
+        assert together == [replies["e2e"], replies["chat"]] * 2
         stats = json.loads(subprocess.run(["curl", "-s", "-H", f"Authorization: Bearer {token}",
                                            f"http://127.0.0.1:{port}/lora-dist/stats"],
                                           capture_output=True, text=True, check=True).stdout)
         assert set(stats["smollm2-135m"]["adapter_load_seconds"]) == {"e2e", "chat"}
+        assert stats["smollm2-135m"]["most_adapters_in_a_batch"] == 2, stats  # both adapters in one batch
         assert client.completions.create(model="e2e", prompt=MR, max_tokens=40, temperature=0).choices[0].text == \
             replies["e2e"]  # still serving after the errors
     finally:
