@@ -8,6 +8,7 @@ same request in a test, a benchmark or a replica.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from lora_dist.model import load_model
 from lora_dist.multilora import AdapterWeights, assign, read_adapter, wrap_linears
 from lora_dist.records import Manifest
 from lora_dist.sources import DataError
-from lora_dist.store import cache_root, fetch, is_uri, verify_artifact
+from lora_dist.store import cache_root, fetch, is_uri, manifest_digest, verify_artifact
 
 
 class RequestError(Exception):
@@ -52,15 +53,23 @@ class LoadedAdapter:
     load_seconds: float
 
 
-def local_copy(ref: AdapterRef) -> Path:
+def local_copy(location: str, digest: str | None) -> Path:
     """The adapter as a local directory: itself, or a verified copy of a storage URI in this
-    machine's cache (one per manifest digest)."""
-    if not is_uri(ref.location):
-        return Path(ref.location)
-    target = cache_root() / "serve" / ref.digest
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fetch(ref.location, target, digest=ref.digest)
+    machine's cache, one per manifest digest (``digest`` None: the digest the copy turns out to
+    have, as ``serve`` first meets a URI)."""
+    if not is_uri(location):
+        return Path(location)
+    cache = cache_root() / "serve"
+    if digest is not None and (cache / digest).exists():
+        return cache / digest
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = cache / f".fetch-{os.getpid()}-{time.time_ns()}"
+    fetch(location, staging, digest=digest)
+    target = cache / manifest_digest(staging)
+    if target.exists():  # another process fetched the same artifact first
+        shutil.rmtree(staging)
+    else:
+        staging.rename(target)
     return target
 
 
@@ -98,7 +107,7 @@ class Replica:
         """
         t0 = time.time()
         ref = self.adapters[name]
-        path = local_copy(ref)
+        path = local_copy(ref.location, ref.digest)
         manifest = verify_artifact(path, digest=ref.digest)
         base = manifest.base_model
         if base is None or base.fingerprint != self.loaded.fingerprint:

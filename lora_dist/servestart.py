@@ -22,8 +22,8 @@ from lora_dist.adapter import base_of
 from lora_dist.errors import ArtifactError, JobError, JobFailed
 from lora_dist.generate import chat_template_of
 from lora_dist.records import Manifest
-from lora_dist.served import AdapterRef, local_copy
-from lora_dist.store import (JOB_ID_RE, cache_root, fetch, is_uri, manifest_digest, run_name, verify_artifact)
+from lora_dist.served import local_copy
+from lora_dist.store import JOB_ID_RE, is_uri, manifest_digest, run_name, verify_artifact
 
 TOKEN_ENV = "LORA_DIST_SERVE_TOKEN"
 ALIAS_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]{0,127})=(.+)$")
@@ -77,7 +77,7 @@ def resolve(arg: str, address: str | None) -> Adapter:
             raise JobError(f"job {where} is {status.state}: it has no artifact to serve")
         where, digest = str(status.artifact), status.manifest
     if is_uri(where):
-        path = _fetched(where, digest)
+        path = local_copy(where, digest)
     else:
         path = Path(where).resolve()
         if not (path / "manifest.json").is_file():
@@ -87,23 +87,6 @@ def resolve(arg: str, address: str | None) -> Adapter:
         raise ArtifactError(f"{where}: a fully fine-tuned model, not an adapter; serve adapters over their base")
     name = alias or (run_name(manifest.name, manifest.job_id) if manifest.name and manifest.job_id else path.name)
     return Adapter(name, where if is_uri(where) else str(path), digest or manifest_digest(path), manifest)
-
-
-def _fetched(uri: str, digest: str | None) -> Path:
-    """A storage URI's artifact in this machine's cache, verified."""
-    if digest is not None:
-        return local_copy(AdapterRef(uri, digest))
-    staging = cache_root() / "serve" / f".fetch-{os.getpid()}-{time.time_ns()}"
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    fetch(uri, staging)
-    target = staging.parent / manifest_digest(staging)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(staging)
-    else:
-        staging.rename(target)
-    return target
 
 
 def gather(args: list[str], address: str | None, say: Callable[[str], None]) -> Table:
