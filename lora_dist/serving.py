@@ -258,11 +258,11 @@ def base_server(max_adapters: int, max_batch_size: int, cpus: float):
             return loaded
 
         async def complete(self, req: dict[str, Any]) -> dict[str, Any]:
-            from lora_dist.errors import ArtifactError
+            from lora_dist.errors import ArtifactError, SettingError
 
             try:
                 adapter = await self.adapter(req["adapter"]) if req["adapter"] else None
-            except ArtifactError as e:
+            except (ArtifactError, SettingError) as e:  # SettingError: this replica's signing key is unusable
                 return {"error": f"adapter {req['adapter']} refused: {e}", "status": 409, "code": "adapter_refused"}
             try:
                 row = self.replica.prepare(req, adapter)

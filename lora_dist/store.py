@@ -17,7 +17,6 @@ root a submitted job's local output.dir must be under (:func:`output_root_proble
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -31,9 +30,10 @@ from typing import Any, Iterator
 
 from lora_dist import safejson
 from lora_dist.confine import URI_RE, confine, private_dir, under
-from lora_dist.errors import ArtifactError, JobError, SettingError
+from lora_dist.errors import ArtifactError, JobError
 from lora_dist.records import ADAPTER_FORMAT as FORMAT
 from lora_dist.records import Manifest
+from lora_dist.signing import SIGNING_KEY_ENV, manifest_signature, signing_key  # noqa: F401 (re-exported)
 
 URI_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "file")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -328,34 +328,6 @@ def _manifest_json(source: str | bytes | Path, where: str) -> dict[str, Any]:
             not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{where}: not a {FORMAT} manifest")
     return manifest
-
-
-SIGNING_KEY_ENV = "LORA_DIST_SIGNING_KEY"
-
-
-def signing_key() -> bytes | None:
-    """The HMAC key artifacts and checkpoints are signed and checked with (``$LORA_DIST_SIGNING_KEY``),
-    if set.
-
-    Raises:
-        SettingError: the variable is set but empty or blank: that would silently mean "unsigned".
-    """
-    key = os.environ.get(SIGNING_KEY_ENV)
-    if key is None:
-        return None
-    if not key.strip():
-        raise SettingError(f"{SIGNING_KEY_ENV} is set but empty: artifacts and checkpoints would go unsigned and "
-                           f"unchecked. Set it to the key, or unset it to work without signatures")
-    return key.encode()
-
-
-def manifest_signature(manifest: dict[str, Any], key: bytes) -> str:
-    """HMAC-SHA256 over the manifest's canonical JSON (sorted keys, its ``signature`` left out)."""
-    import hmac
-
-    body = json.dumps({k: v for k, v in manifest.items() if k != "signature"}, sort_keys=True,
-                      separators=(",", ":"))
-    return "hmac-sha256:" + hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
 
 
 def manifest_digest(artifact: Path) -> str:
