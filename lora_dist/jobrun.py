@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from lora_dist.errors import ArtifactError, JobError, JobFailed, SettingError
-from lora_dist.jobs import ARTIFACT_PREFIX, MANIFEST_PREFIX, WORKER_ENV
+from lora_dist.jobs import ARTIFACT_PREFIX, MANIFEST_PREFIX, METADATA_TAG, WORKER_ENV, binding
 from lora_dist.launch import run_job
 from lora_dist.runtime_env import RAY_JOB_CONFIG_ENV, job_runtime_env_problems
 from lora_dist.spec import SpecError, load_spec, spec_from_dict
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             payload = json.loads(path.read_text())
             spec, job_id = spec_from_dict(payload["spec"], source=str(path)), check_job_id(payload["job_id"])
         validate_job(spec, "cluster")
+        claimed = metadata_problem(spec, job_id)
+        if claimed:
+            raise SpecError([claimed])
     except (SpecError, JobError, SettingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,6 +80,28 @@ def runtime_env_here() -> list[str]:
     except (ValueError, AttributeError):
         return [f"${RAY_JOB_CONFIG_ENV} is not a job config Ray wrote"]
     return job_runtime_env_problems(env, WORKER_ENV)
+
+
+def metadata_problem(spec, job_id: str) -> str | None:
+    """What the submission's lora-dist metadata (which ``status`` and ``fetch`` go by: the job it
+    belongs to, the output.dir and spec digest it is bound to) claims that the spec it runs is not.
+    None: they agree, or the submission carries no lora-dist metadata (a RayJob's YAML spec).
+
+    A submission made around ``lora-dist submit`` could copy another job's metadata, which every
+    token holder can read, and run a spec of its own; it is refused here before anything runs."""
+    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
+    try:
+        meta = (json.loads(raw) or {}).get("metadata") or {} if raw is not None else {}
+    except (ValueError, AttributeError):
+        return f"${RAY_JOB_CONFIG_ENV} is not a job config Ray wrote"
+    if not isinstance(meta, dict) or METADATA_TAG not in meta:
+        return None
+    actual = {"name": spec.name, "job_id": job_id, **binding(spec)}
+    differ = [k for k, v in actual.items() if meta.get(k) is not None and meta.get(k) != v]
+    if differ:
+        return (f"this submission's metadata names another job than the spec it runs ({', '.join(differ)} "
+                f"differ): was it submitted around lora-dist submit? Nothing was run")
+    return None
 
 
 if __name__ == "__main__":

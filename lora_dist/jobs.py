@@ -246,10 +246,12 @@ def _first(jobs: list, key: tuple[str, str]):
 
 
 def _bound_by(first, j) -> bool:
-    """True when submission ``j`` recorded the binding (output.dir, spec digest) of ``first``."""
+    """True when submission ``j`` runs lora-dist's entrypoint (which refuses a spec its metadata
+    does not describe: ``jobrun.metadata_problem``) and recorded the binding (output.dir, spec
+    digest) of ``first``."""
     f, m = first.metadata or {}, j.metadata or {}
-    return m.get("output_dir") == f.get("output_dir") and (not f.get("spec_digest") or
-                                                            m.get("spec_digest") == f.get("spec_digest"))
+    return getattr(j, "entrypoint", ENTRYPOINT) == ENTRYPOINT and m.get("output_dir") == f.get("output_dir") and \
+        (not f.get("spec_digest") or m.get("spec_digest") == f.get("spec_digest"))
 
 
 def job_submissions(jobs: list, ref: str) -> list:

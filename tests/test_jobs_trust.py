@@ -106,6 +106,45 @@ def test_a_later_submission_must_match_the_first_ones_output_dir_and_spec(tmp_pa
     jobs.check_binding(RUN, JID, {"output_dir": first["output_dir"]}, _spec(tmp_path / "victim-secret-dir"))
 
 
+def test_a_submission_around_the_client_with_copied_metadata_is_no_part_of_the_job(tmp_path):
+    """Every token holder can read a job's metadata. A submission that copies it but runs another
+    entrypoint is not followed by status and fetch."""
+    victim = _spec(tmp_path / "victim")
+    copied = _submission(f"{RUN}.r2", victim, "SUCCEEDED", 2)
+    copied.entrypoint = "echo manifest: sha256:" + "e" * 64
+    listed = [_submission(RUN, victim, "SUCCEEDED", 1), copied]
+    assert [j.submission_id for j in jobs.job_submissions(listed, RUN)] == [RUN]
+
+
+def test_jobrun_refuses_a_spec_its_submissions_metadata_does_not_describe(tmp_path, monkeypatch, capsys):
+    """lora-dist's entrypoint with the victim's metadata copied and a spec of the attacker's (its own
+    output.dir, or its own training under the victim's output.dir): exit 2 before anything runs.
+    The metadata submit_remote writes for a spec passes with that spec."""
+    import json
+
+    from lora_dist import jobrun
+
+    monkeypatch.setenv("LORA_DIST_OUTPUT_ROOT", str(tmp_path))
+    monkeypatch.setenv("LORA_DIST_DATA_ROOT", str(Path(E2E_CSV).parent))
+    ran: list[str] = []
+    monkeypatch.setattr(jobrun, "run_job", lambda *a, **k: ran.append("ran") or tmp_path / "none")
+    victim = _spec(tmp_path / "victim")
+    meta = {jobs.METADATA_TAG: "1", "name": NAME, "job_id": JID, "max_steps": "2", **jobs.binding(victim)}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {}, "metadata": meta}))
+    payload = tmp_path / "job-spec.json"
+    for spec, differ in ((_spec(tmp_path / "evil"), "output_dir"),
+                         (_spec(tmp_path / "victim", "train.lr=0.01"), "spec_digest")):
+        payload.write_text(json.dumps({"spec": spec.to_dict(), "job_id": JID}))
+        assert jobrun.main([str(payload)]) == 2
+        err = capsys.readouterr().err
+        assert "metadata names another job than the spec it runs" in err and differ in err, err
+    payload.write_text(json.dumps({"spec": victim.to_dict(), "job_id": "other"}))
+    assert jobrun.main([str(payload)]) == 2 and "job_id" in capsys.readouterr().err
+    assert ran == []
+    payload.write_text(json.dumps({"spec": victim.to_dict(), "job_id": JID}))
+    assert jobrun.main([str(payload)]) == 0 and ran == ["ran"]
+
+
 # --- item 2: the embedded registry ----------------------------------------------------------------------
 
 def _registry_env(tmp_path: Path) -> dict:
