@@ -118,9 +118,9 @@ def test_bad_input_table_is_refused_before_submission(smollm2_dir):
     """Every bad input of the table (at least 30) through `submit --address <unreachable>`: each
     exits 2 with a message naming its field, at most bad_inputs.MAX_MESSAGE characters long."""
     sys.path.insert(0, str(REPO / "bench"))
-    from bad_inputs import CASES
+    from bad_inputs import CASES, ENV_CASES
 
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bad_inputs.py"), "--check"], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(CASES) >= 30 and f"{len(CASES)} passed, 0 failed" in proc.stdout
+    assert len(CASES) >= 30 and f"{len(CASES) + len(ENV_CASES)} passed, 0 failed" in proc.stdout

@@ -106,7 +106,7 @@ def test_export_is_gathered_and_peft_shaped(uninterrupted):
 def test_killed_worker_is_replaced_and_training_resumes_exactly(uninterrupted, tmp_path, e2e_csv):
     reference, _ = uninterrupted
     out = tmp_path / "runs"
-    job_id = "resume-test"
+    job_id = f"resume-{os.urandom(3).hex()}"  # a job id is bound to its first output.dir: one per run
     proc = submit(out, "cluster.max_failures=1", job_id=job_id, wait=False, e2e_csv=e2e_csv)
     work = out / f".smollm2-e2e-{job_id}.work"
     killed_at = None
