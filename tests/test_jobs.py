@@ -526,10 +526,11 @@ def test_embedded_job_lifecycle_status_logs_stop(tmp_path, e2e_csv, smollm2_dir)
     assert "STOPPED" in st.stdout and st.returncode == 1
     assert not [p for p in out.glob("*") if (p / store.MANIFEST_FILE).exists()]
 
-    # The stop request belonged to that run: the next run of the id fails for its own reason.
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    failed = subprocess.run([*submit, f"--set=output.dir={blocker}", "--set=train.max_steps=2"], cwd=tmp_path,
+    # The stop request belonged to that run: the next run of the id fails for its own reason (the
+    # output.dir the job id is bound to is now a file).
+    shutil.rmtree(out)
+    out.write_text("")
+    failed = subprocess.run([*submit, f"--set=output.dir={out}", "--set=train.max_steps=500"], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 1, failed.stdout[-2000:] + failed.stderr[-2000:]
     st = _cli("status", sid, cwd=tmp_path, env=env)
