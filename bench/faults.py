@@ -505,6 +505,10 @@ def many_at_once(out: Path) -> tuple[str, str, str, bool]:
     api, emb = out / "load-api", out / "load-embedded"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["LORA_DIST_OUTPUT_ROOT"] = str(out)
+    # the head runs each job's `python -m lora_dist.jobrun` from PATH: this interpreter's, even when
+    # the bench was started as .venv/bin/python without the venv activated
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["LORA_DIST_DATA_ROOT"] = str(DATA.parent)  # the cluster reads local data only under its data root
     try:
         address = _start_load_head(tmp, env)
         wrong_api, wall_api = _load_jobs(api, "api", 6, ["--address", address], env)
