@@ -68,18 +68,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def runtime_env_here() -> list[str]:
-    """What is wrong with the runtime_env Ray started this job with (empty: nothing, or not
-    started by the Jobs API). It arrives as the job's config in the environment."""
+def job_config() -> dict | None:
+    """The job's config as Ray's job supervisor hands it over ({"runtime_env", "metadata"}); None
+    where the job was not started by the Jobs API.
+
+    Raises:
+        ValueError: the variable holds something Ray did not write.
+    """
     raw = os.environ.get(RAY_JOB_CONFIG_ENV)
     if raw is None:
-        return []
+        return None
+    config = json.loads(raw)
+    if not isinstance(config, dict):
+        raise ValueError("not an object")
+    return config
+
+
+def runtime_env_here() -> list[str]:
+    """What is wrong with the runtime_env Ray started this job with (empty: nothing, or not
+    started by the Jobs API)."""
     try:
-        config = json.loads(raw)
-        env = config.get("runtime_env") or {}
-    except (ValueError, AttributeError):
+        config = job_config()
+    except ValueError:
         return [f"${RAY_JOB_CONFIG_ENV} is not a job config Ray wrote"]
-    return job_runtime_env_problems(env, WORKER_ENV)
+    return [] if config is None else job_runtime_env_problems(config.get("runtime_env") or {}, WORKER_ENV)
 
 
 def metadata_problem(spec, job_id: str) -> str | None:
@@ -89,10 +101,9 @@ def metadata_problem(spec, job_id: str) -> str | None:
 
     A submission made around ``lora-dist submit`` could copy another job's metadata, which every
     token holder can read, and run a spec of its own; it is refused here before anything runs."""
-    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
     try:
-        meta = (json.loads(raw) or {}).get("metadata") or {} if raw is not None else {}
-    except (ValueError, AttributeError):
+        meta = (job_config() or {}).get("metadata") or {}
+    except ValueError:
         return f"${RAY_JOB_CONFIG_ENV} is not a job config Ray wrote"
     if not isinstance(meta, dict) or METADATA_TAG not in meta:
         return None
