@@ -70,6 +70,11 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
     lora_persistent = all(p.numel() < PERSISTENCE_THRESHOLD for n, p in params.values() if is_lora_param(n))
     exported = sum(m.lora_A.numel() + (m.lora_B.numel() if m.full_width else m.out_features * m.lora_A.shape[0])
                    for m in model.modules() if isinstance(m, LoRALinear))
+    matmuls = [m for m in model.modules() if _is_matmul(m)]
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    first_block = {id(m) for m in blocks[0].modules()}  # the blocks repeat one shape
+    shapes = {_in_out(m) for m in matmuls if id(m) in first_block or id(m) not in in_blocks}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return ModelCounts(
         architecture=type(model).__name__,
         layers=len(blocks), hidden=config.hidden_size, heads=config.num_attention_heads,
@@ -79,7 +84,26 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         small_float_params=small, block_quantized_params=parts[0], block_rows=parts[1],
         block_float_params=parts[2], lora_export_params=exported,
         outside_params=outside_total,
+        matmul_params=sum(_weight(m).numel() for m in matmuls),
+        block_matmul_params=sum(_weight(m).numel() for m in matmuls if id(m) in in_blocks),
+        attention_width=config.num_attention_heads * head_dim, linear_shapes=tuple(sorted(shapes)),
     )
+
+
+def _is_matmul(m: nn.Module) -> bool:
+    """A layer that multiplies every token by a weight matrix: Linear, Int8Linear, GPT-2's Conv1D
+    (not an embedding, which looks rows up)."""
+    return isinstance(m, (nn.Linear, Int8Linear)) or type(m).__name__ == "Conv1D"
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    return m.weight
+
+
+def _in_out(m: nn.Module) -> tuple[int, int]:
+    if type(m).__name__ == "Conv1D":  # weight (in, out)
+        return int(m.weight.shape[0]), int(m.weight.shape[1])
+    return int(m.in_features), int(m.out_features)
 
 
 def weights_bytes(base: str, lora: LoraSpec | None, quantization: str, dtype: torch.dtype = torch.float32) -> int:

@@ -50,11 +50,13 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     parity_reference = _parity_reference(spec, stream) if spec.train.parity_check else None
 
     started_here = False
+    embedded = address is None and not ray.is_initialized()
+    cpus = resolve_cpus_per_worker(spec, embedded=True) if embedded else None
     if not ray.is_initialized():
         if address is None:
             # address="local": always a Ray of its own, never one that another job or user
             # started on this machine (plain ray.init() joins that one if it finds it)
-            ray.init(address="local", num_cpus=embedded_cpus(spec, stream), log_to_driver=True,
+            ray.init(address="local", num_cpus=embedded_cpus(spec, cpus, stream), log_to_driver=True,
                      runtime_env={"env_vars": dict(WORKER_ENV)})
             started_here = True
         elif address == "auto":  # inside a Jobs API job: its runtime_env already carries WORKER_ENV
@@ -62,7 +64,13 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
         else:
             ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": dict(WORKER_ENV)})
     try:
+        if cpus is None:
+            cpus = resolve_cpus_per_worker(spec, embedded=False)
+        if spec.cluster.cpus_per_worker == "auto":
+            print(f"cluster.cpus_per_worker auto: {cpus} CPU{'s' if cpus > 1 else ''} (and torch threads) per worker",
+                  file=stream, flush=True)
         config = {"spec": spec.to_dict(), "job_id": job_id, "work_dir": str(work), "job_root": root,
+                  "cpus_per_worker": cpus,
                   "parity_reference": parity_reference,
                   "storage_probe": None if is_uri(spec.output.dir) else write_storage_probe(work)}
         t0 = time.time()
@@ -136,14 +144,65 @@ def _parity_reference(spec: JobSpec, stream) -> list[float]:
     return reference
 
 
-def embedded_cpus(spec: JobSpec, stream) -> int:
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by its cgroup's CPU quota
+    (a container's ``cpu.max``) where one is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def embedded_cpus_per_worker(spec: JobSpec, cores: int) -> int:
+    """``cluster.cpus_per_worker`` on the embedded Ray: the figure, or for ``auto`` this machine's
+    ``cores`` shared by the job's workers (at least one each)."""
+    c = spec.cluster
+    return c.cpus_per_worker if c.cpus_per_worker != "auto" else max(1, cores // c.workers)
+
+
+def cluster_cpus_per_worker(node_cpus: list[float], workers: int) -> int:
+    """``cluster.cpus_per_worker: auto`` on a cluster whose nodes offer ``node_cpus`` (each node's
+    CPU resource): the workers spread over the largest nodes, as many nodes as there are workers
+    or nodes; each worker gets the smallest of those nodes' CPUs over the workers placed on it.
+    Every worker then fits, packed or spread."""
+    largest = sorted((c for c in node_cpus if c >= 1), reverse=True)[:workers]
+    if not largest:
+        return 1
+    per_node = -(-workers // len(largest))
+    return max(1, int(largest[-1] // per_node))
+
+
+def resolve_cpus_per_worker(spec: JobSpec, embedded: bool) -> int:
+    """The CPUs each worker reserves and runs torch threads on (``cluster.cpus_per_worker``,
+    ``auto`` resolved: on the embedded Ray from this machine's cores, else from the cluster's
+    nodes, which needs ``ray.init`` first)."""
+    if spec.cluster.cpus_per_worker != "auto":
+        return spec.cluster.cpus_per_worker
+    if embedded:
+        return embedded_cpus_per_worker(spec, usable_cores())
+    import ray
+
+    gpus = spec.cluster.gpus_per_worker
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return cluster_cpus_per_worker([r.get("CPU", 0.0) for r in nodes if r.get("GPU", 0.0) >= gpus],
+                                   spec.cluster.workers)
+
+
+def embedded_cpus(spec: JobSpec, cpus_per_worker: int, stream) -> int:
     """CPUs the embedded Ray offers: this machine's, or what the job's workers ask for if that is
     more (they then share the cores; without this the job would wait forever for CPUs that a
     single machine does not have)."""
-    cores = os.cpu_count() or 1
-    wanted = spec.cluster.workers * spec.cluster.cpus_per_worker
+    cores = usable_cores()
+    wanted = spec.cluster.workers * cpus_per_worker
     if wanted > cores:
-        print(f"note: {spec.cluster.workers} workers x {spec.cluster.cpus_per_worker} CPU asked for {wanted} CPUs; "
+        print(f"note: {spec.cluster.workers} workers x {cpus_per_worker} CPU asked for {wanted} CPUs; "
               f"this machine has {cores}, so on the embedded Ray they share them", file=stream, flush=True)
     return max(cores, wanted)
 
@@ -153,7 +212,7 @@ def _trainer(spec: JobSpec, run: str, config: dict[str, Any]):
     from ray.train.torch import TorchTrainer
 
     c = spec.cluster
-    resources: dict[str, float] = {"CPU": c.cpus_per_worker}
+    resources: dict[str, float] = {"CPU": config["cpus_per_worker"]}
     if c.gpus_per_worker:
         resources["GPU"] = c.gpus_per_worker
     return TorchTrainer(

@@ -81,6 +81,13 @@ class ModelCounts:
     # width with zero rows (adapter.py)
     lora_export_params: int = 0
     outside_params: int = 0  # every base parameter outside the blocks (embeddings, untied head, final norm)
+    # what a token costs in FLOPs (mfu.flop_count): the weights every token multiplies, a tied head
+    # counted as a matmul (not the embedding lookup), those inside the blocks, the attention width
+    # (query heads x head dim), and the distinct (in, out) shapes of one block's linears and the head
+    matmul_params: int = 0
+    block_matmul_params: int = 0
+    attention_width: int = 0
+    linear_shapes: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

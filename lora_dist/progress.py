@@ -44,6 +44,7 @@ class Metrics:
             epoch = f"  epoch {rec['epoch']:.2f}" if "epoch" in rec else ""
             self.say(f"step {step}/{total}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}{epoch}  "
                      f"real tok/s {rec['tokens_per_s']:.0f} (pad {100 * pad:.0f}%)  "
+                     f"{'MFU %.0f%%  ' % (100 * rec['mfu']) if 'mfu' in rec else ''}"
                      f"mem/rank {max(rec['peak_memory_bytes']) / 2**30:.2f} GiB  eta {eta:.0f}s")
 
     def text(self) -> str:

@@ -117,6 +117,12 @@ class Manifest(Record):
     int8_full_bytes: int | None = None
     precision: dict[str, str] | None = None  # device.Placement.record
     zero_settings: dict[str, Any] | None = None
+    cpus_per_worker: int | None = None  # cluster.cpus_per_worker as resolved (a Ray worker)
+    torch_threads: int | None = None  # each process's torch intra-op threads
+    # model FLOPs utilization (mfu.py): the mean over the steps after the first, its parts
+    mfu: float | None = None
+    model_flops_per_token: float | None = None  # the dense part; attention adds per token squared
+    peak_flops_per_s: float | None = None  # every process's GEMM probe peak in the compute dtype, summed
     epoch_plan: EpochPlan | None = None  # train.epochs
     # train.early_stop_patience (earlystop.EarlyStop.fields)
     best_step: int | None = None

@@ -268,7 +268,11 @@ class ClusterSpec(_Section):
         "and `zero_stage_reason`; `lora-dist plan` shows the choice."))
     gpus_per_worker: Annotated[Int, Ge(0), Le(16)] = Field(0, description=(
         "0: CPU workers (gloo); 1: a GPU each (nccl)."))
-    cpus_per_worker: Annotated[Int, Ge(1), Le(1024)] = Field(1, description="CPUs Ray reserves for each worker.")
+    cpus_per_worker: Literal["auto"] | Int = Field("auto", description=(
+        "CPUs Ray reserves for each worker (1 to 1024); a CPU worker runs that many torch threads. `auto`: on "
+        "the embedded Ray this machine's cores shared by the job's workers (at least 1 each); on a cluster what "
+        "its nodes offer each worker (the largest nodes' CPUs divided among the workers placed on each). The "
+        "manifest records the figure (`cpus_per_worker`, `torch_threads`)."))
     placement: Literal["pack", "spread"] = Field("pack", description=(
         "Ray's placement of the workers: `pack` them together, or `spread` them one per node where possible."))
     max_failures: Annotated[Int, Ge(0), Le(1000)] = Field(0, description=(
@@ -280,6 +284,14 @@ class ClusterSpec(_Section):
         "and the cluster's `LORA_DIST_ALLOW_ENV`, never a secret's (`*TOKEN*`, `*KEY*`, ...: set those on the "
         "cluster); values never reach the manifest. pip entries are plain requirements (`name[extra]==version`), "
         "refused where the cluster sets `LORA_DIST_ALLOW_PIP=0`."))
+
+    @field_validator("cpus_per_worker", mode="before")
+    @classmethod
+    def _cpus(cls, value: Any) -> Any:
+        # before the union: one message naming both forms (pydantic would report each member apart)
+        if value == "auto" or (type(value) is int and 1 <= value <= 1024):
+            return value
+        raise ValueError(f"must be 'auto' or an integer from 1 to 1024, got {Short(value)!r}")
 
     @field_validator("runtime_env")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import types
 import typing
 from typing import Any
 
@@ -64,6 +65,8 @@ def accepts(field: FieldInfo) -> str:
         return " or ".join(f"`{a}`" for a in args)
     if origin is typing.Union and type(None) in args:
         return "a path, or null"
+    if origin in (typing.Union, types.UnionType):  # `auto` or a number: each member in words
+        return " or ".join(accepts(FieldInfo.from_annotation(a)) for a in args)
     if origin is tuple:
         return "a name or a list of names"
     if origin is dict:

@@ -14,6 +14,7 @@ which makes it the unsharded reference for that run. Batches are a pure function
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -35,11 +36,14 @@ from lora_dist.hub import hub_ref
 from lora_dist.lora import LoraTensors, collect_lora, trainable_parameters
 from lora_dist.earlystop import EarlyStop, early_stop
 from lora_dist.epochs import epoch_at, plan_line, planned_steps
+from lora_dist.mfu import FlopCount, flop_count, gemm_peak, mean_mfu, probe_shapes
 from lora_dist.model import LoadedModel, enable_activation_checkpointing, load_model
+from lora_dist.plan import ModelCounts
 from lora_dist.progress import Metrics
 from lora_dist.records import EpochPlan
 from lora_dist.spec import JobSpec
 from lora_dist.confine import confine
+from lora_dist.counting import count_model
 from lora_dist.store import METRICS_FILE, artifact_location, cache_root, check_job_id, digest_at, is_uri, job_root, \
     make_work_dir, new_job_id, publish
 from lora_dist.tracking import tracked
@@ -252,6 +256,9 @@ class Loop:
     plan: BatchPlan | None = None  # batch_plan(spec, data) when None
     max_steps: int = 0  # the last step: train.max_steps when 0, else the steps of train.epochs (planned_steps)
     epoch_plan: EpochPlan | None = None  # train.epochs: what max_steps was derived from
+    flops: FlopCount | None = None  # a token's model FLOPs (mfu.flop_count): steps then record their MFU
+    peak: float = 0.0  # this process's GEMM peak in the compute dtype (mfu.gemm_peak), FLOP/s
+    peak_total: float = 0.0  # every process's, summed (set at each step)
     lengths: list[int] = field(init=False)  # each training example's tokens
     per_epoch: float = field(init=False)  # micro-batches per pass over the training examples
     val: list[dict[str, torch.Tensor]] = field(init=False)  # collated once, reused at every validation
@@ -289,6 +296,7 @@ class StepOut(NamedTuple):
     tokens: int  # real (non-pad) tokens it trained
     pad_tokens: int  # positions it computed that hold padding
     lr: float  # the learning rate applied
+    tokens_sq: int = 0  # the sum over its examples of their length squared (attention's FLOPs)
 
 
 def train_step(loop: Loop, step: int) -> StepOut:
@@ -296,13 +304,15 @@ def train_step(loop: Loop, step: int) -> StepOut:
     ga, seed = loop.spec.train.grad_accum, loop.spec.train.seed
     lr = loop.runner.lr()
     loss_sum = torch.zeros((), dtype=torch.float64, device=loop.device)
-    tokens = positions = 0
+    tokens = positions = tokens_sq = 0
     for micro in range(ga):
         for rank in loop.ranks:
             index = batch_index(loop, step, micro, rank)
             batch = micro_batch(loop.data, loop.plan, index)
             # counted on the host: the examples' own lengths and the batch's shape (no device sync)
-            tokens += sum(loop.lengths[j] for j in loop.plan.indices(index))
+            lengths = [loop.lengths[j] for j in loop.plan.indices(index)]
+            tokens += sum(lengths)
+            tokens_sq += sum(n * n for n in lengths)
             positions += batch["input_ids"].numel()
             seed_batch(seed, index)
             # no KV cache: training never reads one (and packed rows are told apart only without it)
@@ -310,7 +320,7 @@ def train_step(loop: Loop, step: int) -> StepOut:
             loop.runner.backward(loss)
             loss_sum += loss.detach().double()
     loop.runner.step()
-    return StepOut(float(loss_sum) / (ga * len(loop.ranks)), tokens, positions - tokens, lr)
+    return StepOut(float(loss_sum) / (ga * len(loop.ranks)), tokens, positions - tokens, lr, tokens_sq)
 
 
 class RunResult(NamedTuple):
@@ -338,8 +348,9 @@ def run_steps(loop: Loop, start: int = 1) -> RunResult:
             break
         t0 = time.time()
         out = train_step(loop, step)
-        stats = torch.tensor([out.loss, out.tokens, peak_memory_bytes(loop.device), loop.int8_bytes, out.pad_tokens],
-                             dtype=torch.float64, device=loop.device)
+        flops = loop.flops.of(out.tokens, out.tokens_sq) if loop.flops is not None else 0.0
+        stats = torch.tensor([out.loss, out.tokens, peak_memory_bytes(loop.device), loop.int8_bytes, out.pad_tokens,
+                              flops, loop.peak], dtype=torch.float64, device=loop.device)
         ranks = [s.tolist() for s in loop.gather(stats)]
         loss, seconds = sum(r[0] for r in ranks) / len(ranks), time.time() - t0
         tokens, pad = int(sum(r[1] for r in ranks)), int(sum(r[4] for r in ranks))
@@ -349,6 +360,11 @@ def run_steps(loop: Loop, start: int = 1) -> RunResult:
                "step_s": seconds, "peak_memory_bytes": [int(r[2]) for r in ranks],
                "int8_partition_bytes": [int(r[3]) for r in ranks],
                "epoch": round(epoch_at(next_index(loop, step), loop.per_epoch), 4)}
+        if loop.flops is not None:
+            loop.peak_total = sum(r[6] for r in ranks)
+            rec["model_flops_per_s"] = sum(r[5] for r in ranks) / seconds
+            if loop.peak_total > 0:
+                rec["mfu"] = rec["model_flops_per_s"] / loop.peak_total
         if loop.reference is not None and step <= len(loop.reference):
             rec["parity_diff"] = diff = abs(loss - loop.reference[step - 1])
             parity_max = max(parity_max or 0.0, diff)
@@ -490,21 +506,40 @@ def _train_here(spec: JobSpec, job_id: str, say: Callable[[str], None], stream, 
     root = job_root(spec.output.dir)  # symlinks resolved now: one planted later is not followed
     shutil.rmtree(make_work_dir(spec.output.dir, spec.name, job_id, root))  # checked first: never another's
     work = make_work_dir(spec.output.dir, spec.name, job_id, root)
+    flops, peak = mfu_setup(spec, count_model(str(built.model_dir), spec.injected_lora, spec.model.quantization),
+                            placement)
     loop = Loop(spec, LocalRunner(built.model, spec, spec.train.grad_accum, steps), data, placement.device,
                 ranks=[0], world_size=1,
                 metrics=Metrics(work / METRICS_FILE, spec, main=True, stream=stream, tracker=tracker),
                 int8_bytes=int8_bytes(built.model), early=early_stop(spec), plan=plan, max_steps=steps,
-                epoch_plan=epoch_plan)
+                epoch_plan=epoch_plan, flops=flops, peak=peak)
     try:
         val_before = validate(loop, 0)
         run = run_steps(loop)
         val_after = end_validation(loop)
         fields = {"world_size": 1, "zero_stage": 0, "steps": steps_run(loop), "final_loss": run.loss,
                   "val_loss_before": val_before, "val_loss_after": val_after, "precision": placement.record(),
-                  **epoch_fields(loop)}
+                  "torch_threads": torch.get_num_threads(), **mfu_fields(loop), **epoch_fields(loop)}
         return export(loop, built, job_id, fields, staging=work / "staging", within=root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def mfu_setup(spec: JobSpec, counts: ModelCounts, placement: Placement) -> tuple[FlopCount, float]:
+    """A token's model FLOPs and this process's GEMM peak in the compute dtype with its threads
+    (probed once per machine: mfu.gemm_peak), for a Loop's ``flops`` and ``peak``."""
+    shapes = probe_shapes(counts, spec.train.micro_batch_size, spec.data.max_length)
+    return (flop_count(counts, spec.full, spec.train.activation_checkpointing),
+            gemm_peak(placement.device, placement.dtype, shapes))
+
+
+def mfu_fields(loop: Loop) -> dict[str, Any]:
+    """The manifest's record of model FLOPs utilization (main process; none without a count)."""
+    if loop.flops is None or not loop.metrics.main:
+        return {}
+    records = [json.loads(line) for line in loop.metrics.text().splitlines() if line.strip()]
+    return {"mfu": mean_mfu(records), "model_flops_per_token": loop.flops.per_token,
+            "peak_flops_per_s": loop.peak_total or None}
 
 
 def epoch_fields(loop: Loop) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from lora_dist.records import EpochPlan
 from lora_dist.tracking import Tracker, tracked
 from lora_dist.earlystop import early_stop, split_best
 from lora_dist.train import Loop, batch_plan, data_line, end_validation, epoch_fields, export, make_schedule, \
-    next_index, prepare_data, run_steps, seed_everything, steps_run, validate
+    mfu_fields, mfu_setup, next_index, prepare_data, run_steps, seed_everything, steps_run, validate
 from lora_dist.validate import validate_job
 
 FINAL_FILE = "final.json"
@@ -80,6 +80,8 @@ class Worker:
     base: str = ""  # model.base as resolved for every rank: a hub id pinned to one commit (hub.pin)
     earlier_nodes: list[list[Any]] = field(default_factory=list)  # those of the attempts it resumes
     root: str | None = None  # where every file of the job goes (store.job_root): each writer confines to it
+    cpus: int | None = None  # the CPUs Ray reserved for this worker (cluster.cpus_per_worker resolved)
+    counts: ModelCounts | None = None  # the model as built (counting.count_model)
 
     @property
     def device(self) -> torch.device:
@@ -125,7 +127,9 @@ def _run(w: Worker, config: dict[str, Any], ray_io: RayIO, tracker: Tracker) -> 
               "resumed_from_step": resumed_from, "parity_max_loss_diff": run.parity_max, "nodes": nodes,
               "node_history": [*w.earlier_nodes, nodes],  # each attempt that trained, oldest first
               "int8_partition_bytes": parts["int8_local_bytes"], "int8_full_bytes": parts["int8_full_bytes"],
-              "precision": w.placement.record(), "zero_settings": w.zero, **epoch_fields(loop)}
+              "precision": w.placement.record(), "zero_settings": w.zero,
+              "cpus_per_worker": w.cpus, "torch_threads": torch.get_num_threads(), **mfu_fields(loop),
+              **epoch_fields(loop)}
     location = export(loop, built, w.job_id, fields, staging=w.work_dir / "staging", within=w.root)
     if w.rank == 0:
         loop.metrics.say(f"artifact written: {location}")
@@ -154,12 +158,13 @@ def build_loop(w: Worker, parity_reference: list[float] | None = None, tracker: 
     plan = batch_plan(w.spec, data)
     steps, epoch_plan = _planned_steps(w, plan)
     built, runner, parts = _build(w, model_dir, tokenizer, steps)
+    flops, peak = mfu_setup(w.spec, w.counts, w.placement)
     loop = Loop(w.spec, runner, data, w.device, ranks=[w.rank], world_size=w.world,
                 metrics=Metrics(w.work_dir / METRICS_FILE, w.spec, main=w.rank == 0, tracker=tracker),
                 int8_bytes=parts["int8_local_bytes"], gather=lambda stats: _all_gather(stats, w.world),
                 checkpoint=lambda step, loss: _checkpoint(w, runner.module, loop, step, loss),
                 reference=parity_reference, val_share=(w.rank, w.world), early=early_stop(w.spec), plan=plan,
-                max_steps=steps, epoch_plan=epoch_plan)
+                max_steps=steps, epoch_plan=epoch_plan, flops=flops, peak=peak)
     return built, runner, parts, loop
 
 
@@ -256,11 +261,13 @@ def _setup(config: dict[str, Any], ray_io: RayIO) -> Worker:
     spec = spec_from_dict(config["spec"])
     rank, world = eng.init_distributed(spec.cluster.gpus_per_worker > 0)
     placement = worker_placement(spec)  # the device and compute dtype of everything below
-    if not placement.cuda:
-        torch.set_num_threads(max(1, spec.cluster.cpus_per_worker))
+    # the driver resolved cluster.cpus_per_worker (auto: launch.resolve_cpus_per_worker); Ray reserved that many
+    cpus = config.get("cpus_per_worker") or spec.cluster.cpus_per_worker
+    if not placement.cuda and cpus != "auto":
+        torch.set_num_threads(max(1, int(cpus)))
     seed_everything(spec.train.seed + rank)
     return Worker(spec, check_job_id(config["job_id"]), Path(config["work_dir"]), rank, world, placement, ray_io,
-                  root=config.get("job_root"))
+                  root=config.get("job_root"), cpus=cpus if cpus != "auto" else None)
 
 
 def _build(w: Worker, model_dir: Path, tokenizer, max_steps: int
@@ -271,7 +278,7 @@ def _build(w: Worker, model_dir: Path, tokenizer, max_steps: int
 
     spec, t0 = w.spec, time.time()
     hf_config = AutoConfig.from_pretrained(model_dir)
-    counts = count_model(w.base, spec.injected_lora, spec.model.quantization)
+    counts = w.counts = count_model(w.base, spec.injected_lora, spec.model.quantization)
     w.zero = zero_settings(counts, "full" if spec.full else "lora_int8_zero3")
     w.stage = _choose_stage(w, counts)
     ds_cfg = eng.ds_config(spec, w.world, w.placement, w.zero, w.stage.stage)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lora_dist import adapter, store
+from lora_dist.launch import usable_cores
 
 from conftest import REPO
 
@@ -74,6 +75,11 @@ def test_two_worker_zero3_job_shards_the_int8_base(uninterrupted):
         assert all(abs(b - SMOLLM2_INT8_BYTES / 2) <= 2 * 210 for b in m["int8_partition_bytes"])
     assert manifest.val_loss_after < manifest.val_loss_before
     assert "step 4/4" in proc.stdout  # progress reached the driver's console
+    # cluster.cpus_per_worker auto on the embedded Ray: this machine's cores shared by the 2 workers
+    assert manifest.cpus_per_worker == manifest.torch_threads == max(1, usable_cores() // 2)
+    # MFU over both workers' summed GEMM peaks, in every step record, the mean in the manifest
+    assert all(0 < m["mfu"] < 1 for m in steps) and 0 < manifest.mfu < 1
+    assert manifest.model_flops_per_token == pytest.approx(552.6e6, rel=1e-3)
     # what the job ran with: the compute dtype policy and ZeRO settings sized from the model
     assert manifest.precision == {"compute_dtype": "fp32", "lora_master_dtype": "fp32",
                                      "optimizer_state_dtype": "fp32", "base_weight_dtype": "int8",

@@ -244,6 +244,8 @@ def test_submit_wait_fetch_verify_through_the_jobs_api(head, tmp_path, e2e_csv, 
     f = _cli("fetch", sid, "--address", address, "--out", str(fetched), cwd=tmp_path, env=env)
     assert f.returncode == 0, f.stderr
     assert store.verify_artifact(fetched).files == store.verify_artifact(artifact).files
+    manifest = store.verify_artifact(artifact)  # cluster.cpus_per_worker auto: all the head's 2 CPUs for 1 worker
+    assert manifest.cpus_per_worker == 2 and manifest.torch_threads == 2, manifest
     again = _cli("fetch", sid, "--address", address, "--out", str(fetched), cwd=tmp_path, env=env)
     assert again.returncode != 0 and "already exists" in again.stderr  # never overwrites silently
     v = _cli("verify", str(fetched), cwd=tmp_path, env=env)
@@ -693,15 +695,45 @@ def test_the_cluster_side_confines_output_to_its_root_before_running(tmp_path, m
 def test_embedded_ray_offers_the_cpus_the_workers_ask_for(capsys):
     """Four 1-CPU workers on a smaller machine share its cores instead of waiting forever."""
     import io
-    import os
 
-    from lora_dist.launch import embedded_cpus
+    from lora_dist.launch import embedded_cpus, usable_cores
     from lora_dist.spec import load_spec
 
     from conftest import MAIN_JOB
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     out = io.StringIO()
     spec = load_spec(MAIN_JOB, ["data.path=null", f"cluster.workers={cores + 2}"])
-    assert embedded_cpus(spec, out) == cores + 2 and "share them" in out.getvalue()
-    assert embedded_cpus(load_spec(MAIN_JOB, ["data.path=null"]), io.StringIO()) == cores
+    assert embedded_cpus(spec, 1, out) == cores + 2 and "share them" in out.getvalue()
+    assert embedded_cpus(load_spec(MAIN_JOB, ["data.path=null"]), 1, io.StringIO()) == cores
+
+
+def test_cpus_per_worker_auto_shares_this_machines_cores_among_the_workers():
+    """The default gives a lone worker every core (the README's job through submit runs as fast
+    as `lora-dist train`), splits them among several, and never gives a worker none."""
+    import os
+
+    from lora_dist.launch import embedded_cpus_per_worker, usable_cores
+    from lora_dist.spec import load_spec
+
+    from conftest import MAIN_JOB
+
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+    spec = load_spec(MAIN_JOB, ["data.path=null"])
+    assert spec.cluster.cpus_per_worker == "auto"  # the default
+    assert embedded_cpus_per_worker(spec, 2) == 2
+    assert embedded_cpus_per_worker(load_spec(MAIN_JOB, ["data.path=null", "cluster.workers=2"]), 16) == 8
+    assert embedded_cpus_per_worker(load_spec(MAIN_JOB, ["data.path=null", "cluster.workers=3"]), 2) == 1
+    assert embedded_cpus_per_worker(load_spec(MAIN_JOB, ["data.path=null", "cluster.cpus_per_worker=3"]), 16) == 3
+
+
+def test_cpus_per_worker_auto_on_a_cluster_is_what_its_largest_nodes_offer_each_worker():
+    from lora_dist.launch import cluster_cpus_per_worker
+
+    assert cluster_cpus_per_worker([64.0, 2.0], 1) == 64  # a small head node does not hold it back
+    assert cluster_cpus_per_worker([16.0, 16.0, 2.0], 2) == 16  # one worker per large node
+    assert cluster_cpus_per_worker([16.0, 16.0], 4) == 8  # two per node
+    assert cluster_cpus_per_worker([16.0, 12.0], 3) == 6  # two on the smaller node: 12 // 2
+    assert cluster_cpus_per_worker([8.0], 3) == 2
+    assert cluster_cpus_per_worker([2.0], 8) == 1  # never none
+    assert cluster_cpus_per_worker([0.0], 2) == 1  # a node with no CPUs offers nothing

@@ -53,7 +53,9 @@ def test_a_manifest_written_now_has_the_keys_4eee545_wrote(tiny_trained):
     artifact, _ = tiny_trained
     now = json.loads((artifact / MANIFEST_FILE).read_text())
     then = json.loads((ARTIFACT / MANIFEST_FILE).read_text())
-    assert list(now) == [k for k in then if k != "signature"]  # the same keys, in the same order
+    added = ["torch_threads", "mfu", "model_flops_per_token", "peak_flops_per_s"]  # since (issue 32), in order
+    assert [k for k in now if k not in added] == [k for k in then if k != "signature"]  # the same, in order
+    assert [k for k in now if k in added] == added
     assert list(now["data"]) == list(then["data"]) and list(now["base_model"]) == list(then["base_model"])
 
 

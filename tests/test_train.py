@@ -37,7 +37,14 @@ def test_single_process_run_records_every_step_and_writes_a_verified_artifact(ti
         assert m["int8_partition_bytes"] == [2 * (64 * 64 + 32 * 64 + 32 * 64 + 64 * 64 + 3 * 64 * 128)]
     vals = [m for m in _metrics(artifact) if "val_loss" in m]
     assert [v["step"] for v in vals] == [0, 4]
-    assert "step 1/4  loss" in log and "tok/s" in log and "step 0  val_loss" in log  # progress shown
+    assert "step 1/4  loss" in log and "tok/s" in log and "MFU " in log and "step 0  val_loss" in log  # progress
+    # MFU: the model FLOPs achieved over this process's measured GEMM peak, the mean of steps 2-4 kept
+    assert manifest.model_flops_per_token > 0 and manifest.peak_flops_per_s > 0 and manifest.torch_threads >= 1
+    for m in steps:
+        assert m["mfu"] == pytest.approx(m["model_flops_per_s"] / manifest.peak_flops_per_s)
+        assert 0 < m["mfu"] < 1  # a peak the job beat would be no peak
+        assert m["model_flops_per_s"] * m["step_s"] > manifest.model_flops_per_token * m["tokens"]  # + attention
+    assert manifest.mfu == pytest.approx(sum(m["mfu"] for m in steps[1:]) / 3)
     assert not list(artifact.parent.glob(".*")), "no partial or work directories left behind"
 
 
