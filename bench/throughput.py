@@ -12,6 +12,11 @@
 Then a profile of one int8 LoRA ZeRO-3 step (world size 1) by operator: where the time goes.
 
     python bench/throughput.py [--steps 10]
+    python bench/throughput.py --before 4eee545 [--after HEAD] [--steps 10]
+
+With ``--before``: the main job in one process, through ``submit`` on the embedded default and at
+N=2, on both commits alternated, with real tokens/s, MFU and peak memory per row, against PEFT +
+bitsandbytes 8-bit at this machine's cores (bench/throughput_ab.py); nothing else runs.
 
 Tokens/s counts real (non-padding) tokens of all workers; padding is the share of computed
 positions that hold padding; step 1 (warm-up) is left out. Peak memory is
@@ -57,7 +62,7 @@ def ours(steps: int, workers: int, out: Path, *extra: str) -> dict:
             "zero_stage": json.loads((artifact / MANIFEST_FILE).read_text())["zero_stage"]}
 
 
-def single_process_worker(steps: int, kind: str) -> None:
+def single_process_worker(steps: int, kind: str, threads: int = 1) -> None:
     """One process, no Ray, no DeepSpeed, the same batches as one of our workers at N=1:
 
     * ``peft``: PEFT + bitsandbytes 8-bit base (what most users run today);
@@ -78,7 +83,7 @@ def single_process_worker(steps: int, kind: str) -> None:
     from lora_dist.train import make_schedule, micro_batch, prepare_data
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    torch.set_num_threads(1)  # as one of our workers (cpus_per_worker: 1)
+    torch.set_num_threads(threads)  # as one of our workers (1: cpus_per_worker 1)
     spec = spec_for(steps, Path(tempfile.gettempdir()))
     d = resolve_base("smollm2-135m")
     lo = spec.lora  # the main job's LoRA settings, as ours uses them
@@ -114,7 +119,7 @@ def single_process_worker(steps: int, kind: str) -> None:
             rates.append(int(batch["attention_mask"].sum()) / (time.time() - t0))
             real += int(batch["attention_mask"].sum())
             positions += batch["attention_mask"].numel()
-    print(json.dumps({"tokens_per_s": statistics.mean(rates), "s_per_step": None,
+    print(json.dumps({"tokens_per_s": statistics.mean(rates), "s_per_step": None, "threads": threads,
                       "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "losses": losses,
                       "pad_fraction": 1 - real / positions}))
 
@@ -162,6 +167,20 @@ def profile_step() -> list[tuple[str, float]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+def before_after(args: argparse.Namespace) -> None:
+    """The main job's rows on two commits side by side, and PEFT at this machine's cores."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from throughput_ab import SHAPE, compare
+
+    from lora_dist.launch import usable_cores
+
+    out = subprocess.run([sys.executable, __file__, "--single-process-worker", "peft", "--steps", str(args.steps),
+                          "--threads", str(usable_cores()), *[f"--set={o}" for o in [*SHAPE, *args.set]]],
+                         capture_output=True, text=True, check=True)
+    peft = json.loads(out.stdout.strip().splitlines()[-1])
+    compare(args.before, args.after, args.rounds, args.steps, args.set, peft=peft)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
@@ -170,10 +189,16 @@ def main() -> None:
                          "data.max_length=96: the main job's batch shape)")
     ap.add_argument("--single-process-worker", choices=["peft", "ours"])
     ap.add_argument("--profile-worker", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of --single-process-worker")
+    ap.add_argument("--before", help="a commit: compare the main job's rows on it and on --after (throughput_ab)")
+    ap.add_argument("--after", default="HEAD")
+    ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
+    if args.before:
+        return before_after(args)
     COMMON.extend(args.set)  # every row, and the processes started below, run with them
     if args.single_process_worker:
-        return single_process_worker(args.steps, args.single_process_worker)
+        return single_process_worker(args.steps, args.single_process_worker, args.threads)
     if args.profile_worker:
         rows = profile_step()
         print(json.dumps(rows[:40]))

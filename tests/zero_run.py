@@ -151,7 +151,8 @@ def _stop_or_check(job: dict[str, Any], io: LocalIO) -> None:
         if resumed is None:
             w.val_before = validate(loop, 0)
         for step in range((resumed or 0) + 1, job["stop_after"] + 1):
-            loss, _, _, lr = train_step(loop, step)
+            out = train_step(loop, step)
+            loss, lr = out.loss, out.lr
             loop.metrics.step({"step": step, "loss": loss, "lr": lr, "tokens_per_s": 0.0, "step_s": 0.0,
                                "peak_memory_bytes": [0], "int8_partition_bytes": [0]})
         loop.checkpoint(job["stop_after"], loss)
