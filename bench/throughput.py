@@ -124,8 +124,9 @@ def single_process_worker(steps: int, kind: str, threads: int = 1) -> None:
                       "pad_fraction": 1 - real / positions}))
 
 
-def profile_step() -> list[tuple[str, float]]:
-    """One int8 LoRA ZeRO-3 step at world size 1, by operator (self CPU time)."""
+def profile_step(threads: int = 1, dtype: str = "fp32") -> list[tuple[str, float]]:
+    """One int8 LoRA ZeRO-3 step at world size 1, by operator (self CPU time), with ``threads``
+    torch threads and compute dtype ``dtype``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoConfig, AutoTokenizer
@@ -140,8 +141,8 @@ def profile_step() -> list[tuple[str, float]]:
 
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29533"})
-    torch.set_num_threads(1)
-    spec = spec_for(4, Path(tempfile.gettempdir()))
+    torch.set_num_threads(threads)
+    spec = spec_for(4, Path(tempfile.gettempdir()), f"train.dtype={dtype}")
     eng.init_distributed(cuda=False)
     d = resolve_base(spec.model.base)
     placement = worker_placement(spec)
@@ -152,7 +153,7 @@ def profile_step() -> list[tuple[str, float]]:
     eng.init_lora_sharded(model, 0, 0)
     engine = eng.initialize(model, cfg, lambda opt: make_schedule(opt, spec))
     data = prepare_data(spec, AutoTokenizer.from_pretrained(d))
-    plan = BatchPlan(len(data.train), 4, 0)
+    plan = BatchPlan(len(data.train), spec.train.micro_batch_size, 0)
 
     def step(i: int) -> None:
         out = engine(**micro_batch(data, plan, i))
@@ -189,7 +190,9 @@ def main() -> None:
                          "data.max_length=96: the main job's batch shape)")
     ap.add_argument("--single-process-worker", choices=["peft", "ours"])
     ap.add_argument("--profile-worker", action="store_true")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of --single-process-worker")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of --single-process-worker and "
+                    "--profile-worker")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype of --profile-worker")
     ap.add_argument("--before", help="a commit: compare the main job's rows on it and on --after (throughput_ab)")
     ap.add_argument("--after", default="HEAD")
     ap.add_argument("--rounds", type=int, default=1)
@@ -200,7 +203,7 @@ def main() -> None:
     if args.single_process_worker:
         return single_process_worker(args.steps, args.single_process_worker, args.threads)
     if args.profile_worker:
-        rows = profile_step()
+        rows = profile_step(args.threads, args.dtype)
         print(json.dumps(rows[:40]))
         return
 

@@ -27,6 +27,7 @@ on CPU carries over. Large weights are dequantized in blocks of output rows
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -104,6 +105,26 @@ def dequantize_rowwise(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype
     return (q.float() * (absmax.float() / 127.0).unsqueeze(1)).to(dtype)
 
 
+_SCRATCH = threading.local()  # per thread: {(device, dtype): flat tensor}, the matmul's dequantized block
+
+
+def _dequantized_block(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dequantize_rowwise` of one row block, written into this thread's reused scratch
+    buffer for ``(device, dtype)`` (grown to the largest block it has held, at most
+    DEQUANT_BLOCK_ELEMENTS): one pass from int8, and no fresh allocation per layer and step,
+    whose page faults cost more than the multiply on CPU. The same values: the product is formed
+    in fp32 and rounded once to ``dtype``. Valid until this thread's next call."""
+    table = getattr(_SCRATCH, "buffers", None)
+    if table is None:
+        table = _SCRATCH.buffers = {}
+    key, n = (q.device, dtype), q.numel()
+    buf = table.get(key)
+    if buf is None or buf.numel() < n:
+        buf = table[key] = torch.empty(n, dtype=dtype, device=q.device)
+    out = buf[:n].view(q.shape)
+    return torch.mul(q, (absmax.float() / 127.0).unsqueeze(1), out=out)
+
+
 class Int8Matmul(torch.autograd.Function):
     """y = x · dequant(W)ᵀ + bias with nothing derived from x saved for backward (module docstring).
 
@@ -116,7 +137,11 @@ class Int8Matmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight, ctx.absmax = weight, absmax
-        parts = [x @ dequantize_rowwise(weight[r0:r1], absmax[r0:r1], x.dtype).t() for r0, r1 in matmul_blocks(weight)]
+        if weight.is_meta:  # the planner's forward: shapes only
+            parts = [x @ dequantize_rowwise(weight, absmax, x.dtype).t()]
+        else:
+            parts = [x @ _dequantized_block(weight[r0:r1], absmax[r0:r1], x.dtype).t()
+                     for r0, r1 in matmul_blocks(weight)]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -128,7 +153,7 @@ class Int8Matmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             for r0, r1 in matmul_blocks(weight):
-                part = grad_y[..., r0:r1] @ dequantize_rowwise(weight[r0:r1], absmax[r0:r1], grad_y.dtype)
+                part = grad_y[..., r0:r1] @ _dequantized_block(weight[r0:r1], absmax[r0:r1], grad_y.dtype)
                 grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None, None, None
 

@@ -113,3 +113,23 @@ def test_int8_linear_computes_in_the_input_dtype():
     y = layer(x)
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+
+
+def test_the_matmuls_reused_dequantization_buffer_gives_the_same_values_in_every_dtype():
+    """The int8 matmul dequantizes each block into a buffer it reuses (no allocation per layer
+    and step): the values are dequantize_rowwise's to the bit, whatever block came before."""
+    from lora_dist.quant import Int8Matmul, _dequantized_block
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for rows, cols in ((300, 70), (12, 5), (64, 256)):  # larger, smaller, larger again
+            q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+            a = torch.rand(rows) * 3
+            assert torch.equal(_dequantized_block(q, a, dtype), dequantize_rowwise(q, a, dtype))
+        x = torch.randn(3, 7, cols, dtype=dtype, requires_grad=True)
+        y = Int8Matmul.apply(x, q, a, None)
+        w = dequantize_rowwise(q, a, dtype)
+        assert torch.equal(y, x @ w.t())
+        g = torch.randn_like(y)
+        y.backward(g)
+        assert torch.equal(x.grad, g @ w)
