@@ -167,16 +167,21 @@ def embedded_cpus_per_worker(spec: JobSpec, cores: int) -> int:
     return c.cpus_per_worker if c.cpus_per_worker != "auto" else max(1, cores // c.workers)
 
 
-def cluster_cpus_per_worker(node_cpus: list[float], workers: int) -> int:
+def cluster_cpus_per_worker(node_cpus: list[float], workers: int, available: float | None = None) -> int:
     """``cluster.cpus_per_worker: auto`` on a cluster whose nodes offer ``node_cpus`` (each node's
     CPU resource): the workers spread over the largest nodes, as many nodes as there are workers
     or nodes; each worker gets the smallest of those nodes' CPUs over the workers placed on it.
-    Every worker then fits, packed or spread."""
+    Every worker then fits, packed or spread. No more than the cluster's ``available`` CPUs (what
+    other jobs and Serve replicas leave) shared by the workers, so that the job never waits for
+    CPUs that are taken."""
     largest = sorted((c for c in node_cpus if c >= 1), reverse=True)[:workers]
     if not largest:
         return 1
     per_node = -(-workers // len(largest))
-    return max(1, int(largest[-1] // per_node))
+    per_worker = int(largest[-1] // per_node)
+    if available is not None:
+        per_worker = min(per_worker, int(available // workers))
+    return max(1, per_worker)
 
 
 def resolve_cpus_per_worker(spec: JobSpec, embedded: bool) -> int:
@@ -192,7 +197,7 @@ def resolve_cpus_per_worker(spec: JobSpec, embedded: bool) -> int:
     gpus = spec.cluster.gpus_per_worker
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     return cluster_cpus_per_worker([r.get("CPU", 0.0) for r in nodes if r.get("GPU", 0.0) >= gpus],
-                                   spec.cluster.workers)
+                                   spec.cluster.workers, ray.available_resources().get("CPU", 0.0))
 
 
 def embedded_cpus(spec: JobSpec, cpus_per_worker: int, stream) -> int:

@@ -271,8 +271,9 @@ class ClusterSpec(_Section):
     cpus_per_worker: Literal["auto"] | Int = Field("auto", description=(
         "CPUs Ray reserves for each worker (1 to 1024); a CPU worker runs that many torch threads. `auto`: on "
         "the embedded Ray this machine's cores shared by the job's workers (at least 1 each); on a cluster what "
-        "its nodes offer each worker (the largest nodes' CPUs divided among the workers placed on each). The "
-        "manifest records the figure (`cpus_per_worker`, `torch_threads`)."))
+        "its nodes offer each worker (the largest nodes' CPUs divided among the workers placed on each), no more "
+        "than the cluster's free CPUs shared by the workers. The manifest records the figure (`cpus_per_worker`, "
+        "`torch_threads`)."))
     placement: Literal["pack", "spread"] = Field("pack", description=(
         "Ray's placement of the workers: `pack` them together, or `spread` them one per node where possible."))
     max_failures: Annotated[Int, Ge(0), Le(1000)] = Field(0, description=(
