@@ -84,8 +84,8 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         small_float_params=small, block_quantized_params=parts[0], block_rows=parts[1],
         block_float_params=parts[2], lora_export_params=exported,
         outside_params=outside_total,
-        matmul_params=sum(_weight(m).numel() for m in matmuls),
-        block_matmul_params=sum(_weight(m).numel() for m in matmuls if id(m) in in_blocks),
+        matmul_params=sum(m.weight.numel() for m in matmuls),
+        block_matmul_params=sum(m.weight.numel() for m in matmuls if id(m) in in_blocks),
         attention_width=config.num_attention_heads * head_dim, linear_shapes=tuple(sorted(shapes)),
     )
 
@@ -94,10 +94,6 @@ def _is_matmul(m: nn.Module) -> bool:
     """A layer that multiplies every token by a weight matrix: Linear, Int8Linear, GPT-2's Conv1D
     (not an embedding, which looks rows up)."""
     return isinstance(m, (nn.Linear, Int8Linear)) or type(m).__name__ == "Conv1D"
-
-
-def _weight(m: nn.Module) -> torch.Tensor:
-    return m.weight
 
 
 def _in_out(m: nn.Module) -> tuple[int, int]:
