@@ -32,7 +32,6 @@ import threading
 import torch
 from torch import nn
 
-import bitsandbytes.functional as bnbF
 
 # Largest number of weight elements dequantized at once, in the forward and the backward of the
 # int8 matmul and in quantization: 2^26 elements is 128 MiB in bf16 (256 MiB in fp32). A GPT-3
@@ -73,6 +72,9 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"quantize_rowwise expects a 2-D weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise ValueError(f"quantize_rowwise expects a float weight, got {weight.dtype}")
+    import bitsandbytes.functional as bnbF  # here, not at import: importing it costs seconds (it
+    # compiles its CPU ops with torch.compile), which validating a spec on a meta skeleton never needs
+
     rows, cols = weight.shape
     q = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
     absmax = torch.empty(rows, dtype=torch.float32, device=weight.device)

@@ -94,6 +94,16 @@ def trained(tmp_path_factory, smollm2_dir):
     return artifact, proc
 
 
+@pytest.fixture(scope="session")
+def chat_trained(tmp_path_factory, smollm2_dir):
+    """The artifact of a few real steps of the chat job on SmolLM2 (its ChatML template)."""
+    work = tmp_path_factory.mktemp("chat-train")
+    proc = run_cli("train", str(REPO / "jobs" / "smollm2-chat.yaml"), f"--set=output.dir={work / 'runs'}",
+                   "--set=train.max_steps=6", "--set=train.micro_batch_size=4", "--set=train.warmup_steps=1",
+                   "--set=train.eval_batches=2", cwd=REPO)
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
 TINY_OVERRIDES = ["train.max_steps=4", "train.micro_batch_size=4", "train.lr=5e-3", "train.warmup_steps=1",
                   "train.eval_batches=2", "train.log_every=1", "data.max_length=96", "lora.r=4"]
 

@@ -286,7 +286,7 @@ def test_generate_chat_on_an_adapter_without_a_chat_template_exits_2(tiny_traine
 
 
 @pytest.mark.slow
-def test_a_smollm2_chat_adapter_replies_and_stops_at_the_end_of_turn(tmp_path, smollm2_dir):
+def test_a_smollm2_chat_adapter_replies_and_stops_at_the_end_of_turn(chat_trained):
     """A few steps of the chat job on SmolLM2: greedy generate --chat ends its reply with
     <|im_end|> well before the token limit."""
     import torch
@@ -294,10 +294,7 @@ def test_a_smollm2_chat_adapter_replies_and_stops_at_the_end_of_turn(tmp_path, s
     from lora_dist.adapter import load_adapted
     from lora_dist.generate import chat_prompt, stop_ids
 
-    proc = run_cli("train", str(CHAT_JOB), f"--set=output.dir={tmp_path / 'runs'}", "--set=train.max_steps=6",
-                   "--set=train.micro_batch_size=4", "--set=train.warmup_steps=1", "--set=train.eval_batches=2",
-                   cwd=REPO)
-    artifact = Path(proc.stdout.strip().splitlines()[-1])
+    artifact = chat_trained
     message = "Describe the restaurant in one sentence.\nAttributes: name[The Vaults], eatType[pub], area[riverside]"
     reply = run_cli("generate", str(artifact), "--chat", message, "--max-new-tokens", "64", cwd=REPO).stdout.strip()
     assert reply and "<|im_end|>" not in reply and "<|im_start|>" not in reply

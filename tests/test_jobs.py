@@ -161,8 +161,20 @@ def head(tmp_path_factory):
         assert not left, f"processes of the test head survived its teardown: {[p.pid for p in left]}"
 
 
+@pytest.fixture(scope="module")
+def waited(head, tmp_path_factory, e2e_csv, smollm2_dir):
+    """One quick job through `lora-dist submit --address --wait` (the CompletedProcess, its output.dir
+    and how long it took), shared by the tests of what a finished Jobs API job offers."""
+    address, env = head
+    cwd = tmp_path_factory.mktemp("waited")
+    t0 = time.time()
+    proc = _cli("submit", JOB, "--address", address, "--wait", f"--set=data.path={e2e_csv}",
+                f"--set=output.dir={cwd / 'runs'}", *[f"--set={o}" for o in QUICK], cwd=cwd, env=env)
+    return proc, cwd / "runs", time.time() - t0
+
+
 @pytest.mark.slow
-def test_serve_deploys_a_job_by_id_to_the_clusters_serve(head, tmp_path, e2e_csv, smollm2_dir):
+def test_serve_deploys_a_job_by_id_to_the_clusters_serve(head, waited, tmp_path):
     """`lora-dist serve JOB_ID --address` resolves the job's artifact on the cluster, deploys to the
     cluster's Serve and returns; the adapter then answers through the openai client as `generate`
     does, and the bearer token is in no application config the dashboard shows."""
@@ -171,8 +183,7 @@ def test_serve_deploys_a_job_by_id_to_the_clusters_serve(head, tmp_path, e2e_csv
     from lora_dist.generate import generate_from_artifact
 
     address, env = head
-    sub = _cli("submit", JOB, "--address", address, "--wait", f"--set=data.path={e2e_csv}",
-               f"--set=output.dir={tmp_path / 'runs'}", *[f"--set={o}" for o in QUICK], cwd=tmp_path, env=env)
+    sub = waited[0]
     assert sub.returncode == 0, sub.stderr[-3000:]
     lines = sub.stdout.strip().splitlines()
     sid, artifact = lines[0].split()[1], Path(lines[-1])
@@ -219,19 +230,16 @@ def test_request_without_token_is_refused(head):
 
 
 @pytest.mark.slow
-def test_submit_wait_fetch_verify_through_the_jobs_api(head, tmp_path, e2e_csv, smollm2_dir):
+def test_submit_wait_fetch_verify_through_the_jobs_api(head, waited, tmp_path):
     address, env = head
-    out = tmp_path / "runs"
-    t0 = time.time()
-    proc = _cli("submit", JOB, "--address", address, "--wait", f"--set=data.path={e2e_csv}",
-                f"--set=output.dir={out}", *[f"--set={o}" for o in QUICK], cwd=tmp_path, env=env)
+    proc, out, took = waited
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
     artifact = Path(lines[-1])
     assert artifact.is_dir() and artifact.parent == out
     assert any(line.startswith("step 2/2") for line in lines), proc.stdout[-3000:]
     sid = lines[0].split()[1]
-    print(f"submit --address --wait to verified artifact: {time.time() - t0:.1f} s")
+    print(f"submit --address --wait to verified artifact: {took:.1f} s")
 
     st = _cli("status", sid, "--address", address, cwd=tmp_path, env=env)
     assert st.returncode == 0 and "SUCCEEDED" in st.stdout and "step 2/2" in st.stdout and str(artifact) in st.stdout
@@ -255,11 +263,15 @@ def test_submit_wait_fetch_verify_through_the_jobs_api(head, tmp_path, e2e_csv, 
 
     # A manifest replaced at the artifact's storage still lists files that match it; the digest the
     # job recorded does not.
-    manifest = json.loads((artifact / store.MANIFEST_FILE).read_text())
-    (artifact / store.MANIFEST_FILE).write_text(json.dumps({**manifest, "final_loss": 0.001}))
-    tampered = tmp_path / "tampered"
-    bad = _cli("fetch", sid, "--address", address, "--out", str(tampered), cwd=tmp_path, env=env)
-    assert bad.returncode == 1 and digest in bad.stderr and not tampered.exists(), bad.stdout + bad.stderr
+    # (Put back afterwards: the module's other tests use the same job.)
+    original = (artifact / store.MANIFEST_FILE).read_text()
+    (artifact / store.MANIFEST_FILE).write_text(json.dumps({**json.loads(original), "final_loss": 0.001}))
+    try:
+        tampered = tmp_path / "tampered"
+        bad = _cli("fetch", sid, "--address", address, "--out", str(tampered), cwd=tmp_path, env=env)
+        assert bad.returncode == 1 and digest in bad.stderr and not tampered.exists(), bad.stdout + bad.stderr
+    finally:
+        (artifact / store.MANIFEST_FILE).write_text(original)
 
 
 @pytest.mark.slow

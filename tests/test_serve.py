@@ -213,7 +213,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_serve_two_adapters_through_the_openai_client(trained, tmp_path):
+def test_serve_two_adapters_through_the_openai_client(trained, chat_trained, tmp_path):
     """The real server on the embedded default (Ray Serve), SmolLM2 int8: an E2E adapter and a chat
     adapter answer one prompt differently, each as `generate` does; the chat adapter answers
     /v1/chat/completions; 401, 404 and 400 as OpenAI's; a tampered adapter is refused at start and
@@ -222,11 +222,7 @@ def test_serve_two_adapters_through_the_openai_client(trained, tmp_path):
 
     from lora_dist.generate import generate_from_artifact
 
-    e2e = trained[0]
-    chat_run = run_cli("train", str(REPO / "jobs" / "smollm2-chat.yaml"), f"--set=output.dir={tmp_path / 'runs'}",
-                       "--set=train.max_steps=4", "--set=train.micro_batch_size=4", "--set=train.lr=2e-3",
-                       "--set=train.eval_batches=2", "--set=data.max_length=96", cwd=REPO)
-    chat = chat_run.stdout.strip().splitlines()[-1]
+    e2e, chat = trained[0], chat_trained
     tampered = tmp_path / "tampered"
     shutil.copytree(e2e, tampered)
     (tampered / "adapter_config.json").write_text((tampered / "adapter_config.json").read_text() + " ")
