@@ -184,7 +184,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.out).write_text("\n".join(preds) + "\n")
     if args.slots:
         Path(args.slots).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in slots))
-    print(json.dumps({**metrics, "mrs": len(preds), "rerank": args.rerank}))
+    from lora_dist.byattrs import by_attributes, reweighted
+    from lora_dist.evaluate import e2e_references
+
+    refs = e2e_references(data, args.limit)[1]
+    rows = by_attributes(preds, refs, slots)
+    for r in rows:
+        print(f"{r['attributes']} attributes: {r['mrs']} MRs, BLEU {r['BLEU']:.1f}, SER {r['SER']:.1f}% "
+              f"({r['missing']} missing, {r['wrong']} wrong, {r['added']} added)", file=sys.stderr)
+    try:
+        again = reweighted(preds, refs, slots, args.reweight_mean)
+        print(f"re-weighted to {args.reweight_mean:g} attributes per MR: BLEU {again['BLEU']:.1f}, SER "
+              f"{again['SER']:.1f}% ({again['effective_mrs']:.0f} MRs' worth of weight)", file=sys.stderr)
+    except ValueError as e:
+        again = None
+        print(f"not re-weighted: {e}", file=sys.stderr)
+    print(json.dumps({**metrics, "mrs": len(preds), "rerank": args.rerank, "by_attributes": rows,
+                      "reweighted": again}))
     return EXIT_OK
 
 
@@ -283,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ser: output the beam candidate with the fewest slot errors (ties: the higher beam score); "
                         "none: the top beam. Default: ser with a beam (--num-beams >= 2), none without")
     e.add_argument("--limit", type=int, default=None, help="only the first N distinct MRs")
+    e.add_argument("--reweight-mean", type=float, default=7.0, metavar="K",
+                   help="also report BLEU and SER re-weighted to K attributes per MR (default 7.0, the mean of "
+                        "E2E's test set; docs/commands.md)")
     e.add_argument("--num-beams", type=int, default=10)
     e.add_argument("--length-penalty", type=float, default=0.9)
     e.add_argument("--no-repeat-ngram-size", type=int, default=4)
