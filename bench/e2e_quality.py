@@ -56,12 +56,23 @@ def score(model, tokenizer, csv_path: Path, args, **decode) -> dict[str, dict]:
     from lora_dist.data import adds_bos
     from lora_dist.evaluate import evaluate_e2e_reranks
 
+    from lora_dist.byattrs import by_attributes, reweighted
+    from lora_dist.evaluate import e2e_references
+
     t0 = time.time()
     reranks = ("none", "ser") if args.rerank else ("none",)
     scored = evaluate_e2e_reranks(model, tokenizer, csv_path, reranks, limit=args.limit, num_beams=args.beams,
                                   **{"bos": adds_bos(tokenizer), **decode})
     seconds = round(time.time() - t0, 1)  # of the one beam search both reranks share
-    return {r: {**m, "eval_s": seconds} for r, (_, m, _) in scored.items()}
+    refs = e2e_references(csv_path, args.limit)[1]
+    out = {}
+    for r, (preds, m, slots) in scored.items():
+        try:
+            again = reweighted(preds, refs, slots)
+        except ValueError:  # the MRs' attribute counts cannot reach the test set's mean
+            again = None
+        out[r] = {**m, "eval_s": seconds, "by_attributes": by_attributes(preds, refs, slots), "reweighted": again}
+    return out
 
 
 def float_row(spec) -> list[str]:
@@ -86,6 +97,26 @@ def same_split(manifest: dict, data_spec, artifact: Path) -> None:
                          f"the contents of {DATA}: the held-out split would differ")
 
 
+def never_saw(manifest: dict, heldout: Path, artifact: Path) -> None:
+    """Refuse an artifact that trained or validated on an MR of ``heldout``."""
+    from lora_dist.evaluate import e2e_items
+
+    scored = set(e2e_items(heldout)[0])
+    data = manifest["spec"]["data"]
+    for key in ("path", "val_path"):
+        if data.get(key) and Path(data[key]).is_file():
+            seen = scored & set(e2e_items(data[key])[0])
+            if seen:
+                raise SystemExit(f"error: --artifact {artifact}: its data.{key} {data[key]} holds {len(seen)} of the "
+                                 f"--heldout MRs")
+        elif data.get(key):
+            raise SystemExit(f"error: --artifact {artifact}: its data.{key} {data[key]} is not here to check "
+                             f"against --heldout")
+    if not data.get("val_path"):
+        raise SystemExit(f"error: --artifact {artifact}: trained with data.path split, not on files that keep "
+                         f"--heldout out; score it without --heldout")
+
+
 def common_args(ap: argparse.ArgumentParser, set_help: str) -> None:
     """The options every E2E quality benchmark takes (this one and bench/chat_quality.py)."""
     ap.add_argument("--steps", type=int, default=None, help="default: the main job's train.max_steps")
@@ -106,6 +137,9 @@ def main() -> None:
     ap.add_argument("--job", type=Path, default=JOB, help="the job whose settings and split the trained rows use")
     ap.add_argument("--artifact", type=Path, action="append", default=[],
                     help="also score this trained artifact (same split as --job); repeatable")
+    ap.add_argument("--heldout", type=Path, default=None,
+                    help="score on this E2E csv instead of the job's validation side (the quality job: "
+                         "jobs/data/e2e/devset-report.csv, restaurants it neither trained nor validated on)")
     args = ap.parse_args()
     wanted = [r.strip() for r in args.rows.split(",") if r.strip() and r.strip() != "none"]
     unknown = sorted(set(wanted) - {"base", "float", "ours", "full"})
@@ -132,7 +166,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["LORA_DIST_OUTPUT_ROOT"] = str(tmp)
-        heldout = held_out_csv(tmp / "heldout.csv", base_spec.data)
+        heldout = args.heldout.resolve() if args.heldout else held_out_csv(tmp / "heldout.csv", base_spec.data)
 
         def add(name: str, fields: dict, scores: dict[str, dict]) -> None:
             for r, m in scores.items():
@@ -144,7 +178,11 @@ def main() -> None:
                 score(lm.model, lm.tokenizer, heldout, args))
             del lm
         for a in args.artifact:
-            same_split(json.loads((a / "manifest.json").read_text()), base_spec.data, a)
+            manifest = json.loads((a / "manifest.json").read_text())
+            if args.heldout:
+                never_saw(manifest, heldout, a)
+            else:
+                same_split(manifest, base_spec.data, a)
             loaded, manifest = load_adapted(a)
             seed, steps_run = manifest.spec["train"]["seed"], manifest.steps  # a row per artifact directory
             add(f"{a.name} (seed {seed})", {"trainable": manifest.trainable_params, "train_s": None,
@@ -180,7 +218,8 @@ def main() -> None:
             ray.shutdown()
 
     n_mrs = args.limit or "all"
-    print(f"\nE2E held-out MRs ({n_mrs}) of devset.csv, data.split {base_spec.data.split}, trained rows: "
+    where = f"{args.heldout}" if args.heldout else f"devset.csv, data.split {base_spec.data.split}"
+    print(f"\nE2E held-out MRs ({n_mrs}) of {where}, trained rows: "
           f"{job.name}, {steps} steps; beam {args.beams}, length penalty 0.9, no-repeat 4-gram")
     print_rows(rows)
 
@@ -189,12 +228,20 @@ def print_rows(rows: dict[str, dict]) -> None:
     """The table of scored rows (trainable, the metrics, train seconds), then all of it as JSON."""
     width = max([36, *map(len, rows)])
     print(f"  {'row':<{width}} {'trainable':>12} {'BLEU':>6} {'NIST':>6} {'METEOR':>7} {'ROUGE-L':>8} {'CIDEr':>6} "
-          f"{'SER':>6} {'train s':>8}")
+          f"{'SER':>6} {'BLEU@7':>7} {'SER@7':>6} {'train s':>8}")
     for name, r in rows.items():
         met = "-" if r["METEOR"] is None else f"{r['METEOR']:.1f}"
         train_s = "-" if r["train_s"] is None else r["train_s"]
+        again = r.get("reweighted")
+        at7 = f"{again['BLEU']:>7.1f} {again['SER']:>5.1f}%" if again else f"{'-':>7} {'-':>6}"
         print(f"  {name:<{width}} {r['trainable']:>12,} {r['BLEU']:>6.1f} {r['NIST']:>6.2f} {met:>7} "
-              f"{r['ROUGE_L']:>8.1f} {r['CIDEr']:>6.2f} {r['SER']:>5.1f}% {train_s:>8}")
+              f"{r['ROUGE_L']:>8.1f} {r['CIDEr']:>6.2f} {r['SER']:>5.1f}% {at7} {train_s:>8}")
+    print("  @7: re-weighted to 7 attributes per MR, E2E's test set mean (lora_dist/byattrs.py)")
+    for name, r in rows.items():
+        parts = [f"{b['attributes']}: {b['mrs']} MRs BLEU {b['BLEU']:.1f} SER {b['SER']:.1f}%"
+                 for b in r.get("by_attributes", [])]
+        if parts:
+            print(f"  {name}, by attributes per MR: " + "; ".join(parts))
     print(json.dumps(rows))
 
 

@@ -275,3 +275,32 @@ def test_the_processes_of_a_machine_tokenize_once(tiny_llama_dir, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert sorted(o.strip().splitlines()[-1] for o, _ in outs) == ["hit", "miss"], outs
     assert len([p for p in (tmp_path / "tokenized").iterdir() if p.is_dir()]) == 1
+
+
+def test_the_quality_splits_partition_the_devset_by_restaurant_as_their_script_writes_them():
+    """jobs/data/e2e/devset-{train,select,report}.csv (bench/e2e_split.py): every row of devset.csv in
+    exactly one, no restaurant on two sides, select is what the main job's name split holds out (the
+    MRs earlier choices were made on), report the next restaurants in the same order."""
+    import csv
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from lora_dist.spec import load_spec
+
+    check = subprocess.run([sys.executable, str(REPO / "bench" / "e2e_split.py"), "--check"], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    parts = {}
+    for side in ("train", "select", "report"):
+        with open(E2E_CSV.parent / f"devset-{side}.csv", newline="") as f:
+            parts[side] = [(r["mr"], r["ref"]) for r in csv.DictReader(f)]
+    with open(E2E_CSV, newline="") as f:
+        every = [(r["mr"], r["ref"]) for r in csv.DictReader(f)]
+    assert sorted(sum(parts.values(), [])) == sorted(every)
+    names = {side: {e2e_name(mr) for mr, _ in rows} for side, rows in parts.items()}
+    assert not (names["train"] & names["select"] or names["train"] & names["report"] or names["select"] & names["report"])
+    spec = load_spec(REPO / "jobs" / "smollm2-e2e.yaml", [f"data.path={E2E_CSV}"])
+    _, val = split_examples(read_e2e(E2E_CSV), spec.data)
+    assert {e.mr for e in val} == {mr for mr, _ in parts["select"]}
+    assert len({mr for mr, _ in parts["report"]}) >= 100  # enough MRs to score
