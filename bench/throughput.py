@@ -13,10 +13,16 @@ Then a profile of one int8 LoRA ZeRO-3 step (world size 1) by operator: where th
 
     python bench/throughput.py [--steps 10]
     python bench/throughput.py --before 4eee545 [--after HEAD] [--steps 10]
+    python bench/throughput.py --allocator --threads 2 --steps 5 [--rounds 2] \
+        --set train.micro_batch_size=8 --set data.max_length=96
 
 With ``--before``: the main job in one process, through ``submit`` on the embedded default and at
 N=2, on both commits alternated, with real tokens/s, MFU and peak memory per row, against PEFT +
 bitsandbytes 8-bit at this machine's cores (bench/throughput_ab.py); nothing else runs.
+
+With ``--allocator``: a worker's step (ZeRO-3, world size 1) in fp32 and bf16 under each glibc
+mmap threshold (``MALLOC_MMAP_THRESHOLD_``: glibc's dynamic default, the fixed 128 KiB every Ray
+process of a job gets from ``jobs.WORKER_ENV``, 1 MiB, 8 MiB): real tokens/s and peak RSS.
 
 Tokens/s counts real (non-padding) tokens of all workers; padding is the share of computed
 positions that hold padding; step 1 (warm-up) is left out. Peak memory is
@@ -124,11 +130,11 @@ def single_process_worker(steps: int, kind: str, threads: int = 1) -> None:
                       "pad_fraction": 1 - real / positions}))
 
 
-def profile_step(threads: int = 1, dtype: str = "fp32") -> list[tuple[str, float]]:
-    """One int8 LoRA ZeRO-3 step at world size 1, by operator (self CPU time), with ``threads``
-    torch threads and compute dtype ``dtype``."""
+def worker_step(threads: int = 1, dtype: str = "fp32"):
+    """A worker's int8 LoRA ZeRO-3 training step at world size 1, built as the worker builds it,
+    with ``threads`` torch threads and compute dtype ``dtype``: step(i) trains batch i and returns
+    its real tokens."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
     from transformers import AutoConfig, AutoTokenizer
 
     from lora_dist import engine as eng
@@ -155,17 +161,65 @@ def profile_step(threads: int = 1, dtype: str = "fp32") -> list[tuple[str, float
     data = prepare_data(spec, AutoTokenizer.from_pretrained(d))
     plan = BatchPlan(len(data.train), spec.train.micro_batch_size, 0)
 
-    def step(i: int) -> None:
-        out = engine(**micro_batch(data, plan, i))
+    def step(i: int) -> int:
+        batch = micro_batch(data, plan, i)
+        out = engine(**batch)
         engine.backward(out.loss)
         engine.step()
+        return int(batch["attention_mask"].sum())
 
+    return step
+
+
+def profile_step(threads: int = 1, dtype: str = "fp32") -> list[tuple[str, float]]:
+    """One int8 LoRA ZeRO-3 step at world size 1 (:func:`worker_step`), by operator (self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = worker_step(threads, dtype)
     step(0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(1, 3):
             step(i)
     rows = [(e.key, e.self_cpu_time_total / 1e6 / 2) for e in prof.key_averages()]
     return sorted(rows, key=lambda r: -r[1])
+
+
+def time_worker(threads: int, dtype: str, steps: int) -> dict[str, float]:
+    """:func:`worker_step`'s real tokens/s over ``steps`` steps after one to warm up, and this
+    process's peak RSS (the figure a worker's metrics record)."""
+    step = worker_step(threads, dtype)
+    step(0)
+    t0, tokens = time.time(), 0
+    for i in range(1, steps + 1):
+        tokens += step(i)
+    return {"tok_s": tokens / (time.time() - t0), "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+ALLOCATOR = {"dynamic (glibc default)": None, "fixed 128 KiB (jobs.WORKER_ENV)": "131072",
+             "fixed 1 MiB": "1048576", "fixed 8 MiB": "8388608"}
+
+
+def allocator_table(args: argparse.Namespace) -> None:
+    """The worker's step under each glibc mmap threshold and both compute dtypes, each in a
+    process of its own (the threshold is read at start), the rounds interleaved."""
+    results: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.rounds):
+        for dtype in ("fp32", "bf16"):
+            for name, value in ALLOCATOR.items():
+                env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+                if value:
+                    env["MALLOC_MMAP_THRESHOLD_"] = value
+                out = subprocess.run([sys.executable, __file__, "--time-worker", "--threads", str(args.threads),
+                                      "--dtype", dtype, "--steps", str(args.steps),
+                                      *[f"--set={o}" for o in args.set]], env=env, capture_output=True, text=True,
+                                     check=True)
+                results.setdefault((dtype, name), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"\nA worker's ZeRO-3 step (world size 1), {args.threads} threads, {args.steps} steps, "
+          f"best of {args.rounds} round(s)")
+    print(f"  {'dtype':<6} {'mmap threshold':<32} {'real tokens/s':>14} {'peak RSS GiB':>13}")
+    for (dtype, name), runs in results.items():
+        best = max(runs, key=lambda r: r["tok_s"])
+        print(f"  {dtype:<6} {name:<32} {best['tok_s']:>14.1f} {best['peak_gib']:>13.2f}")
 
 
 def before_after(args: argparse.Namespace) -> None:
@@ -190,6 +244,9 @@ def main() -> None:
                          "data.max_length=96: the main job's batch shape)")
     ap.add_argument("--single-process-worker", choices=["peft", "ours"])
     ap.add_argument("--profile-worker", action="store_true")
+    ap.add_argument("--time-worker", action="store_true", help="a worker's step: real tokens/s and peak RSS")
+    ap.add_argument("--allocator", action="store_true",
+                    help="--time-worker under each glibc mmap threshold (ALLOCATOR) and dtype, side by side")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of --single-process-worker and "
                     "--profile-worker")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype of --profile-worker")
@@ -199,7 +256,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.before:
         return before_after(args)
+    if args.allocator:
+        return allocator_table(args)
     COMMON.extend(args.set)  # every row, and the processes started below, run with them
+    if args.time_worker:
+        print(json.dumps(time_worker(args.threads, args.dtype, args.steps)))
+        return
     if args.single_process_worker:
         return single_process_worker(args.steps, args.single_process_worker, args.threads)
     if args.profile_worker:
