@@ -192,7 +192,8 @@ def time_worker(threads: int, dtype: str, steps: int) -> dict[str, float]:
     t0, tokens = time.time(), 0
     for i in range(1, steps + 1):
         tokens += step(i)
-    return {"tok_s": tokens / (time.time() - t0), "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"tok_s": tokens / (time.time() - t0),
+            "peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 ALLOCATOR = {"dynamic (glibc default)": None, "fixed 128 KiB (jobs.WORKER_ENV)": "131072",

@@ -10,8 +10,9 @@ Re-weighting: each MR of count k is weighted q_k / p_k, where p is the observed 
 counts and q the distribution closest to it (least Kullback-Leibler divergence) whose mean is
 ``mean``: q_k proportional to p_k exp(t k), with t found by bisection. Only counts present are
 weighted (a count the set lacks cannot be invented), so a mean outside the counts present is
-refused. BLEU is re-weighted through its sufficient statistics (n-gram matches and totals, output
-and reference lengths, each MR's weighted), SER through its slot counts.
+refused, and a mean equal to the largest count present weighs only the MRs of that count. BLEU
+is re-weighted through its sufficient statistics (n-gram matches and totals, output and
+reference lengths, each MR's weighted), SER through its slot counts.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def by_attributes(preds: Sequence[str], refs: Sequence[Sequence[str]], slots: Se
     rows = []
     for k in sorted({s["slots"] for s in slots}):
         mine = [i for i, s in enumerate(slots) if s["slots"] == k]
-        ser = {k: round(v) if k != "SER" else v for k, v in _ser([slots[i] for i in mine], [1.0] * len(mine)).items()}
+        ser = _ser([slots[i] for i in mine], [1.0] * len(mine))
+        ser = {key: v if key == "SER" else round(v) for key, v in ser.items()}  # unweighted: whole counts
         rows.append({"attributes": k, "mrs": len(mine), "BLEU": _bleu([stats[i] for i in mine], [1.0] * len(mine)),
                      **ser})
     return rows
@@ -79,8 +81,8 @@ def tilted(counts: Sequence[int], mean: float) -> dict[int, float]:
     {count: probability}.
 
     Raises:
-        ValueError: ``mean`` is not strictly between the smallest and largest count (or equal to
-            the only one).
+        ValueError: ``mean`` is outside the smallest to largest count. At either end the closest
+            distribution is all of that count's MRs (the limit of the tilt).
     """
     p = Counter(counts)
     lo, hi = min(p), max(p)
@@ -88,8 +90,10 @@ def tilted(counts: Sequence[int], mean: float) -> dict[int, float]:
         if mean != lo:
             raise ValueError(f"every MR has {lo} attributes: cannot re-weight to a mean of {mean}")
         return {lo: 1.0}
-    if not lo < mean < hi:
+    if not lo <= mean <= hi:
         raise ValueError(f"a mean of {mean} attributes per MR is outside the {lo} to {hi} of these MRs")
+    if mean in (lo, hi):  # the limit of the tilt: every weight on the extreme count
+        return {k: float(k == mean) for k in sorted(p)}
 
     def dist(t: float) -> dict[int, float]:
         top = max(k * t for k in p)

@@ -74,8 +74,19 @@ def test_reweighting_to_longer_mrs_weighs_them_more_and_hits_the_mean():
     assert longer["effective_mrs"] < 80
 
 
+def test_a_mean_at_the_largest_count_weighs_only_those_mrs():
+    """The report split's MRs have 3 to 7 attributes: re-weighted to 7 is its 7-attribute MRs."""
+    preds, refs, slots = outputs(80, seed=2)
+    top = max(s["slots"] for s in slots)
+    assert tilted([s["slots"] for s in slots], top) == {k: float(k == top) for k in sorted({s["slots"] for s in slots})}
+    again = reweighted(preds, refs, slots, top)
+    row = [r for r in by_attributes(preds, refs, slots) if r["attributes"] == top][0]
+    assert again["BLEU"] == pytest.approx(row["BLEU"]) and again["SER"] == pytest.approx(row["SER"])
+    assert again["effective_mrs"] == pytest.approx(row["mrs"])
+
+
 @pytest.mark.parametrize("counts, mean, says", [
-    ([3, 4, 5], 5.0, "outside the 3 to 5"),
+    ([3, 4, 5], 5.5, "outside the 3 to 5"),
     ([3, 4, 5], 2.0, "outside the 3 to 5"),
     ([6, 6], 7.0, "every MR has 6 attributes"),
 ])

@@ -299,7 +299,8 @@ def test_the_quality_splits_partition_the_devset_by_restaurant_as_their_script_w
         every = [(r["mr"], r["ref"]) for r in csv.DictReader(f)]
     assert sorted(sum(parts.values(), [])) == sorted(every)
     names = {side: {e2e_name(mr) for mr, _ in rows} for side, rows in parts.items()}
-    assert not (names["train"] & names["select"] or names["train"] & names["report"] or names["select"] & names["report"])
+    assert not (names["train"] & names["select"] or names["train"] & names["report"]
+                or names["select"] & names["report"])
     spec = load_spec(REPO / "jobs" / "smollm2-e2e.yaml", [f"data.path={E2E_CSV}"])
     _, val = split_examples(read_e2e(E2E_CSV), spec.data)
     assert {e.mr for e in val} == {mr for mr, _ in parts["select"]}
