@@ -123,3 +123,14 @@ def reweighted(preds: Sequence[str], refs: Sequence[Sequence[str]], slots: Seque
     effective = sum(weights) ** 2 / sum(w * w for w in weights)
     return {"mean_attributes": mean, "BLEU": _bleu(_bleu_stats(preds, refs), weights), **_ser(slots, weights),
             "shares": {k: q[k] for k in sorted(q)}, "effective_mrs": effective}
+
+
+def attribute_report(preds: Sequence[str], refs: Sequence[Sequence[str]], slots: Sequence[dict],
+                     mean: float = TEST_SET_MEAN) -> dict:
+    """``by_attributes`` and ``reweighted`` (None where ``mean`` is outside the counts present),
+    as ``evaluate`` adds them to its metrics."""
+    try:
+        again = reweighted(preds, refs, slots, mean)
+    except ValueError:
+        again = None
+    return {"by_attributes": by_attributes(preds, refs, slots), "reweighted": again}

@@ -179,28 +179,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                          no_repeat_ngram_size=args.no_repeat_ngram_size,
                                          max_new_tokens=args.max_new_tokens, progress=progress,
                                          batch_size=args.batch_size, bos=uses_bos(manifest), rerank=args.rerank,
-                                         stop=stop_ids(manifest, tok))
+                                         stop=stop_ids(manifest, tok), reweight_mean=args.reweight_mean)
     if args.out:
         Path(args.out).write_text("\n".join(preds) + "\n")
     if args.slots:
         Path(args.slots).write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in slots))
-    from lora_dist.byattrs import by_attributes, reweighted
-    from lora_dist.evaluate import e2e_references
-
-    refs = e2e_references(data, args.limit)[1]
-    rows = by_attributes(preds, refs, slots)
+    rows, again = metrics["by_attributes"], metrics["reweighted"]
     for r in rows:
         print(f"{r['attributes']} attributes: {r['mrs']} MRs, BLEU {r['BLEU']:.1f}, SER {r['SER']:.1f}% "
               f"({r['missing']} missing, {r['wrong']} wrong, {r['added']} added)", file=sys.stderr)
-    try:
-        again = reweighted(preds, refs, slots, args.reweight_mean)
+    if again:
         print(f"re-weighted to {args.reweight_mean:g} attributes per MR: BLEU {again['BLEU']:.1f}, SER "
               f"{again['SER']:.1f}% ({again['effective_mrs']:.0f} MRs' worth of weight)", file=sys.stderr)
-    except ValueError as e:
-        again = None
-        print(f"not re-weighted: {e}", file=sys.stderr)
-    print(json.dumps({**metrics, "mrs": len(preds), "rerank": args.rerank, "by_attributes": rows,
-                      "reweighted": again}))
+    else:
+        print(f"not re-weighted: these MRs have {rows[0]['attributes']} to {rows[-1]['attributes']} attributes, "
+              f"a mean of {args.reweight_mean:g} is outside them", file=sys.stderr)
+    print(json.dumps({**metrics, "mrs": len(preds), "rerank": args.rerank}))
     return EXIT_OK
 
 

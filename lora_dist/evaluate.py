@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from lora_dist.byattrs import TEST_SET_MEAN, attribute_report
 from lora_dist.sources import E2E_TEMPLATE, DataError, read_e2e
 from lora_dist.generate import generate
 from lora_dist.metrics import e2e_metrics
@@ -68,7 +69,7 @@ def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit
                  num_beams: int = 10,
                  length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
                  progress=None, batch_size: int = 8, bos: bool = False, rerank: str = "none",
-                 stop: list[int] | None = None) -> Scored:
+                 stop: list[int] | None = None, reweight_mean: float = TEST_SET_MEAN) -> Scored:
     """Generate one output per distinct MR (the paper's decoding by default) and score it: the five
     E2E metrics, and the slot error rate (``slots.py``; ``SER`` in percent, with the counts).
 
@@ -76,20 +77,22 @@ def evaluate_e2e(model, tokenizer, csv_path, template: str = E2E_TEMPLATE, limit
     of its manifest), and ``bos`` whether it was trained with BOS before each prompt
     (``generate.uses_bos``); a chat adapter's ``template`` is its chat template's
     (``generate.e2e_template``) and ``stop`` its end-of-turn (``generate.stop_ids``). ``rerank="ser"`` keeps every candidate of the beam and outputs the
-    one with the fewest slot errors, ties going to the higher beam score.
+    one with the fewest slot errors, ties going to the higher beam score. The metrics also hold
+    ``by_attributes`` and ``reweighted`` (to ``reweight_mean`` attributes per MR; ``byattrs.py``).
 
     Returns:
         (predictions in MR order, metrics, each prediction's slot errors with its MR).
     """
     return evaluate_e2e_reranks(model, tokenizer, csv_path, (rerank,), template, limit, num_beams, length_penalty,
-                                no_repeat_ngram_size, max_new_tokens, progress, batch_size, bos, stop)[rerank]
+                                no_repeat_ngram_size, max_new_tokens, progress, batch_size, bos, stop,
+                                reweight_mean)[rerank]
 
 
 def evaluate_e2e_reranks(model, tokenizer, csv_path, reranks: Sequence[str] = RERANKS,
                          template: str = E2E_TEMPLATE, limit: int | None = None, num_beams: int = 10,
                          length_penalty: float = 0.9, no_repeat_ngram_size: int = 4, max_new_tokens: int = 64,
                          progress=None, batch_size: int = 8, bos: bool = False,
-                         stop: list[int] | None = None) -> dict[str, Scored]:
+                         stop: list[int] | None = None, reweight_mean: float = TEST_SET_MEAN) -> dict[str, Scored]:
     """:func:`evaluate_e2e` under each of ``reranks`` from one beam search: the beam's candidates
     come sorted by score, so its top one is the output without a rerank."""
     bad = [r for r in reranks if r not in RERANKS]
@@ -122,8 +125,9 @@ def evaluate_e2e_reranks(model, tokenizer, csv_path, reranks: Sequence[str] = RE
         preds = [text for text, _ in picks]
         per_output = [{"mr": mr, "prediction": text, **e.to_dict()} for mr, (text, e) in zip(mrs, picks)]
         ser = totals([e for _, e in picks])
-        metrics: dict[str, float | None] = {**e2e_metrics(preds, refs), "SER": ser["ser"],
-                                            **{k: ser[k] for k in ("slots", "missing", "wrong", "added")}}
+        metrics: dict = {**e2e_metrics(preds, refs), "SER": ser["ser"],
+                         **{k: ser[k] for k in ("slots", "missing", "wrong", "added")},
+                         **attribute_report(preds, refs, per_output, reweight_mean)}
         out[r] = (preds, metrics, per_output)
     return out
 
