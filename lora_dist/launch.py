@@ -55,10 +55,11 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     if not ray.is_initialized():
         if address is None:
             # address="local": always a Ray of its own, never one that another job or user
-            # started on this machine (plain ray.init() joins that one if it finds it); no dashboard:
-            # the job's progress is its own lines, and the dashboard cost each start ~4 s and ~7 CPU-s
+            # started on this machine (plain ray.init() joins that one if it finds it). The dashboard
+            # stays: it serves the State API, without which Ray Train's placement-group cleaner cannot
+            # see its controller, warns every second and never cleans up after a crash.
             ray.init(address="local", num_cpus=embedded_cpus(spec, cpus, stream), log_to_driver=True,
-                     include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)})
+                     runtime_env={"env_vars": dict(WORKER_ENV)})
             started_here = True
         elif address == "auto":  # inside a Jobs API job: its runtime_env already carries WORKER_ENV
             ray.init(address=address, log_to_driver=True)
