@@ -182,7 +182,7 @@ class RayJobsAPI:
 
         from lora_dist.launch import recorded_spec
 
-        validate_job(spec, "remote", source)  # a cluster may have several nodes; one machine does not
+        validate_job(spec, "remote", source, self.address)  # a cluster may have several nodes; one machine does not
         spec = spec.with_absolute_paths()
         return submit_remote(spec, job_id, self.address, lambda: recorded_spec(spec, job_id))
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from lora_dist.errors import JobFailed
 from lora_dist.jobs import WORKER_ENV
+from lora_dist.plan import fmt_bytes
 from lora_dist.runtime_env import redacted
 from lora_dist.spec import JobSpec, SpecError
 from lora_dist.store import MANIFEST_FILE, artifact_location, check_job_id, is_uri, job_root, join, make_work_dir, \
@@ -52,6 +53,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
     started_here = False
     embedded = address is None and not ray.is_initialized()
     cpus = resolve_cpus_per_worker(spec, embedded=True) if embedded else None
+    memory = _memory_per_worker(spec)
     if not ray.is_initialized():
         if address is None:
             # address="local": always a Ray of its own, never one that another job or user
@@ -59,7 +61,7 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
             # stays: it serves the State API, without which Ray Train's placement-group cleaner cannot
             # see its controller, warns every second and never cleans up after a crash.
             ray.init(address="local", num_cpus=embedded_cpus(spec, cpus, stream), log_to_driver=True,
-                     runtime_env={"env_vars": dict(WORKER_ENV)})
+                     _memory=embedded_memory(spec, memory), runtime_env={"env_vars": dict(WORKER_ENV)})
             started_here = True
         elif address == "auto":  # inside a Jobs API job: its runtime_env already carries WORKER_ENV
             ray.init(address=address, log_to_driver=True)
@@ -72,13 +74,19 @@ def run_job(spec: JobSpec, job_id: str | None = None, address: str | None = None
             print(f"cluster.cpus_per_worker auto: {cpus} CPU{'s' if cpus > 1 else ''} (and torch threads) per worker",
                   file=stream, flush=True)
         config = {"spec": spec.to_dict(), "job_id": job_id, "work_dir": str(work), "job_root": root,
-                  "cpus_per_worker": cpus,
+                  "cpus_per_worker": cpus, "memory_per_worker": memory,
                   "parity_reference": parity_reference,
                   "storage_probe": None if is_uri(spec.output.dir) else write_storage_probe(work)}
         t0 = time.time()
         try:
             result = _trainer(spec, run, config).fit()
         except Exception as e:  # Ray wraps the worker's exception; keep its message for the user
+            from lora_dist.fits import killed_for_memory
+
+            oom = killed_for_memory(e)
+            if oom:
+                planned = f"; the plan gave {fmt_bytes(memory)} per worker" if memory else ""
+                raise JobFailed(f"job {run} failed: {oom}{planned}") from e
             raise JobFailed(f"job {run} failed: {_root_message(e)}") from e
         location = (result.metrics or {}).get("artifact")
         if not location:
@@ -214,6 +222,26 @@ def embedded_cpus(spec: JobSpec, cpus_per_worker: int, stream) -> int:
     return max(cores, wanted)
 
 
+def _memory_per_worker(spec: JobSpec) -> int | None:
+    """The bytes each CPU worker reserves as Ray's ``memory`` resource: its plan (fits.job_need),
+    so that Ray places no more of a job's workers on a node than its memory holds. None for GPU
+    workers, whose plan is GPU memory."""
+    if spec.cluster.gpus_per_worker:
+        return None
+    from lora_dist.fits import job_need
+
+    return job_need(spec).bytes
+
+
+def embedded_memory(spec: JobSpec, per_worker: int | None) -> int:
+    """The embedded Ray's ``memory`` resource: this machine's available memory (Ray's own default
+    keeps back the object store's share, which these jobs barely use), and never less than the
+    job's workers reserve (the submit check has compared the two)."""
+    from lora_dist.device import available_bytes
+
+    return max(available_bytes("cpu"), spec.cluster.workers * (per_worker or 0))
+
+
 def _trainer(spec: JobSpec, run: str, config: dict[str, Any]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -222,6 +250,8 @@ def _trainer(spec: JobSpec, run: str, config: dict[str, Any]):
     resources: dict[str, float] = {"CPU": config["cpus_per_worker"]}
     if c.gpus_per_worker:
         resources["GPU"] = c.gpus_per_worker
+    if config.get("memory_per_worker"):
+        resources["memory"] = config["memory_per_worker"]
     return TorchTrainer(
         _worker_entry, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,

@@ -3,8 +3,8 @@ place. Which checks an entry point makes depends on where it runs:
 
     where    who                                                  checks
     train    lora-dist train (train.train_local): one process     key, fp16, model, packing, data, chat, tracking
-    submit   a job handed to the embedded local Ray               key, model, packing, data, chat, tracking
-    remote   lora-dist submit --address (the client side)         nodes, model, packing, data, chat
+    submit   a job handed to the embedded local Ray               key, model, memory, packing, data, chat, tracking
+    remote   lora-dist submit --address (the client side)         nodes, model, memory, packing, data, chat
     cluster  jobrun: the cluster side of the Jobs API             key, output root
     build    a process about to build the model and train:        packing, tracking
              a Ray worker, the parity reference
@@ -16,6 +16,8 @@ place. Which checks an entry point makes depends on where it runs:
     model        lora.targets and lora.r against the architecture, and the stored weights
                  against it, on a skeleton without weights (model.check_model); a hub id from
                  its config.json alone (no weights are downloaded before the job runs)
+    memory       the plan per worker within the memory its workers will have: this machine's available
+                 memory, or the cluster's nodes' (fits.placement_problem); CPU workers only
     packing      data.batching: packed only where attention keeps packed examples apart
                  (data.check_packing)
     data         the data read and split as the run will, every row checked, no tokenizer
@@ -45,24 +47,25 @@ from lora_dist.store import data_roots, multi_node_storage_problem, output_root_
 Where = Literal["train", "submit", "remote", "cluster", "build"]
 CHECKS: dict[str, tuple[str, ...]] = {
     "train": ("key", "fp16", "model", "packing", "data", "chat", "tracking"),
-    "submit": ("key", "model", "packing", "data", "chat", "tracking"),
-    "remote": ("nodes", "model", "packing", "data", "chat"),
+    "submit": ("key", "model", "memory", "packing", "data", "chat", "tracking"),
+    "remote": ("nodes", "model", "memory", "packing", "data", "chat"),
     "cluster": ("key", "output_root", "data_root"),
     "build": ("packing", "tracking"),
 }
 
 
-def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None:
+def validate_job(spec: JobSpec, where: Where, source: str | None = None, address: str | None = None) -> None:
     """Make the checks of ``where`` (see the module's table) on a validated spec.
 
     Args:
         spec: the job spec (spec.load_spec has checked it on its own).
         where: which entry point asks.
         source: the spec's file, named in a SpecError.
+        address: the cluster's dashboard URL (``remote``): whose nodes the memory check reads.
 
     Raises:
-        SpecError: output.dir outside the output root or not seen by every node, or train.dtype
-            fp16 in one process.
+        SpecError: output.dir outside the output root or not seen by every node, train.dtype
+            fp16 in one process, or a plan over the memory the job's workers will have.
         ModelError: lora.targets or lora.r do not fit the model, or its weight files do not.
         SettingError: $LORA_DIST_SIGNING_KEY is set but empty.
         DataError: data.batching packed on a model whose packed examples would attend to each other,
@@ -104,6 +107,10 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
         from lora_dist.model import check_model
 
         check_model(base(), spec.injected_lora, spec.model.quantization)
+    if "memory" in checks and spec.cluster.gpus_per_worker == 0:
+        problem = _memory_problem(spec, base(), where, address)
+        if problem:
+            raise SpecError([problem], source)
     if "packing" in checks and spec.data.batching == "packed":
         from lora_dist.data import check_packing
         from lora_dist.base import model_type
@@ -119,3 +126,15 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None) -> None
         from lora_dist.chat import check_chat
 
         check_chat(spec.data, tokenizer_source(base()))  # a hub model's tokenizer alone: no weights yet
+
+
+def _memory_problem(spec: JobSpec, base: str, where: Where, address: str | None) -> str | None:
+    from lora_dist.fits import cluster_nodes, job_need, placement_problem, this_machine
+
+    if where == "remote":
+        if not address or not address.startswith(("http://", "https://")):
+            return None  # a ray:// client address has no State API to read the nodes from
+        nodes, named = cluster_nodes(address), f"the cluster at {address}"
+    else:
+        nodes, named = this_machine(), "this machine"
+    return placement_problem(job_need(spec, base), nodes, named)

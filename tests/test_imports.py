@@ -24,7 +24,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_dist"
 ORDER = ["errors", "safejson", "safeyaml", "records", "signing", "confine", "store", "datafiles", "runtime_env", "hub", "tracking", "specid", "spec", "specdoc", "plan", "jobs",
-         "registry", "device", "quant", "lora", "base", "weights", "model", "counting", "sources", "chat", "data", "datareport",
+         "registry", "device", "quant", "lora", "base", "weights", "model", "counting", "fits", "sources", "chat", "data", "datareport",
          "epochs", "validate", "plot", "adapter", "checkpoint", "engine", "earlystop", "progress", "mfu", "train", "worker", "launch",
          "jobrun", "embedded", "client", "generate", "metrics", "slots", "byattrs", "evaluate", "evaldata", "merge", "multilora",
          "decode", "served", "serving", "servestart", "usecmds", "cli"]

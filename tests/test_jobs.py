@@ -28,6 +28,7 @@ JOB = str(REPO / "jobs" / "smollm2-e2e.yaml")
 QUICK = ["train.max_steps=2", "train.micro_batch_size=2", "data.max_length=48", "train.eval_batches=1",
          "train.log_every=1", "cluster.zero_stage=auto"]
 DASHBOARD_PORT = 8275
+HEAD_MEMORY = 8 << 30  # the module head's memory resource: QUICK's workers plan ~1.3 GB each
 HEAD_DIRS: dict[str, Path] = {}  # the module head's --temp-dir, by address
 
 
@@ -44,11 +45,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_head(temp_dir: Path, env: dict, port: int, dashboard_port: int | None) -> None:
+def _start_head(temp_dir: Path, env: dict, port: int, dashboard_port: int | None, memory: int | None = None) -> None:
     """`ray start --head` whose files live under ``temp_dir`` and whose ports are its own (another
-    Ray on this machine, another agent's or another head's, keeps its ports)."""
+    Ray on this machine, another agent's or another head's, keeps its ports); ``memory``: the
+    node's memory resource (what its tasks and actors may reserve), where the test sets it."""
     ray = str(Path(sys.executable).parent / "ray")
     args = [ray, "start", "--head", "--num-cpus=2", f"--port={port}", f"--temp-dir={temp_dir}",
+            *([f"--memory={memory}"] if memory else []),
             "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
@@ -149,7 +152,7 @@ def head(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["LORA_DIST_OUTPUT_ROOT"] = str(tmp_path_factory.getbasetemp())
     env["LORA_DIST_DATA_ROOT"] = f"{REPO / 'jobs' / 'data'}{os.pathsep}{tmp_path_factory.getbasetemp()}"
-    _start_head(tmp / "ray", env, port=6389, dashboard_port=DASHBOARD_PORT)
+    _start_head(tmp / "ray", env, port=6389, dashboard_port=DASHBOARD_PORT, memory=HEAD_MEMORY)
     address = f"http://127.0.0.1:{DASHBOARD_PORT}"
     HEAD_DIRS[address] = tmp / "ray"
     _wait_for_api(address)
@@ -339,6 +342,24 @@ def test_a_resubmit_with_another_output_dir_is_refused_through_the_jobs_api(head
         assert "smollm2-e2e-bound.r2" not in _cli("list", "--address", address, cwd=tmp_path, env=env).stdout
     finally:
         _cli("stop", "smollm2-e2e-bound", "--address", address, cwd=tmp_path, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_job_planned_over_the_clusters_node_memory_is_refused_at_submit_with_both_figures(head, tmp_path, e2e_csv):
+    """The head offers 8 GiB (its memory resource, set by the test); two workers of micro-batches
+    of 16 x 96 tokens plan 5.2 GB each: either alone fits, the two on that node do not. `submit`
+    exits 2 with the plan's figure and the node's before anything reaches the cluster."""
+    address, env = head
+    proc = _cli("submit", JOB, "--address", address, f"--set=data.path={e2e_csv}", "--job-id=toobig",
+                f"--set=output.dir={tmp_path / 'runs'}", "--set=cluster.workers=2", "--set=cluster.zero_stage=3",
+                "--set=train.micro_batch_size=16", "--set=data.max_length=96", "--set=output.shared=true", cwd=tmp_path,
+                env=env, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert re.search(r"cluster\.workers: this job will not fit: the plan needs 5\.\d GB per worker \(ZeRO-3; "
+                     rf"`lora-dist plan`\); the cluster at {address} has 8\.6 GB available for its 2 workers, "
+                     r"4\.3 GB each", proc.stderr), proc.stderr
+    assert "smollm2-e2e-toobig" not in _cli("list", "--address", address, cwd=tmp_path, env=env).stdout
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
