@@ -47,8 +47,10 @@ LORA_PER_BLOCK = 2 * (4 * D + D * 4)  # r=4 on Wq and Wv: A (r x d) and B (d x r
 ROWS_PER_WRITE = 1024
 
 
-def slice_tensors(k: int) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, init) of a k-block GPT-3-width GPT-2 checkpoint, in file order."""
+def slice_tensors(k: int, D: int = D) -> list[tuple[str, tuple[int, ...], str]]:  # noqa: N803 - the width
+    """(name, shape, init) of a k-block GPT-3-width GPT-2 checkpoint, in file order (``D``: another
+    width with GPT-3's vocabulary and context, for bench/load.py's memory timeline)."""
+    FF = 4 * D  # noqa: N806
     out = [("transformer.wte.weight", (VOCAB, D), "normal"), ("transformer.wpe.weight", (CONTEXT, D), "normal")]
     for i in range(k):
         h = f"transformer.h.{i}."
@@ -62,21 +64,22 @@ def slice_tensors(k: int) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def write_slice(k: int) -> Path:
-    """The k-block slice as a Hugging Face directory (written once, then reused)."""
+def write_slice(k: int, width: int = D) -> Path:
+    """The k-block slice as a Hugging Face directory (written once, then reused); ``width``: d_model
+    (GPT-3's by default; heads of 128 dimensions, d_ff 4 x width)."""
     from transformers import GPT2Config
 
-    d = cache_root() / "bench" / f"gpt3-slice-{k}"
+    d = cache_root() / "bench" / (f"gpt3-slice-{k}" if width == D else f"gpt3-slice-{k}-d{width}")
     if (d / "config.json").is_file():
         return d
     tmp = d.with_name(d.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     t0 = time.time()
-    GPT2Config(n_layer=k, n_embd=D, n_head=HEADS, n_inner=FF, n_positions=CONTEXT, vocab_size=VOCAB,
+    GPT2Config(n_layer=k, n_embd=width, n_head=width // 128, n_inner=4 * width, n_positions=CONTEXT, vocab_size=VOCAB,
                activation_function="gelu_new", attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
                tie_word_embeddings=True, dtype="float16").save_pretrained(tmp)
-    tensors = slice_tensors(k)
+    tensors = slice_tensors(k, width)
     header, offset = {}, 0
     for name, shape, _ in tensors:
         size = 2 * int(torch.Size(shape).numel())

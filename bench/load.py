@@ -59,6 +59,66 @@ def _rss_now() -> int:
         return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
 
 
+class Timeline:
+    """Where a rank's resident memory goes during its first step: a thread samples VmRSS every
+    millisecond under the label of the phase running (set by forward hooks on the embedding, each
+    block, the final norm and the head, by tensor hooks on their outputs as backward reaches them,
+    then "optimizer step"); each phase's row is the RSS when it began, its peak, and the bytes of
+    ZeRO-3 parameters gathered (AVAILABLE, beyond their partitions) when it began."""
+
+    def __init__(self, model) -> None:
+        import threading
+
+        self.model, self.rows, self.label = model, [], None
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.lock, self.done = threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def gathered(self) -> int:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        return sum(p.ds_numel * p.element_size() for p in self.model.parameters()
+                   if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE
+                   and p.ds_tensor is not None and p.ds_tensor.numel() < p.ds_numel)  # not at N=1: views
+
+    def mark(self, label: str) -> None:
+        rss = self._rss()
+        with self.lock:
+            if self.rows and self.rows[-1]["phase"] == label:
+                return
+            self.rows.append({"phase": label, "rss_start": rss, "rss_peak": rss, "gathered": self.gathered()})
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.001):
+            rss = self._rss()
+            with self.lock:
+                if self.rows and rss > self.rows[-1]["rss_peak"]:
+                    self.rows[-1]["rss_peak"] = rss
+
+    def hook(self) -> None:
+        named = [(n, m) for n, m in self.model.named_modules()
+                 if n.endswith(("wte", "wpe", "ln_f", "lm_head")) or (n.split(".")[-2:-1] == ["h"])]
+        for name, module in named:
+            short = name.removeprefix("base_model.model.").removeprefix("transformer.")
+            module.register_forward_pre_hook(lambda m, a, short=short: self.mark(f"forward {short}"))
+
+            def after(m, a, out, short=short):
+                t = out[0] if isinstance(out, tuple) else out
+                if getattr(t, "requires_grad", False):
+                    t.register_hook(lambda g: self.mark(f"backward {short}"))
+            module.register_forward_hook(after)
+        self.thread.start()
+
+    def stop(self) -> list[dict]:
+        self.done.set()
+        self.thread.join()
+        return self.rows
+
+
 def rank_main(rank: int, world: int, port: int, cfg: dict) -> None:
     """One rank: build, stream (and step) with whatever lora_dist is on the path; print JSON."""
     t_start = cfg["launched"]
@@ -107,10 +167,29 @@ def rank_main(rank: int, world: int, port: int, cfg: dict) -> None:
 
         batch = collate(data.train[rank * spec.train.micro_batch_size:(rank + 1) * spec.train.micro_batch_size],
                         data.pad_id)
+        timeline = Timeline(engine.module) if cfg.get("timeline") else None
+        if timeline is not None:
+            timeline.hook()
+        if cfg.get("validate_first"):  # as a job does (its step-0 validation): ZeRO-3 traces this forward
+            engine.eval()
+            if timeline is not None:
+                timeline.mark("validation")
+            with torch.no_grad():
+                engine(**batch)
+            engine.train()
+        if timeline is not None:
+            timeline.mark("start of step")
         loss = engine(**batch).loss
+        if timeline is not None:
+            timeline.mark("loss")
         engine.backward(loss)
+        if timeline is not None:
+            timeline.mark("optimizer step")
         engine.step()
         out.update(to_step_s=time.time() - t_start, step_peak_rss=_rss_peak())
+        if timeline is not None:
+            timeline.mark("after the step")
+            out["timeline"] = timeline.stop()
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -212,11 +291,11 @@ def llama_1b_sharded() -> Path:
     return d
 
 
-def spec_for(model: str, world: int, out: Path) -> dict:
-    from gpt3_slice import slice_spec, write_slice
+def spec_for(model: str, world: int, out: Path, width: int | None = None) -> dict:
+    from gpt3_slice import D, slice_spec, write_slice
 
     if model == "slice":
-        spec = slice_spec(write_slice(1), world, 1, 64, out)
+        spec = slice_spec(write_slice(1, width or D), world, 1, 64, out)
     else:
         spec = slice_spec(llama_1b_sharded(), world, 1, 64, out)
         spec["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all-linear"}
@@ -248,6 +327,12 @@ def main() -> None:
     ap.add_argument("--only", choices=["before", "after"], help="run one side only")
     ap.add_argument("--first-step", action="store_true", help="also run deepspeed.initialize and one step")
     ap.add_argument("--end-of-job", action="store_true", help="time the export of a 1-step job instead")
+    ap.add_argument("--timeline", action="store_true",
+                    help="with --first-step: each rank's resident memory by phase of its first step")
+    ap.add_argument("--validate-first", action="store_true",
+                    help="with --timeline: one no-grad forward before the step, as a job's step-0 validation")
+    ap.add_argument("--width", type=int, default=None,
+                    help="the slice's d_model (default GPT-3's 12288; GPT-3's vocabulary and context kept)")
     ap.add_argument("--warm", action="store_true",
                     help="start with the model's fingerprint cached (a re-run), not a cold cache")
     args = ap.parse_args()
@@ -268,7 +353,9 @@ def main() -> None:
         for world in args.world:
             for side, path in sides.items():
                 with tempfile.TemporaryDirectory(prefix="lora-dist-load-") as tmp:
-                    cfg = {"spec": spec_for(model, world, Path(tmp) / "runs"), "first_step": args.first_step,
+                    cfg = {"spec": spec_for(model, world, Path(tmp) / "runs", args.width),
+                           "first_step": args.first_step or args.timeline, "timeline": args.timeline,
+                           "validate_first": args.validate_first,
                            "end_of_job": args.end_of_job, "work_dir": str(Path(tmp) / "work")}
                     cache = Path(tmp) / "cache"  # cold unless --warm
                     if warm is not None:
@@ -289,6 +376,9 @@ def main() -> None:
                         print(f"{model:<9} N={world} {side:<6} rank {r['rank']}: load_s {r['load_s']:.1f}  "
                               f"rss_before {gib(r['rss_before'])} GiB  peak_rss {gib(r['peak_rss'])} GiB  "
                               f"read {gib(r['read'])} GiB{loader}{step}", flush=True)
+                        for row in r.get("timeline", []):
+                            print(f"    {row['phase']:<28} rss at start {gib(row['rss_start'])}  peak "
+                                  f"{gib(row['rss_peak'])} GiB  gathered {gib(row['gathered'])} GiB", flush=True)
         if warm is not None:
             shutil.rmtree(warm, ignore_errors=True)
 

@@ -58,7 +58,13 @@ def ds_config(spec: JobSpec, world_size: int, placement: Placement, zero: dict[s
         # process-wide with a Python autograd function; zero.Init reads it from this config and
         # ignores its own argument. The int8 base needs no weight gradients, so the built-in
         # linear is both correct and faster.
-        "zero_optimization": {"stage": stage, "memory_efficient_linear": False, **zero},
+        # stage3_allgather_sequential: ZeRO-3 gathers each parameter straight into its own buffer.
+        # Coalesced (DeepSpeed's default), the parameters of a fetch go into one flat buffer and are
+        # then copied out (torch.cat), twice what it gathers at once: at GPT-3 width the fetch that
+        # opens a forward (embedding, positions and a block, 4.1 GiB) took a rank to 10.9 GiB
+        # (bench/RESULTS.md, issue 33).
+        "zero_optimization": {"stage": stage, "memory_efficient_linear": False, "stage3_allgather_sequential": True,
+                              **zero},
         # torch_adam: plain torch.optim.AdamW inside ZeRO (no fused op to compile; the same
         # optimizer as the single-process reference).
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "weight_decay": t.weight_decay, "torch_adam": True}},
@@ -74,9 +80,52 @@ def ds_config(spec: JobSpec, world_size: int, placement: Placement, zero: dict[s
 
 
 def init_distributed(cuda: bool) -> tuple[int, int]:
-    """Join the process group Ray Train set up (gloo on CPU, nccl on GPU)."""
+    """Join the process group Ray Train set up (gloo on CPU, nccl on GPU). On gloo, ZeRO-3's
+    parameter gathers go through :func:`sliced_all_gather_into_tensor`."""
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if not cuda:
+        from deepspeed.comm import comm as ds_comm
+
+        ds_comm.cdb.all_gather_function = sliced_all_gather_into_tensor  # every ZeRO-3 gather comes here
     return dist.get_rank(), dist.get_world_size()
+
+
+# A gather on gloo goes in slices of this many bytes of output: each rank's slice is this over the
+# world size (sliced_all_gather_into_tensor; plan.GATHER_BUFFER_BYTES repeats it).
+GATHER_BUFFER_BYTES = 64 << 20
+
+
+class _Done:
+    """The handle of a collective that has already completed (what DeepSpeed waits on)."""
+
+    def wait(self, *args: Any) -> bool:
+        return True
+
+
+def sliced_all_gather_into_tensor(output_tensor: torch.Tensor, input_tensor: torch.Tensor, group=None,
+                                  async_op: bool = False):
+    """``all_gather_into_tensor`` whose extra memory is bounded by :data:`GATHER_BUFFER_BYTES` (twice).
+
+    gloo's own holds a second buffer the size of its whole output while it runs (measured: a
+    0.57 GiB output raised each rank's resident memory by 1.15 GiB; bench/RESULTS.md, issue 33). At
+    GPT-3 width every gather of the tied embedding and head (50257 x 12288 fp32, 2.47 GB) cost
+    2.47 GB more than it holds. Here each rank's partition goes in slices: one gather of a slice
+    from every rank into a buffer of :data:`GATHER_BUFFER_BYTES` (gloo doubles that one), copied to
+    its place in the output (rank r's partition is the output's r-th contiguous part). The same
+    bytes move, the same values land. Synchronous: the gloo work ran on the same cores either way."""
+    world = dist.get_world_size(group)
+    n = input_tensor.numel()
+    step = max(1, GATHER_BUFFER_BYTES // (world * input_tensor.element_size()))
+    if n <= step or world == 1 or output_tensor.numel() != world * n or not output_tensor.is_contiguous():
+        return dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+    out, flat = output_tensor.view(world, n), input_tensor.reshape(-1)
+    buffer = torch.empty(world * step, dtype=input_tensor.dtype, device=input_tensor.device)
+    for start in range(0, n, step):
+        size = min(step, n - start)
+        gathered = buffer[:world * size]
+        dist.all_gather_into_tensor(gathered, flat[start:start + size], group=group)
+        out[:, start:start + size].copy_(gathered.view(world, size))
+    return _Done() if async_op else None
 
 
 class _PartitionOnly(deepspeed.zero.Init):

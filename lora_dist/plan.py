@@ -46,6 +46,9 @@ PERSISTENCE_THRESHOLD = 100_000
 # Elements dequantized at once by the int8 matmul (quant.DEQUANT_BLOCK_ELEMENTS, repeated here so
 # that the planner imports no torch; tests/test_plan.py checks the two agree).
 DEQUANT_BLOCK_ELEMENTS = 1 << 26
+# On CPU (gloo) a ZeRO-3 gather goes in slices through a buffer of this many bytes
+# (engine.GATHER_BUFFER_BYTES, repeated here; tests/test_plan.py checks the two agree).
+GATHER_BUFFER_BYTES = 64 << 20
 # Fixed per-worker overhead, calibrated once per device kind by bench/plan_vs_measured.py (the main
 # job's measured peak RSS at N=1, where nothing is gathered (see memory_terms), less every other
 # term; the run is in bench/RESULTS.md, 2026-11-29):
@@ -163,6 +166,20 @@ def zero_settings(c: ModelCounts, method: str = "lora_int8_zero3") -> dict[str, 
             "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
 
 
+def gather_buffer_bytes(c: ModelCounts, s: Setup, quantized: bool, stage: int) -> int:
+    """What a ZeRO-3 gather holds beside the parameter it gathers, on CPU: gloo's all-gather keeps a
+    second buffer the size of its whole output while it runs, so a parameter gathered whole costs
+    its size again, and one larger than the slice buffer goes through it in slices (the buffer and
+    gloo's copy of it: engine.sliced_all_gather_into_tensor). The largest gathered parameter is the
+    larger of a block's largest linear weight (int8 in ours) and the embedding. NCCL on GPUs
+    gathers in place; at N=1 and stages 1 and 2 nothing is gathered."""
+    if s.device != "cpu" or s.workers == 1 or stage != 3:
+        return 0
+    cb = s.compute_bytes
+    largest = max(c.largest_linear_params * (1 if quantized else cb), c.vocab * c.hidden * cb)
+    return largest if largest <= GATHER_BUFFER_BYTES else 2 * GATHER_BUFFER_BYTES
+
+
 def activation_bytes(c: ModelCounts, a: Activations, s: Setup) -> int:
     """Activations for one micro-batch: what autograd saves (counted per block and for the head),
     plus what the loss's backward allocates while everything saved is still alive: the gradient
@@ -206,8 +223,9 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
         terms["optimizer_and_gradients"] = optimizer(c.total_params)
         terms["persistent_small_params"] = int(c.small_float_params * cb * (1 - 1 / n)) if stage == 3 else 0
         terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
-        terms["gathered_working_set"] = (min(2, c.layers) * block_bytes(c, cb, quantized=False)
-                                         + c.outside_params * cb) if n > 1 and stage == 3 else 0
+        terms["gathered_working_set"] = ((min(2, c.layers) * block_bytes(c, cb, quantized=False)
+                                          + c.outside_params * cb) if n > 1 and stage == 3 else 0) \
+            + gather_buffer_bytes(c, s, False, stage)
         activations = acts["full"]
     elif method == "lora_fp16":
         terms["base_weights"] = c.total_params * 2  # replicated: the whole fp16 base on every GPU
@@ -232,7 +250,7 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
         # (NoGatherHandle); stages 1 and 2 never gather a parameter. Plus one block of a weight
         # dequantized into the compute dtype.
         gathered = (min(2, c.layers) * block_bytes(c, cb) + c.outside_params * cb) if n > 1 and stage == 3 else 0
-        terms["gathered_working_set"] = gathered + dequant
+        terms["gathered_working_set"] = gathered + dequant + gather_buffer_bytes(c, s, True, stage)
         activations = acts["lora"]
     else:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")

@@ -21,7 +21,9 @@ def test_zero_config_follows_the_spec_and_the_plan():
     spec = load_spec(MAIN_JOB, ["data.path=null", "train.grad_accum=2", "cluster.zero_stage=2"])
     zero = zero_settings(COUNTS)
     cfg = ds_config(spec, 4, Placement(torch.device("cpu"), "fp32"), zero, spec.cluster.zero_stage)
-    assert cfg["zero_optimization"] == {"stage": 2, "memory_efficient_linear": False, **zero}
+    # each parameter gathered into its own buffer: no flat copy of a whole fetch (issue 33)
+    assert cfg["zero_optimization"] == {"stage": 2, "memory_efficient_linear": False,
+                                        "stage3_allgather_sequential": True, **zero}
     assert cfg["train_batch_size"] == 8 * 2 * 4 and cfg["gradient_accumulation_steps"] == 2
     assert cfg["gradient_clipping"] == spec.train.max_grad_norm
     assert cfg["optimizer"]["params"]["lr"] == spec.train.lr
@@ -51,3 +53,45 @@ def test_compute_dtype_policy():
     with pytest.raises(ValueError, match="train.dtype: fp16 needs DeepSpeed's loss scaling"):
         local_placement(gpu)  # `lora-dist train` is one CPU process
     assert Placement(torch.device("cpu"), "bf16").record()["lora_master_dtype"] == "fp32"
+
+
+_GATHER = r"""
+import os, sys, torch, torch.distributed as dist
+rank, port = int(sys.argv[1]), sys.argv[2]
+os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+from lora_dist import engine as eng
+eng.init_distributed(False)
+eng.GATHER_BUFFER_BYTES = 2 * 4 * 1000  # slices of 1,000 fp32 values per rank: 2,501 values take three
+from deepspeed.comm import comm as ds_comm
+assert ds_comm.cdb.all_gather_function is eng.sliced_all_gather_into_tensor
+for n, dtype in ((2501, torch.float32), (2501, torch.int8), (7, torch.float32)):
+    g = torch.Generator().manual_seed(rank)
+    part = (torch.randn(n, generator=g) * 50).to(dtype)
+    want, got = torch.empty(2 * n, dtype=dtype), torch.full((2 * n,), -1).to(dtype)
+    dist.all_gather_into_tensor(want, part)
+    handle = ds_comm.all_gather_into_tensor(got, part, async_op=True)  # the path ZeRO-3 takes
+    handle.wait()
+    assert torch.equal(got, want), (n, dtype)
+print("OK", rank)
+"""
+
+
+def test_zero3_gathers_on_gloo_go_in_slices_and_land_the_same_values(tmp_path):
+    """On CPU every ZeRO-3 gather goes through sliced_all_gather_into_tensor (gloo's own holds a
+    second copy of its whole output): two gloo ranks get exactly what torch's all-gather gives,
+    for partitions of several slices, a ragged last slice, int8, and one under a slice."""
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "gather.py"
+    script.write_text(_GATHER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert all(f"OK {r}" in o for r, o in enumerate(outs))

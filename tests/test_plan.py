@@ -52,6 +52,7 @@ def _counts(**kw) -> ModelCounts:
 
 ACTS = Activations(per_block=1_000_000, per_block_checkpointed=10_000, head=5_000_000, logits=2_000_000)
 BLOCK_BF16 = 89_000_000 + 10_000 * 4 + 1_000_000 * 2  # int8 weights, fp32 scales, bf16 norms
+BLOCK_FP32 = 89_000_000 + 10_000 * 4 + 1_000_000 * 4
 
 # (method, workers, device, term, expected bytes)
 TERMS = [
@@ -68,6 +69,13 @@ TERMS = [
     # at N=1 DeepSpeed gathers nothing (each parameter is a view of its partition): the dequantized block only
     ("lora_int8_zero3", 1, "cuda", "gathered_working_set", 30_000_000 * 2),
     ("lora_int8_zero3", 2, "cuda", "activations", 5_000_000 + 10 * 1_000_000 + 2 * 2_000_000),
+    # on CPU gloo's all-gather holds a second copy of what it gathers: the largest parameter (here
+    # the 30M-value int8 linear, under the slice buffer) once more; fp32 rest; at N=1 nothing
+    ("lora_int8_zero3", 2, "cpu", "gathered_working_set", 2 * BLOCK_FP32 + 60_000_000 * 4 + 30_000_000 * 4
+     + 30_000_000),
+    ("lora_int8_zero3", 1, "cpu", "gathered_working_set", 30_000_000 * 4),
+    # full fine-tuning gathers the fp32 linear (120 MB): over the buffer, so in slices through it, twice 64 MiB
+    ("full", 2, "cpu", "gathered_working_set", 2 * 90_000_000 * 4 + 60_000_000 * 4 + 2 * (64 << 20)),
     ("full", 2, "cuda", "gathered_working_set", 2 * 90_000_000 * 2 + 60_000_000 * 2),
     ("full", 1, "cuda", "gathered_working_set", 0),
     ("full", 8, "cuda", "base_weights", 1_000_000_000 * 2 // 8),
@@ -159,9 +167,10 @@ def test_min_gpus_is_the_smallest_that_fits():
 
 
 def test_dequant_block_constant_matches_the_int8_matmul():
-    from lora_dist import plan, quant
+    from lora_dist import engine, plan, quant
 
     assert plan.DEQUANT_BLOCK_ELEMENTS == quant.DEQUANT_BLOCK_ELEMENTS
+    assert plan.GATHER_BUFFER_BYTES == engine.GATHER_BUFFER_BYTES
 
 
 SHAPE_CASES = {

@@ -37,6 +37,10 @@ def test_each_entry_point_makes_the_checks_of_where_it_runs(tiny_llama_dir, tmp_
     with pytest.raises(SpecError, match="output.dir: /etc/runs is outside the output root"):
         validate_job(outside, "cluster")
     validate_job(outside, "train")  # a job on this machine runs as its user
+    huge = _spec(tiny_llama_dir, "train.micro_batch_size=65536", "data.max_length=131072")
+    with pytest.raises(SpecError, match="cluster.workers: this job will not fit: the plan needs"):
+        validate_job(huge, "submit")  # against this machine's memory, before Ray starts
+    validate_job(huge, "build")  # a worker has been placed where its plan's memory was reserved
 
 
 def test_packing_is_checked_wherever_a_model_is_built(tmp_path):
