@@ -3,8 +3,8 @@ place. Which checks an entry point makes depends on where it runs:
 
     where    who                                                  checks
     train    lora-dist train (train.train_local): one process     key, fp16, model, packing, data, chat, tracking
-    submit   a job handed to the embedded local Ray               key, model, memory, packing, data, chat, tracking
-    remote   lora-dist submit --address (the client side)         nodes, model, memory, packing, data, chat
+    submit   a job handed to the embedded local Ray               key, model, packing, data, chat, tracking, memory
+    remote   lora-dist submit --address (the client side)         nodes, model, packing, data, chat, memory
     cluster  jobrun: the cluster side of the Jobs API             key, output root
     build    a process about to build the model and train:        packing, tracking
              a Ray worker, the parity reference
@@ -47,8 +47,8 @@ from lora_dist.store import data_roots, multi_node_storage_problem, output_root_
 Where = Literal["train", "submit", "remote", "cluster", "build"]
 CHECKS: dict[str, tuple[str, ...]] = {
     "train": ("key", "fp16", "model", "packing", "data", "chat", "tracking"),
-    "submit": ("key", "model", "memory", "packing", "data", "chat", "tracking"),
-    "remote": ("nodes", "model", "memory", "packing", "data", "chat"),
+    "submit": ("key", "model", "packing", "data", "chat", "tracking", "memory"),
+    "remote": ("nodes", "model", "packing", "data", "chat", "memory"),
     "cluster": ("key", "output_root", "data_root"),
     "build": ("packing", "tracking"),
 }
@@ -107,10 +107,6 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None, address
         from lora_dist.model import check_model
 
         check_model(base(), spec.injected_lora, spec.model.quantization)
-    if "memory" in checks and spec.cluster.gpus_per_worker == 0:
-        problem = _memory_problem(spec, base(), where, address)
-        if problem:
-            raise SpecError([problem], source)
     if "packing" in checks and spec.data.batching == "packed":
         from lora_dist.data import check_packing
         from lora_dist.base import model_type
@@ -126,6 +122,10 @@ def validate_job(spec: JobSpec, where: Where, source: str | None = None, address
         from lora_dist.chat import check_chat
 
         check_chat(spec.data, tokenizer_source(base()))  # a hub model's tokenizer alone: no weights yet
+    if "memory" in checks and spec.cluster.gpus_per_worker == 0:  # last: with --address it asks the cluster
+        problem = _memory_problem(spec, base(), where, address)
+        if problem:
+            raise SpecError([problem], source)
 
 
 def _memory_problem(spec: JobSpec, base: str, where: Where, address: str | None) -> str | None:
