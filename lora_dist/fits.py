@@ -34,7 +34,6 @@ class Node:
 
     name: str
     memory: int  # bytes its workers may take together
-    cpus: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -79,20 +78,16 @@ def _plan_need(spec: JobSpec, base: str) -> Need:
                 spec.cluster.workers, spec.cluster.zero_stage == "auto")
 
 
-def room(node: Node, need: Need, cpus_per_worker: float | None = None) -> int:
-    """How many of the job's workers ``node`` holds: its memory shared among them (and, where the
-    job's CPUs per worker are known, its CPUs)."""
-    fit = node.memory // max(1, need.bytes)
-    if cpus_per_worker and node.cpus:
-        fit = min(fit, int(node.cpus // cpus_per_worker))
-    return int(fit)
+def room(node: Node, need: Need) -> int:
+    """How many of the job's workers ``node`` holds: its memory shared among them. (CPUs are Ray's
+    to wait for: a job short of them is PENDING until they free up, not refused.)"""
+    return int(node.memory // max(1, need.bytes))
 
 
-def placement_problem(need: Need, nodes: Sequence[Node], where: str, cpus_per_worker: float | None = None,
-                      ) -> str | None:
+def placement_problem(need: Need, nodes: Sequence[Node], where: str) -> str | None:
     """Why the job's workers cannot all be placed within ``nodes``' memory, with the plan's figure
     and the memory each worker would have; None where they can."""
-    held = {n.name: room(n, need, cpus_per_worker) for n in nodes}
+    held = {n.name: room(n, need) for n in nodes}
     if sum(held.values()) >= need.workers:
         return None
     plan = (f"the plan needs {fmt_bytes(need.bytes)} per worker (ZeRO-{need.stage}"
@@ -112,17 +107,15 @@ def placement_problem(need: Need, nodes: Sequence[Node], where: str, cpus_per_wo
 
 def this_machine() -> list[Node]:
     """The embedded default's one node: this machine's available memory (cgroup-capped)."""
-    import os
-
     from lora_dist.device import available_bytes
 
-    return [Node("this machine", available_bytes("cpu"), float(os.cpu_count() or 1))]
+    return [Node("this machine", available_bytes("cpu"))]
 
 
 def cluster_nodes(address: str) -> list[Node]:
     """The alive nodes of the cluster at ``address`` (its dashboard URL), each with its ``memory``
-    and ``CPU`` resources as Ray advertises them, through the State API (token auth as the Jobs API
-    client uses it).
+    resource as Ray advertises it, through the State API (token auth as the Jobs API client uses
+    it).
 
     Raises:
         JobError: the cluster cannot be reached (exit 3), as for every ``--address`` command.
@@ -142,7 +135,7 @@ def cluster_nodes(address: str) -> list[Node]:
     for n in nodes:
         res = n.resources_total or {}
         name = n.node_name or n.node_ip or n.node_id[:12]
-        out.append(Node(name, int(res.get("memory", 0)), float(res.get("CPU", 0.0))))
+        out.append(Node(name, int(res.get("memory", 0))))
     return out
 
 

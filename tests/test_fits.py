@@ -20,7 +20,6 @@ GB = 10**9
 def test_a_node_holds_the_workers_its_memory_holds_and_a_job_over_it_is_refused_with_both_figures():
     need = Need(bytes=5 * GB, stage=3, workers=2)
     assert room(Node("a", 12 * GB), need) == 2 and room(Node("a", 9 * GB), need) == 1
-    assert room(Node("a", 64 * GB, cpus=2), need, cpus_per_worker=1) == 2  # and its CPUs, where known
     assert placement_problem(need, [Node("this machine", 10 * GB)], "this machine") is None
     # each worker alone would fit; two sharing the machine do not
     problem = placement_problem(need, [Node("this machine", 9 * GB)], "this machine")
