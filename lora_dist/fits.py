@@ -148,12 +148,9 @@ _WORKER_RE = re.compile(r"^\s*\d+\s+([\d.]+)\s+ray::(?:RayTrainWorker|_RayTrainW
 def killed_for_memory(error: BaseException) -> str | None:
     """One line saying a worker was killed for memory, with what the node and the largest worker
     held when it was (from Ray's message); None when ``error`` is not that."""
-    texts, seen, e = [], set(), error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        texts.append(f"{type(e).__name__}: {e}")
-        e = e.__cause__ or e.__context__
-    text = "\n".join(texts)
+    from lora_dist.jobs import chain_text
+
+    text = chain_text(error)
     if "OutOfMemoryError" not in text and "killed due to memory" not in text and "OOM kill" not in text:
         return None
     node = _NODE_RE.search(text)

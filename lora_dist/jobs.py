@@ -144,7 +144,7 @@ def enable_token_auth() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _chain_text(e: BaseException) -> str:
+def chain_text(e: BaseException) -> str:
     """The messages of ``e`` and of the exceptions it was raised from (Ray's client re-raises a
     refused connection as a ConnectionError that names only the address)."""
     texts, seen = [], set()
@@ -160,7 +160,7 @@ def transient(e: BaseException) -> bool:
     answers (Ray's "No available agent to submit job"), a refused or reset connection. False for
     everything else: 4xx (no token, unknown job), a duplicate submission id (which Ray reports as
     a 500 too), a host name that does not resolve."""
-    text = _chain_text(e)
+    text = chain_text(e)
     if "already exists" in text or type(e).__name__ == "AuthenticationError":
         return False
     if re.search(r"NameResolution|Name or service not known|nodename nor servname|getaddrinfo failed", text):
