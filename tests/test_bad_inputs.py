@@ -263,9 +263,13 @@ def test_a_deep_yaml_spec_and_set_value_are_exit_2(tmp_path, capsys):
 # --- item 10: manifests ----------------------------------------------------------------------------
 
 @pytest.fixture
-def artifact(tmp_path) -> Path:
+def artifact(tmp_path, tiny_llama_dir) -> Path:
+    """The recorded artifact, its base moved to this machine's tiny Llama (it was trained on one at
+    a path of the machine that recorded it), so that each refusal below is the one reached."""
     d = tmp_path / "artifact"
     shutil.copytree(REPO / "tests" / "data" / "artifact-4eee545", d)
+    _edit_manifest(d, lambda m: (m["base_model"].update(id=str(tiny_llama_dir)),
+                                 m["spec"]["model"].update(base=str(tiny_llama_dir))))
     return d
 
 

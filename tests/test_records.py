@@ -143,7 +143,7 @@ def test_the_4eee545_adapter_loads_onto_its_base_and_the_cli_verifies_it(tiny_ll
     assert any(m.lora_B.any() for m in loaded.model.modules() if isinstance(m, LoRALinear))
 
 
-def test_a_checkpoint_from_4eee545_resumes_under_todays_spec_and_a_changed_field_is_still_refused():
+def test_a_checkpoint_from_4eee545_resumes_under_todays_spec_and_a_changed_field_is_still_refused(tiny_llama_dir):
     """Fields added since (data.columns, train.epochs, tracking, ...) take their defaults: the
     recorded spec matches the same job read today, and a field that differs is still named."""
     from lora_dist import checkpoint as ckpt
@@ -153,7 +153,9 @@ def test_a_checkpoint_from_4eee545_resumes_under_todays_spec_and_a_changed_field
     from conftest import E2E_CSV
 
     spec = ckpt.load(str(CHECKPOINT)).state.spec
-    recorded = {**spec, "data": {**spec["data"], "path": str(E2E_CSV)}}  # where the devset is on this machine
+    # where the devset and a tiny Llama are on this machine (the recording machine's paths need not exist)
+    recorded = {**spec, "data": {**spec["data"], "path": str(E2E_CSV)},
+                "model": {**spec["model"], "base": str(tiny_llama_dir)}}
     today = JobSpec.model_validate(recorded).to_dict()  # the same job, with every field of today
     assert set(today["data"]) > set(recorded["data"]) and "tracking" in today and "tracking" not in recorded
     check_same_spec(recorded, today, "the checkpoint")
