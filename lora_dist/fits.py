@@ -12,7 +12,9 @@ by the job's workers placed on it:
 
 The job's workers reserve their planned bytes as Ray's ``memory`` resource (``launch._trainer``),
 so Ray never places more of them on a node than fit this count. On GPU workers the plan is GPU
-memory, which a Ray node does not advertise: it is not checked here.
+memory, which a Ray node does not advertise: the workers check it themselves, before the model is
+built, against the least free memory among their GPUs (:func:`device_problem`, from
+``worker._choose_stage``), and the job fails with both figures instead of running out of memory.
 
 Under ``cluster.zero_stage: auto`` the check uses ZeRO-3's plan, the least the job can need; the
 workers then pick the cheapest stage that fits the memory they find (``plan.choose_zero_stage``).
@@ -103,6 +105,18 @@ def placement_problem(need: Need, nodes: Sequence[Node], where: str) -> str | No
     return (f"cluster.workers: this job will not fit: {plan}; {have}. Use fewer workers per node (more nodes), "
             f"a smaller train.micro_batch_size or data.max_length, train.activation_checkpointing, or nodes with "
             f"more memory")
+
+
+def device_problem(need: int, stage: int, free: int, device: str, auto: bool = False) -> str | None:
+    """Why a job on GPU workers will not fit: the plan per worker (``need`` bytes at ZeRO-``stage``)
+    against ``free``, the least free memory among the workers' devices; None when it fits."""
+    if need <= free:
+        return None
+    return (f"cluster.gpus_per_worker: this job will not fit: the plan needs {fmt_bytes(need)} per worker "
+            f"(ZeRO-{stage}{', the least cluster.zero_stage auto can need' if auto else ''}; `lora-dist plan`); "
+            f"the worker with the least has {fmt_bytes(free)} free on its {device}. Use more workers (ZeRO-3 shards "
+            f"the base across them), GPUs with more memory, a smaller train.micro_batch_size or data.max_length, "
+            f"or train.activation_checkpointing")
 
 
 def this_machine() -> list[Node]:

@@ -37,9 +37,12 @@ from lora_dist import hub
 from lora_dist.device import Placement, worker_memory, worker_placement
 from lora_dist.base import resolve_base
 from lora_dist.counting import count_activations, count_model
+from lora_dist.errors import JobFailed
+from lora_dist.fits import device_problem
 from lora_dist.lora import trainable_parameters
 from lora_dist.model import LoadedModel, enable_activation_checkpointing
-from lora_dist.plan import ModelCounts, Setup, StageChoice, choose_zero_stage, explicit_stage, zero_settings
+from lora_dist.plan import ModelCounts, Setup, StageChoice, choose_zero_stage, explicit_stage, per_worker_bytes, \
+    zero_settings
 from lora_dist.records import CheckpointState
 from lora_dist.runtime_env import redacted
 from lora_dist.spec import JobSpec, spec_from_dict
@@ -303,10 +306,12 @@ def _build(w: Worker, model_dir: Path, tokenizer, max_steps: int
 
 def _choose_stage(w: Worker, counts: ModelCounts) -> StageChoice:
     """The ZeRO stage this job runs: the spec's, or under ``auto`` the cheapest whose plan fits
-    the smallest worker's memory (``plan.choose_zero_stage``). Under ``auto`` it is collective:
-    every rank offers its memory (``device.worker_memory``), and all decide alike from the smallest."""
+    the smallest worker's memory (``plan.choose_zero_stage``). Under ``auto``, and on GPU workers,
+    it is collective: every rank offers its memory (``device.worker_memory``), and all decide alike
+    from the smallest. On GPU workers a plan over it fails the job here, before the model is built,
+    with both figures (``fits.device_problem``; CPU workers were checked at submit)."""
     spec = w.spec
-    if spec.cluster.zero_stage != "auto":
+    if spec.cluster.zero_stage != "auto" and not w.placement.cuda:
         return explicit_stage(spec.cluster.zero_stage)
     nodes: list[Any] = list(w.nodes)
     if not nodes:  # run_worker gathers them first; a worker built on its own gathers them here
@@ -321,7 +326,13 @@ def _choose_stage(w: Worker, counts: ModelCounts) -> StageChoice:
     acts = {method: count_activations(w.base, spec.injected_lora, spec.model.quantization,
                                       setup.micro_batch, setup.seq_len, setup.dtype_name, method=method,
                                       device=setup.device)}
-    choice = choose_zero_stage(counts, method, setup, acts, min(memory))
+    auto = spec.cluster.zero_stage == "auto"
+    choice = (choose_zero_stage(counts, method, setup, acts, min(memory)) if auto
+              else explicit_stage(spec.cluster.zero_stage))
+    if w.placement.cuda:
+        need = per_worker_bytes(counts, "full" if spec.full else "lora_int8_zero3", setup, acts, choice.stage)
+        if problem := device_problem(need, choice.stage, min(memory), str(w.placement.device), auto):
+            raise JobFailed(problem)
     w.say(f"ZeRO stage {choice.stage}: {choice.reason}")
     return choice
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lora_dist.fits import Need, Node, killed_for_memory, placement_problem, room
+from lora_dist.fits import Need, Node, device_problem, killed_for_memory, placement_problem, room
 
 from conftest import E2E_CSV, REPO
 
@@ -33,6 +33,17 @@ def test_a_node_holds_the_workers_its_memory_holds_and_a_job_over_it_is_refused_
     assert "the least cluster.zero_stage auto can need" in problem
     assert "the nodes of the cluster hold 3 of its 4 workers (n1: 11.0 GB, room for 2, n2: 6.0 GB, room for 1)" \
         in problem
+
+
+def test_a_gpu_job_over_its_smallest_gpus_free_memory_fails_with_both_figures():
+    """GPU workers check their plan themselves (a Ray node does not advertise GPU memory): against
+    the least free memory among their devices, before the model is built."""
+    assert device_problem(36 * GB, 3, 40 * GB, "cuda:0") is None
+    problem = device_problem(36 * GB, 3, 30 * GB, "cuda:0", auto=True)
+    assert problem.startswith("cluster.gpus_per_worker: this job will not fit: the plan needs 36.0 GB per worker "
+                              "(ZeRO-3, the least cluster.zero_stage auto can need")
+    assert "the worker with the least has 30.0 GB free on its cuda:0" in problem and "more workers" in problem
+    assert "auto" not in device_problem(36 * GB, 2, 30 * GB, "cuda:0")
 
 
 def test_a_worker_killed_by_rays_memory_monitor_is_said_so_in_one_line_with_what_it_held():
