@@ -19,6 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 E2E_CSV = REPO / "jobs" / "data" / "e2e" / "devset.csv"
 MAIN_JOB = REPO / "jobs" / "smollm2-e2e.yaml"
 
+# What the tests start runs the Python running them: a Ray head's job entrypoint is `python -m ...`,
+# found on PATH, so the interpreter's own directory goes first (also for .venv/bin/python -m pytest
+# run without activating the venv, which left the head's jobs on another Python).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
