@@ -1,9 +1,10 @@
 """Shared fixtures.
 
-Two tiers (README "Tests"): ``python -m pytest -q -m "not slow" tests`` runs every module's logic
-on tiny models built here (a 2-block Llama with its own BPE tokenizer, trained on the E2E
-references) in under two minutes; the full suite adds the ``slow`` tests, which use the real
-SmolLM2-135M (converted once per machine), real Ray and real DeepSpeed ZeRO-3.
+Two tiers (README "Tests"): ``python -m pytest -q -n auto -m "not slow" tests`` runs every
+module's logic on tiny models built here (a 2-block Llama with its own BPE tokenizer, trained on the
+E2E references), one pytest-xdist process per core (about 6 minutes on 2 cores); ``python -m pytest
+-q -m slow tests`` the ``slow`` tests, which use the real SmolLM2-135M (converted once per machine),
+real Ray and real DeepSpeed ZeRO-3, one at a time (their jobs use every core).
 """
 
 from __future__ import annotations
