@@ -330,7 +330,8 @@ def _choose_stage(w: Worker, counts: ModelCounts) -> StageChoice:
     choice = (choose_zero_stage(counts, method, setup, acts, min(memory)) if auto
               else explicit_stage(spec.cluster.zero_stage))
     if w.placement.cuda:
-        need = per_worker_bytes(counts, "full" if spec.full else "lora_int8_zero3", setup, acts, choice.stage)
+        need = choice.per_worker_bytes.get(choice.stage) or per_worker_bytes(  # auto planned every stage
+            counts, "full" if spec.full else "lora_int8_zero3", setup, acts, choice.stage)
         if problem := device_problem(need, choice.stage, min(memory), str(w.placement.device), auto):
             raise JobFailed(problem)
     w.say(f"ZeRO stage {choice.stage}: {choice.reason}")
