@@ -67,6 +67,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS): on CPU workers, what ``lora-dist plan``'s
+    per-process ``overhead`` term stands for when taken before the model is built."""
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
 def available_bytes(device: torch.device | str = "cpu") -> int:
     """Memory a new model could take on ``device`` now: free GPU memory, or for the CPU the
     kernel's MemAvailable estimate, capped by this process's cgroup (v2) limit less its usage

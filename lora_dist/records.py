@@ -119,6 +119,8 @@ class Manifest(Record):
     zero_settings: dict[str, Any] | None = None
     cpus_per_worker: int | None = None  # cluster.cpus_per_worker as resolved (a Ray worker)
     torch_threads: int | None = None  # each process's torch intra-op threads
+    # each rank's resident memory before its model was built (CPU: the plan's overhead term)
+    process_bytes_before_model: list[int] | None = None
     # model FLOPs utilization (mfu.py): the mean over the steps after the first, its parts
     mfu: float | None = None
     model_flops_per_token: float | None = None  # the dense part; attention adds per token squared

@@ -297,6 +297,8 @@ class StepOut(NamedTuple):
     pad_tokens: int  # positions it computed that hold padding
     lr: float  # the learning rate applied
     tokens_sq: int = 0  # the sum over its examples of their length squared (attention's FLOPs)
+    rows: int = 0  # the largest micro-batch it trained: rows (packed: rows of data.max_length tokens)
+    seq_len: int = 0  # and positions per row: the shape its activations peak at
 
 
 def train_step(loop: Loop, step: int) -> StepOut:
@@ -305,6 +307,7 @@ def train_step(loop: Loop, step: int) -> StepOut:
     lr = loop.runner.lr()
     loss_sum = torch.zeros((), dtype=torch.float64, device=loop.device)
     tokens = positions = tokens_sq = 0
+    shape = (0, 0)
     for micro in range(ga):
         for rank in loop.ranks:
             index = batch_index(loop, step, micro, rank)
@@ -314,13 +317,14 @@ def train_step(loop: Loop, step: int) -> StepOut:
             tokens += sum(lengths)
             tokens_sq += sum(n * n for n in lengths)
             positions += batch["input_ids"].numel()
+            shape = max(shape, tuple(batch["input_ids"].shape), key=lambda rs: rs[0] * rs[1])
             seed_batch(seed, index)
             # no KV cache: training never reads one (and packed rows are told apart only without it)
             loss = loop.runner.module(**{k: v.to(loop.device) for k, v in batch.items()}, use_cache=False).loss
             loop.runner.backward(loss)
             loss_sum += loss.detach().double()
     loop.runner.step()
-    return StepOut(float(loss_sum) / (ga * len(loop.ranks)), tokens, positions - tokens, lr, tokens_sq)
+    return StepOut(float(loss_sum) / (ga * len(loop.ranks)), tokens, positions - tokens, lr, tokens_sq, *shape)
 
 
 class RunResult(NamedTuple):
@@ -350,7 +354,7 @@ def run_steps(loop: Loop, start: int = 1) -> RunResult:
         out = train_step(loop, step)
         flops = loop.flops.of(out.tokens, out.tokens_sq) if loop.flops is not None else 0.0
         stats = torch.tensor([out.loss, out.tokens, peak_memory_bytes(loop.device), loop.int8_bytes, out.pad_tokens,
-                              flops, loop.peak], dtype=torch.float64, device=loop.device)
+                              flops, loop.peak, out.rows, out.seq_len], dtype=torch.float64, device=loop.device)
         ranks = [s.tolist() for s in loop.gather(stats)]
         loss, seconds = sum(r[0] for r in ranks) / len(ranks), time.time() - t0
         tokens, pad = int(sum(r[1] for r in ranks)), int(sum(r[4] for r in ranks))
@@ -359,6 +363,9 @@ def run_steps(loop: Loop, start: int = 1) -> RunResult:
                "tokens_per_s": tokens / seconds,  # the same figure under its first name (real tokens)
                "step_s": seconds, "peak_memory_bytes": [int(r[2]) for r in ranks],
                "int8_partition_bytes": [int(r[3]) for r in ranks],
+               # each rank's largest micro-batch this step, [rows, positions]: `lora-dist plan`
+               # counts activations at micro_batch_size x max_length, the most a batch can be
+               "batch_shape": [[int(r[7]), int(r[8])] for r in ranks],
                "epoch": round(epoch_at(next_index(loop, step), loop.per_epoch), 4)}
         if loop.flops is not None:
             loop.peak_total = sum(r[6] for r in ranks)

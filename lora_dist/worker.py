@@ -34,7 +34,7 @@ import torch.distributed as dist
 from lora_dist import checkpoint as ckpt
 from lora_dist import engine as eng
 from lora_dist import hub
-from lora_dist.device import Placement, worker_memory, worker_placement
+from lora_dist.device import Placement, resident_bytes, worker_memory, worker_placement
 from lora_dist.base import resolve_base
 from lora_dist.counting import count_activations, count_model
 from lora_dist.errors import JobFailed
@@ -85,6 +85,7 @@ class Worker:
     root: str | None = None  # where every file of the job goes (store.job_root): each writer confines to it
     cpus: int | None = None  # the CPUs Ray reserved for this worker (cluster.cpus_per_worker resolved)
     counts: ModelCounts | None = None  # the model as built (counting.count_model)
+    process_bytes: int = 0  # resident memory with the libraries, tokenizer and data in, before the model
 
     @property
     def device(self) -> torch.device:
@@ -124,6 +125,8 @@ def _run(w: Worker, config: dict[str, Any], ray_io: RayIO, tracker: Tracker) -> 
         w.val_before = validate(loop, 0)
     run = run_steps(loop, start=1 if resumed_from is None else resumed_from + 1)
     val_after = end_validation(loop)
+    process_bytes: list[Any] = [None] * w.world
+    dist.all_gather_object(process_bytes, w.process_bytes)
     fields = {"world_size": w.world, "zero_stage": w.stage.stage, "zero_stage_reason": w.stage.reason,
               "steps": steps_run(loop),
               "final_loss": run.loss, "val_loss_before": w.val_before, "val_loss_after": val_after,
@@ -132,6 +135,8 @@ def _run(w: Worker, config: dict[str, Any], ray_io: RayIO, tracker: Tracker) -> 
               "int8_partition_bytes": parts["int8_local_bytes"], "int8_full_bytes": parts["int8_full_bytes"],
               "precision": w.placement.record(), "zero_settings": w.zero,
               "cpus_per_worker": w.cpus, "torch_threads": torch.get_num_threads(), **mfu_fields(loop),
+              # per rank, what `lora-dist plan`'s overhead term stands for on CPU (bench/plan_vs_measured.py)
+              "process_bytes_before_model": process_bytes,
               **epoch_fields(loop)}
     location = export(loop, built, w.job_id, fields, staging=w.work_dir / "staging", within=w.root)
     if w.rank == 0:
@@ -160,6 +165,7 @@ def build_loop(w: Worker, parity_reference: list[float] | None = None, tracker: 
     w.say(data_line(data, time.time() - t0))
     plan = batch_plan(w.spec, data)
     steps, epoch_plan = _planned_steps(w, plan)
+    w.process_bytes = resident_bytes()
     built, runner, parts = _build(w, model_dir, tokenizer, steps)
     flops, peak = mfu_setup(w.spec, w.counts, w.placement)
     loop = Loop(w.spec, runner, data, w.device, ranks=[w.rank], world_size=w.world,
