@@ -147,6 +147,33 @@ def prepare(model: nn.Module, lora: LoraSpec | None, quantization: str, device: 
     return record
 
 
+class FrozenMatmul(torch.autograd.Function):
+    """y = x · Wᵀ + bias for a frozen W, keeping W itself on the context (as ``quant.Int8Matmul``)
+    where ``F.linear`` saves the view ``Wᵀ``. Under ZeRO-3 that view keeps the gathered storage
+    alive after DeepSpeed releases the parameter, and the backward then gathers a second copy: at
+    GPT-3 width the head's 50257 x 12288 fp32 weight held twice at once (bench/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight  # the parameter, not a view of the storage it has now
+        return nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        grad_x = grad_y @ ctx.weight if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+class FrozenHead(nn.Linear):
+    """The output projection (the head) when it does not train: :class:`FrozenMatmul`, the same
+    product as ``nn.Linear``; a head that trains (``train.method: full``) runs ``nn.Linear``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
+            return super().forward(x)
+        return FrozenMatmul.apply(x, self.weight, self.bias)
+
+
 def build_skeleton(config, lora: LoraSpec | None, quantization: str, *, full: bool = False,
                    dtype: torch.dtype | None = None, meta_buffers: bool = False) -> tuple[nn.Module, Injection]:
     """The architecture of ``config`` with every parameter on the meta device (nothing allocated;
@@ -178,6 +205,9 @@ def build_skeleton(config, lora: LoraSpec | None, quantization: str, *, full: bo
             model.tie_weights()
         injection = prepare(model, None if full else lora, quantization, device="meta")
     set_trainable(model, full)
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear:  # the same module and parameters (a tied head stays tied); its forward saves less
+        head.__class__ = FrozenHead
     return model, injection
 
 

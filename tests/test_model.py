@@ -89,6 +89,36 @@ def test_streamed_model_equals_hugging_face_load(tiny_dirs, family):
     assert ((a - b).norm() / b.norm()) < 0.05
 
 
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_a_frozen_head_keeps_no_view_of_its_weight_for_backward(tiny_dirs, family):
+    """Under ZeRO-3 a view of the head's gathered weight saved for backward would keep it alive
+    while the backward gathers it again (the head held twice at GPT-3 width): the frozen head
+    saves nothing of its weight's storage, stays tied where the model ties it, and gives the
+    logits and the input gradient that nn.Linear gives."""
+    from lora_dist.model import FrozenHead
+
+    lm = load_model(str(tiny_dirs[family]), LoraSpec(r=4, targets=("all-linear",)), "int8", with_tokenizer=False)
+    head = lm.model.get_output_embeddings()
+    assert type(head) is FrozenHead and not head.weight.requires_grad
+    if lm.model.config.tie_word_embeddings:
+        assert head.weight is lm.model.get_input_embeddings().weight
+    x = torch.randn(2, 5, head.in_features, requires_grad=True)
+    storage = head.weight.untyped_storage().data_ptr()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        y = head(x)
+    assert storage not in saved
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    ref = torch.nn.functional.linear(x, head.weight, head.bias)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    assert torch.equal(y, ref) and torch.allclose(g, g_ref, atol=1e-6)
+    full = load_model(str(tiny_dirs[family]), None, "none", with_tokenizer=False).model
+    assert full.get_output_embeddings().weight.requires_grad  # a head that trains keeps nn.Linear's path
+    out = full.get_output_embeddings()(x)
+    assert out.requires_grad and out.grad_fn.name() != "FrozenMatmulBackward"
+
+
 def test_target_matching_nothing_names_the_field(tiny_dirs):
     with pytest.raises(ModelError, match=r"lora.targets: \['q_proj'\] match no linear layer .*c_attn"):
         load_model(str(tiny_dirs["gpt2"]), LoraSpec(targets=("q_proj",)), "int8", with_tokenizer=False)
