@@ -57,8 +57,8 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         return q, rows, fl
 
     parts = max((block_parts(b) for b in blocks), key=lambda t: t[0] + t[2])
-    outside_total = sum(p.numel() for n, p in params.values()
-                        if not n.startswith(blocks_name + ".") and not is_lora_param(n))
+    outside = [p.numel() for n, p in params.values() if not n.startswith(blocks_name + ".") and not is_lora_param(n)]
+    outside_total = sum(outside)
     if quantization == "none":
         float_n, q_params, q_rows = total, 0, 0
         parts = (0, 0, parts[0] + parts[2])
@@ -83,7 +83,7 @@ def count_model(base: str, lora, quantization: str = "int8") -> ModelCounts:
         largest_block_params=max(block_sizes), largest_linear_params=max(linear_sizes),
         small_float_params=small, block_quantized_params=parts[0], block_rows=parts[1],
         block_float_params=parts[2], lora_export_params=exported,
-        outside_params=outside_total,
+        outside_params=outside_total, largest_outside_params=max(outside, default=0),
         matmul_params=sum(m.weight.numel() for m in matmuls),
         block_matmul_params=sum(m.weight.numel() for m in matmuls if id(m) in in_blocks),
         attention_width=config.num_attention_heads * head_dim, linear_shapes=tuple(sorted(shapes)),

@@ -5,8 +5,8 @@ meta device (no weights allocated) with the same quantization and LoRA injection
 apply, so parameter numbers are exact. Activation bytes (:class:`Activations`) come from
 ``counting.count_activations``: what autograd saves when a 1- and a 2-block model of the job's
 shape run forward on the meta device (docs/design.md decision 10). This module is the arithmetic on
-them, with the ZeRO-3 settings a job runs with (:func:`zero_settings`); only the per-process
-overhead is calibrated, and ``bench/plan_vs_measured.py`` checks the sum against measured peaks.
+them, with the ZeRO-3 settings a job runs with (:func:`zero_settings`); the per-process overhead is
+measured once per device kind, and ``bench/plan_vs_measured.py`` checks the sum against measured peaks.
 It imports no torch, ray or deepspeed (of the package, only ``spec``).
 
 Methods compared on the same model:
@@ -37,7 +37,7 @@ METHOD_NAMES = {"full": "full fine-tuning, ZeRO-3", "lora_fp16": "LoRA, replicat
                 "lora_int8_zero3": "LoRA, int8 base, ZeRO-3 (ours)"}
 STAGES = (1, 2, 3)  # cheapest first: 1 and 2 never gather a parameter, 3 gathers every block twice a step
 # cluster.zero_stage: auto replicates the base only where the plan needs at most this share of a
-# worker's memory (the per-process overhead is calibrated on one machine; plan_vs_measured.py shows
+# worker's memory (the per-process overhead is measured on one machine; plan_vs_measured.py shows
 # how far the sum can be off)
 AUTO_MEMORY_SHARE = 0.9
 # DeepSpeed ZeRO-3: parameters smaller than this stay whole on every rank after their first gather
@@ -49,13 +49,13 @@ DEQUANT_BLOCK_ELEMENTS = 1 << 26
 # On CPU (gloo) a ZeRO-3 gather goes in slices through a buffer of this many bytes
 # (engine.GATHER_BUFFER_BYTES, repeated here; tests/test_plan.py checks the two agree).
 GATHER_BUFFER_BYTES = 64 << 20
-# Fixed per-worker overhead, calibrated once per device kind by bench/plan_vs_measured.py (the main
-# job's measured peak RSS at N=1, where nothing is gathered (see memory_terms), less every other
-# term; the run is in bench/RESULTS.md, 2026-11-29):
-# the Python process with torch, transformers, deepspeed and ray imported, the tokenizer and the
-# data. On CUDA the CUDA context and NCCL buffers take its place (not calibrated: no GPU on the
-# calibration machine; bench/gpu_check.sh prints the figure).
-OVERHEAD_BYTES = {"cpu": 786_239_740, "cuda": int(1.5 * GiB)}
+# Fixed per-worker overhead, measured once per device kind: on CPU a Ray worker's resident memory
+# with torch, transformers, deepspeed and ray imported, the tokenizer and the data in, before its
+# model is built (the manifest's process_bytes_before_model; the main job at N=1, 2026-12-07,
+# bench/RESULTS.md: every rank of its N = 1, 2, 4 runs within 0.2% of it). It is measured as a term
+# of its own, not fitted to a peak. On CUDA the CUDA context and NCCL buffers take its place (not
+# measured: no GPU has been lent; bench/gpu_check.sh prints the figure).
+OVERHEAD_BYTES = {"cpu": 612_667_392, "cuda": int(1.5 * GiB)}
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class ModelCounts:
     # width with zero rows (adapter.py)
     lora_export_params: int = 0
     outside_params: int = 0  # every base parameter outside the blocks (embeddings, untied head, final norm)
+    largest_outside_params: int = 0  # the largest of them (the embedding, or an untied head)
     # what a token costs in FLOPs (mfu.flop_count): the weights every token multiplies, a tied head
     # counted as a matmul (not the embedding lookup), those inside the blocks, the attention width
     # (query heads x head dim), and the distinct (in, out) shapes of one block's linears and the head
@@ -243,13 +244,16 @@ def memory_terms(c: ModelCounts, method: str, s: Setup, acts: dict[str, Activati
                                             if stage == 3 else 0)
         terms["reduce_bucket"] = zs["reduce_bucket_size"] * cb
         # What ZeRO-3 holds gathered when memory peaks (zero_settings), in buffers of its own
-        # beside the partitions: the block computing and the one prefetched, and every parameter
-        # outside the blocks (the embedding and the head: both were live at the peak in the 1B
-        # Llama's N=2 and N=4 runs, bench/RESULTS.md). At N=1 nothing is gathered: DeepSpeed's
-        # all-gather at world size 1 makes each parameter a view of its own partition
-        # (NoGatherHandle); stages 1 and 2 never gather a parameter. Plus one block of a weight
-        # dequantized into the compute dtype.
-        gathered = (min(2, c.layers) * block_bytes(c, cb) + c.outside_params * cb) if n > 1 and stage == 3 else 0
+        # beside the partitions: the block computing and the one prefetched, and the largest
+        # parameter outside the blocks. Those are modules of their own, each gathered for its
+        # forward and again for its backward and released after: the embedding is no longer held
+        # when an untied head is (the 1B Llama's N=2 and N=4 peaks hold one of the two, since the
+        # frozen head keeps no view of its gathered weight: model.FrozenHead; bench/RESULTS.md,
+        # 2026-12-07). At N=1 nothing is gathered: DeepSpeed's all-gather at world size 1 makes
+        # each parameter a view of its own partition (NoGatherHandle); stages 1 and 2 never
+        # gather a parameter. Plus one block of a weight dequantized into the compute dtype.
+        gathered = ((min(2, c.layers) * block_bytes(c, cb) + c.largest_outside_params * cb)
+                    if n > 1 and stage == 3 else 0)
         terms["gathered_working_set"] = gathered + dequant + gather_buffer_bytes(c, s, True, stage)
         activations = acts["lora"]
     else:

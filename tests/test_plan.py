@@ -31,6 +31,8 @@ def test_llama_counts_by_hand():
     d, f, L, V = 4096, 11008, 32, 32000
     assert c.total_params == L * (4 * d * d + 3 * d * f + 2 * d) + 2 * V * d + d == 6_738_415_616
     assert c.lora_params == L * 2 * (8 * d + d * 8) == 4_194_304
+    # untied: the embedding and the head, V x d each, and the final norm; ZeRO-3 holds one at a time
+    assert c.outside_params == 2 * V * d + d and c.largest_outside_params == V * d
 
 
 @pytest.mark.slow
@@ -45,7 +47,8 @@ def _counts(**kw) -> ModelCounts:
                 quantized_linear_params=900_000_000, quantized_rows=100_000, float_params=100_000_000,
                 lora_params=1_000_000, lora_tensors_persistent=False, largest_block_params=90_000_000,
                 largest_linear_params=30_000_000, small_float_params=0, block_quantized_params=89_000_000,
-                block_rows=10_000, block_float_params=1_000_000, outside_params=60_000_000)
+                block_rows=10_000, block_float_params=1_000_000, outside_params=60_000_000,
+                largest_outside_params=40_000_000)
     base.update(kw)
     return ModelCounts(**base)
 
@@ -64,14 +67,15 @@ TERMS = [
     # fp32: the gradient, DeepSpeed's fp32 master (a clone even in fp32) and two moments
     ("lora_int8_zero3", 4, "cpu", "optimizer_and_gradients", 1_000_000 * (4 + 4 + 8) // 4),
     ("lora_int8_zero3", 4, "cuda", "reduce_bucket", 1_000_000 * 2),  # sized to the LoRA gradients
-    # two blocks live (computing, prefetched), the embedding and head, one dequantized weight block in bf16
-    ("lora_int8_zero3", 2, "cuda", "gathered_working_set", 2 * BLOCK_BF16 + 60_000_000 * 2 + 30_000_000 * 2),
+    # two blocks live (computing, prefetched), the largest parameter outside the blocks (an
+    # embedding, or an untied head: one at a time), one dequantized weight block in bf16
+    ("lora_int8_zero3", 2, "cuda", "gathered_working_set", 2 * BLOCK_BF16 + 40_000_000 * 2 + 30_000_000 * 2),
     # at N=1 DeepSpeed gathers nothing (each parameter is a view of its partition): the dequantized block only
     ("lora_int8_zero3", 1, "cuda", "gathered_working_set", 30_000_000 * 2),
     ("lora_int8_zero3", 2, "cuda", "activations", 5_000_000 + 10 * 1_000_000 + 2 * 2_000_000),
     # on CPU gloo's all-gather holds a second copy of what it gathers: the largest parameter (here
     # the 30M-value int8 linear, under the slice buffer) once more; fp32 rest; at N=1 nothing
-    ("lora_int8_zero3", 2, "cpu", "gathered_working_set", 2 * BLOCK_FP32 + 60_000_000 * 4 + 30_000_000 * 4
+    ("lora_int8_zero3", 2, "cpu", "gathered_working_set", 2 * BLOCK_FP32 + 40_000_000 * 4 + 30_000_000 * 4
      + 30_000_000),
     ("lora_int8_zero3", 1, "cpu", "gathered_working_set", 30_000_000 * 4),
     # full fine-tuning gathers the fp32 linear (120 MB): over the buffer, so in slices through it, twice 64 MiB
