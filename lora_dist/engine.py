@@ -31,7 +31,7 @@ from lora_dist.base import FileHasher, cached_fingerprint, combine_fingerprint, 
 from lora_dist.lora import LoRALinear, LoraTensors, lora_pair, lora_parameters, trainable_parameters
 from lora_dist.model import Injection, build_skeleton, decoder_blocks, embeddings_require_grad, init_lora
 from lora_dist.weights import TensorSource, load_weights
-from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS, Int8Linear, row_blocks, quantize_rowwise
+from lora_dist.quant import LOAD_BLOCK_ELEMENTS, Int8Linear, row_blocks, quantize_rowwise
 from lora_dist.device import Placement
 from lora_dist.spec import JobSpec
 
@@ -261,8 +261,8 @@ def place_own_share(module: nn.Module, pname: str, source: TensorSource) -> None
         _fill_int8(module.weight, module.weight_absmax, source)
         return
     dest, start, end = _own_range(getattr(module, pname))
-    for a in range(start, end, DEQUANT_BLOCK_ELEMENTS):
-        b = min(a + DEQUANT_BLOCK_ELEMENTS, end)
+    for a in range(start, end, LOAD_BLOCK_ELEMENTS):
+        b = min(a + LOAD_BLOCK_ELEMENTS, end)
         dest[a - start:b - start].copy_(source.flat(a, b))  # cast and moved to the device as it is copied
 
 
@@ -274,7 +274,7 @@ def _fill_int8(weight: nn.Parameter, absmax: nn.Parameter, source: TensorSource)
     if not need:
         return  # this rank holds only padding of both
     lo, hi = min(r0 for r0, _ in need), max(r1 for _, r1 in need)
-    for b0, b1 in row_blocks(hi - lo, cols):
+    for b0, b1 in row_blocks(hi - lo, cols, LOAD_BLOCK_ELEMENTS):
         r0, r1 = lo + b0, lo + b1
         if not any(r0 < n1 and n0 < r1 for n0, n1 in need):
             continue

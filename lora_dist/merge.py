@@ -88,7 +88,7 @@ class Item:
             yield src.read().to(self.dtype)
             return
         rows, cols = src.shape
-        # an int8 weight in the loader's own blocks (weights.default_place); a transposed one in
+        # an int8 weight in blocks of quant.DEQUANT_BLOCK_ELEMENTS; a transposed one in
         # them too (each model row is a read per stored row); anything else in smaller ones
         big = self.quantized or src.transposed
         spans = row_blocks(rows, cols) if big else row_blocks(rows, cols, BLOCK_ELEMENTS)

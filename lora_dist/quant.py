@@ -34,9 +34,15 @@ from torch import nn
 
 
 # Largest number of weight elements dequantized at once, in the forward and the backward of the
-# int8 matmul and in quantization: 2^26 elements is 128 MiB in bf16 (256 MiB in fp32). A GPT-3
-# d_ff projection (49152 x 12288) runs as 9 blocks; every SmolLM2 weight runs as one.
+# int8 matmul: 2^26 elements is 128 MiB in bf16 (256 MiB in fp32). A GPT-3 d_ff projection
+# (49152 x 12288) runs as 9 blocks; every SmolLM2 weight runs as one.
 DEQUANT_BLOCK_ELEMENTS = 1 << 26
+# Largest number of stored elements read and quantized (or copied) at once while loading: its
+# temporaries (the stored rows, their float and absolute values, bitsandbytes' own) came to 0.76
+# GiB per 2^26-element block at GPT-3 width, over the step's own peak at N=1; a quarter of that
+# keeps loading below it (bench/RESULTS.md, 2026-12-07). Rows quantize independently: the block
+# changes no value.
+LOAD_BLOCK_ELEMENTS = 1 << 24
 _FP16_MAX = 65504.0
 
 
@@ -80,7 +86,7 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = torch.empty(rows, dtype=torch.float32, device=weight.device)
     if weight.numel() == 0:
         return q, absmax.fill_(0)
-    for r0, r1 in row_blocks(rows, cols):
+    for r0, r1 in row_blocks(rows, cols, LOAD_BLOCK_ELEMENTS):
         block = weight[r0:r1].detach()
         top = float(block.abs().max())
         if not math.isfinite(top):
@@ -124,7 +130,11 @@ def _dequantized_block(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype
     if buf is None or buf.numel() < n:
         buf = table[key] = torch.empty(n, dtype=dtype, device=q.device)
     out = buf[:n].view(q.shape)
-    return torch.mul(q, (absmax.float() / 127.0).unsqueeze(1), out=out)
+    # int8 -> dtype in place (exact: |q| <= 127), then the scale, formed in fp32 and rounded once to
+    # dtype: the values of torch.mul(q, scale, out=out), without the temporary of the whole block
+    # that a mixed-dtype mul into `out` allocates (0.25 GiB per fp32 block at GPT-3 width)
+    out.copy_(q)
+    return out.mul_((absmax.float() / 127.0).unsqueeze(1))
 
 
 class Int8Matmul(torch.autograd.Function):

@@ -24,7 +24,7 @@ from lora_dist import safejson
 from lora_dist.base import weight_files
 from lora_dist.errors import ModelError
 from lora_dist.lora import LoRALinear, is_lora_param
-from lora_dist.quant import Int8Linear, quantize_rowwise, row_blocks
+from lora_dist.quant import LOAD_BLOCK_ELEMENTS, Int8Linear, quantize_rowwise, row_blocks
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -244,7 +244,7 @@ def default_place(module: nn.Module, pname: str, source: TensorSource) -> None:
         rows, cols = source.shape
         q = torch.empty(rows, cols, dtype=torch.int8)
         absmax = torch.empty(rows, dtype=torch.float32)
-        for r0, r1 in row_blocks(rows, cols):
+        for r0, r1 in row_blocks(rows, cols, LOAD_BLOCK_ELEMENTS):
             q[r0:r1], absmax[r0:r1] = quantize_rowwise(source.rows(r0, r1))
         module.weight = nn.Parameter(q, requires_grad=False)
         module.weight_absmax = nn.Parameter(absmax, requires_grad=False)
