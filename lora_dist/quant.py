@@ -119,7 +119,7 @@ _SCRATCH = threading.local()  # per thread: {(device, dtype): flat tensor}, the 
 def _dequantized_block(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """:func:`dequantize_rowwise` of one row block, written into this thread's reused scratch
     buffer for ``(device, dtype)`` (grown to the largest block it has held, at most
-    DEQUANT_BLOCK_ELEMENTS): one pass from int8, and no fresh allocation per layer and step,
+    DEQUANT_BLOCK_ELEMENTS): converted from int8 and scaled in place, no fresh allocation per layer and step,
     whose page faults cost more than the multiply on CPU. The same values: the product is formed
     in fp32 and rounded once to ``dtype``. Valid until this thread's next call."""
     table = getattr(_SCRATCH, "buffers", None)

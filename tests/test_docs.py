@@ -93,7 +93,8 @@ def test_nothing_points_outside_the_repository():
 def test_the_readme_test_command_is_what_ci_runs():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    command = next(line.strip() for line in readme.splitlines() if line.strip().startswith("python3 -m venv") and "pytest" in line)
+    command = next(line.strip() for line in readme.splitlines()
+                   if line.strip().startswith("python3 -m venv") and "pytest" in line)
     steps = [step.strip() for step in command.split("&&")]
     tests = [step for step in steps if step.startswith("python -m pytest")]
     assert len(tests) == 2 and "-m \"not slow\"" in tests[0] and "-m slow" in tests[1]  # both tiers: everything
