@@ -44,7 +44,8 @@ from lora_dist.hub import ALLOW_PATTERNS, WEIGHTS_INDEX
 from lora_dist.lora import LoRALinear
 from lora_dist.model import build_skeleton
 from lora_dist.plan import fmt_bytes, parse_bytes
-from lora_dist.quant import Int8Linear, dequantize_rowwise, quantize_rowwise, row_blocks
+from lora_dist.quant import DEQUANT_BLOCK_ELEMENTS, LOAD_BLOCK_ELEMENTS, Int8Linear, dequantize_rowwise, \
+    quantize_rowwise, row_blocks
 from lora_dist.records import Manifest
 from lora_dist.spec import LoraSpec
 from lora_dist.store import atomic_dir, manifest_digest, verify_artifact
@@ -57,9 +58,9 @@ DEFAULT_SHARD_SIZE = "5GB"
 MERGE_RECORD = "lora_dist_merge.json"
 MERGE_FORMAT = "lora-dist-merge/1"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-# Elements read and merged at once, but for int8 and transposed weights (in the loader's own
-# blocks, quant.DEQUANT_BLOCK_ELEMENTS): 2^22 is 16 MiB in fp32, so a vocabulary-sized embedding passes
-# through in pieces rather than as one block of a quarter GiB.
+# Elements read and merged at once, but for int8 and transposed weights (Item.pieces): 2^22 is 16 MiB
+# in fp32, so a vocabulary-sized embedding passes through in pieces rather than as one block of a
+# quarter GiB.
 BLOCK_ELEMENTS = 1 << 22
 
 
@@ -88,10 +89,11 @@ class Item:
             yield src.read().to(self.dtype)
             return
         rows, cols = src.shape
-        # an int8 weight in blocks of quant.DEQUANT_BLOCK_ELEMENTS; a transposed one in
-        # them too (each model row is a read per stored row); anything else in smaller ones
-        big = self.quantized or src.transposed
-        spans = row_blocks(rows, cols) if big else row_blocks(rows, cols, BLOCK_ELEMENTS)
+        # an int8 weight in the loader's blocks (quant.LOAD_BLOCK_ELEMENTS: its quantization's
+        # temporaries are a few times the block); a transposed one in quant.DEQUANT_BLOCK_ELEMENTS
+        # (each model row is a read per stored row); anything else in smaller ones
+        block = LOAD_BLOCK_ELEMENTS if self.quantized else DEQUANT_BLOCK_ELEMENTS if src.transposed else BLOCK_ELEMENTS
+        spans = row_blocks(rows, cols, block)
         if not src.transposed:
             yield from (self._rows(r0, r1) for r0, r1 in spans)
             return
