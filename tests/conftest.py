@@ -3,15 +3,19 @@
 Two tiers (README "Tests"): ``python -m pytest -q -n auto -m "not slow" tests`` runs every
 module's logic on tiny models built here (a 2-block Llama with its own BPE tokenizer, trained on the
 E2E references), one pytest-xdist process per core (about 6 minutes on 2 cores); ``python -m pytest
--q -m slow tests`` the ``slow`` tests, which use the real SmolLM2-135M (converted once per machine),
-real Ray and real DeepSpeed ZeRO-3, one at a time (their jobs use every core).
+-q -n 2 --dist loadfile -m slow tests`` the ``slow`` tests, which use the real SmolLM2-135M (converted
+once per machine), real Ray and real DeepSpeed ZeRO-3, two modules at a time: most of their time is
+spent waiting on Ray and on subprocesses, and a module's own Ray head stays on one process.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +30,17 @@ MAIN_JOB = REPO / "jobs" / "smollm2-e2e.yaml"
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config) -> None:
+    """Before any test (and, under pytest-xdist, before its worker processes start): the Ray auth
+    token exists. Ray 2.60's embedded ``ray.init`` writes ~/.ray/auth_token when it is missing, but
+    `ray start --head` (test_jobs' head, the two hosts) only turns token auth on where it exists, so
+    a head started before any embedded Ray ran, or beside one writing it, would run without auth."""
+    if "PYTEST_XDIST_WORKER" in os.environ or (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    ray = Path(sys.executable).parent / "ray"
+    subprocess.run([str(ray), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="session")
@@ -89,24 +104,48 @@ TRAIN_OVERRIDES = [
 ]
 
 
+def once_per_run(tmp_path_factory, name: str, produce) -> dict:
+    """What ``produce(work_dir)`` returns (a JSON object), produced once for the whole test run.
+
+    pytest-xdist gives each of its processes a session of its own, so a session fixture alone
+    would train its artifact once per process. The first process to ask produces it under a lock
+    in the run's shared temporary directory; the others wait and read what it recorded."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return produce(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent
+    record = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record.is_file():
+            return json.loads(record.read_text())
+        value = produce(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=shared)))  # a failed try leaves its own
+        record.write_text(json.dumps(value))
+        return value
+
+
+def _train_cli(*args: str):
+    """A function of a work directory: `lora-dist train ARGS` into it, as a JSON object."""
+    def produce(work: Path) -> dict:
+        proc = run_cli("train", *args, f"--set=output.dir={work / 'runs'}", cwd=REPO)
+        return {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+    return produce
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, smollm2_dir):
     """(artifact dir, CompletedProcess) of one real `lora-dist train` of the main job."""
-    work = tmp_path_factory.mktemp("train")
-    args = ["train", str(MAIN_JOB), f"--set=output.dir={work / 'runs'}"] + [f"--set={o}" for o in TRAIN_OVERRIDES]
-    proc = run_cli(*args, cwd=REPO)
-    artifact = Path(proc.stdout.strip().splitlines()[-1])
-    return artifact, proc
+    run = once_per_run(tmp_path_factory, "train", _train_cli(str(MAIN_JOB), *[f"--set={o}" for o in TRAIN_OVERRIDES]))
+    proc = subprocess.CompletedProcess(**run)
+    return Path(proc.stdout.strip().splitlines()[-1]), proc
 
 
 @pytest.fixture(scope="session")
 def chat_trained(tmp_path_factory, smollm2_dir):
     """The artifact of a few real steps of the chat job on SmolLM2 (its ChatML template)."""
-    work = tmp_path_factory.mktemp("chat-train")
-    proc = run_cli("train", str(REPO / "jobs" / "smollm2-chat.yaml"), f"--set=output.dir={work / 'runs'}",
-                   "--set=train.max_steps=6", "--set=train.micro_batch_size=4", "--set=train.warmup_steps=1",
-                   "--set=train.eval_batches=2", cwd=REPO)
-    return Path(proc.stdout.strip().splitlines()[-1])
+    run = once_per_run(tmp_path_factory, "chat-train", _train_cli(
+        str(REPO / "jobs" / "smollm2-chat.yaml"), "--set=train.max_steps=6", "--set=train.micro_batch_size=4",
+        "--set=train.warmup_steps=1", "--set=train.eval_batches=2"))
+    return Path(run["stdout"].strip().splitlines()[-1])
 
 
 TINY_OVERRIDES = ["train.max_steps=4", "train.micro_batch_size=4", "train.lr=5e-3", "train.warmup_steps=1",

@@ -128,7 +128,7 @@ def _running(p) -> bool:
         return False
 
 
-def _wait_for_api(address: str, timeout: float = 60) -> None:
+def _wait_for_api(address: str, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -138,6 +138,7 @@ def _wait_for_api(address: str, timeout: float = 60) -> None:
             return  # it answers (401 without a token): up
         except OSError:
             time.sleep(1)
+    pytest.fail(f"the test head's Jobs API at {address} did not answer in {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
